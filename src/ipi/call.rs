@@ -1,0 +1,388 @@
+//! Sending calls: `call_single`, `call_single_async`, `call_many`, `call_all_but_self`,
+//! `on_each_cpu`, and NMIs.
+//!
+//! Protocol of one call (see `csd.rs` for the slot, `queue.rs` for the list, `runtime/idle.rs`
+//! for the doorbell decision):
+//! 1. Validate the target; a self-call runs at once, locally, with irqs masked.
+//! 2. Take a csd from the pool and store the closure in it (bounded wait if the pool is empty).
+//! 3. Push it on the target's queue (Release). A closed queue means the target is offline or
+//!    dying: the closure is dropped here and the sender gets `Offline`.
+//! 4. Ring: nothing if the target polls, a futex wake if it sleeps, the doorbell signal if it
+//!    runs (coalesced by `kick_pending`, so the kernel's signal queue never grows).
+//! 5. A synchronous sender spins briefly, then sleeps on the csd's state word; every
+//!    millisecond it re-rings (a merged or lost signal costs latency, never the call). At the
+//!    call timeout it cancels the call if it has not started (it then never runs) or reports it
+//!    as started-but-stuck; either way the caller gets `IpiError::Timeout`.
+//!
+//! Nothing on this path allocates (the allocation-counting test checks it).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::csd::DONE;
+use crate::runtime::idle::{kick_for_ipi, Kick};
+use super::nmi::{self, NmiReason};
+use super::IpiError;
+use crate::runtime::clock::now_ns;
+use crate::runtime::context::{irq_restore, irq_save, irqs_disabled};
+use crate::runtime::cpu::CpuState;
+use crate::runtime::cpumask::{CpuId, CpuMask};
+use crate::runtime::events::{EventKind, NO_CPU};
+use crate::runtime::rt::{Handle, Shared};
+
+/// How long a synchronous sender spins before sleeping (about two signal round trips).
+const SPIN_NS: u64 = 20_000;
+/// Targets handled per batch by `call_many` (a stack array, so the path does not allocate).
+const BATCH: usize = 64;
+
+impl Handle {
+    /// Runs `f` on `cpu` in IPI context (`smp_call_function_single`). With `wait`, returns when
+    /// `f` has finished there; without, once it is queued. `f` obeys the IPI-context rules of
+    /// [`crate::ipi`]. A call to the calling CPU itself runs at once with irqs masked.
+    ///
+    /// ```
+    /// use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+    /// let rt = usmp::Builder::new().cpus(2).build().unwrap();
+    /// let hits = Arc::new(AtomicUsize::new(0));
+    /// let h = hits.clone();
+    /// rt.call_single(1, move || { h.fetch_add(1, Ordering::Relaxed); }, true).unwrap();
+    /// assert_eq!(hits.load(Ordering::Relaxed), 1);
+    /// assert!(matches!(rt.call_single(7, || {}, true), Err(usmp::IpiError::InvalidCpu { cpu: 7, .. })));
+    /// ```
+    pub fn call_single<F>(&self, cpu: CpuId, f: F, wait: bool) -> Result<(), IpiError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let r = self.call_single_inner(cpu, f, wait);
+        self.account(&r);
+        r
+    }
+
+    /// Queues `f` on `cpu` and returns at once (`smp_call_function_single_async`). The csd
+    /// comes from the pool, so unlike the kernel there is no caller-owned csd to keep locked.
+    pub fn call_single_async<F>(&self, cpu: CpuId, f: F) -> Result<(), IpiError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        self.call_single(cpu, f, false)
+    }
+
+    /// Runs a copy of `f` on every online CPU of `mask` except the calling one
+    /// (`smp_call_function_many`). Offline CPUs in `mask` are skipped, as the kernel does; a
+    /// CPU that goes offline while the call is being sent is reported in
+    /// [`IpiError::Partial`]. An id past the CPU count is an error before anything is sent.
+    pub fn call_many<F>(&self, mask: &CpuMask, f: F, wait: bool) -> Result<(), IpiError>
+    where
+        F: FnOnce() + Clone + Send + 'static,
+    {
+        let r = self.call_many_inner(mask, f, wait, false);
+        self.account(&r);
+        r
+    }
+
+    /// `call_many` to every online CPU but the caller (`smp_call_function`).
+    pub fn call_all_but_self<F>(&self, f: F, wait: bool) -> Result<(), IpiError>
+    where
+        F: FnOnce() + Clone + Send + 'static,
+    {
+        let all = self.possible_mask();
+        let r = self.call_many_inner(&all, f, wait, false);
+        self.account(&r);
+        r
+    }
+
+    /// Runs `f` on every online CPU, the caller included (`on_each_cpu`).
+    pub fn on_each_cpu<F>(&self, f: F, wait: bool) -> Result<(), IpiError>
+    where
+        F: FnOnce() + Clone + Send + 'static,
+    {
+        let all = self.possible_mask();
+        let r = self.call_many_inner(&all, f, wait, true);
+        self.account(&r);
+        r
+    }
+
+    /// Sends an NMI asking `cpu` to sample its instruction pointer, waits up to `timeout` for
+    /// it, and returns the sample (`trigger_single_cpu_backtrace`). Works on a CPU with irqs
+    /// masked; fails on one that blocks the NMI signal too.
+    pub fn nmi_backtrace(&self, cpu: CpuId, timeout: Duration) -> Result<u64, IpiError> {
+        let s = &self.shared;
+        let st = self.target(cpu)?;
+        let before = st.stats.nmis.load(Ordering::Acquire);
+        st.last_ip.store(0, Ordering::Release);
+        if !nmi::send(s, st, NmiReason::Backtrace) {
+            return Err(IpiError::Offline { cpu });
+        }
+        let deadline = now_ns() + timeout.as_nanos() as u64;
+        while now_ns() < deadline {
+            if st.stats.nmis.load(Ordering::Acquire) != before {
+                let ip = st.last_ip.load(Ordering::Acquire);
+                if ip != 0 {
+                    return Ok(ip);
+                }
+            }
+            std::thread::yield_now();
+        }
+        Err(IpiError::Timeout {
+            cpu,
+            waited_ms: timeout.as_millis() as u64,
+            started: false,
+        })
+    }
+
+    fn account(&self, r: &Result<(), IpiError>) {
+        let t = &self.shared.totals;
+        match r {
+            Ok(()) => t.api_ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => t.api_err.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    fn target(&self, cpu: CpuId) -> Result<&CpuState, IpiError> {
+        match self.shared.cpu(cpu) {
+            Some(st) => Ok(st),
+            None => {
+                self.shared
+                    .totals
+                    .invalid_ipis
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(IpiError::InvalidCpu {
+                    cpu,
+                    cpus: self.cpus(),
+                })
+            }
+        }
+    }
+
+    fn call_single_inner<F>(&self, cpu: CpuId, f: F, wait: bool) -> Result<(), IpiError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let s = &*self.shared;
+        let st = self.target(cpu)?;
+        let me = s.this_cpu_here();
+        if me == Some(cpu) {
+            run_local(s, st, f);
+            return Ok(());
+        }
+        if wait {
+            if let Some(me) = me.filter(|_| irqs_disabled()) {
+                return Err(IpiError::IrqsDisabled { cpu: me });
+            }
+        }
+        let idx = publish(s, st, me, f, wait)?;
+        ring(s, st);
+        if wait {
+            wait_done(s, st, idx, now_ns() + s.cfg.call_timeout.as_nanos() as u64)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn call_many_inner<F>(&self, mask: &CpuMask, f: F, wait: bool, incl_self: bool) -> Result<(), IpiError>
+    where
+        F: FnOnce() + Clone + Send + 'static,
+    {
+        let s = &*self.shared;
+        if let Some(bad) = mask.iter().find(|&c| c >= s.cpus.len()) {
+            s.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
+            return Err(IpiError::InvalidCpu {
+                cpu: bad,
+                cpus: s.cpus.len(),
+            });
+        }
+        let me = s.this_cpu_here();
+        if wait && me.is_some() && irqs_disabled() {
+            return Err(IpiError::IrqsDisabled {
+                cpu: me.unwrap_or(0),
+            });
+        }
+        let deadline = now_ns() + s.cfg.call_timeout.as_nanos() as u64;
+        let mut failed: Option<(CpuMask, IpiError)> = None;
+        let mut fail = |cpu: CpuId, e: IpiError| match &mut failed {
+            Some((m, _)) => m.set(cpu),
+            None => failed = Some((CpuMask::single(cpu), e)),
+        };
+        let mut targets = mask
+            .iter()
+            .filter(|&c| Some(c) != me && s.online.contains(c))
+            .peekable();
+        // Batches of queued (cpu, slot): push a batch, ring it, then wait for it.
+        while targets.peek().is_some() {
+            let mut batch = [(0usize, 0u32); BATCH];
+            let mut n = 0;
+            for cpu in targets.by_ref() {
+                let st = &s.cpus[cpu];
+                match publish(s, st, me, f.clone(), wait) {
+                    Ok(idx) => {
+                        batch[n] = (cpu, idx);
+                        n += 1;
+                    }
+                    Err(e) => fail(cpu, e),
+                }
+                if n == BATCH {
+                    break;
+                }
+            }
+            for &(cpu, _) in &batch[..n] {
+                ring(s, &s.cpus[cpu]);
+            }
+            if wait {
+                for &(cpu, idx) in &batch[..n] {
+                    if let Err(e) = wait_done(s, &s.cpus[cpu], idx, deadline) {
+                        fail(cpu, e);
+                    }
+                }
+            }
+        }
+        if incl_self {
+            if let Some(me) = me.filter(|&c| mask.contains(c)) {
+                run_local(s, &s.cpus[me], f);
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some((failed, first)) => Err(IpiError::Partial {
+                failed,
+                first: Box::new(first),
+            }),
+        }
+    }
+}
+
+/// Step 1 for a self-call: run now with irqs masked, counted like a delivered IPI.
+fn run_local<F: FnOnce()>(s: &Shared, st: &CpuState, f: F) {
+    let fl = irq_save();
+    f();
+    irq_restore(fl);
+    s.totals.queued.fetch_add(1, Ordering::Relaxed);
+    s.totals.handled.fetch_add(1, Ordering::Relaxed);
+    st.stats.calls_queued.fetch_add(1, Ordering::Relaxed);
+    st.stats.calls_handled.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Steps 2 and 3. Returns the queued slot.
+fn publish<F>(s: &Shared, st: &CpuState, me: Option<CpuId>, f: F, sync: bool) -> Result<u32, IpiError>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let cpu = st.id;
+    if !s.online.contains(cpu) {
+        s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
+        return Err(IpiError::Offline { cpu });
+    }
+    let idx = alloc_slot(s, cpu)?;
+    let id = s.next_call_id.fetch_add(1, Ordering::Relaxed);
+    let slot = s.pool.slot(idx);
+    slot.sender
+        .store(me.map_or(NO_CPU, |c| c as u64), Ordering::Relaxed);
+    slot.id.store(id, Ordering::Relaxed);
+    s.pool.arm(idx, f, sync);
+    if st.queue.push(idx, &s.pool).is_err() {
+        s.pool.disarm_unpublished(idx);
+        s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
+        return Err(IpiError::Offline { cpu });
+    }
+    s.totals.queued.fetch_add(1, Ordering::Relaxed);
+    st.stats.calls_queued.fetch_add(1, Ordering::Relaxed);
+    if let Some(me) = me {
+        s.cpus[me].stats.calls_sent.fetch_add(1, Ordering::Relaxed);
+    }
+    s.ring_here().record(EventKind::IpiSend, cpu as u64, id);
+    Ok(idx)
+}
+
+/// A free csd, waiting (yielding) up to the call timeout if the pool is empty.
+fn alloc_slot(s: &Shared, cpu: CpuId) -> Result<u32, IpiError> {
+    if let Some(i) = s.pool.alloc() {
+        return Ok(i);
+    }
+    let deadline = now_ns() + s.cfg.call_timeout.as_nanos() as u64;
+    while now_ns() < deadline {
+        std::thread::yield_now();
+        if let Some(i) = s.pool.alloc() {
+            return Ok(i);
+        }
+    }
+    Err(IpiError::NoCsd { cpu })
+}
+
+/// Step 4. Async-signal-safe.
+pub(crate) fn ring(s: &Shared, st: &CpuState) {
+    match kick_for_ipi(&st.idle, &st.kick_pending) {
+        Kick::Signal => {
+            let tid = st.tid.load(Ordering::SeqCst);
+            if tid != 0 && super::signal::tgkill(tid, s.cfg.signals.ipi).is_ok() {
+                s.totals.signals.fetch_add(1, Ordering::Relaxed);
+                st.stats.doorbells.fetch_add(1, Ordering::Relaxed);
+                s.ring_here().record(EventKind::Doorbell, st.id as u64, 0);
+            } else {
+                // No thread to signal (it is exiting; its dying flush runs the call) or the
+                // signal was refused: let the next sender ring again.
+                st.kick_pending.store(false, Ordering::Release);
+            }
+        }
+        Kick::Wake => {
+            crate::runtime::futex::wake(&st.idle, 1);
+            st.stats.idle_wakes.fetch_add(1, Ordering::Relaxed);
+            s.ring_here().record(EventKind::IdleWake, st.id as u64, 0);
+        }
+        Kick::None | Kick::Coalesced => {}
+    }
+}
+
+/// Step 5.
+fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: u64) -> Result<(), IpiError> {
+    let slot = s.pool.slot(idx);
+    let start = now_ns();
+    let spin_until = start + SPIN_NS;
+    loop {
+        if slot.state.load(Ordering::Acquire) == DONE {
+            s.pool.put(idx);
+            return Ok(());
+        }
+        if now_ns() >= spin_until {
+            break;
+        }
+        for _ in 0..32 {
+            std::hint::spin_loop();
+        }
+    }
+    slot.waiter.store(1, Ordering::SeqCst);
+    loop {
+        let v = slot.state.load(Ordering::SeqCst);
+        if v == DONE {
+            s.pool.put(idx);
+            return Ok(());
+        }
+        let now = now_ns();
+        if now >= deadline {
+            break;
+        }
+        let nap = (deadline - now).min(1_000_000);
+        crate::runtime::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
+        if slot.state.load(Ordering::Acquire) != DONE {
+            ring(s, st); // a merged or lost doorbell costs a millisecond, never the call
+        }
+    }
+    // Timed out: "csd: Detected non-responsive CSD lock".
+    let waited = now_ns() - start;
+    s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
+    s.ring_here()
+        .record(EventKind::CsdTimeout, st.id as u64, waited);
+    let started = if s.pool.cancel(idx) {
+        s.totals.cancelled.fetch_add(1, Ordering::Relaxed);
+        false
+    } else if slot.state.load(Ordering::Acquire) == DONE {
+        s.pool.put(idx);
+        return Ok(());
+    } else {
+        true
+    };
+    s.pool.put(idx);
+    Err(IpiError::Timeout {
+        cpu: st.id,
+        waited_ms: waited / 1_000_000,
+        started,
+    })
+}

@@ -1,0 +1,365 @@
+//! `call_single_data`: a preallocated pool of csd slots, each holding one IPI callback inline.
+//!
+//! Why a pool and not a csd on the caller's stack (as the kernel does): a synchronous caller here
+//! may give up after a timeout, and the kernel's rule "no csd memory is reused while still
+//! linked" then forbids returning from a frame that owns a linked csd. A slot from the pool can
+//! outlive the caller, so the caller can return an error. Slots are preallocated, so sending
+//! and handling allocate nothing.
+//!
+//! Slot lifetime protocol (the kernel's `CSD_FLAG_LOCK`, made explicit):
+//! 1. `alloc` pops a FREE slot from a tagged Treiber stack (the tag defeats ABA).
+//! 2. The sender writes the closure and sets `refs`: 1 for the queue link, +1 if a synchronous
+//!    sender will wait on it. State QUEUED. Publication is the queue push (Release).
+//! 3. The handler CASes QUEUED -> RUNNING, moves the closure out and runs it, stores DONE
+//!    (Release) and wakes a sleeping waiter. If the CAS fails the sender cancelled (CANCELLED):
+//!    the handler only drops the queue's reference.
+//! 4. A waiting sender that times out CASes QUEUED -> CANCELLED: it then owns the closure and
+//!    drops it itself (never in IPI context); the call never runs. If the slot is already
+//!    RUNNING the call has started and cannot be cancelled: the sender returns an error that
+//!    says so.
+//! 5. Each side drops its reference when done with the slot; whoever drops the last one returns
+//!    the slot to the free stack. So a slot is never reused while linked or while its closure
+//!    may still be running.
+
+use std::cell::UnsafeCell;
+use std::mem::{align_of, size_of, MaybeUninit};
+
+use super::queue::{Links, EMPTY};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+
+/// Bytes of closure state a csd holds inline. A closure that captures more does not compile
+/// (capture an `Arc` instead).
+pub const CSD_INLINE_BYTES: usize = 48;
+
+pub(crate) const FREE: u32 = 0;
+pub(crate) const QUEUED: u32 = 1;
+pub(crate) const RUNNING: u32 = 2;
+pub(crate) const DONE: u32 = 3;
+pub(crate) const CANCELLED: u32 = 4;
+
+struct VTable {
+    call: unsafe fn(*mut u8),
+    drop: unsafe fn(*mut u8),
+    /// The closure's type name, for "IPI on offline CPU" reports.
+    name: fn() -> &'static str,
+}
+
+struct Holder<F>(F);
+
+impl<F: FnOnce()> Holder<F> {
+    const VTABLE: VTable = VTable {
+        call: Self::call,
+        drop: Self::drop,
+        name: std::any::type_name::<F>,
+    };
+
+    /// # Safety
+    /// `p` points at an initialised `F` that is not used again.
+    unsafe fn call(p: *mut u8) {
+        // SAFETY: per the contract the value is initialised and ownership moves out here.
+        let f = unsafe { (p as *mut F).read() };
+        f()
+    }
+
+    /// # Safety
+    /// As for `call`.
+    unsafe fn drop(p: *mut u8) {
+        // SAFETY: per the contract the value is initialised and dropped exactly once here.
+        unsafe { std::ptr::drop_in_place(p as *mut F) }
+    }
+}
+
+/// One slot.
+pub(crate) struct Csd {
+    /// Call-queue link (owned by the queue while linked).
+    next: AtomicU32,
+    /// Free-stack link.
+    free_next: AtomicU32,
+    /// FREE / QUEUED / RUNNING / DONE / CANCELLED; also the futex word a sync sender sleeps on.
+    pub(crate) state: AtomicU32,
+    /// 1 while a sync sender is asleep on `state`.
+    pub(crate) waiter: AtomicU32,
+    refs: AtomicU32,
+    /// Sender CPU (or `events::NO_CPU`) and call id, for the event log.
+    pub(crate) sender: AtomicU64,
+    pub(crate) id: AtomicU64,
+    vtable: UnsafeCell<*const VTable>,
+    storage: UnsafeCell<MaybeUninit<[u64; CSD_INLINE_BYTES / 8]>>,
+}
+
+// SAFETY: `vtable` and `storage` are written only by the slot's owner between `alloc` and the
+// queue push (Release), read only by the handler after winning QUEUED -> RUNNING (which is
+// after its Acquire of the queue head), or by the sender after winning QUEUED -> CANCELLED.
+// The state CAS makes these three accesses mutually exclusive.
+unsafe impl Sync for Csd {}
+// SAFETY: the closure stored inline is `Send` (enforced by `arm`).
+unsafe impl Send for Csd {}
+
+/// The pool. See the module protocol.
+pub(crate) struct CsdPool {
+    slots: Box<[Csd]>,
+    /// (tag << 32) | index of the first free slot.
+    free: AtomicU64,
+    in_use: AtomicU64,
+}
+
+impl Links for CsdPool {
+    fn next(&self, idx: u32) -> &AtomicU32 {
+        &self.slots[idx as usize].next
+    }
+}
+
+impl CsdPool {
+    pub(crate) fn new(n: usize) -> Self {
+        let n = n.clamp(1, (u32::MAX - 2) as usize);
+        let slots: Box<[Csd]> = (0..n)
+            .map(|i| Csd {
+                next: AtomicU32::new(EMPTY),
+                free_next: AtomicU32::new(if i + 1 < n { i as u32 + 1 } else { EMPTY }),
+                state: AtomicU32::new(FREE),
+                waiter: AtomicU32::new(0),
+                refs: AtomicU32::new(0),
+                sender: AtomicU64::new(0),
+                id: AtomicU64::new(0),
+                vtable: UnsafeCell::new(std::ptr::null()),
+                storage: UnsafeCell::new(MaybeUninit::uninit()),
+            })
+            .collect();
+        Self {
+            slots,
+            free: AtomicU64::new(0),
+            in_use: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Slots currently allocated (linked, running or awaited).
+    pub(crate) fn in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn slot(&self, idx: u32) -> &Csd {
+        &self.slots[idx as usize]
+    }
+
+    /// Step 1. Async-signal-safe.
+    pub(crate) fn alloc(&self) -> Option<u32> {
+        let mut cur = self.free.load(Ordering::Acquire);
+        loop {
+            let idx = cur as u32;
+            if idx == EMPTY {
+                return None;
+            }
+            let next = self.slots[idx as usize].free_next.load(Ordering::Relaxed);
+            let tag = (cur >> 32).wrapping_add(1);
+            match self.free.compare_exchange_weak(
+                cur,
+                (tag << 32) | next as u64,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.in_use.fetch_add(1, Ordering::Relaxed);
+                    return Some(idx);
+                }
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    fn free(&self, idx: u32) {
+        let s = &self.slots[idx as usize];
+        s.state.store(FREE, Ordering::Relaxed);
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
+        let mut cur = self.free.load(Ordering::Relaxed);
+        loop {
+            s.free_next.store(cur as u32, Ordering::Relaxed);
+            let tag = (cur >> 32).wrapping_add(1);
+            match self.free.compare_exchange_weak(
+                cur,
+                (tag << 32) | idx as u64,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    /// Step 2. Stores `f` in slot `idx`, which the caller owns (fresh from `alloc`).
+    pub(crate) fn arm<F: FnOnce() + Send + 'static>(&self, idx: u32, f: F, sync: bool) {
+        const {
+            assert!(
+                size_of::<F>() <= CSD_INLINE_BYTES && align_of::<F>() <= 8,
+                "IPI closure too large for a csd: capture an Arc or a &'static instead"
+            )
+        };
+        let s = &self.slots[idx as usize];
+        // SAFETY: the caller owns the slot (step 1): no other thread touches vtable/storage
+        // until the push publishes it. F fits (checked above).
+        unsafe {
+            (s.storage.get() as *mut F).write(f);
+            *s.vtable.get() = &Holder::<F>::VTABLE;
+        }
+        s.waiter.store(0, Ordering::Relaxed);
+        s.refs.store(1 + sync as u32, Ordering::Relaxed);
+        s.state.store(QUEUED, Ordering::Relaxed);
+    }
+
+    /// Undoes `arm` on a slot that was never published (the push failed): drops the closure in
+    /// the caller's context and frees the slot.
+    pub(crate) fn disarm_unpublished(&self, idx: u32) {
+        let s = &self.slots[idx as usize];
+        // SAFETY: the push failed, so the caller still owns the slot exclusively.
+        unsafe { ((**s.vtable.get()).drop)(s.storage.get() as *mut u8) };
+        self.free(idx);
+    }
+
+    /// The queued callback's type name. Only for a slot the caller holds a reference to.
+    pub(crate) fn name(&self, idx: u32) -> &'static str {
+        let s = &self.slots[idx as usize];
+        // SAFETY: the vtable pointer was written before the slot was published and is not
+        // changed until the slot is freed, which the caller's reference prevents.
+        unsafe { ((**s.vtable.get()).name)() }
+    }
+
+    /// Step 3, on the handling CPU. Runs the callback unless cancelled; returns whether it ran.
+    /// Async-signal-safe as far as the callback itself is.
+    pub(crate) fn run(&self, idx: u32) -> bool {
+        let s = &self.slots[idx as usize];
+        let ran = if s
+            .state
+            .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // SAFETY: winning QUEUED -> RUNNING gives this thread exclusive use of the closure,
+            // published by the sender before the push (see the `Sync` impl).
+            unsafe { ((**s.vtable.get()).call)(s.storage.get() as *mut u8) };
+            // The callback's effects before DONE (Release); SeqCst so that this store and the
+            // `waiter` load below cannot both miss the waiter's SeqCst store-then-load.
+            s.state.store(DONE, Ordering::SeqCst);
+            #[cfg(not(loom))]
+            if s.waiter.load(Ordering::SeqCst) != 0 {
+                crate::runtime::futex::wake(&s.state, 1);
+            }
+            true
+        } else {
+            false
+        };
+        self.put(idx);
+        ran
+    }
+
+    /// Step 4, by a waiting sender that gave up. Returns true if the call was cancelled before
+    /// it started (the closure is dropped here), false if it is already running or done.
+    pub(crate) fn cancel(&self, idx: u32) -> bool {
+        let s = &self.slots[idx as usize];
+        if s
+            .state
+            .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // SAFETY: winning QUEUED -> CANCELLED gives the sender back exclusive use of the
+            // closure; the handler will see CANCELLED and not touch it.
+            unsafe { ((**s.vtable.get()).drop)(s.storage.get() as *mut u8) };
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Step 5: drops one reference; the last one frees the slot. Async-signal-safe.
+    pub(crate) fn put(&self, idx: u32) {
+        if self.slots[idx as usize]
+            .refs
+            .fetch_sub(1, Ordering::AcqRel)
+            == 1
+        {
+            self.free(idx);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    #[test]
+    fn run_then_release_frees_the_slot() {
+        let p = CsdPool::new(2);
+        let hits = Arc::new(AtomicUsize::new(0));
+        let a = p.alloc().unwrap();
+        let h = hits.clone();
+        p.arm(a, move || {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }, true);
+        assert!(p.run(a));
+        assert_eq!(p.slot(a).state.load(Ordering::Acquire), DONE);
+        assert_eq!(p.in_use(), 1, "the waiter still holds its reference");
+        p.put(a);
+        assert_eq!(p.in_use(), 0);
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn cancelled_call_never_runs_and_drops_its_closure_once() {
+        let p = CsdPool::new(1);
+        let token = Arc::new(());
+        let a = p.alloc().unwrap();
+        let t = token.clone();
+        p.arm(a, move || drop(t), true);
+        assert!(p.cancel(a));
+        assert_eq!(Arc::strong_count(&token), 1, "closure dropped by the canceller");
+        p.put(a); // sender's reference
+        assert!(!p.run(a), "a cancelled call must not run");
+        assert_eq!(p.in_use(), 0);
+        assert!(p.alloc().is_some());
+    }
+
+    #[test]
+    fn exhaustion_is_reported() {
+        let p = CsdPool::new(2);
+        let (a, b) = (p.alloc().unwrap(), p.alloc().unwrap());
+        assert!(p.alloc().is_none());
+        p.arm(a, || {}, false);
+        p.disarm_unpublished(a);
+        assert_eq!(p.alloc(), Some(a));
+        let _ = b;
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_csd {
+    use super::*;
+    use loom::sync::Arc;
+
+    /// A sender's timeout (cancel) racing the handler: the call runs at most once, the sender's
+    /// verdict matches what happened, and the slot is freed exactly once.
+    #[test]
+    fn loom_cancel_races_run() {
+        loom::model(|| {
+            let p = Arc::new(CsdPool::new(1));
+            let ran = Arc::new(AtomicU32::new(0));
+            let idx = p.alloc().unwrap();
+            let r = ran.clone();
+            p.arm(idx, move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }, true);
+            let p2 = p.clone();
+            let handler = loom::thread::spawn(move || p2.run(idx));
+            let cancelled = p.cancel(idx);
+            p.put(idx);
+            let did_run = handler.join().unwrap();
+            assert_eq!(did_run, !cancelled);
+            assert_eq!(ran.load(Ordering::SeqCst), did_run as u32);
+            assert_eq!(p.in_use(), 0);
+            assert!(p.alloc().is_some());
+        });
+    }
+}

@@ -1,0 +1,92 @@
+//! The IPI signal handler and the queue flush (the kernel's
+//! `generic_smp_call_function_single_interrupt` and `flush_smp_call_function_queue`).
+//!
+//! Everything here runs in signal-handler context or with irqs soft-masked: atomics and
+//! preallocated memory only.
+
+use std::sync::atomic::{compiler_fence, Ordering};
+
+use super::queue::{Links, EMPTY};
+use super::signal::{self, Signals};
+use super::IpiError;
+use crate::runtime::context::current;
+use crate::runtime::cpu::CpuState;
+use crate::runtime::events::EventKind;
+use crate::runtime::rt::Shared;
+
+/// Installs the IPI and NMI handlers (once per process and signal).
+pub(crate) fn install(sigs: &Signals) -> Result<(), IpiError> {
+    signal::install(sigs.ipi, ipi_handler, &[])?;
+    // The NMI blocks the IPI while it runs: a CPU parked inside the NMI handler has irqs off.
+    signal::install(sigs.nmi, super::nmi::nmi_handler, &[sigs.ipi])
+}
+
+/// The doorbell's handler. Async-signal-safe.
+extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+    let saved = signal::errno();
+    if let Some((shared, cpu)) = current() {
+        // Clear before draining: a sender that sets it after this sees its request drained or
+        // rings again (idle.rs protocol step 2).
+        cpu.kick_pending.swap(false, Ordering::AcqRel);
+        cpu.stats.irqs.fetch_add(1, Ordering::Relaxed);
+        if cpu.irq_depth.load(Ordering::Relaxed) != 0 {
+            cpu.irq_pending.store(true, Ordering::Relaxed);
+            cpu.stats.deferred.fetch_add(1, Ordering::Relaxed);
+        } else {
+            cpu.irq_depth.store(1, Ordering::Relaxed);
+            compiler_fence(Ordering::SeqCst);
+            flush_queue(shared, cpu);
+            compiler_fence(Ordering::SeqCst);
+            cpu.irq_depth.store(0, Ordering::Relaxed);
+        }
+    }
+    signal::set_errno(saved);
+}
+
+/// Runs every call queued on `cpu` (the caller is that CPU, irqs masked). A call found on a CPU
+/// that is not online is reported as "IPI on offline CPU" (seed 002) and still run exactly once.
+/// Returns how many callbacks ran.
+pub(crate) fn flush_queue(shared: &Shared, cpu: &CpuState) -> usize {
+    let h = cpu.queue.take_all(&shared.pool);
+    if h == EMPTY {
+        return 0;
+    }
+    let offline = !shared.online.contains(cpu.id);
+    run_list(shared, cpu, h, offline)
+}
+
+/// The dying step (`smpcfd_dying_cpu`): close the queue so no sender can add to it, and run
+/// everything it held, whether or not its doorbell has arrived. No offline warning: the caller
+/// knows the CPU is going away.
+pub(crate) fn close_and_flush(shared: &Shared, cpu: &CpuState) -> usize {
+    let h = cpu.queue.close(&shared.pool);
+    run_list(shared, cpu, h, false)
+}
+
+fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> usize {
+    let mut n = 0;
+    while h != EMPTY {
+        // Read the link first: once the callback is done the slot may be freed and reused.
+        let next = shared.pool.next(h).load(Ordering::Relaxed);
+        let slot = shared.pool.slot(h);
+        let sender = slot.sender.load(Ordering::Relaxed);
+        let id = slot.id.load(Ordering::Relaxed);
+        if warn_offline {
+            let name = shared.pool.name(h);
+            shared.totals.ipi_on_offline.fetch_add(1, Ordering::Relaxed);
+            cpu.ring.record(
+                EventKind::OfflineIpi,
+                name.as_ptr() as u64,
+                name.len() as u64,
+            );
+        }
+        if shared.pool.run(h) {
+            n += 1;
+            cpu.stats.calls_handled.fetch_add(1, Ordering::Relaxed);
+            shared.totals.handled.fetch_add(1, Ordering::Relaxed);
+            cpu.ring.record(EventKind::IpiHandle, sender, id);
+        }
+        h = next;
+    }
+    n
+}

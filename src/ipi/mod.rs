@@ -1,0 +1,74 @@
+//! IPIs: real-time-signal doorbells, the per-CPU call queue, csds, and the NMI channel.
+//!
+//! | file | what |
+//! |---|---|
+//! | `signal.rs` | the only caller of `sigaction`, `tgkill`, `pthread_sigmask`; register capture |
+//! | `queue.rs` | the closable lock-free call queue (llist) |
+//! | `csd.rs` | the preallocated csd pool and the slot lifetime protocol |
+//! | `call.rs` | `call_single`, `call_many`, ...: publish, ring, wait |
+//! | `handler.rs` | the IPI signal handler and the queue flush (`flush_smp_call_function_queue`) |
+//! | `nmi.rs` | the NMI signal: reasons, hooks for upper layers, backtrace sampling |
+//!
+//! Kernel mapping: `smp_call_function_single` = [`Handle::call_single`](crate::Handle::call_single),
+//! `smp_call_function_many` = `call_many`, `smp_call_function` = `call_all_but_self`,
+//! `on_each_cpu` = `on_each_cpu`; `-ENXIO` = [`IpiError::Offline`].
+//!
+//! **IPI context.** A callback runs inside a signal handler (or with irqs soft-masked on the
+//! CPU's own thread, which is equivalent). Like hardirq context in the kernel it must only use
+//! atomics and preallocated memory: no allocation, no locks, no printing, no panics, no blocking.
+//! Its closure is also dropped there, so it must not own the last reference to anything that
+//! frees memory when dropped. Anything else belongs in a job ([`crate::Handle::run_on`]).
+
+pub(crate) mod call;
+pub(crate) mod csd;
+pub(crate) mod handler;
+pub(crate) mod nmi;
+pub(crate) mod queue;
+pub mod signal;
+
+pub use csd::CSD_INLINE_BYTES;
+pub use nmi::NmiReason;
+
+use crate::runtime::cpumask::{CpuId, CpuMask};
+
+/// Why an IPI was not delivered. An IPI is delivered exactly once, or its sender gets one of
+/// these.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IpiError {
+    /// The target id is not below the runtime's CPU count.
+    #[error("IPI to CPU {cpu}: no such CPU (runtime has {cpus})")]
+    InvalidCpu { cpu: CpuId, cpus: usize },
+    /// The target is offline or going down (`-ENXIO`); the callback did not run.
+    #[error("IPI to CPU {cpu}: CPU is offline")]
+    Offline { cpu: CpuId },
+    /// A synchronous call gave up. `started == false`: the call was cancelled and will never
+    /// run. `started == true`: the callback is running and has not finished.
+    #[error("IPI to CPU {cpu}: non-responsive CSD lock after {waited_ms} ms (callback {})",
+        if *started { "started, not finished" } else { "cancelled, never ran" })]
+    Timeout {
+        cpu: CpuId,
+        waited_ms: u64,
+        started: bool,
+    },
+    /// No free csd in the pool within the call timeout.
+    #[error("IPI to CPU {cpu}: csd pool exhausted")]
+    NoCsd { cpu: CpuId },
+    /// A synchronous call from a CPU with irqs soft-masked (or from IPI context) could deadlock.
+    #[error("synchronous IPI from CPU {cpu} with irqs disabled")]
+    IrqsDisabled { cpu: CpuId },
+    /// `call_many`: the callback did not run (or did not finish) on `failed`.
+    #[error("IPI to CPUs {failed}: {first}")]
+    Partial {
+        failed: CpuMask,
+        first: Box<IpiError>,
+    },
+    /// The signal number is not a usable real-time signal.
+    #[error("signal {sig} is not a usable real-time signal ({min}..={max}, IPI and NMI distinct)")]
+    BadSignal { sig: i32, min: i32, max: i32 },
+    /// Another handler already owns the signal; usmp refuses to replace it.
+    #[error("signal {sig} already has a handler that is not usmp's")]
+    SignalInUse { sig: i32 },
+    /// A system call failed.
+    #[error("{op} failed: errno {errno}")]
+    Sys { op: &'static str, errno: i32 },
+}

@@ -1,0 +1,87 @@
+//! The NMI: a second real-time signal whose handler runs even when the CPU has irqs
+//! soft-masked. Senders set a reason bit in the target's `nmi_pending` word, then signal it;
+//! the handler takes all bits at once.
+//!
+//! Upper layers (the stop routine) register a hook here instead of this module calling up.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::signal::{self, SavedRegs};
+use crate::runtime::context::current;
+use crate::runtime::cpu::CpuState;
+use crate::runtime::events::EventKind;
+use crate::runtime::rt::Shared;
+
+/// Why an NMI was sent (bits of the pending word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum NmiReason {
+    /// Sample the interrupted instruction pointer (`trigger_all_cpu_backtrace`).
+    Backtrace = 1,
+    /// The stop routine's NMI attempt.
+    Stop = 2,
+}
+
+/// A hook an upper layer registers for a reason. Runs in NMI (signal-handler) context with the
+/// interrupted thread's `ucontext`.
+pub(crate) type NmiHook = fn(&Shared, &CpuState, *const libc::c_void);
+
+/// Hooks per reason (function pointers stored as usize; 0 = none).
+pub(crate) struct NmiHooks {
+    stop: AtomicUsize,
+}
+
+impl NmiHooks {
+    pub(crate) fn new() -> Self {
+        Self {
+            stop: AtomicUsize::new(0),
+        }
+    }
+
+    /// Registers the hook for [`NmiReason::Stop`].
+    pub(crate) fn set_stop(&self, hook: NmiHook) {
+        self.stop.store(hook as usize, Ordering::Release);
+    }
+}
+
+/// Sets `reason` on `cpu` and signals it (unless an NMI is already pending there).
+/// Async-signal-safe. Returns false if the CPU has no thread to signal.
+pub(crate) fn send(shared: &Shared, cpu: &CpuState, reason: NmiReason) -> bool {
+    let prev = cpu.nmi_pending.fetch_or(reason as u64, Ordering::AcqRel);
+    if prev != 0 {
+        return true; // coalesced with an NMI in flight
+    }
+    let tid = cpu.tid.load(Ordering::SeqCst);
+    if tid == 0 {
+        cpu.nmi_pending.fetch_and(!(reason as u64), Ordering::AcqRel);
+        return false;
+    }
+    signal::tgkill(tid, shared.cfg.signals.nmi).is_ok()
+}
+
+pub(crate) extern "C" fn nmi_handler(
+    _sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    uc: *mut libc::c_void,
+) {
+    let saved = signal::errno();
+    if let Some((shared, cpu)) = current() {
+        let bits = cpu.nmi_pending.swap(0, Ordering::AcqRel);
+        cpu.stats.nmis.fetch_add(1, Ordering::Relaxed);
+        cpu.ring.record(EventKind::Nmi, bits, 0);
+        if bits & NmiReason::Backtrace as u64 != 0 {
+            // SAFETY: `uc` is the ucontext the kernel passed to this SA_SIGINFO handler.
+            let regs = unsafe { SavedRegs::from_ucontext(uc) };
+            cpu.last_ip.store(regs.ip, Ordering::Release);
+        }
+        if bits & NmiReason::Stop as u64 != 0 {
+            let h = shared.nmi_hooks.stop.load(Ordering::Acquire);
+            if h != 0 {
+                // SAFETY: the only values stored are 0 or an `NmiHook` (see `set_stop`).
+                let hook: NmiHook = unsafe { std::mem::transmute::<usize, NmiHook>(h) };
+                hook(shared, cpu, uc);
+            }
+        }
+    }
+    signal::set_errno(saved);
+}

@@ -1,0 +1,225 @@
+//! Signal plumbing: the only file in the crate that calls `sigaction`, `tgkill` and
+//! `pthread_sigmask`.
+//!
+//! Signal numbers are computed at run time from `SIGRTMIN()` (glibc reserves the first few
+//! real-time signals for itself, so the number is not a constant). A handler is installed once
+//! per process and signal; several runtimes share it, and the handler finds the interrupted CPU
+//! through a thread-local (see `runtime::context`), never through a global runtime.
+
+use std::sync::Mutex;
+
+use super::IpiError;
+
+/// The two signals a runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signals {
+    /// The maskable IPI doorbell.
+    pub ipi: i32,
+    /// The NMI: its handler runs even when the CPU has irqs soft-masked.
+    pub nmi: i32,
+}
+
+impl Signals {
+    /// The default pair: `SIGRTMIN()+2` (IPI) and `SIGRTMIN()+3` (NMI). The first two real-time
+    /// signals above glibc's reserved ones are left to the application, as many libraries assume.
+    pub fn default_pair() -> Self {
+        let base = libc::SIGRTMIN();
+        Signals {
+            ipi: base + 2,
+            nmi: base + 3,
+        }
+    }
+
+    /// Checks that both are distinct real-time signals.
+    pub fn validate(&self) -> Result<(), IpiError> {
+        for s in [self.ipi, self.nmi] {
+            if s < libc::SIGRTMIN() || s > libc::SIGRTMAX() {
+                return Err(IpiError::BadSignal {
+                    sig: s,
+                    min: libc::SIGRTMIN(),
+                    max: libc::SIGRTMAX(),
+                });
+            }
+        }
+        if self.ipi == self.nmi {
+            return Err(IpiError::BadSignal {
+                sig: self.nmi,
+                min: libc::SIGRTMIN(),
+                max: libc::SIGRTMAX(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A handler with the `SA_SIGINFO` signature.
+pub(crate) type Handler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// Serializes installs so two runtimes built at once cannot both see "no handler" and race.
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Installs `handler` for `sig`, blocking `also_block` while it runs. Succeeds if `handler` is
+/// already installed; fails with `IpiError::SignalInUse` if any other handler is.
+pub(crate) fn install(sig: i32, handler: Handler, also_block: &[i32]) -> Result<(), IpiError> {
+    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: an all-zero sigaction is a valid "empty" value for the out-parameter.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: querying (null new action) with a valid out-pointer has no side effects.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+        return Err(IpiError::Sys {
+            op: "sigaction(query)",
+            errno: errno(),
+        });
+    }
+    if old.sa_sigaction == handler as usize {
+        return Ok(());
+    }
+    if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
+        return Err(IpiError::SignalInUse { sig });
+    }
+    // SAFETY: as above, zeroed is a valid initial sigaction.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = handler as usize;
+    // SA_RESTART: a job blocked in a restartable syscall resumes after the IPI instead of
+    // seeing EINTR. SA_ONSTACK: use an alternate stack if the application set one.
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+    // SAFETY: `act.sa_mask` is a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    for &s in also_block {
+        // SAFETY: as above; `s` was validated as a real-time signal number.
+        unsafe { libc::sigaddset(&mut act.sa_mask, s) };
+    }
+    // SAFETY: `act` is fully initialised and `handler` is an extern "C" fn that lives for the
+    // whole program, so the kernel may call it at any time from now on.
+    if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } != 0 {
+        return Err(IpiError::Sys {
+            op: "sigaction(install)",
+            errno: errno(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `sig` currently has a handler that is not `SIG_DFL`/`SIG_IGN` (for tests).
+pub fn has_handler(sig: i32) -> bool {
+    // SAFETY: zeroed sigaction is valid as an out-parameter.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: query only.
+    unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+    old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN
+}
+
+/// The kernel thread id of the calling thread. Async-signal-safe.
+#[inline]
+pub(crate) fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Sends `sig` to thread `tid` of this process. Async-signal-safe (a raw syscall).
+/// Returns the errno on failure (ESRCH: the thread is gone; EAGAIN: RLIMIT_SIGPENDING hit).
+#[inline]
+pub(crate) fn tgkill(tid: i32, sig: i32) -> Result<(), i32> {
+    // SAFETY: tgkill takes plain integers; targeting our own pid means the signal can only reach
+    // a thread of this process, whose handler is installed before any CPU thread exists.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid() as libc::c_long,
+            tid as libc::c_long,
+            sig as libc::c_long,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// Blocks (`block = true`) or unblocks both signals on the calling thread. Used for fault
+/// injection (a "wedged" CPU that not even the NMI reaches).
+pub(crate) fn set_blocked(sigs: &[i32], block: bool) {
+    // SAFETY: zeroed sigset_t is then initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in sigs {
+        // SAFETY: as above.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    let how = if block {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed. pthread_sigmask returns
+    // an errno (not -1) and cannot fail with a valid `how`, so the result is not inspected.
+    unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+}
+
+/// The calling thread's errno.
+#[inline]
+pub(crate) fn errno() -> i32 {
+    // SAFETY: __errno_location always returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Restores errno (a handler must leave it as it found it).
+#[inline]
+pub(crate) fn set_errno(v: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = v };
+}
+
+/// Registers of the interrupted thread, read from the signal's `ucontext` (the user-space
+/// `crash_save_cpu(regs)`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedRegs {
+    /// Instruction pointer (RIP / pc).
+    pub ip: u64,
+    /// Stack pointer (RSP / sp).
+    pub sp: u64,
+    /// Frame pointer (RBP / x29).
+    pub fp: u64,
+}
+
+impl SavedRegs {
+    /// Reads the registers from a handler's third argument. Async-signal-safe.
+    ///
+    /// # Safety
+    /// `uc` must be the `ucontext_t` pointer the kernel passed to an `SA_SIGINFO` handler that
+    /// is still running.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    pub(crate) unsafe fn from_ucontext(uc: *const libc::c_void) -> SavedRegs {
+        if uc.is_null() {
+            return SavedRegs::default();
+        }
+        // SAFETY: per the contract, `uc` points at the live ucontext_t of this handler.
+        let g = unsafe { &(*(uc as *const libc::ucontext_t)).uc_mcontext.gregs };
+        SavedRegs {
+            ip: g[libc::REG_RIP as usize] as u64,
+            sp: g[libc::REG_RSP as usize] as u64,
+            fp: g[libc::REG_RBP as usize] as u64,
+        }
+    }
+
+    /// Reads the registers from a handler's third argument. Async-signal-safe.
+    ///
+    /// # Safety
+    /// `uc` must be the `ucontext_t` pointer the kernel passed to an `SA_SIGINFO` handler that
+    /// is still running.
+    #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+    pub(crate) unsafe fn from_ucontext(uc: *const libc::c_void) -> SavedRegs {
+        if uc.is_null() {
+            return SavedRegs::default();
+        }
+        // SAFETY: per the contract, `uc` points at the live ucontext_t of this handler.
+        let m = unsafe { &(*(uc as *const libc::ucontext_t)).uc_mcontext };
+        SavedRegs {
+            ip: m.pc,
+            sp: m.sp,
+            fp: m.regs[29],
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! # usmp — a user-space SMP runtime
+//!
+//! Pinned OS threads act as logical CPUs; they receive IPIs as real-time signals; a controller
+//! brings CPUs up and down, stops them all, and hands over to a new "image" the way kexec does.
+//! It is modelled on Linux's `kernel/smp.c`, `kernel/cpu.c` and `kernel/stop_machine.c`.
+//!
+//! ## Map
+//!
+//! **Start here** — [`Builder`] → [`Runtime`] (owns the CPUs) → [`Handle`] (cheap clone).
+//!
+//! **Work on CPUs** — [`Handle::run_on`] (ordinary jobs, may block) · [`this_cpu`] ·
+//! [`irq_save`]/[`irq_restore`] (soft irq mask, nestable) · [`cpu_relax`] · [`PerCpu`].
+//!
+//! **IPIs** ([`ipi`]) — [`Handle::call_single`] · [`Handle::call_single_async`] ·
+//! [`Handle::call_many`] · [`Handle::call_all_but_self`] · [`Handle::on_each_cpu`] ·
+//! [`Handle::nmi_backtrace`]; errors: [`IpiError`]. Callbacks run in IPI context: read the
+//! rules in [`ipi`].
+//!
+//! **Masks** — [`CpuMask`] (kernel list format "0-3,7" both ways) · possible / present / online
+//! / active masks on [`Handle`].
+//!
+//! **Observability** — [`Handle::stats`] · event rings drained to `tracing` · Perfetto export
+//! ([`trace::write_chrome_trace`]).
+//!
+//! ## Layers
+//!
+//! `kexec -> hotplug -> stop -> ipi -> runtime`: a module may use the ones to its right. Only
+//! [`ipi::signal`] touches signals; only `runtime/affinity.rs` touches CPU affinity.
+//!
+//! ```
+//! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+//! let rt = usmp::Builder::new().cpus(4).build()?;
+//! let hits = Arc::new(AtomicUsize::new(0));
+//! let h = hits.clone();
+//! // Runs on CPUs 1-3 in IPI context (the caller is not a CPU, so it is not excluded).
+//! rt.call_many(&"1-3".parse()?, move || { h.fetch_add(1, Ordering::Relaxed); }, true)?;
+//! assert_eq!(hits.load(Ordering::Relaxed), 3);
+//! // An ordinary job may block and allocate.
+//! let cpu = rt.run_on(2, || usmp::this_cpu())?.join()?;
+//! assert_eq!(cpu, Some(2));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
+
+mod sync;
+
+#[cfg(not(loom))]
+pub mod hotplug;
+#[cfg(not(loom))]
+pub mod ipi;
+#[cfg(not(loom))]
+pub mod runtime;
+
+#[cfg(not(loom))]
+pub use ipi::IpiError;
+#[cfg(not(loom))]
+pub use runtime::builder::{Builder, Config, MAX_CPUS};
+#[cfg(not(loom))]
+pub use runtime::context::{cpu_relax, irq_restore, irq_save, irqs_disabled, this_cpu, IrqFlags};
+#[cfg(not(loom))]
+pub use runtime::cpu::CpuRunState;
+#[cfg(not(loom))]
+pub use runtime::cpumask::{CpuId, CpuMask};
+#[cfg(not(loom))]
+pub use runtime::error::RuntimeError;
+#[cfg(not(loom))]
+pub use runtime::idle::IdlePolicy;
+#[cfg(not(loom))]
+pub use runtime::percpu::PerCpu;
+#[cfg(not(loom))]
+pub use runtime::rt::{CpuStats, Handle, JobHandle, Runtime, RuntimeStats};
+#[cfg(not(loom))]
+pub use runtime::trace;
+
+// Under `--cfg loom` only the protocol files are compiled, with loom's atomics, and their
+// `loom_*` model tests run (`RUSTFLAGS="--cfg loom" cargo test --lib --release loom_`).
+#[cfg(loom)]
+mod ipi {
+    pub(crate) mod csd;
+    pub(crate) mod queue;
+}
+#[cfg(loom)]
+mod runtime {
+    pub(crate) mod idle;
+}

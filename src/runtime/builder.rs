@@ -1,0 +1,194 @@
+//! `Builder`: every knob of a runtime, with the defaults a user expects.
+
+use std::time::Duration;
+
+use super::error::RuntimeError;
+use super::idle::IdlePolicy;
+use super::rt::Runtime;
+use crate::ipi::signal::Signals;
+
+/// The most logical CPUs a runtime may have.
+pub const MAX_CPUS: usize = 1024;
+
+/// The resolved configuration a runtime runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) cpus: usize,
+    pub(crate) signals: Signals,
+    pub(crate) idle: IdlePolicy,
+    pub(crate) call_timeout: Duration,
+    pub(crate) boot_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) csd_pool: usize,
+    pub(crate) event_ring: usize,
+    pub(crate) irq_accounting: bool,
+    pub(crate) pin: bool,
+    pub(crate) log_events: bool,
+    pub(crate) collect_trace: bool,
+    pub(crate) generation: u64,
+    pub(crate) name: String,
+}
+
+/// Builds a [`Runtime`].
+///
+/// ```
+/// let rt = usmp::Builder::new().cpus(2).build().unwrap();
+/// assert_eq!(rt.online_mask().to_string(), "0-1");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    cfg: Config,
+    signals: Option<Signals>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Builder {
+    /// Defaults: one logical CPU per host core this process may use, signals
+    /// `SIGRTMIN()+2`/`+3`, poll-then-sleep idle (50 µs), 5 s call timeout, 10 s boot timeout.
+    pub fn new() -> Self {
+        let cores = super::affinity::allowed_cores().len().max(1);
+        Builder {
+            cfg: Config {
+                cpus: cores,
+                signals: Signals {
+                    ipi: 0,
+                    nmi: 0,
+                },
+                idle: IdlePolicy::default(),
+                call_timeout: Duration::from_secs(5),
+                boot_timeout: Duration::from_secs(10),
+                shutdown_timeout: Duration::from_secs(10),
+                csd_pool: 0,
+                event_ring: 0,
+                irq_accounting: false,
+                pin: true,
+                log_events: true,
+                collect_trace: false,
+                generation: 0,
+                name: "usmp".into(),
+            },
+            signals: None,
+        }
+    }
+
+    /// Number of logical CPUs, 1 to [`MAX_CPUS`]. More than host cores is fine
+    /// (oversubscription).
+    pub fn cpus(mut self, n: usize) -> Self {
+        self.cfg.cpus = n;
+        self
+    }
+
+    /// The IPI and NMI signal numbers (default `SIGRTMIN()+2` and `+3`).
+    pub fn signals(mut self, ipi: i32, nmi: i32) -> Self {
+        self.signals = Some(Signals { ipi, nmi });
+        self
+    }
+
+    /// How idle CPUs wait.
+    pub fn idle(mut self, policy: IdlePolicy) -> Self {
+        self.cfg.idle = policy;
+        self
+    }
+
+    /// How long a synchronous call waits before giving up with an error (default 5 s, the
+    /// kernel's csd lock-wait debug threshold).
+    pub fn call_timeout(mut self, d: Duration) -> Self {
+        self.cfg.call_timeout = d;
+        self
+    }
+
+    /// How long bring-up waits for a CPU (default 10 s, the kernel's handshake timeout).
+    pub fn boot_timeout(mut self, d: Duration) -> Self {
+        self.cfg.boot_timeout = d;
+        self
+    }
+
+    /// How long shutdown waits for each CPU thread before reporting it stuck (default 10 s).
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.cfg.shutdown_timeout = d;
+        self
+    }
+
+    /// Number of preallocated csds shared by all senders (default 256 + 64 per CPU).
+    pub fn csd_pool(mut self, n: usize) -> Self {
+        self.cfg.csd_pool = n;
+        self
+    }
+
+    /// Events per CPU ring (default 2048 up to 64 CPUs, 512 beyond).
+    pub fn event_ring(mut self, n: usize) -> Self {
+        self.cfg.event_ring = n;
+        self
+    }
+
+    /// Account time spent irq-masked per CPU (two clock reads per outermost mask; off by
+    /// default so `irq_save`/`irq_restore` stay a few nanoseconds).
+    pub fn irq_accounting(mut self, on: bool) -> Self {
+        self.cfg.irq_accounting = on;
+        self
+    }
+
+    /// Pin CPU threads to host cores round-robin (default true).
+    pub fn pin(mut self, on: bool) -> Self {
+        self.cfg.pin = on;
+        self
+    }
+
+    /// Run a logger thread that turns the event rings into `tracing` events (default true).
+    pub fn log_events(mut self, on: bool) -> Self {
+        self.cfg.log_events = on;
+        self
+    }
+
+    /// Keep every logged event for [`crate::Handle::take_trace`] (default false).
+    pub fn collect_trace(mut self, on: bool) -> Self {
+        self.cfg.collect_trace = on;
+        self
+    }
+
+    /// Thread-name prefix (default "usmp").
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.cfg.name = name.into();
+        self
+    }
+
+    pub(crate) fn generation(mut self, g: u64) -> Self {
+        self.cfg.generation = g;
+        self
+    }
+
+    /// Checks the configuration and resolves defaults.
+    pub(crate) fn resolve(&self) -> Result<Config, RuntimeError> {
+        let mut cfg = self.cfg.clone();
+        if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+            return Err(RuntimeError::BadCpuCount {
+                got: cfg.cpus,
+                max: MAX_CPUS,
+            });
+        }
+        cfg.signals = self.signals.unwrap_or_else(Signals::default_pair);
+        cfg.signals.validate()?;
+        if cfg.call_timeout.is_zero() || cfg.boot_timeout.is_zero() {
+            return Err(RuntimeError::BadConfig(
+                "call and boot timeouts must be non-zero".into(),
+            ));
+        }
+        if cfg.csd_pool == 0 {
+            cfg.csd_pool = 256 + 64 * cfg.cpus;
+        }
+        if cfg.event_ring == 0 {
+            cfg.event_ring = if cfg.cpus <= 64 { 2048 } else { 512 };
+        }
+        Ok(cfg)
+    }
+
+    /// Installs the signal handlers, starts every CPU and returns the running runtime.
+    pub fn build(self) -> Result<Runtime, RuntimeError> {
+        Runtime::start(self.resolve()?)
+    }
+}

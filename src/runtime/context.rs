@@ -1,0 +1,129 @@
+//! "Which CPU am I?" and the soft irq mask.
+//!
+//! A logical CPU's thread (and every signal handler that interrupts it) finds its CPU through a
+//! const-initialised thread-local pointer: no lazy initialisation, no destructor, so reading it
+//! is a plain TLS load and safe in a signal handler. Several runtimes can coexist because each
+//! thread points at its own runtime's state.
+//!
+//! The soft irq mask (`irq_save`/`irq_restore`, powerpc's lazy masking): masking sets a per-CPU
+//! flag; an IPI handler that finds the flag set records "pending" and returns; the outermost
+//! `irq_restore` replays what was deferred. Only the CPU's own thread and its handlers touch the
+//! flag, so Relaxed atomics plus a compiler fence (the C `atomic_signal_fence`) order it.
+
+use std::cell::Cell;
+use std::sync::atomic::{compiler_fence, Ordering};
+
+use super::cpu::CpuState;
+use super::cpumask::CpuId;
+use super::events::EventKind;
+use super::rt::Shared;
+
+thread_local! {
+    static CURRENT: Cell<(*const Shared, usize)> = const { Cell::new((std::ptr::null(), 0)) };
+}
+
+/// Marks the calling thread as logical CPU `cpu` of `shared` (null to clear).
+///
+/// # Safety
+/// Until it is cleared, `shared` must stay alive (the CPU thread holds an `Arc` to it).
+pub(crate) unsafe fn set_current(shared: *const Shared, cpu: CpuId) {
+    CURRENT.with(|c| c.set((shared, cpu)));
+}
+
+/// The calling thread's runtime and CPU, if it is a logical CPU. Async-signal-safe.
+#[inline]
+pub(crate) fn current() -> Option<(&'static Shared, &'static CpuState)> {
+    let (p, cpu) = CURRENT.with(|c| c.get());
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `set_current`'s contract keeps the runtime alive while the pointer is set, and the
+    // pointer is cleared before the thread drops its Arc. The 'static lifetime never escapes the
+    // thread: callers use it within the current call.
+    let shared: &'static Shared = unsafe { &*p };
+    Some((shared, &shared.cpus[cpu]))
+}
+
+/// The logical CPU the caller runs on, or `None` on a thread outside any runtime.
+/// Async-signal-safe.
+#[inline]
+pub fn this_cpu() -> Option<CpuId> {
+    let (p, cpu) = CURRENT.with(|c| c.get());
+    (!p.is_null()).then_some(cpu)
+}
+
+/// A busy-wait hint (`cpu_relax()`): `PAUSE` on x86, `YIELD` on arm.
+#[inline]
+pub fn cpu_relax() {
+    std::hint::spin_loop();
+}
+
+/// The state `irq_save` found, to hand back to `irq_restore` (like the kernel's `flags`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "pass the flags to irq_restore"]
+pub struct IrqFlags {
+    was_masked: bool,
+}
+
+/// Soft-masks IPIs on the calling CPU and returns the previous state. Nestable. On a thread
+/// outside the runtime it does nothing. Async-signal-safe.
+#[inline]
+pub fn irq_save() -> IrqFlags {
+    match current() {
+        Some((shared, cpu)) => {
+            let was = cpu.irq_depth.swap(1, Ordering::Relaxed) != 0;
+            compiler_fence(Ordering::SeqCst);
+            if !was && shared.cfg.irq_accounting {
+                cpu.masked_since
+                    .store(super::clock::now_ns(), Ordering::Relaxed);
+                cpu.ring.record(EventKind::IrqOff, 0, 0);
+            }
+            IrqFlags { was_masked: was }
+        }
+        None => IrqFlags { was_masked: false },
+    }
+}
+
+/// Restores the state `irq_save` returned; the outermost restore runs the IPIs that arrived
+/// while masked. Async-signal-safe as far as the deferred callbacks are.
+#[inline]
+pub fn irq_restore(flags: IrqFlags) {
+    if flags.was_masked {
+        return;
+    }
+    if let Some((shared, cpu)) = current() {
+        if shared.cfg.irq_accounting {
+            let ns = super::clock::now_ns()
+                .saturating_sub(cpu.masked_since.load(Ordering::Relaxed));
+            cpu.stats.masked_ns.fetch_add(ns, Ordering::Relaxed);
+            cpu.ring.record(EventKind::IrqOn, ns, 0);
+        }
+        cpu.irq_depth.store(0, Ordering::Relaxed);
+        // The unmask before the pending check: a handler that ran before the unmask set
+        // `pending`; one that runs after it sees the unmasked flag and handles the IPI itself.
+        compiler_fence(Ordering::SeqCst);
+        if cpu.irq_pending.load(Ordering::Relaxed) {
+            replay(shared, cpu);
+        }
+    }
+}
+
+/// Whether the calling CPU has irqs soft-masked (false outside the runtime).
+#[inline]
+pub fn irqs_disabled() -> bool {
+    current().is_some_and(|(_, c)| c.irq_depth.load(Ordering::Relaxed) != 0)
+}
+
+#[cold]
+fn replay(shared: &Shared, cpu: &CpuState) {
+    let mut n = 0;
+    while cpu.irq_pending.swap(false, Ordering::Relaxed) {
+        cpu.irq_depth.store(1, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+        n += crate::ipi::handler::flush_queue(shared, cpu);
+        compiler_fence(Ordering::SeqCst);
+        cpu.irq_depth.store(0, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+    }
+    cpu.ring.record(EventKind::IrqReplay, n as u64, 0);
+}

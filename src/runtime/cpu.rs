@@ -1,0 +1,160 @@
+//! Per-CPU runtime state: what a logical CPU's thread, its signal handlers and the CPUs that
+//! send it IPIs share. One `CpuState` per possible CPU, cache-padded, allocated at `build()` and
+//! never freed while any thread of the runtime runs.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::cpumask::CpuId;
+use super::events::EventRing;
+use crate::ipi::queue::CallQueue;
+
+/// Where a logical CPU is in its life. Stored as a `u32` in [`CpuState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[repr(u32)]
+pub enum CpuRunState {
+    /// No thread; the CPU can be brought up.
+    Offline = 0,
+    /// Thread spawned, bring-up handshake in progress.
+    Booting = 1,
+    /// Online and running its idle loop or jobs.
+    Online = 2,
+    /// Going down: teardown in progress.
+    Dying = 3,
+    /// Stopped by `send_stop`/`crash_stop` and parked with irqs masked, thread kept (`spin`).
+    Parked = 4,
+    /// Stopped and its thread has ended (`power-off`); can be brought up again.
+    PoweredOff = 5,
+    /// Timed out during bring-up and not yet confirmed dead: cannot be brought up.
+    Limbo = 6,
+}
+
+impl CpuRunState {
+    pub(crate) fn from_u32(v: u32) -> Self {
+        match v {
+            1 => Self::Booting,
+            2 => Self::Online,
+            3 => Self::Dying,
+            4 => Self::Parked,
+            5 => Self::PoweredOff,
+            6 => Self::Limbo,
+            _ => Self::Offline,
+        }
+    }
+}
+
+/// An ordinary job queued on a CPU (may allocate and block).
+pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Counters a CPU keeps about itself (all Relaxed: statistics, not synchronisation).
+#[derive(Default)]
+pub(crate) struct CpuCounters {
+    /// Calls queued to this CPU.
+    pub calls_queued: AtomicU64,
+    /// Calls this CPU ran.
+    pub calls_handled: AtomicU64,
+    /// Calls sent *by* this CPU (to others).
+    pub calls_sent: AtomicU64,
+    /// Doorbell signals rung at this CPU.
+    pub doorbells: AtomicU64,
+    /// IPI handler entries on this CPU.
+    pub irqs: AtomicU64,
+    /// Handler entries deferred because irqs were soft-masked.
+    pub deferred: AtomicU64,
+    /// Times the queue was served by the idle poller without a signal.
+    pub polled: AtomicU64,
+    /// Times a sleeping idle CPU was woken by futex.
+    pub idle_wakes: AtomicU64,
+    /// NMIs received.
+    pub nmis: AtomicU64,
+    /// Nanoseconds spent with irqs soft-masked (when accounting is on).
+    pub masked_ns: AtomicU64,
+    /// Jobs run.
+    pub jobs: AtomicU64,
+}
+
+/// One logical CPU.
+pub(crate) struct CpuState {
+    pub id: CpuId,
+    /// Kernel tid of the CPU's current thread, 0 when it has none.
+    pub tid: AtomicI32,
+    /// `CpuRunState` as u32.
+    pub run_state: AtomicU32,
+    /// Idle state word (`idle::RUNNING` ...), also the idle futex word.
+    pub idle: crate::sync::AtomicU32,
+    /// Go's `signalPending`: a doorbell is in flight, do not ring again.
+    pub kick_pending: crate::sync::AtomicBool,
+    /// The call queue (closed while the CPU is offline).
+    pub queue: CallQueue,
+    /// Soft irq mask nesting depth (only this CPU's thread and its handlers touch it).
+    pub irq_depth: AtomicU32,
+    /// An IPI arrived while masked: replay at `irq_restore`.
+    pub irq_pending: AtomicBool,
+    /// When the outermost mask started (ns), when accounting is on.
+    pub masked_since: AtomicU64,
+    /// NMI reasons pending (bits, see `ipi::nmi`).
+    pub nmi_pending: AtomicU64,
+    /// The thread should leave its idle loop (offline / shutdown).
+    pub exit_req: crate::sync::AtomicBool,
+    /// Jobs queued and not yet started (an RMW-read counter, see `idle`).
+    pub jobs_queued: crate::sync::AtomicUsize,
+    /// The current thread has left `cpu_main` (set last thing before it returns).
+    pub exited: AtomicBool,
+    /// Whether the thread is inside a job right now.
+    pub in_job: AtomicBool,
+    /// Open while the CPU takes jobs; submit and migration hold this lock, so a job is either
+    /// queued before the gate closes (and run or moved) or refused.
+    pub job_gate: Mutex<bool>,
+    pub job_tx: Sender<Job>,
+    pub job_rx: Receiver<Job>,
+    pub thread: Mutex<Option<JoinHandle<()>>>,
+    /// Host core this CPU is pinned to, or -1.
+    pub core: AtomicI32,
+    pub ring: EventRing,
+    pub stats: CpuCounters,
+    /// Instruction pointer sampled by the last backtrace NMI.
+    pub last_ip: AtomicU64,
+}
+
+impl CpuState {
+    pub(crate) fn new(id: CpuId, ring_cap: usize) -> Self {
+        let (job_tx, job_rx) = crossbeam_channel::unbounded();
+        Self {
+            id,
+            tid: AtomicI32::new(0),
+            run_state: AtomicU32::new(CpuRunState::Offline as u32),
+            idle: crate::sync::AtomicU32::new(super::idle::RUNNING),
+            kick_pending: crate::sync::AtomicBool::new(false),
+            queue: CallQueue::new_closed(),
+            irq_depth: AtomicU32::new(0),
+            irq_pending: AtomicBool::new(false),
+            masked_since: AtomicU64::new(0),
+            nmi_pending: AtomicU64::new(0),
+            exit_req: crate::sync::AtomicBool::new(false),
+            jobs_queued: crate::sync::AtomicUsize::new(0),
+            exited: AtomicBool::new(true),
+            in_job: AtomicBool::new(false),
+            job_gate: Mutex::new(false),
+            job_tx,
+            job_rx,
+            thread: Mutex::new(None),
+            core: AtomicI32::new(-1),
+            ring: EventRing::new(ring_cap),
+            stats: CpuCounters::default(),
+            last_ip: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn run_state(&self) -> CpuRunState {
+        CpuRunState::from_u32(self.run_state.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn set_run_state(&self, s: CpuRunState) {
+        self.run_state.store(s as u32, Ordering::SeqCst);
+        self.ring
+            .record(super::events::EventKind::CpuState, s as u64, 0);
+    }
+}

@@ -1,0 +1,43 @@
+//! Errors of the runtime layer (build, jobs, shutdown).
+
+use super::cpumask::CpuId;
+use crate::ipi::IpiError;
+
+/// Why building a runtime or running a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// `cpus` outside `1..=MAX_CPUS`.
+    #[error("cpus must be between 1 and {max}, got {got}")]
+    BadCpuCount { got: usize, max: usize },
+    /// A configuration value is unusable.
+    #[error("bad configuration: {0}")]
+    BadConfig(String),
+    /// Signal setup failed (bad number, or another handler already owns it).
+    #[error(transparent)]
+    Signal(#[from] IpiError),
+    /// The OS refused to start CPU `cpu`'s thread.
+    #[error("bring-up of CPU {cpu}: could not spawn its thread: {source}")]
+    Spawn {
+        cpu: CpuId,
+        #[source]
+        source: std::io::Error,
+    },
+    /// CPU `cpu` did not come up within the boot timeout.
+    #[error("bring-up of CPU {cpu}: no response within {timeout_ms} ms")]
+    BootTimeout { cpu: CpuId, timeout_ms: u64 },
+    /// The CPU id is not below `cpus`.
+    #[error("CPU {cpu} does not exist (runtime has {cpus} CPUs)")]
+    InvalidCpu { cpu: CpuId, cpus: usize },
+    /// The CPU is not online (or is going down), so it takes no jobs.
+    #[error("CPU {cpu} is offline")]
+    Offline { cpu: CpuId },
+    /// The job panicked; the CPU survived.
+    #[error("job on CPU {cpu} panicked: {message}")]
+    JobPanicked { cpu: CpuId, message: String },
+    /// The job's CPU went away before running it and it could not be moved.
+    #[error("job on CPU {cpu} was dropped unrun")]
+    JobLost { cpu: CpuId },
+    /// `join_timeout` ran out.
+    #[error("job on CPU {cpu} did not finish within {timeout_ms} ms")]
+    JobTimeout { cpu: CpuId, timeout_ms: u64 },
+}

@@ -1,0 +1,177 @@
+//! The idle loop's sleep and the doorbell decision (the kernel's `TIF_POLLING_NRFLAG` trick).
+//!
+//! Protocol (sender S publishes work for CPU C; C goes idle):
+//! 1. S publishes with an RMW on the work word (queue push, `jobs_queued += 1`, `exit_req`).
+//! 2. S reads C's idle word with an RMW (`fetch_or(0)`) and acts on it:
+//!    POLLING  -> nothing: C is spinning on its queue and will see the work;
+//!    SLEEPING -> CAS SLEEPING -> WAKING and futex-wake C (one waker wins);
+//!    WAKING   -> nothing: another sender is waking C;
+//!    RUNNING  -> ring the doorbell signal, unless `kick_pending` says one is in flight.
+//! 3. C announces POLLING, then SLEEPING, with `swap`, and after announcing SLEEPING re-checks
+//!    every work word with an RMW read before it sleeps.
+//!
+//! All four accesses are RMWs, so either S's step-2 read comes after C's SLEEPING swap (S wakes
+//! C) or C's step-3 re-check comes after S's publication (C does not sleep): no lost wake-up. RMWs
+//! are used instead of SeqCst loads because RMW chains are what the loom model checks exactly.
+
+use std::time::Duration;
+
+use crate::sync::{AtomicBool, AtomicU32, Ordering};
+
+/// The CPU is running (a job, a callback, or its loop): it needs a signal to notice an IPI.
+pub(crate) const RUNNING: u32 = 0;
+/// The CPU is spinning on its queue: it needs nothing.
+pub(crate) const POLLING: u32 = 1;
+/// The CPU is asleep on the idle futex.
+pub(crate) const SLEEPING: u32 = 2;
+/// A sender won the right to wake it.
+pub(crate) const WAKING: u32 = 3;
+
+/// What step 2 decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kick {
+    /// Nothing to do (polling, or someone else is waking it).
+    None,
+    /// Futex-wake the idle word.
+    Wake,
+    /// Ring the doorbell signal.
+    Signal,
+    /// A doorbell is already in flight.
+    Coalesced,
+}
+
+/// Step 2 for an IPI. Async-signal-safe.
+#[inline]
+pub(crate) fn kick_for_ipi(idle: &AtomicU32, kick_pending: &AtomicBool) -> Kick {
+    match idle.fetch_or(0, Ordering::AcqRel) {
+        POLLING | WAKING => Kick::None,
+        SLEEPING => wake_decision(idle),
+        _ => {
+            if kick_pending.swap(true, Ordering::AcqRel) {
+                Kick::Coalesced
+            } else {
+                Kick::Signal
+            }
+        }
+    }
+}
+
+/// Step 2 for a job or an exit request: a running CPU checks its job queue between jobs, so
+/// only a sleeper needs waking.
+#[inline]
+pub(crate) fn kick_for_job(idle: &AtomicU32) -> Kick {
+    match idle.fetch_or(0, Ordering::AcqRel) {
+        SLEEPING => wake_decision(idle),
+        _ => Kick::None,
+    }
+}
+
+fn wake_decision(idle: &AtomicU32) -> Kick {
+    if idle
+        .compare_exchange(SLEEPING, WAKING, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
+    {
+        Kick::Wake
+    } else {
+        Kick::None
+    }
+}
+
+/// How an idle CPU waits for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Spin on the queue for this long (IPIs arrive with no signal), then sleep.
+    PollThenSleep(Duration),
+    /// Sleep at once; every IPI to an idle CPU costs a wake-up.
+    SleepOnly,
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        IdlePolicy::PollThenSleep(Duration::from_micros(50))
+    }
+}
+
+/// Step 3, on the idle CPU: waits until `has_work` may be true. `peek` is a cheap unordered
+/// check for the poll phase; `has_work` must use RMW reads. The final sleep is unbounded by
+/// design: it ends only when a sender wakes the CPU (step 2) or a signal arrives, which is what
+/// "idle" means; the loom model `loom_no_lost_wakeup` shows a sender always wakes it.
+#[cfg(not(loom))]
+pub(crate) fn wait_for_work(
+    idle: &std::sync::atomic::AtomicU32,
+    policy: IdlePolicy,
+    peek: impl Fn() -> bool,
+    has_work: impl Fn() -> bool,
+    on_poll_hit: impl Fn(),
+) {
+    if let IdlePolicy::PollThenSleep(window) = policy {
+        if !window.is_zero() {
+            idle.swap(POLLING, Ordering::AcqRel);
+            let deadline = super::clock::now_ns() + window.as_nanos() as u64;
+            let mut i = 0u32;
+            loop {
+                if peek() {
+                    idle.swap(RUNNING, Ordering::AcqRel);
+                    on_poll_hit();
+                    return;
+                }
+                std::hint::spin_loop();
+                i = i.wrapping_add(1);
+                if i % 64 == 0 && super::clock::now_ns() >= deadline {
+                    break;
+                }
+            }
+        }
+    }
+    idle.swap(SLEEPING, Ordering::AcqRel);
+    while !has_work() {
+        if idle.load(Ordering::Acquire) != SLEEPING {
+            break; // a sender moved us to WAKING
+        }
+        super::futex::wait(idle, SLEEPING, None);
+    }
+    idle.swap(RUNNING, Ordering::AcqRel);
+}
+
+#[cfg(all(test, loom))]
+mod loom_idle {
+    use super::*;
+    use crate::ipi::queue::{CallQueue, Links, EMPTY};
+    use loom::sync::Arc;
+
+    struct One(AtomicU32);
+    impl Links for One {
+        fn next(&self, _: u32) -> &AtomicU32 {
+            &self.0
+        }
+    }
+
+    /// Queue + doorbell + idle sleep: a sender pushing while the CPU goes to sleep never leaves
+    /// the CPU asleep with work queued and nobody waking it.
+    #[test]
+    fn loom_no_lost_wakeup() {
+        loom::model(|| {
+            let q = Arc::new(CallQueue::new_open());
+            let idle = Arc::new(AtomicU32::new(RUNNING));
+            let kick = Arc::new(AtomicBool::new(false));
+            let l = Arc::new(One(AtomicU32::new(EMPTY)));
+            let (q2, i2, k2, l2) = (q.clone(), idle.clone(), kick.clone(), l.clone());
+            let sender = loom::thread::spawn(move || {
+                q2.push(0, &*l2).unwrap();
+                kick_for_ipi(&i2, &k2)
+            });
+            // The CPU: poll briefly, then announce sleep and re-check.
+            idle.swap(POLLING, Ordering::AcqRel);
+            let saw_in_poll = q.has_work();
+            let mut slept = false;
+            if !saw_in_poll {
+                idle.swap(SLEEPING, Ordering::AcqRel);
+                slept = !q.has_work();
+            }
+            let k = sender.join().unwrap();
+            if slept {
+                assert_eq!(k, Kick::Wake, "CPU slept with work queued and was not woken");
+            }
+        });
+    }
+}

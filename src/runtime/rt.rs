@@ -1,0 +1,475 @@
+//! `Runtime` (owns the CPUs; dropping it shuts them down), `Handle` (a cheap clone that jobs
+//! and other threads use), and `Shared`, the state every thread of one runtime points at.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use super::builder::Config;
+use super::cpu::{CpuRunState, CpuState};
+use super::cpumask::{AtomicCpuMask, CpuId, CpuMask};
+use super::error::RuntimeError;
+use super::events::{Event, EventRing};
+use super::logger::Logger;
+use crate::ipi::csd::CsdPool;
+
+static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Runtime-wide counters (Relaxed: statistics).
+#[derive(Default)]
+pub(crate) struct Totals {
+    /// Calls accepted into a queue.
+    pub queued: AtomicU64,
+    /// Callbacks run.
+    pub handled: AtomicU64,
+    /// Calls cancelled by a sender that timed out before they ran.
+    pub cancelled: AtomicU64,
+    /// API calls that returned Ok / Err.
+    pub api_ok: AtomicU64,
+    pub api_err: AtomicU64,
+    /// IPIs refused because the target was offline / out of range.
+    pub offline_ipis: AtomicU64,
+    pub invalid_ipis: AtomicU64,
+    /// Calls found queued on a CPU that was no longer online (seed 002), run by the flush.
+    pub ipi_on_offline: AtomicU64,
+    /// Doorbell signals actually sent.
+    pub signals: AtomicU64,
+    /// Synchronous calls that timed out ("non-responsive CSD lock").
+    pub csd_timeouts: AtomicU64,
+}
+
+/// State shared by all threads of one runtime. Lives as long as any of them.
+pub(crate) struct Shared {
+    pub id: u64,
+    pub cfg: Config,
+    pub cpus: Box<[CachePadded<CpuState>]>,
+    pub possible: AtomicCpuMask,
+    pub present: AtomicCpuMask,
+    pub online: AtomicCpuMask,
+    pub active: AtomicCpuMask,
+    pub pool: CsdPool,
+    /// Events written by threads outside the runtime.
+    pub ext_ring: EventRing,
+    pub totals: Totals,
+    pub next_call_id: AtomicU64,
+    pub cores: Vec<core_affinity::CoreId>,
+    pin_warned: AtomicBool,
+    shut: AtomicBool,
+    logger: Mutex<Option<Logger>>,
+    pub nmi_hooks: crate::ipi::nmi::NmiHooks,
+    pub started: Instant,
+}
+
+impl Shared {
+    /// The event ring of the calling thread: its CPU's, or the external one.
+    #[inline]
+    pub(crate) fn ring_here(&self) -> &EventRing {
+        match super::context::current() {
+            Some((s, c)) if s.id == self.id => &c.ring,
+            _ => &self.ext_ring,
+        }
+    }
+
+    /// The calling thread's CPU id if it is a CPU of *this* runtime.
+    #[inline]
+    pub(crate) fn this_cpu_here(&self) -> Option<CpuId> {
+        match super::context::current() {
+            Some((s, c)) if s.id == self.id => Some(c.id),
+            _ => None,
+        }
+    }
+
+    /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
+    /// unpinned if the host refuses.
+    pub(crate) fn pin_current(&self, st: &CpuState) {
+        if !self.cfg.pin || self.cores.is_empty() {
+            return;
+        }
+        let core = self.cores[st.id % self.cores.len()];
+        if super::affinity::pin_current(core) {
+            st.core.store(core.id as i32, Ordering::Relaxed);
+        } else if !self.pin_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
+            );
+        }
+    }
+
+    pub(crate) fn cpu(&self, cpu: CpuId) -> Option<&CpuState> {
+        self.cpus.get(cpu).map(|c| &**c)
+    }
+
+    pub(crate) fn drain_events(&self) -> Vec<Event> {
+        match &*self.logger.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(l) => l.take_trace(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Stops every CPU thread (running their remaining jobs and calls first), bounded by the
+    /// shutdown timeout per CPU. Idempotent.
+    fn shutdown(&self) {
+        if self.shut.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for st in self.cpus.iter() {
+            st.exit_req.store(true, Ordering::SeqCst);
+            kick_wake(st);
+        }
+        let deadline = Instant::now() + self.cfg.shutdown_timeout;
+        for st in self.cpus.iter() {
+            let handle = st.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let Some(h) = handle else { continue };
+            while !h.is_finished() && Instant::now() < deadline {
+                kick_wake(st);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                tracing::error!(
+                    "usmp: CPU{} did not stop within {:?} (state {:?}); its thread is left detached",
+                    st.id,
+                    self.cfg.shutdown_timeout,
+                    st.run_state()
+                );
+            }
+        }
+        if let Some(l) = self.logger.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            l.stop();
+        }
+    }
+}
+
+fn kick_wake(st: &CpuState) {
+    if super::idle::kick_for_job(&st.idle) == super::idle::Kick::Wake {
+        super::futex::wake(&st.idle, 1);
+    }
+}
+
+/// A handle to a running runtime: send IPIs, queue jobs, read masks and statistics. Cheap to
+/// clone; does not keep the CPUs running (the [`Runtime`] does).
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// A running runtime. Dropping it shuts every CPU down and joins their threads.
+pub struct Runtime {
+    handle: Handle,
+}
+
+impl std::ops::Deref for Runtime {
+    type Target = Handle;
+    fn deref(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.handle.shared.shutdown();
+    }
+}
+
+impl Runtime {
+    /// A builder with defaults.
+    pub fn builder() -> super::builder::Builder {
+        super::builder::Builder::new()
+    }
+
+    pub(crate) fn start(cfg: Config) -> Result<Runtime, RuntimeError> {
+        crate::ipi::handler::install(&cfg.signals)?;
+        let cores = super::affinity::allowed_cores();
+        let n = cfg.cpus;
+        if cfg.pin && n > cores.len().max(1) {
+            tracing::info!(
+                "usmp: {} logical CPUs on {} host cores: oversubscribed",
+                n,
+                cores.len()
+            );
+        }
+        let shared = Arc::new(Shared {
+            id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            cpus: (0..n)
+                .map(|c| CachePadded::new(CpuState::new(c, cfg.event_ring)))
+                .collect(),
+            possible: AtomicCpuMask::new(n),
+            present: AtomicCpuMask::new(n),
+            online: AtomicCpuMask::new(n),
+            active: AtomicCpuMask::new(n),
+            pool: CsdPool::new(cfg.csd_pool),
+            ext_ring: EventRing::new(cfg.event_ring),
+            totals: Totals::default(),
+            next_call_id: AtomicU64::new(1),
+            cores,
+            pin_warned: AtomicBool::new(false),
+            shut: AtomicBool::new(false),
+            logger: Mutex::new(None),
+            nmi_hooks: crate::ipi::nmi::NmiHooks::new(),
+            started: Instant::now(),
+            cfg,
+        });
+        for c in 0..n {
+            shared.possible.set(c);
+            shared.present.set(c);
+        }
+        if shared.cfg.log_events || shared.cfg.collect_trace {
+            let l = Logger::start(&shared);
+            *shared.logger.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
+        }
+        let rt = Runtime {
+            handle: Handle { shared },
+        };
+        crate::hotplug::boot_all(&rt.handle)?;
+        Ok(rt)
+    }
+
+    /// Shuts the runtime down now: every CPU runs its remaining jobs and calls, then its thread
+    /// is joined (bounded by the shutdown timeout). Returns the final statistics, in which
+    /// `lost_calls` must be 0.
+    pub fn shutdown(self) -> RuntimeStats {
+        self.handle.shared.shutdown();
+        self.handle.stats()
+    }
+
+    /// A cloneable handle.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+}
+
+/// One CPU's counters, as the summary table shows them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CpuStats {
+    pub cpu: CpuId,
+    pub state: CpuRunState,
+    /// Host core it is pinned to, if pinned.
+    pub core: Option<usize>,
+    /// Calls queued to this CPU.
+    pub calls_queued: u64,
+    /// Callbacks it ran.
+    pub calls_handled: u64,
+    /// Calls it sent to other CPUs.
+    pub calls_sent: u64,
+    /// Doorbell signals rung at it.
+    pub doorbells: u64,
+    /// IPI handler entries.
+    pub irqs: u64,
+    /// Handler entries deferred by the soft mask.
+    pub deferred: u64,
+    /// Queue serves by the idle poller (no signal).
+    pub polled: u64,
+    /// Futex wake-ups from idle sleep.
+    pub idle_wakes: u64,
+    /// NMIs received.
+    pub nmis: u64,
+    /// Time irq-masked (µs), when accounting is on.
+    pub masked_us: u64,
+    /// Jobs run.
+    pub jobs: u64,
+}
+
+/// Runtime-wide statistics (`usmp run --json` prints these).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuntimeStats {
+    pub cpus: usize,
+    pub host_cores: usize,
+    pub generation: u64,
+    /// Calls accepted into some CPU's queue.
+    pub ipis_sent: u64,
+    /// Callbacks that ran.
+    pub ipis_handled: u64,
+    /// Calls cancelled before running because their sender timed out (the sender got an error).
+    pub ipis_cancelled: u64,
+    /// Call API invocations that succeeded / returned an error.
+    pub calls_completed: u64,
+    pub calls_failed: u64,
+    /// Accepted calls neither run nor cancelled. Calls in flight count here while the runtime
+    /// runs; after shutdown it must be 0.
+    pub lost_calls: u64,
+    /// Doorbell signals sent.
+    pub doorbell_signals: u64,
+    /// IPIs refused because the target was offline / out of range.
+    pub offline_ipis: u64,
+    pub invalid_ipis: u64,
+    /// Calls found on a CPU after it went offline ("IPI on offline CPU"); still run once.
+    pub ipi_on_offline: u64,
+    /// Synchronous calls that timed out.
+    pub csd_timeouts: u64,
+    pub per_cpu: Vec<CpuStats>,
+}
+
+impl Handle {
+    /// Number of logical CPUs (possible).
+    pub fn cpus(&self) -> usize {
+        self.shared.cpus.len()
+    }
+
+    /// This runtime's generation (0 for the first image, +1 per kexec).
+    pub fn generation(&self) -> u64 {
+        self.shared.cfg.generation
+    }
+
+    /// `cpu_possible_mask`.
+    pub fn possible_mask(&self) -> CpuMask {
+        self.shared.possible.load()
+    }
+    /// `cpu_present_mask`.
+    pub fn present_mask(&self) -> CpuMask {
+        self.shared.present.load()
+    }
+    /// `cpu_online_mask`.
+    pub fn online_mask(&self) -> CpuMask {
+        self.shared.online.load()
+    }
+    /// `cpu_active_mask`.
+    pub fn active_mask(&self) -> CpuMask {
+        self.shared.active.load()
+    }
+
+    /// Whether `cpu` is online.
+    pub fn is_online(&self, cpu: CpuId) -> bool {
+        self.shared.online.contains(cpu)
+    }
+
+    /// Where CPU `cpu` is in its life, or `None` if it does not exist.
+    pub fn cpu_state(&self, cpu: CpuId) -> Option<CpuRunState> {
+        self.shared.cpu(cpu).map(|c| c.run_state())
+    }
+
+    /// Runs `f` as an ordinary job on `cpu` (it may allocate and block). The job runs after
+    /// the jobs already queued there; if the CPU is taken down first, the job moves to an online
+    /// CPU. Returns a handle to wait for its result.
+    pub fn run_on<R, F>(&self, cpu: CpuId, f: F) -> Result<JobHandle<R>, RuntimeError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job: super::cpu::Job = Box::new(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(r.map_err(|p| {
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into())
+            }));
+        });
+        self.queue_job(cpu, job)?;
+        Ok(JobHandle { cpu, rx })
+    }
+
+    pub(crate) fn queue_job(&self, cpu: CpuId, job: super::cpu::Job) -> Result<(), RuntimeError> {
+        let st = self.shared.cpu(cpu).ok_or(RuntimeError::InvalidCpu {
+            cpu,
+            cpus: self.cpus(),
+        })?;
+        let gate = st.job_gate.lock().unwrap_or_else(|e| e.into_inner());
+        if !*gate {
+            return Err(RuntimeError::Offline { cpu });
+        }
+        // Count before sending, so the counter never underflows when the CPU takes the job.
+        st.jobs_queued.fetch_add(1, Ordering::AcqRel);
+        if st.job_tx.send(job).is_err() {
+            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(RuntimeError::Offline { cpu });
+        }
+        drop(gate);
+        kick_wake(st);
+        Ok(())
+    }
+
+    /// Snapshot of every counter.
+    pub fn stats(&self) -> RuntimeStats {
+        let s = &self.shared;
+        let t = &s.totals;
+        let per_cpu = s
+            .cpus
+            .iter()
+            .map(|c| {
+                let st = &c.stats;
+                let core = c.core.load(Ordering::Relaxed);
+                CpuStats {
+                    cpu: c.id,
+                    state: c.run_state(),
+                    core: (core >= 0).then_some(core as usize),
+                    calls_queued: st.calls_queued.load(Ordering::Relaxed),
+                    calls_handled: st.calls_handled.load(Ordering::Relaxed),
+                    calls_sent: st.calls_sent.load(Ordering::Relaxed),
+                    doorbells: st.doorbells.load(Ordering::Relaxed),
+                    irqs: st.irqs.load(Ordering::Relaxed),
+                    deferred: st.deferred.load(Ordering::Relaxed),
+                    polled: st.polled.load(Ordering::Relaxed),
+                    idle_wakes: st.idle_wakes.load(Ordering::Relaxed),
+                    nmis: st.nmis.load(Ordering::Relaxed),
+                    masked_us: st.masked_ns.load(Ordering::Relaxed) / 1000,
+                    jobs: st.jobs.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        let queued = t.queued.load(Ordering::SeqCst);
+        let handled = t.handled.load(Ordering::SeqCst);
+        let cancelled = t.cancelled.load(Ordering::SeqCst);
+        RuntimeStats {
+            cpus: s.cpus.len(),
+            host_cores: s.cores.len(),
+            generation: s.cfg.generation,
+            ipis_sent: queued,
+            ipis_handled: handled,
+            ipis_cancelled: cancelled,
+            calls_completed: t.api_ok.load(Ordering::Relaxed),
+            calls_failed: t.api_err.load(Ordering::Relaxed),
+            lost_calls: queued.saturating_sub(handled + cancelled),
+            doorbell_signals: t.signals.load(Ordering::Relaxed),
+            offline_ipis: t.offline_ipis.load(Ordering::Relaxed),
+            invalid_ipis: t.invalid_ipis.load(Ordering::Relaxed),
+            ipi_on_offline: t.ipi_on_offline.load(Ordering::Relaxed),
+            csd_timeouts: t.csd_timeouts.load(Ordering::Relaxed),
+            per_cpu,
+        }
+    }
+
+    /// Every event logged since the last call (needs `Builder::collect_trace(true)`), for
+    /// [`crate::trace::write_chrome_trace`].
+    pub fn take_trace(&self) -> Vec<Event> {
+        self.shared.drain_events()
+    }
+}
+
+/// Waits for a job's result.
+pub struct JobHandle<R> {
+    cpu: CpuId,
+    rx: crossbeam_channel::Receiver<Result<R, String>>,
+}
+
+impl<R> JobHandle<R> {
+    /// Waits for the job (unbounded: a job may block as long as it likes; use
+    /// [`JobHandle::join_timeout`] to bound it).
+    pub fn join(self) -> Result<R, RuntimeError> {
+        match self.rx.recv() {
+            Ok(r) => r.map_err(|message| RuntimeError::JobPanicked {
+                cpu: self.cpu,
+                message,
+            }),
+            Err(_) => Err(RuntimeError::JobLost { cpu: self.cpu }),
+        }
+    }
+
+    /// Waits at most `d`.
+    pub fn join_timeout(self, d: Duration) -> Result<R, RuntimeError> {
+        match self.rx.recv_timeout(d) {
+            Ok(r) => r.map_err(|message| RuntimeError::JobPanicked {
+                cpu: self.cpu,
+                message,
+            }),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(RuntimeError::JobTimeout {
+                cpu: self.cpu,
+                timeout_ms: d.as_millis() as u64,
+            }),
+            Err(_) => Err(RuntimeError::JobLost { cpu: self.cpu }),
+        }
+    }
+}

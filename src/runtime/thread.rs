@@ -1,0 +1,117 @@
+//! The logical CPU's thread: start-up (TLS, tid, pinning), the boot hook, the idle loop that
+//! runs jobs and serves the call queue, and exit.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::context::{irq_restore, irq_save, set_current};
+use super::cpu::{CpuRunState, CpuState};
+use super::cpumask::CpuId;
+use super::rt::Shared;
+
+/// Runs on the new CPU's thread before its idle loop: the bring-up handshake and the
+/// STARTING/ONLINE steps. Returns false if the CPU must die instead of going online.
+pub(crate) type BootFn = Box<dyn FnOnce(&Arc<Shared>, &CpuState) -> bool + Send + 'static>;
+
+/// Spawns CPU `cpu`'s thread. The caller has reset its per-CPU state.
+pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId, boot: BootFn) -> std::io::Result<()> {
+    let s = shared.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("{}-cpu{}", shared.cfg.name, cpu))
+        .spawn(move || cpu_main(s, cpu, boot))?;
+    let st = &shared.cpus[cpu];
+    let old = st
+        .thread
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .replace(handle);
+    // A previous thread of this CPU has already been joined or reported by whoever took it down.
+    drop(old);
+    Ok(())
+}
+
+fn cpu_main(shared: Arc<Shared>, cpu: CpuId, boot: BootFn) {
+    // SAFETY: this frame holds an Arc to `shared` until after the pointer is cleared below.
+    unsafe { set_current(Arc::as_ptr(&shared), cpu) };
+    let st = &shared.cpus[cpu];
+    st.tid.store(crate::ipi::signal::gettid(), Ordering::SeqCst);
+    shared.pin_current(st);
+    if boot(&shared, st) {
+        idle_loop(&shared, st);
+    }
+    st.tid.store(0, Ordering::SeqCst);
+    // SAFETY: clearing the pointer; nothing uses it afterwards on this thread.
+    unsafe { set_current(std::ptr::null(), 0) };
+    st.exited.store(true, Ordering::SeqCst);
+}
+
+fn idle_loop(shared: &Shared, st: &CpuState) {
+    loop {
+        if st.exit_req.load(Ordering::SeqCst) {
+            finish(shared, st);
+            return;
+        }
+        while let Ok(job) = st.job_rx.try_recv() {
+            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+            run_job(st, job);
+            if st.exit_req.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        if st.queue.peek() {
+            serve_calls(shared, st);
+            continue;
+        }
+        super::idle::wait_for_work(
+            &st.idle,
+            shared.cfg.idle,
+            || st.queue.peek() || st.jobs_queued.load(Ordering::Relaxed) > 0,
+            || {
+                st.queue.has_work()
+                    || st.jobs_queued.fetch_add(0, Ordering::AcqRel) > 0
+                    || st.exit_req.fetch_or(false, Ordering::AcqRel)
+            },
+            || {
+                st.stats.polled.fetch_add(1, Ordering::Relaxed);
+            },
+        );
+    }
+}
+
+/// Runs queued calls from thread context, as IPI context (irqs masked).
+fn serve_calls(shared: &Shared, st: &CpuState) {
+    let f = irq_save();
+    crate::ipi::handler::flush_queue(shared, st);
+    irq_restore(f);
+}
+
+fn run_job(st: &CpuState, job: super::cpu::Job) {
+    st.in_job.store(true, Ordering::Relaxed);
+    // The job wrapper reports panics to its handle; this catch keeps the CPU alive if a
+    // wrapper-less job (none exist today) ever panics.
+    let _ = catch_unwind(AssertUnwindSafe(job));
+    st.in_job.store(false, Ordering::Relaxed);
+    st.stats.jobs.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Leaving the idle loop (shutdown, or after the dying steps of `cpu_down`): run the jobs still
+/// queued, close the call queue and run what it held, then mark the CPU offline.
+fn finish(shared: &Shared, st: &CpuState) {
+    {
+        let mut gate = st.job_gate.lock().unwrap_or_else(|e| e.into_inner());
+        *gate = false;
+    }
+    while let Ok(job) = st.job_rx.try_recv() {
+        st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+        run_job(st, job);
+    }
+    let f = irq_save();
+    crate::ipi::handler::close_and_flush(shared, st);
+    irq_restore(f);
+    shared.online.clear(st.id);
+    shared.active.clear(st.id);
+    if st.run_state() != CpuRunState::Offline {
+        st.set_run_state(CpuRunState::Offline);
+    }
+}
