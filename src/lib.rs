@@ -16,6 +16,10 @@
 //! [`Handle::nmi_backtrace`]; errors: [`IpiError`]. Callbacks run in IPI context: read the
 //! rules in [`ipi`].
 //!
+//! //! **Hotplug** ([`hotplug`]) — [`Handle::cpu_up`] · [`Handle::cpu_down`] ·
+//! [`Handle::setup_state`] / [`Handle::remove_state`] · [`Handle::hotplug_disable`] /
+//! [`Handle::hotplug_enable`] · [`Handle::stop_machine`]; errors: [`HotplugError`].
+//!
 //! **Masks** — [`CpuMask`] (kernel list format "0-3,7" both ways) · possible / present / online
 //! / active masks on [`Handle`].
 //!
@@ -51,7 +55,11 @@ pub mod hotplug;
 pub mod ipi;
 #[cfg(not(loom))]
 pub mod runtime;
+#[cfg(not(loom))]
+pub mod stop;
 
+#[cfg(not(loom))]
+pub use hotplug::{HotplugError, Section, StateId, StepFn, StepResult};
 #[cfg(not(loom))]
 pub use ipi::IpiError;
 #[cfg(not(loom))]
@@ -83,4 +91,8 @@ mod ipi {
 #[cfg(loom)]
 mod runtime {
     pub(crate) mod idle;
+}
+#[cfg(loom)]
+mod hotplug {
+    pub(crate) mod sync;
 }

@@ -1,43 +1,137 @@
-//! CPU hotplug (placeholder bring-up until the state machine lands).
+//! CPU hotplug: the state table, the bring-up handshake, `cpu_up` / `cpu_down`, the hotplug lock
+//! and disable counter, and the flush of queued calls when a CPU dies.
+//!
+//! | file | what |
+//! |---|---|
+//! | `states.rs` | the step table and `Section` (`cpuhp_hp_states[]`) |
+//! | `sync.rs` | the bring-up handshake (`cpuhp_ap_sync`), loom-checked |
+//! | `control.rs` | `cpu_up`, `cpu_down`, rollback, `setup_state`, disable/enable |
+//! | `ap.rs` | what runs on the CPU itself: boot, STARTING steps, going online, DYING, exit |
+//!
+//! Kernel mapping: `cpuhp_setup_state` = [`Handle::setup_state`](crate::Handle::setup_state),
+//! `cpu_device_up/down` = `cpu_up`/`cpu_down`, `cpu_hotplug_disable/enable` =
+//! `hotplug_disable`/`hotplug_enable`, `st->fail` = `hotplug_fail_step`,
+//! `smpcfd_dying_cpu` = the `ap:online` teardown, `init_mm.mm_count` = `init_mm_refs`.
 
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+pub(crate) mod ap;
+pub(crate) mod control;
+pub mod states;
+pub(crate) mod sync;
 
-use crate::runtime::cpu::CpuRunState;
-use crate::runtime::error::RuntimeError;
-use crate::runtime::rt::Handle;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::Mutex;
 
-/// Brings every possible CPU online at `build()`.
-pub(crate) fn boot_all(h: &Handle) -> Result<(), RuntimeError> {
-    let s = &h.shared;
-    for cpu in 0..s.cpus.len() {
-        let st = &s.cpus[cpu];
-        st.exit_req.store(false, Ordering::SeqCst);
-        st.exited.store(false, Ordering::SeqCst);
-        st.set_run_state(CpuRunState::Booting);
-        crate::runtime::thread::spawn_cpu(
-            s,
-            cpu,
-            Box::new(|s, st| {
-                st.queue.reopen();
-                *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
-                s.online.set(st.id);
-                s.active.set(st.id);
-                st.set_run_state(CpuRunState::Online);
-                true
-            }),
-        )
-        .map_err(|source| RuntimeError::Spawn { cpu, source })?;
-        let deadline = Instant::now() + s.cfg.boot_timeout;
-        while !s.online.contains(cpu) {
-            if Instant::now() > deadline {
-                return Err(RuntimeError::BootTimeout {
-                    cpu,
-                    timeout_ms: s.cfg.boot_timeout.as_millis() as u64,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(20));
+pub use states::{Section, StateId, StepFn, StepResult};
+
+use crate::runtime::cpumask::CpuId;
+use crate::stop::machine::StopMachineError;
+
+/// Why a hotplug operation was refused or failed. A refusal leaves every state unchanged; a
+/// failed step has been rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    #[error("cpu_up/down: CPU {cpu} does not exist (runtime has {cpus})")]
+    InvalidCpu { cpu: CpuId, cpus: usize },
+    #[error("cpu_up: CPU {cpu} is already online")]
+    AlreadyOnline { cpu: CpuId },
+    #[error("cpu_down: CPU {cpu} is already offline")]
+    AlreadyOffline { cpu: CpuId },
+    #[error("cpu_down: CPU {cpu} is the last online CPU")]
+    LastCpu { cpu: CpuId },
+    #[error("CPU {cpu}: hotplug is disabled (busy)")]
+    Disabled { cpu: CpuId },
+    #[error("cpu_down: CPU {cpu} is the reboot CPU of a kexec in progress (busy)")]
+    RebootCpu { cpu: CpuId },
+    #[error("cpu_down: CPU {cpu} cannot take itself down; call from another CPU or thread")]
+    SelfDown { cpu: CpuId },
+    #[error("cpu_up: CPU {cpu} timed out earlier and has not reported dead yet (limbo)")]
+    Limbo { cpu: CpuId },
+    #[error("cpu_up: CPU {cpu} is parked by a stop and cannot be brought up in this image")]
+    Parked { cpu: CpuId },
+    #[error(
+        "cpu_up: CPU {cpu} did not reach ALIVE within {timeout_ms} ms; it will die on its own"
+    )]
+    BootTimeout { cpu: CpuId, timeout_ms: u64 },
+    #[error("cpu_down: CPU {cpu} did not exit within {timeout_ms} ms after going offline")]
+    TeardownTimeout { cpu: CpuId, timeout_ms: u64 },
+    #[error("cpu_{}: step {step} failed on CPU {cpu}: {reason} (rolled back)", if *up { "up" } else { "down" })]
+    StepFailed {
+        cpu: CpuId,
+        step: String,
+        up: bool,
+        reason: String,
+    },
+    #[error("cpu_up: CPU {cpu}: could not spawn its thread: {source}")]
+    Spawn {
+        cpu: CpuId,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no hotplug state {0:?}")]
+    UnknownState(String),
+    #[error("setup_state {name}: startup failed on CPU {cpu}: {reason} (undone on all CPUs)")]
+    SetupFailed {
+        name: String,
+        cpu: CpuId,
+        reason: String,
+    },
+    #[error("hotplug_enable without a matching hotplug_disable")]
+    UnbalancedEnable,
+    #[error(transparent)]
+    StopMachine(#[from] StopMachineError),
+}
+
+/// Per-CPU hotplug bookkeeping.
+pub(crate) struct HpCpu {
+    /// The handshake word (`sync.rs`).
+    pub sync: crate::sync::AtomicU32,
+    /// Whether this CPU's thread holds an `init_mm` reference.
+    pub has_ref: AtomicBool,
+    /// Fault injection: delay before the AP's ALIVE step (one-shot, ns).
+    pub boot_delay_ns: AtomicU64,
+    /// Fault injection: the step that fails next (one-shot, either direction).
+    pub fail: Mutex<Option<String>>,
+    /// What the AP runs during bring-up, prepared by the controller.
+    pub plan: Mutex<Option<ap::ApPlan>>,
+    /// A STARTING step the AP reported as failed: (step, reason).
+    pub ap_failed: Mutex<Option<(String, String)>>,
+}
+
+/// Runtime-wide hotplug state (lives in the runtime's shared block).
+pub(crate) struct HotplugState {
+    /// The hotplug mutex (`cpu_maps_update_begin`), guarding the table.
+    pub lock: Mutex<states::Table>,
+    /// `cpu_hotplug_disable` depth.
+    pub disabled: AtomicU32,
+    /// The `init_mm.mm_count` stand-in: one reference per committed CPU thread.
+    pub init_mm: AtomicU64,
+    /// Fault injection for the broken-variant test: skip the dying flush (seed 002's bug).
+    pub skip_dying_flush: AtomicBool,
+    /// A kexec's reboot CPU, which `cpu_down` refuses (`usize::MAX` = none).
+    pub reboot_cpu: std::sync::atomic::AtomicUsize,
+    pub cpus: Box<[HpCpu]>,
+}
+
+impl HotplugState {
+    pub(crate) fn new(n: usize) -> Self {
+        HotplugState {
+            lock: Mutex::new(states::Table::new()),
+            disabled: AtomicU32::new(0),
+            init_mm: AtomicU64::new(0),
+            skip_dying_flush: AtomicBool::new(false),
+            reboot_cpu: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            cpus: (0..n)
+                .map(|_| HpCpu {
+                    sync: crate::sync::AtomicU32::new(sync::DEAD),
+                    has_ref: AtomicBool::new(false),
+                    boot_delay_ns: AtomicU64::new(0),
+                    fail: Mutex::new(None),
+                    plan: Mutex::new(None),
+                    ap_failed: Mutex::new(None),
+                })
+                .collect(),
         }
     }
-    Ok(())
 }
+
+pub(crate) use control::boot_all;

@@ -20,7 +20,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::csd::DONE;
-use crate::runtime::idle::{kick_for_ipi, Kick};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
 use crate::runtime::clock::now_ns;
@@ -28,6 +27,7 @@ use crate::runtime::context::{irq_restore, irq_save, irqs_disabled};
 use crate::runtime::cpu::CpuState;
 use crate::runtime::cpumask::{CpuId, CpuMask};
 use crate::runtime::events::{EventKind, NO_CPU};
+use crate::runtime::idle::{kick_for_ipi, Kick};
 use crate::runtime::rt::{Handle, Shared};
 
 /// How long a synchronous sender spins before sleeping (about two signal round trips).
@@ -179,7 +179,13 @@ impl Handle {
         }
     }
 
-    fn call_many_inner<F>(&self, mask: &CpuMask, f: F, wait: bool, incl_self: bool) -> Result<(), IpiError>
+    fn call_many_inner<F>(
+        &self,
+        mask: &CpuMask,
+        f: F,
+        wait: bool,
+        incl_self: bool,
+    ) -> Result<(), IpiError>
     where
         F: FnOnce() + Clone + Send + 'static,
     {
@@ -262,7 +268,13 @@ fn run_local<F: FnOnce()>(s: &Shared, st: &CpuState, f: F) {
 }
 
 /// Steps 2 and 3. Returns the queued slot.
-fn publish<F>(s: &Shared, st: &CpuState, me: Option<CpuId>, f: F, sync: bool) -> Result<u32, IpiError>
+fn publish<F>(
+    s: &Shared,
+    st: &CpuState,
+    me: Option<CpuId>,
+    f: F,
+    sync: bool,
+) -> Result<u32, IpiError>
 where
     F: FnOnce() + Send + 'static,
 {

@@ -258,8 +258,7 @@ impl CsdPool {
     /// it started (the closure is dropped here), false if it is already running or done.
     pub(crate) fn cancel(&self, idx: u32) -> bool {
         let s = &self.slots[idx as usize];
-        if s
-            .state
+        if s.state
             .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
@@ -274,11 +273,7 @@ impl CsdPool {
 
     /// Step 5: drops one reference; the last one frees the slot. Async-signal-safe.
     pub(crate) fn put(&self, idx: u32) {
-        if self.slots[idx as usize]
-            .refs
-            .fetch_sub(1, Ordering::AcqRel)
-            == 1
-        {
+        if self.slots[idx as usize].refs.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.free(idx);
         }
     }
@@ -296,9 +291,13 @@ mod tests {
         let hits = Arc::new(AtomicUsize::new(0));
         let a = p.alloc().unwrap();
         let h = hits.clone();
-        p.arm(a, move || {
-            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }, true);
+        p.arm(
+            a,
+            move || {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            },
+            true,
+        );
         assert!(p.run(a));
         assert_eq!(p.slot(a).state.load(Ordering::Acquire), DONE);
         assert_eq!(p.in_use(), 1, "the waiter still holds its reference");
@@ -315,7 +314,11 @@ mod tests {
         let t = token.clone();
         p.arm(a, move || drop(t), true);
         assert!(p.cancel(a));
-        assert_eq!(Arc::strong_count(&token), 1, "closure dropped by the canceller");
+        assert_eq!(
+            Arc::strong_count(&token),
+            1,
+            "closure dropped by the canceller"
+        );
         p.put(a); // sender's reference
         assert!(!p.run(a), "a cancelled call must not run");
         assert_eq!(p.in_use(), 0);
@@ -348,9 +351,13 @@ mod loom_csd {
             let ran = Arc::new(AtomicU32::new(0));
             let idx = p.alloc().unwrap();
             let r = ran.clone();
-            p.arm(idx, move || {
-                r.fetch_add(1, Ordering::SeqCst);
-            }, true);
+            p.arm(
+                idx,
+                move || {
+                    r.fetch_add(1, Ordering::SeqCst);
+                },
+                true,
+            );
             let p2 = p.clone();
             let handler = loom::thread::spawn(move || p2.run(idx));
             let cancelled = p.cancel(idx);

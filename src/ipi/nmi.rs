@@ -52,11 +52,13 @@ pub(crate) fn send(shared: &Shared, cpu: &CpuState, reason: NmiReason) -> bool {
         return true; // coalesced with an NMI in flight
     }
     let tid = cpu.tid.load(Ordering::SeqCst);
-    if tid == 0 {
-        cpu.nmi_pending.fetch_and(!(reason as u64), Ordering::AcqRel);
+    if tid == 0 || signal::tgkill(tid, shared.cfg.signals.nmi).is_err() {
+        // Nothing will take the bit: clear it, or every later NMI would think one is in flight.
+        cpu.nmi_pending
+            .fetch_and(!(reason as u64), Ordering::AcqRel);
         return false;
     }
-    signal::tgkill(tid, shared.cfg.signals.nmi).is_ok()
+    true
 }
 
 pub(crate) extern "C" fn nmi_handler(

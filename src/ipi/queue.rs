@@ -212,7 +212,11 @@ mod loom_queue {
             let ok: Vec<bool> = senders.into_iter().map(|t| t.join().unwrap()).collect();
             for i in 0..2u32 {
                 let n = seen.iter().filter(|&&s| s == i).count();
-                assert_eq!(n, ok[i as usize] as usize, "slot {i}: accepted={} ran {n} times", ok[i as usize]);
+                assert_eq!(
+                    n, ok[i as usize] as usize,
+                    "slot {i}: accepted={} ran {n} times",
+                    ok[i as usize]
+                );
             }
             assert!(q.is_closed());
         });

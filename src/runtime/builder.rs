@@ -55,10 +55,7 @@ impl Builder {
         Builder {
             cfg: Config {
                 cpus: cores,
-                signals: Signals {
-                    ipi: 0,
-                    nmi: 0,
-                },
+                signals: Signals { ipi: 0, nmi: 0 },
                 idle: IdlePolicy::default(),
                 call_timeout: Duration::from_secs(5),
                 boot_timeout: Duration::from_secs(10),

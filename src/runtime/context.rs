@@ -93,8 +93,8 @@ pub fn irq_restore(flags: IrqFlags) {
     }
     if let Some((shared, cpu)) = current() {
         if shared.cfg.irq_accounting {
-            let ns = super::clock::now_ns()
-                .saturating_sub(cpu.masked_since.load(Ordering::Relaxed));
+            let ns =
+                super::clock::now_ns().saturating_sub(cpu.masked_since.load(Ordering::Relaxed));
             cpu.stats.masked_ns.fetch_add(ns, Ordering::Relaxed);
             cpu.ring.record(EventKind::IrqOn, ns, 0);
         }

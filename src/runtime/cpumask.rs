@@ -253,7 +253,9 @@ impl AtomicCpuMask {
     /// An empty mask able to hold CPUs `0..width`.
     pub fn new(width: usize) -> Self {
         Self {
-            words: (0..width.div_ceil(WORD)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..width.div_ceil(WORD))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             width,
         }
     }
@@ -275,14 +277,17 @@ impl AtomicCpuMask {
 
     /// Whether `cpu` is set (false when out of range).
     pub fn contains(&self, cpu: CpuId) -> bool {
-        cpu < self.width
-            && self.words[cpu / WORD].load(Ordering::SeqCst) & (1 << (cpu % WORD)) != 0
+        cpu < self.width && self.words[cpu / WORD].load(Ordering::SeqCst) & (1 << (cpu % WORD)) != 0
     }
 
     /// A snapshot.
     pub fn load(&self) -> CpuMask {
         CpuMask {
-            words: self.words.iter().map(|w| w.load(Ordering::SeqCst)).collect(),
+            words: self
+                .words
+                .iter()
+                .map(|w| w.load(Ordering::SeqCst))
+                .collect(),
         }
     }
 
@@ -312,8 +317,14 @@ mod tests {
 
     #[test]
     fn bad_lists_are_rejected() {
-        assert!(matches!("3-1".parse::<CpuMask>(), Err(CpuListError::Backwards(3, 1))));
-        assert!(matches!("x".parse::<CpuMask>(), Err(CpuListError::BadElement(_))));
+        assert!(matches!(
+            "3-1".parse::<CpuMask>(),
+            Err(CpuListError::Backwards(3, 1))
+        ));
+        assert!(matches!(
+            "x".parse::<CpuMask>(),
+            Err(CpuListError::BadElement(_))
+        ));
         assert!("1,,2".parse::<CpuMask>().is_err());
         assert!(matches!(
             CpuMask::parse_bounded("0-4", 4),

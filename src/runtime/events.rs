@@ -195,7 +195,10 @@ mod tests {
         }
         let mut out = Vec::new();
         assert_eq!(r.drain(0, &mut out), 0);
-        assert_eq!(out.iter().map(|e| e.a).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            out.iter().map(|e| e.a).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
         for i in 0..40 {
             r.record(EventKind::IpiHandle, i, 0);
         }

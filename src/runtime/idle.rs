@@ -170,7 +170,11 @@ mod loom_idle {
             }
             let k = sender.join().unwrap();
             if slept {
-                assert_eq!(k, Kick::Wake, "CPU slept with work queued and was not woken");
+                assert_eq!(
+                    k,
+                    Kick::Wake,
+                    "CPU slept with work queued and was not woken"
+                );
             }
         });
     }

@@ -128,10 +128,18 @@ fn emit(shared: &Shared, e: &Event) {
             let st = CpuRunState::from_u32(e.a as u32);
             tracing::debug!("{w}: now {st:?}")
         }
-        EventKind::HotplugStep => tracing::trace!("{w}: hotplug step {} ({})", e.a, if e.b == 1 { "up" } else { "down" }),
+        EventKind::HotplugStep => tracing::trace!(
+            "{w}: hotplug step {} ({})",
+            e.a,
+            if e.b == 1 { "up" } else { "down" }
+        ),
         EventKind::Stopped => tracing::debug!(
             "{w}: stopped{} ip={:#x}",
-            if e.a == 1 { " (crash, registers saved)" } else { "" },
+            if e.a == 1 {
+                " (crash, registers saved)"
+            } else {
+                ""
+            },
             e.b
         ),
     }

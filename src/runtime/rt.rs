@@ -59,7 +59,8 @@ pub(crate) struct Shared {
     shut: AtomicBool,
     logger: Mutex<Option<Logger>>,
     pub nmi_hooks: crate::ipi::nmi::NmiHooks,
-    pub started: Instant,
+    /// Hotplug's table, lock and per-CPU handshake state (the logic lives in `hotplug/`).
+    pub hotplug: crate::hotplug::HotplugState,
 }
 
 impl Shared {
@@ -137,7 +138,12 @@ impl Shared {
                 );
             }
         }
-        if let Some(l) = self.logger.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(l) = self
+            .logger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             l.stop();
         }
     }
@@ -209,7 +215,7 @@ impl Runtime {
             shut: AtomicBool::new(false),
             logger: Mutex::new(None),
             nmi_hooks: crate::ipi::nmi::NmiHooks::new(),
-            started: Instant::now(),
+            hotplug: crate::hotplug::HotplugState::new(n),
             cfg,
         });
         for c in 0..n {
@@ -358,26 +364,54 @@ impl Handle {
                     .unwrap_or_else(|| "non-string panic payload".into())
             }));
         });
-        self.queue_job(cpu, job)?;
+        self.queue_job(cpu, job).map_err(|(e, _)| e)?;
         Ok(JobHandle { cpu, rx })
     }
 
-    pub(crate) fn queue_job(&self, cpu: CpuId, job: super::cpu::Job) -> Result<(), RuntimeError> {
-        let st = self.shared.cpu(cpu).ok_or(RuntimeError::InvalidCpu {
-            cpu,
-            cpus: self.cpus(),
-        })?;
+    /// Queues a job on an active CPU; on refusal the job is handed back, never dropped.
+    pub(crate) fn queue_job(
+        &self,
+        cpu: CpuId,
+        job: super::cpu::Job,
+    ) -> Result<(), (RuntimeError, super::cpu::Job)> {
+        let Some(st) = self.shared.cpu(cpu) else {
+            let e = RuntimeError::InvalidCpu {
+                cpu,
+                cpus: self.cpus(),
+            };
+            return Err((e, job));
+        };
         let gate = st.job_gate.lock().unwrap_or_else(|e| e.into_inner());
         if !*gate {
-            return Err(RuntimeError::Offline { cpu });
+            return Err((RuntimeError::Offline { cpu }, job));
         }
+        let r = self.push_job(cpu, job);
+        drop(gate);
+        r
+    }
+
+    /// Queues a job whatever the gate says: hotplug's ONLINE steps run on a CPU that is not
+    /// (or no longer) active.
+    pub(crate) fn queue_job_internal(
+        &self,
+        cpu: CpuId,
+        job: super::cpu::Job,
+    ) -> Result<(), RuntimeError> {
+        self.push_job(cpu, job).map_err(|(e, _)| e)
+    }
+
+    fn push_job(
+        &self,
+        cpu: CpuId,
+        job: super::cpu::Job,
+    ) -> Result<(), (RuntimeError, super::cpu::Job)> {
+        let st = &self.shared.cpus[cpu];
         // Count before sending, so the counter never underflows when the CPU takes the job.
         st.jobs_queued.fetch_add(1, Ordering::AcqRel);
-        if st.job_tx.send(job).is_err() {
+        if let Err(e) = st.job_tx.send(job) {
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(RuntimeError::Offline { cpu });
+            return Err((RuntimeError::Offline { cpu }, e.into_inner()));
         }
-        drop(gate);
         kick_wake(st);
         Ok(())
     }

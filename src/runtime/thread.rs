@@ -10,16 +10,12 @@ use super::cpu::{CpuRunState, CpuState};
 use super::cpumask::CpuId;
 use super::rt::Shared;
 
-/// Runs on the new CPU's thread before its idle loop: the bring-up handshake and the
-/// STARTING/ONLINE steps. Returns false if the CPU must die instead of going online.
-pub(crate) type BootFn = Box<dyn FnOnce(&Arc<Shared>, &CpuState) -> bool + Send + 'static>;
-
-/// Spawns CPU `cpu`'s thread. The caller has reset its per-CPU state.
-pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId, boot: BootFn) -> std::io::Result<()> {
+/// Spawns CPU `cpu`'s thread. The caller (hotplug's bring-up) has reset its per-CPU state.
+pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()> {
     let s = shared.clone();
     let handle = std::thread::Builder::new()
         .name(format!("{}-cpu{}", shared.cfg.name, cpu))
-        .spawn(move || cpu_main(s, cpu, boot))?;
+        .spawn(move || cpu_main(s, cpu))?;
     let st = &shared.cpus[cpu];
     let old = st
         .thread
@@ -31,19 +27,23 @@ pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId, boot: BootFn) -> std::
     Ok(())
 }
 
-fn cpu_main(shared: Arc<Shared>, cpu: CpuId, boot: BootFn) {
+/// The thread of a logical CPU (`secondary_start_kernel` + `cpu_startup_entry`): the AP side of
+/// the bring-up handshake, the idle loop, and the exit report that hotplug waits for.
+fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     // SAFETY: this frame holds an Arc to `shared` until after the pointer is cleared below.
     unsafe { set_current(Arc::as_ptr(&shared), cpu) };
     let st = &shared.cpus[cpu];
     st.tid.store(crate::ipi::signal::gettid(), Ordering::SeqCst);
     shared.pin_current(st);
-    if boot(&shared, st) {
+    if crate::hotplug::ap::ap_boot(&shared, st) {
         idle_loop(&shared, st);
     }
     st.tid.store(0, Ordering::SeqCst);
     // SAFETY: clearing the pointer; nothing uses it afterwards on this thread.
     unsafe { set_current(std::ptr::null(), 0) };
     st.exited.store(true, Ordering::SeqCst);
+    // Last: DEAD. A controller that sees it may start a new thread for this CPU.
+    crate::hotplug::ap::ap_exit(&shared, st);
 }
 
 fn idle_loop(shared: &Shared, st: &CpuState) {
@@ -52,7 +52,14 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             finish(shared, st);
             return;
         }
-        while let Ok(job) = st.job_rx.try_recv() {
+        // `in_job` is set before taking a job, so a CPU being deactivated is never seen idle
+        // while it holds a job it just took (hotplug's `sched:active` teardown relies on it).
+        loop {
+            st.in_job.store(true, Ordering::SeqCst);
+            let Ok(job) = st.job_rx.try_recv() else {
+                st.in_job.store(false, Ordering::SeqCst);
+                break;
+            };
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
             run_job(st, job);
             if st.exit_req.load(Ordering::SeqCst) {
@@ -87,11 +94,11 @@ fn serve_calls(shared: &Shared, st: &CpuState) {
 }
 
 fn run_job(st: &CpuState, job: super::cpu::Job) {
-    st.in_job.store(true, Ordering::Relaxed);
-    // The job wrapper reports panics to its handle; this catch keeps the CPU alive if a
-    // wrapper-less job (none exist today) ever panics.
+    st.in_job.store(true, Ordering::SeqCst);
+    // Job wrappers report panics to their handles; this catch keeps the CPU alive whatever a
+    // job does.
     let _ = catch_unwind(AssertUnwindSafe(job));
-    st.in_job.store(false, Ordering::Relaxed);
+    st.in_job.store(false, Ordering::SeqCst);
     st.stats.jobs.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -106,9 +113,11 @@ fn finish(shared: &Shared, st: &CpuState) {
         st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
         run_job(st, job);
     }
-    let f = irq_save();
-    crate::ipi::handler::close_and_flush(shared, st);
-    irq_restore(f);
+    if !shared.hotplug.skip_dying_flush.load(Ordering::Relaxed) {
+        let f = irq_save();
+        crate::ipi::handler::close_and_flush(shared, st);
+        irq_restore(f);
+    }
     shared.online.clear(st.id);
     shared.active.clear(st.id);
     if st.run_state() != CpuRunState::Offline {

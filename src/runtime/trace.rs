@@ -18,7 +18,9 @@ pub fn chrome_trace(events: &[Event], cpus: usize) -> Value {
         } else {
             format!("CPU {c}")
         };
-        out.push(json!({"ph": "M", "name": "thread_name", "pid": 1, "tid": c, "args": {"name": name}}));
+        out.push(
+            json!({"ph": "M", "name": "thread_name", "pid": 1, "tid": c, "args": {"name": name}}),
+        );
         out.push(json!({"ph": "M", "name": "thread_sort_index", "pid": 1, "tid": c, "args": {"sort_index": c}}));
     }
     let t0 = events.iter().map(|e| e.ts_ns).min().unwrap_or(0);
@@ -26,16 +28,18 @@ pub fn chrome_trace(events: &[Event], cpus: usize) -> Value {
     for e in events {
         let tid = e.ring;
         let ts = us(e.ts_ns);
-        let inst = |name: String, args: Value| {
-            json!({"ph": "i", "s": "t", "name": name, "pid": 1, "tid": tid, "ts": ts, "args": args})
-        };
+        let inst = |name: String, args: Value| json!({"ph": "i", "s": "t", "name": name, "pid": 1, "tid": tid, "ts": ts, "args": args});
         match e.kind {
             EventKind::IpiSend => {
                 out.push(inst(format!("IPI -> CPU{}", e.a), json!({"call": e.b})));
                 out.push(json!({"ph": "s", "id": e.b, "name": "ipi", "cat": "ipi", "pid": 1, "tid": tid, "ts": ts}));
             }
             EventKind::IpiHandle => {
-                let from = if e.a == NO_CPU { "ext".into() } else { format!("CPU{}", e.a) };
+                let from = if e.a == NO_CPU {
+                    "ext".into()
+                } else {
+                    format!("CPU{}", e.a)
+                };
                 out.push(inst(format!("IPI from {from}"), json!({"call": e.b})));
                 out.push(json!({"ph": "f", "bp": "e", "id": e.b, "name": "ipi", "cat": "ipi", "pid": 1, "tid": tid, "ts": ts}));
             }
@@ -46,13 +50,27 @@ pub fn chrome_trace(events: &[Event], cpus: usize) -> Value {
                 out.push(json!({"ph": "X", "name": "irqs masked", "pid": 1, "tid": tid, "ts": ts - dur, "dur": dur}));
             }
             EventKind::IrqOff => {}
-            EventKind::IrqReplay => out.push(inst("replay deferred IPIs".into(), json!({"calls": e.a}))),
+            EventKind::IrqReplay => {
+                out.push(inst("replay deferred IPIs".into(), json!({"calls": e.a})))
+            }
             EventKind::Nmi => out.push(inst("NMI".into(), json!({"reasons": e.a}))),
-            EventKind::CsdTimeout => out.push(inst(format!("csd lock timeout (CPU{})", e.a), json!({"waited_ns": e.b}))),
+            EventKind::CsdTimeout => out.push(inst(
+                format!("csd lock timeout (CPU{})", e.a),
+                json!({"waited_ns": e.b}),
+            )),
             EventKind::OfflineIpi => out.push(inst("IPI on offline CPU".into(), json!({}))),
-            EventKind::CpuState => out.push(inst(format!("{:?}", CpuRunState::from_u32(e.a as u32)), json!({}))),
-            EventKind::HotplugStep => out.push(inst(format!("hotplug step {}", e.a), json!({"up": e.b == 1}))),
-            EventKind::Stopped => out.push(inst("stopped".into(), json!({"crash": e.a == 1, "ip": format!("{:#x}", e.b)}))),
+            EventKind::CpuState => out.push(inst(
+                format!("{:?}", CpuRunState::from_u32(e.a as u32)),
+                json!({}),
+            )),
+            EventKind::HotplugStep => out.push(inst(
+                format!("hotplug step {}", e.a),
+                json!({"up": e.b == 1}),
+            )),
+            EventKind::Stopped => out.push(inst(
+                "stopped".into(),
+                json!({"crash": e.a == 1, "ip": format!("{:#x}", e.b)}),
+            )),
         }
     }
     json!({"traceEvents": out, "displayTimeUnit": "ns"})
@@ -69,7 +87,13 @@ mod tests {
 
     #[test]
     fn trace_has_a_track_per_cpu_and_flows() {
-        let ev = |ring, kind, a, b, ts| Event { ts_ns: ts, ring, kind, a, b };
+        let ev = |ring, kind, a, b, ts| Event {
+            ts_ns: ts,
+            ring,
+            kind,
+            a,
+            b,
+        };
         let events = vec![
             ev(2, EventKind::IpiSend, 0, 7, 1000),
             ev(0, EventKind::IpiHandle, 2, 7, 5000),
@@ -80,7 +104,9 @@ mod tests {
         let names: Vec<_> = te.iter().filter(|e| e["name"] == "thread_name").collect();
         assert_eq!(names.len(), 4);
         assert!(te.iter().any(|e| e["ph"] == "s" && e["id"] == 7));
-        assert!(te.iter().any(|e| e["ph"] == "f" && e["id"] == 7 && e["tid"] == 0));
+        assert!(te
+            .iter()
+            .any(|e| e["ph"] == "f" && e["id"] == 7 && e["tid"] == 0));
         let span = te.iter().find(|e| e["ph"] == "X").unwrap();
         assert_eq!(span["dur"].as_f64().unwrap(), 3.0);
         assert_eq!(span["ts"].as_f64().unwrap(), 5.0);

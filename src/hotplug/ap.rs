@@ -1,0 +1,188 @@
+//! What runs on the CPU itself: the AP half of the handshake, the STARTING steps, the single
+//! ONLINE step, the DYING steps inside stop_machine, and the thread's exit.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::states::{Kind, Step};
+use super::sync::{self, ALIVE, FAILED, ONLINE};
+use crate::runtime::context::{current, irq_restore, irq_save};
+use crate::runtime::cpu::{CpuRunState, CpuState};
+use crate::runtime::events::EventKind;
+use crate::runtime::futex;
+use crate::runtime::rt::Shared;
+
+/// Where an injected failure hits the part of the table that runs on the CPU itself.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ApFail {
+    #[default]
+    None,
+    /// User STARTING step k (startup on the way up, DYING teardown on the way down).
+    Step(usize),
+    /// `ap:online`: up, after the STARTING steps; down, before the DYING steps.
+    ApOnline,
+    /// `bringup:cpu` on the way down: after the DYING steps, before going offline.
+    Bringup,
+}
+
+impl ApFail {
+    /// The error code `take_cpu_down` returns for it through stop_machine.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            ApFail::Step(k) => k as i32,
+            ApFail::ApOnline => -2,
+            ApFail::Bringup => -3,
+            ApFail::None => -1,
+        }
+    }
+}
+
+/// The STARTING steps the AP runs, and which one an injected failure hits.
+#[derive(Default, Clone)]
+pub(crate) struct ApPlan {
+    pub steps: Vec<Step>,
+    pub fail: ApFail,
+}
+
+fn startup(step: &Step, cpu: usize) -> super::StepResult {
+    match &step.kind {
+        Kind::User {
+            startup: Some(f), ..
+        } => f(cpu),
+        _ => Ok(()),
+    }
+}
+
+fn teardown(step: &Step, cpu: usize) -> super::StepResult {
+    match &step.kind {
+        Kind::User {
+            teardown: Some(f), ..
+        } => f(cpu),
+        _ => Ok(()),
+    }
+}
+
+/// The AP's boot hook (runs first on the new thread). False: the thread must exit.
+pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
+    let hc = &shared.hotplug.cpus[st.id];
+    let delay = hc.boot_delay_ns.swap(0, Ordering::AcqRel);
+    if delay > 0 {
+        std::thread::sleep(Duration::from_nanos(delay)); // fault injection: a slow AP
+    }
+    // Handshake step 2. On failure the controller gave up: touch nothing, just exit.
+    if !sync::ap_alive(&hc.sync) {
+        return false;
+    }
+    futex::wake(&hc.sync, 1);
+    // Step 5: wait for the controller's commit. Unbounded by design: a controller that sees
+    // ALIVE commits at once (sync.rs step 3), and it cannot give up on an ALIVE AP.
+    while !sync::ap_committed(&hc.sync) {
+        futex::wait(&hc.sync, ALIVE, None);
+    }
+    // Committed: only now does the AP touch shared state (seed 003's mm_count).
+    shared.hotplug.init_mm.fetch_add(1, Ordering::AcqRel);
+    hc.has_ref.store(true, Ordering::Release);
+    st.kick_pending.store(false, Ordering::Release);
+    st.irq_pending.store(false, Ordering::Relaxed);
+    st.irq_depth.store(0, Ordering::Relaxed);
+    st.nmi_pending.store(0, Ordering::Release);
+    let plan = hc
+        .plan
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let fl = irq_save();
+    let n = plan.steps.len();
+    for k in 0..=n {
+        // k == n is ap:online itself, which can only fail by injection.
+        let r = if plan.fail == ApFail::Step(k) || (k == n && plan.fail == ApFail::ApOnline) {
+            Err("injected failure".into())
+        } else if k == n {
+            Ok(())
+        } else {
+            startup(&plan.steps[k], st.id)
+        };
+        if let Err(reason) = r {
+            let name = plan
+                .steps
+                .get(k)
+                .map_or_else(|| "ap:online".to_string(), |s| s.name.clone());
+            for done in plan.steps[..k].iter().rev() {
+                if let Err(e) = teardown(done, st.id) {
+                    tracing::error!("cpuhp: CPU{} rollback of {} failed: {e}", st.id, done.name);
+                }
+            }
+            *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((name, reason.into_owned()));
+            irq_restore(fl);
+            hc.sync.store(FAILED, Ordering::Release);
+            futex::wake(&hc.sync, 1);
+            return false;
+        }
+        st.ring.record(EventKind::HotplugStep, k as u64, 1);
+    }
+    // ap:online, one step: open the queue, join the online mask, tell the controller.
+    st.queue.reopen();
+    shared.online.set(st.id);
+    st.set_run_state(CpuRunState::Online);
+    hc.sync.store(ONLINE, Ordering::Release);
+    futex::wake(&hc.sync, 1);
+    irq_restore(fl);
+    true
+}
+
+/// The thread's exit hook, its very last act: drop the init_mm reference, report DEAD.
+pub(crate) fn ap_exit(shared: &Shared, st: &CpuState) {
+    let hc = &shared.hotplug.cpus[st.id];
+    if hc.has_ref.swap(false, Ordering::AcqRel) {
+        shared.hotplug.init_mm.fetch_sub(1, Ordering::AcqRel);
+    }
+    if matches!(st.run_state(), CpuRunState::Limbo | CpuRunState::Booting) {
+        st.set_run_state(CpuRunState::Offline);
+    }
+    sync::ap_exit(&hc.sync);
+    futex::wake(&hc.sync, 1);
+}
+
+/// `take_cpu_down`: runs on the dying CPU inside stop_machine (IPI context). DYING steps in
+/// reverse, then offline and the queue flush (seed 002). On a failed DYING step the steps
+/// already torn down are started again, the CPU stays online, and the error code is the index
+/// of the failed step in `plan.steps`.
+pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
+    let Some((shared, st)) = current() else {
+        return Err(-1);
+    };
+    if plan.fail == ApFail::ApOnline {
+        return Err(plan.fail.code());
+    }
+    for k in (0..plan.steps.len()).rev() {
+        let r = if plan.fail == ApFail::Step(k) {
+            Err("injected failure".into())
+        } else {
+            teardown(&plan.steps[k], cpu)
+        };
+        if r.is_err() {
+            for again in &plan.steps[k + 1..] {
+                let _ = startup(again, cpu);
+            }
+            return Err(k as i32);
+        }
+        st.ring.record(EventKind::HotplugStep, k as u64, 0);
+    }
+    if plan.fail == ApFail::Bringup {
+        for again in &plan.steps {
+            let _ = startup(again, cpu);
+        }
+        return Err(plan.fail.code());
+    }
+    // ap:online teardown: __cpu_disable, then smpcfd_dying_cpu.
+    shared.online.clear(cpu);
+    shared.active.clear(cpu);
+    st.set_run_state(CpuRunState::Dying);
+    if !shared.hotplug.skip_dying_flush.load(Ordering::Relaxed) {
+        crate::ipi::handler::close_and_flush(shared, st);
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The hotplug state table (`cpuhp_hp_states[]`): named steps from OFFLINE to ONLINE, each with
+//! a startup and a teardown, run in order on the way up and in reverse on the way down.
+//!
+//! ```text
+//!  #  step               section    runs on                 up / down
+//!  0  smpcfd:prepare     PREPARE    controller              reset the CPU's IPI state
+//!     <user PREPARE>     PREPARE    controller              (teardown = the kernel's DEAD)
+//!     bringup:cpu        BRINGUP    controller + AP         spawn + handshake / stop_machine + wait DEAD
+//!     <user STARTING>    STARTING   AP, irqs masked         (teardown = DYING, in stop_machine)
+//!     ap:online          STARTING   AP, irqs masked         set online (one step) / offline + flush queue
+//!     <user ONLINE>      ONLINE     AP, as a job            may sleep, may fail
+//!  n  sched:active       ONLINE     controller              active mask + job gate / drain and migrate jobs
+//! ```
+//!
+//! STARTING and DYING callbacks run in IPI context (signal-handler rules), as the kernel's run
+//! with interrupts disabled.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::runtime::cpumask::CpuId;
+
+/// Where a user step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Section {
+    /// On the controlling thread, before the CPU's thread exists (teardown: after it is dead).
+    Prepare,
+    /// On the new CPU with irqs masked, in IPI context; must not fail (teardown: DYING, inside
+    /// stop_machine).
+    Starting,
+    /// On the new CPU in thread context (a job); may sleep and may fail.
+    Online,
+}
+
+/// What a step callback returns: `Ok`, or why it failed. A `Cow` so that a STARTING/DYING
+/// callback (IPI context, no allocation) can fail with a `&'static str`.
+pub type StepResult = Result<(), Cow<'static, str>>;
+
+/// A step callback, called with the CPU it is for.
+pub type StepFn = Arc<dyn Fn(CpuId) -> StepResult + Send + Sync>;
+
+/// Identifies a state added with `setup_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StateId(pub(crate) u64);
+
+#[derive(Clone)]
+pub(crate) enum Kind {
+    SmpcfdPrepare,
+    Bringup,
+    ApOnline,
+    SchedActive,
+    User {
+        id: StateId,
+        startup: Option<StepFn>,
+        teardown: Option<StepFn>,
+    },
+}
+
+#[derive(Clone)]
+pub(crate) struct Step {
+    pub name: String,
+    pub section: Section,
+    pub kind: Kind,
+}
+
+impl Step {
+    fn builtin(name: &str, section: Section, kind: Kind) -> Self {
+        Step {
+            name: name.into(),
+            section,
+            kind,
+        }
+    }
+}
+
+/// The table. Only changed under the hotplug lock.
+#[derive(Clone)]
+pub(crate) struct Table {
+    pub steps: Vec<Step>,
+    next_id: u64,
+}
+
+impl Table {
+    pub(crate) fn new() -> Self {
+        Table {
+            steps: vec![
+                Step::builtin("smpcfd:prepare", Section::Prepare, Kind::SmpcfdPrepare),
+                Step::builtin("bringup:cpu", Section::Prepare, Kind::Bringup),
+                Step::builtin("ap:online", Section::Starting, Kind::ApOnline),
+                Step::builtin("sched:active", Section::Online, Kind::SchedActive),
+            ],
+            next_id: 1,
+        }
+    }
+
+    pub(crate) fn index_of(&self, pred: impl Fn(&Kind) -> bool) -> usize {
+        self.steps.iter().position(|s| pred(&s.kind)).unwrap_or(0)
+    }
+
+    pub(crate) fn bringup(&self) -> usize {
+        self.index_of(|k| matches!(k, Kind::Bringup))
+    }
+
+    pub(crate) fn ap_online(&self) -> usize {
+        self.index_of(|k| matches!(k, Kind::ApOnline))
+    }
+
+    /// Inserts a user step at the end of its section; returns its id and index.
+    pub(crate) fn insert(
+        &mut self,
+        name: &str,
+        section: Section,
+        startup: Option<StepFn>,
+        teardown: Option<StepFn>,
+    ) -> (StateId, usize) {
+        let id = StateId(self.next_id);
+        self.next_id += 1;
+        let at = match section {
+            Section::Prepare => self.bringup(),
+            Section::Starting => self.ap_online(),
+            Section::Online => self.steps.len() - 1,
+        };
+        self.steps.insert(
+            at,
+            Step {
+                name: name.into(),
+                section,
+                kind: Kind::User {
+                    id,
+                    startup,
+                    teardown,
+                },
+            },
+        );
+        (id, at)
+    }
+
+    pub(crate) fn find(&self, id: StateId) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|s| matches!(&s.kind, Kind::User { id: i, .. } if *i == id))
+    }
+
+    /// The user STARTING steps, in order (what the AP runs during bring-up).
+    pub(crate) fn starting(&self) -> Vec<Step> {
+        self.steps[self.bringup() + 1..self.ap_online()].to_vec()
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.steps.iter().map(|s| s.name.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_steps_land_at_the_end_of_their_section() {
+        let mut t = Table::new();
+        t.insert("a:prep", Section::Prepare, None, None);
+        t.insert("b:start", Section::Starting, None, None);
+        let (id, _) = t.insert("c:online", Section::Online, None, None);
+        t.insert("d:prep2", Section::Prepare, None, None);
+        assert_eq!(
+            t.names(),
+            [
+                "smpcfd:prepare",
+                "a:prep",
+                "d:prep2",
+                "bringup:cpu",
+                "b:start",
+                "ap:online",
+                "c:online",
+                "sched:active"
+            ]
+        );
+        assert_eq!(t.find(id), Some(6));
+        assert_eq!(t.starting().len(), 1);
+    }
+}

@@ -1,0 +1,197 @@
+//! `stop_machine`: run a function on some CPUs while every online CPU spins with irqs masked
+//! (the kernel's `multi_cpu_stop`).
+//!
+//! Protocol:
+//! 1. The caller sets state PREPARE with an ack count of N (online CPUs), and sends every other
+//!    online CPU an async IPI that enters `multi_cpu_stop`; a caller that is itself a CPU enters
+//!    it inline with irqs masked.
+//! 2. Each CPU spins on the state. On every new state it does that state's work
+//!    (DISABLE_IRQ: nothing more to do, IPI context already has irqs masked; RUN: call `f` if it
+//!    is in the target mask) and acks; the last of the N acks moves the state on and resets the
+//!    count: PREPARE -> DISABLE_IRQ -> RUN -> EXIT.
+//! 3. The caller waits until all N have left. PREPARE is bounded: if not all N CPUs arrived
+//!    within the call timeout (one has irqs masked for good, say), the caller CASes
+//!    PREPARE -> ABORT; arrived CPUs leave at once, late ones leave as soon as they arrive, and
+//!    `f` runs nowhere. After PREPARE every CPU is present, so the rest cannot stall.
+//!
+//! The shared block is reference-counted; the caller holds a reference until every CPU has left,
+//! so a handler never frees it. On abort, CPUs still to arrive hold their references and the
+//! caller leaks its own instead of waiting for them (bounded, and only on a failed stop).
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::runtime::clock::now_ns;
+use crate::runtime::context::{irq_restore, irq_save};
+use crate::runtime::cpumask::{CpuId, CpuMask};
+use crate::runtime::rt::Handle;
+
+const PREPARE: u32 = 1;
+const RUN: u32 = 3;
+const EXIT: u32 = 4;
+/// Not part of the sequence: EXIT is final, so no ack can move the state here.
+const ABORT: u32 = 100;
+
+/// Why `stop_machine` failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StopMachineError {
+    /// Not every online CPU joined within the call timeout; `f` ran nowhere.
+    #[error("stop_machine: CPUs {missing} did not join within {waited_ms} ms; nothing ran")]
+    Timeout { missing: CpuMask, waited_ms: u64 },
+    /// `f` returned an error on `cpu` (the first one to fail).
+    #[error("stop_machine: function failed on CPU {cpu} with code {code}")]
+    Failed { cpu: CpuId, code: i32 },
+    /// An IPI could not be sent.
+    #[error("stop_machine: {0}")]
+    Ipi(#[from] crate::ipi::IpiError),
+}
+
+/// The function run under stop_machine, in IPI context (irqs masked, signal-handler rules).
+pub type StopFn = dyn Fn(CpuId) -> Result<(), i32> + Send + Sync;
+
+struct MultiStop {
+    state: AtomicU32,
+    ack: AtomicU32,
+    num: u32,
+    active: CpuMask,
+    f: Box<StopFn>,
+    left: AtomicU32,
+    arrived: Box<[AtomicU32]>,
+    failed_cpu: AtomicUsize,
+    failed_code: AtomicI32,
+}
+
+impl MultiStop {
+    fn set_state(&self, s: u32) {
+        self.ack.store(self.num, Ordering::SeqCst);
+        self.state.store(s, Ordering::SeqCst);
+    }
+
+    fn ack_state(&self, cur: u32) {
+        if self.ack.fetch_sub(1, Ordering::AcqRel) == 1 && cur < EXIT {
+            self.set_state(cur + 1);
+        }
+    }
+
+    /// Step 2. Runs in IPI context on `cpu`. Async-signal-safe as far as `f` is.
+    fn run(&self, cpu: CpuId) {
+        self.arrived[cpu].store(1, Ordering::SeqCst);
+        let mut cur = 0;
+        loop {
+            let new = self.state.load(Ordering::Acquire);
+            if new == ABORT {
+                break;
+            }
+            if new != cur {
+                cur = new;
+                // DISABLE_IRQ needs no work: IPI context already has irqs masked.
+                if cur == RUN && self.active.contains(cpu) {
+                    if let Err(code) = (self.f)(cpu) {
+                        if self
+                            .failed_cpu
+                            .compare_exchange(usize::MAX, cpu, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                        {
+                            self.failed_code.store(code, Ordering::Release);
+                        }
+                    }
+                }
+                self.ack_state(cur);
+                if cur == EXIT {
+                    break;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        self.left.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Handle {
+    /// Runs `f` on every CPU of `cpus` while all online CPUs spin with irqs masked, and returns
+    /// when all have left (`stop_machine`). `f` runs in IPI context. Fails without running `f`
+    /// if some online CPU does not join within the call timeout.
+    pub fn stop_machine<F>(&self, f: F, cpus: &CpuMask) -> Result<(), StopMachineError>
+    where
+        F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
+    {
+        let s = &self.shared;
+        let online = s.online.load();
+        let me = s.this_cpu_here().filter(|&c| online.contains(c));
+        let ms = Arc::new(MultiStop {
+            state: AtomicU32::new(0),
+            ack: AtomicU32::new(0),
+            num: online.weight() as u32,
+            active: cpus.and(&online),
+            f: Box::new(f),
+            left: AtomicU32::new(0),
+            arrived: (0..s.cpus.len()).map(|_| AtomicU32::new(0)).collect(),
+            failed_cpu: AtomicUsize::new(usize::MAX),
+            failed_code: AtomicI32::new(0),
+        });
+        ms.set_state(PREPARE);
+        let m2 = ms.clone();
+        let sent = self.call_many(
+            &online,
+            move || {
+                if let Some(c) = crate::runtime::context::this_cpu() {
+                    m2.run(c)
+                }
+            },
+            false,
+        );
+        let mut missing_send = CpuMask::new();
+        if let Err(e) = sent {
+            // A CPU that went offline since the snapshot will never arrive: abort.
+            if let crate::ipi::IpiError::Partial { failed, .. } = &e {
+                missing_send = failed.clone();
+            }
+            ms.state.store(ABORT, Ordering::SeqCst);
+        }
+        if let Some(me) = me {
+            let fl = irq_save();
+            ms.run(me);
+            irq_restore(fl);
+        }
+        let start = now_ns();
+        let deadline = start + s.cfg.call_timeout.as_nanos() as u64;
+        loop {
+            let st = ms.state.load(Ordering::Acquire);
+            if st == PREPARE && now_ns() >= deadline {
+                if ms
+                    .state
+                    .compare_exchange(PREPARE, ABORT, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    break;
+                }
+                continue;
+            }
+            if st == ABORT {
+                break;
+            }
+            if ms.left.load(Ordering::Acquire) == ms.num {
+                let fc = ms.failed_cpu.load(Ordering::Acquire);
+                if fc != usize::MAX {
+                    return Err(StopMachineError::Failed {
+                        cpu: fc,
+                        code: ms.failed_code.load(Ordering::Acquire),
+                    });
+                }
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+        // Aborted: report who never arrived, and leave the block to the late arrivals.
+        let missing: CpuMask = online
+            .iter()
+            .filter(|&c| ms.arrived[c].load(Ordering::SeqCst) == 0)
+            .collect::<CpuMask>()
+            .or(&missing_send);
+        std::mem::forget(ms);
+        Err(StopMachineError::Timeout {
+            missing,
+            waited_ms: (now_ns() - start) / 1_000_000,
+        })
+    }
+}

@@ -1,0 +1,247 @@
+//! Hotplug control: the refusals of the kernel's cpu-on-off-test.sh, and rollback with a forced
+//! failure at every step, in both directions.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use usmp::{Builder, CpuRunState, HotplugError, Section};
+
+fn rt(n: usize) -> usmp::Runtime {
+    Builder::new()
+        .cpus(n)
+        .log_events(false)
+        .boot_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn refusals_leave_state_unchanged() {
+    let rt = rt(3);
+    assert!(matches!(
+        rt.cpu_up(1),
+        Err(HotplugError::AlreadyOnline { cpu: 1 })
+    ));
+    assert_eq!(rt.online_mask().to_string(), "0-2");
+    rt.cpu_down(1).unwrap();
+    assert!(matches!(
+        rt.cpu_down(1),
+        Err(HotplugError::AlreadyOffline { cpu: 1 })
+    ));
+    assert_eq!(rt.online_mask().to_string(), "0,2");
+    assert_eq!(rt.cpu_state(1), Some(CpuRunState::Offline));
+    assert!(matches!(
+        rt.cpu_up(9),
+        Err(HotplugError::InvalidCpu { cpu: 9, cpus: 3 })
+    ));
+    rt.cpu_down(2).unwrap();
+    assert!(matches!(
+        rt.cpu_down(0),
+        Err(HotplugError::LastCpu { cpu: 0 })
+    ));
+    assert_eq!(rt.online_mask().to_string(), "0");
+    rt.hotplug_disable();
+    assert!(matches!(
+        rt.cpu_up(1),
+        Err(HotplugError::Disabled { cpu: 1 })
+    ));
+    rt.hotplug_enable().unwrap();
+    assert!(matches!(
+        rt.hotplug_enable(),
+        Err(HotplugError::UnbalancedEnable)
+    ));
+    rt.cpu_up(1).unwrap();
+    rt.cpu_up(2).unwrap();
+    assert_eq!(rt.online_mask().to_string(), "0-2");
+    assert_eq!(rt.active_mask().to_string(), "0-2");
+    assert_eq!(rt.init_mm_refs(), 3);
+    // The CPU really works after coming back.
+    let v = rt.run_on(2, usmp::this_cpu).unwrap().join().unwrap();
+    assert_eq!(v, Some(2));
+    assert!(rt.call_single(1, || {}, true).is_ok());
+}
+
+/// One user step per section, each keeping a per-CPU balance (+1 startup, -1 teardown).
+fn with_states(rt: &usmp::Runtime) -> Vec<(String, Arc<Vec<AtomicI64>>)> {
+    let mut out = vec![];
+    for (name, sec) in [
+        ("test:prepare", Section::Prepare),
+        ("test:starting", Section::Starting),
+        ("test:online", Section::Online),
+    ] {
+        let bal: Arc<Vec<AtomicI64>> =
+            Arc::new((0..rt.cpus()).map(|_| AtomicI64::new(0)).collect());
+        let (b1, b2) = (bal.clone(), bal.clone());
+        rt.setup_state(
+            name,
+            sec,
+            Some(Arc::new(move |c| {
+                b1[c].fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })),
+            Some(Arc::new(move |c| {
+                b2[c].fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })),
+        )
+        .unwrap();
+        out.push((name.to_string(), bal));
+    }
+    out
+}
+
+fn balances(states: &[(String, Arc<Vec<AtomicI64>>)], cpu: usize) -> Vec<i64> {
+    states
+        .iter()
+        .map(|(_, b)| b[cpu].load(Ordering::SeqCst))
+        .collect()
+}
+
+#[test]
+fn setup_state_runs_on_online_cpus_and_remove_undoes_it() {
+    let rt = rt(3);
+    let states = with_states(&rt);
+    for c in 0..3 {
+        assert_eq!(balances(&states, c), [1, 1, 1], "cpu {c}");
+    }
+    rt.cpu_down(2).unwrap();
+    assert_eq!(balances(&states, 2), [0, 0, 0]);
+    rt.cpu_up(2).unwrap();
+    assert_eq!(balances(&states, 2), [1, 1, 1]);
+    let steps = rt.hotplug_steps();
+    assert_eq!(
+        steps,
+        [
+            "smpcfd:prepare",
+            "test:prepare",
+            "bringup:cpu",
+            "test:starting",
+            "ap:online",
+            "test:online",
+            "sched:active"
+        ]
+    );
+}
+
+#[test]
+fn forced_failure_at_every_step_rolls_back_both_ways() {
+    let rt = rt(3);
+    let states = with_states(&rt);
+    for step in rt.hotplug_steps() {
+        // Down: the CPU stays up and consistent, and the error names the step.
+        rt.hotplug_fail_step(1, &step).unwrap();
+        match rt.cpu_down(1) {
+            Err(HotplugError::StepFailed {
+                cpu: 1,
+                step: s,
+                up: false,
+                ..
+            }) => assert_eq!(s, step),
+            Ok(()) if step == "smpcfd:prepare" => {
+                // Its teardown does nothing, so it cannot fail; the CPU went down. Restore.
+                rt.cpu_up(1).unwrap();
+                continue;
+            }
+            other => panic!("cpu_down with {step} failing: {other:?}"),
+        }
+        assert!(rt.is_online(1), "{step}: CPU went down despite the failure");
+        assert_eq!(rt.cpu_state(1), Some(CpuRunState::Online), "{step}");
+        assert_eq!(
+            balances(&states, 1),
+            [1, 1, 1],
+            "{step}: down rollback unbalanced"
+        );
+        assert!(
+            rt.call_single(1, || {}, true).is_ok(),
+            "{step}: CPU dead after rollback"
+        );
+        assert_eq!(rt.init_mm_refs(), 3);
+
+        // Up: the CPU ends offline, every step undone.
+        rt.cpu_down(1).unwrap();
+        rt.hotplug_fail_step(1, &step).unwrap();
+        match rt.cpu_up(1) {
+            Err(HotplugError::StepFailed {
+                cpu: 1,
+                step: s,
+                up: true,
+                ..
+            }) => assert_eq!(s, step),
+            other => panic!("cpu_up with {step} failing: {other:?}"),
+        }
+        assert!(!rt.is_online(1), "{step}: CPU half up");
+        assert_eq!(rt.cpu_state(1), Some(CpuRunState::Offline), "{step}");
+        assert_eq!(
+            balances(&states, 1),
+            [0, 0, 0],
+            "{step}: up rollback unbalanced"
+        );
+        assert_eq!(rt.init_mm_refs(), 2, "{step}: init_mm reference leaked");
+        rt.cpu_up(1).unwrap();
+        assert_eq!(balances(&states, 1), [1, 1, 1]);
+    }
+}
+
+#[test]
+fn setup_state_failure_is_undone_everywhere() {
+    let rt = rt(3);
+    let ran = Arc::new(AtomicI64::new(0));
+    let (r1, r2) = (ran.clone(), ran.clone());
+    let e = rt
+        .setup_state(
+            "test:flaky",
+            Section::Online,
+            Some(Arc::new(move |c| {
+                if c == 2 {
+                    return Err("cpu 2 says no".into());
+                }
+                r1.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })),
+            Some(Arc::new(move |_| {
+                r2.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })),
+        )
+        .unwrap_err();
+    assert!(matches!(e, HotplugError::SetupFailed { cpu: 2, .. }), "{e}");
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    assert!(!rt.hotplug_steps().iter().any(|s| s == "test:flaky"));
+}
+
+#[test]
+fn jobs_queued_on_a_dying_cpu_move_and_none_is_dropped() {
+    let rt = rt(3);
+    // Block CPU 2 with one job, queue more behind it, and take CPU 2 down from another thread.
+    let gate = Arc::new(std::sync::Barrier::new(2));
+    let g = gate.clone();
+    let first = rt
+        .run_on(2, move || {
+            g.wait();
+            std::thread::sleep(Duration::from_millis(50));
+            usmp::this_cpu()
+        })
+        .unwrap();
+    gate.wait();
+    let queued: Vec<_> = (0..20)
+        .map(|_| rt.run_on(2, usmp::this_cpu).unwrap())
+        .collect();
+    rt.cpu_down(2).unwrap();
+    assert_eq!(
+        first.join().unwrap(),
+        Some(2),
+        "the running job finishes where it started"
+    );
+    for j in queued {
+        let ran_on = j.join_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            matches!(ran_on, Some(0) | Some(1)),
+            "moved job ran on {ran_on:?}"
+        );
+    }
+    assert!(matches!(
+        rt.run_on(2, || ()),
+        Err(usmp::RuntimeError::Offline { cpu: 2 })
+    ));
+}
