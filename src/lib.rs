@@ -57,6 +57,8 @@ pub mod ipi;
 pub mod runtime;
 #[cfg(not(loom))]
 pub mod stop;
+#[cfg(not(loom))]
+pub mod stress;
 
 #[cfg(not(loom))]
 pub use hotplug::{HotplugError, Section, StateId, StepFn, StepResult};
@@ -80,6 +82,10 @@ pub use runtime::percpu::PerCpu;
 pub use runtime::rt::{CpuStats, Handle, JobHandle, Runtime, RuntimeStats};
 #[cfg(not(loom))]
 pub use runtime::trace;
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 // Under `--cfg loom` only the protocol files are compiled, with loom's atomics, and their
 // `loom_*` model tests run (`RUSTFLAGS="--cfg loom" cargo test --lib --release loom_`).

@@ -1,1 +1,346 @@
-fn main() {}
+//! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did.
+//!
+//! Exit codes: 0 the run finished (also after Ctrl-C); 2 bad input, a runtime that could not
+//! start, or a workload that failed (one line on stderr). A second Ctrl-C exits at once with 130.
+//!
+//! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr and
+//! the run goes on.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+use usmp::{Handle, RuntimeStats, MAX_CPUS};
+
+#[derive(Parser)]
+#[command(
+    name = "usmp",
+    version,
+    about = "A user-space SMP runtime: pinned threads as logical CPUs, real-time-signal IPIs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a runtime, run a workload on it, print a per-CPU summary.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
+    #[arg(long, value_name = "N")]
+    cpus: Option<usize>,
+    /// Workload to run (demo).
+    #[arg(long, value_name = "NAME", default_value = "demo")]
+    workload: String,
+    /// How long the workload sends IPIs, e.g. "2s", "500ms".
+    #[arg(long, value_name = "D", default_value = "1s")]
+    duration: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Write a Chrome/Perfetto trace of the run to FILE (open it at ui.perfetto.dev).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+}
+
+/// The workloads `--workload` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`usmp::stress::demo`).
+    Demo,
+}
+
+impl Workload {
+    const ALL: &'static [Workload] = &[Workload::Demo];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Demo => "demo",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Workload> {
+        Self::ALL.iter().copied().find(|w| w.name() == s)
+    }
+}
+
+/// A validated `usmp run`.
+struct RunPlan {
+    cpus: usize,
+    host_cores: usize,
+    workload: Workload,
+    duration: Duration,
+    json: bool,
+    trace: Option<(PathBuf, File)>,
+}
+
+/// What `--json` prints: the runtime's statistics plus what the run was.
+#[derive(serde::Serialize)]
+struct RunReport<'a> {
+    workload: &'static str,
+    duration_ms: u64,
+    demo: &'a usmp::stress::DemoReport,
+    #[serde(flatten)]
+    stats: &'a RuntimeStats,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(args) => plan(args).and_then(run),
+    };
+    if let Err(e) = result {
+        eprintln!("usmp: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+/// Checks every argument (and opens the trace file) before anything starts.
+fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
+    let host_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = a.cpus.unwrap_or(host_cores.max(4));
+    if cpus == 0 || cpus > MAX_CPUS {
+        return Err(anyhow!(
+            "--cpus must be between 1 and {MAX_CPUS}, got {cpus}"
+        ));
+    }
+    let workload = Workload::parse(&a.workload).ok_or_else(|| {
+        let valid: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
+        anyhow!(
+            "unknown workload '{}' (valid: {})",
+            a.workload,
+            valid.join(", ")
+        )
+    })?;
+    let duration = humantime::parse_duration(&a.duration)
+        .map_err(|e| anyhow!("--duration '{}': {e} (examples: 2s, 500ms, 1m)", a.duration))?;
+    let trace = match a.trace {
+        Some(p) => {
+            let f = File::create(&p)
+                .with_context(|| format!("cannot create trace file {}", p.display()))?;
+            Some((p, f))
+        }
+        None => None,
+    };
+    Ok(RunPlan {
+        cpus,
+        host_cores,
+        workload,
+        duration,
+        json: a.json,
+        trace,
+    })
+}
+
+fn run(mut p: RunPlan) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+
+    let rt = usmp::Builder::new()
+        .cpus(p.cpus)
+        .irq_accounting(true)
+        .collect_trace(p.trace.is_some())
+        .build()
+        .context("cannot start the runtime")?;
+    let h = rt.handle();
+
+    let mut quit = signal_hook::iterator::Signals::new([signal_hook::consts::SIGQUIT])
+        .context("cannot install the SIGQUIT handler")?;
+    let quit_handle = quit.handle();
+    let hq = h.clone();
+    let dumper = std::thread::Builder::new()
+        .name("usmp-sigquit".into())
+        .spawn(move || {
+            for _ in quit.forever() {
+                dump_cpus(&hq);
+            }
+        })
+        .context("cannot start the SIGQUIT thread")?;
+
+    let outcome = match p.workload {
+        Workload::Demo => usmp::stress::demo(&h, p.duration, &stop),
+    };
+    // The runtime is idle now (the workload drained); snapshot it, then shut it down and check
+    // that nothing was lost on the way out.
+    let mut stats = h.stats();
+    let fin = rt.shutdown();
+    stats.lost_calls = fin.lost_calls;
+    quit_handle.close();
+    let _ = dumper.join();
+
+    let demo = outcome.context("workload failed")?;
+    if fin.lost_calls != 0 {
+        return Err(anyhow!(
+            "{} calls were accepted but neither ran nor were cancelled",
+            fin.lost_calls
+        ));
+    }
+    if let Some((path, file)) = p.trace.take() {
+        let mut w = BufWriter::new(file);
+        usmp::trace::write_chrome_trace(&h.take_trace(), p.cpus, &mut w)
+            .and_then(|()| w.flush())
+            .with_context(|| format!("cannot write trace file {}", path.display()))?;
+    }
+
+    let mut out = std::io::stdout().lock();
+    if p.json {
+        let report = RunReport {
+            workload: p.workload.name(),
+            duration_ms: p.duration.as_millis() as u64,
+            demo: &demo,
+            stats: &stats,
+        };
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        print_summary(&mut out, &p, &demo, &stats)?;
+    }
+    Ok(())
+}
+
+fn print_summary(
+    out: &mut impl Write,
+    p: &RunPlan,
+    d: &usmp::stress::DemoReport,
+    s: &RuntimeStats,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "usmp run: workload {}, {} logical CPUs on {} host cores, {} ms{}",
+        p.workload.name(),
+        s.cpus,
+        p.host_cores,
+        d.elapsed_ms,
+        if d.interrupted { " (interrupted)" } else { "" }
+    )?;
+    writeln!(
+        out,
+        "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
+        "cpu",
+        "state",
+        "core",
+        "handled",
+        "sent",
+        "doorbells",
+        "deferred",
+        "polled",
+        "wakes",
+        "nmis",
+        "masked-us",
+        "jobs"
+    )?;
+    let mut tot = [0u64; 10];
+    for c in &s.per_cpu {
+        let row = [
+            c.calls_handled,
+            c.calls_sent,
+            c.doorbells,
+            c.deferred,
+            c.polled,
+            c.idle_wakes,
+            c.nmis,
+            c.masked_us,
+            c.jobs,
+        ];
+        for (t, v) in tot.iter_mut().zip(row) {
+            *t += v;
+        }
+        writeln!(
+            out,
+            "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
+            c.cpu,
+            format!("{:?}", c.state).to_lowercase(),
+            c.core.map_or("-".to_string(), |k| k.to_string()),
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            row[8]
+        )?;
+    }
+    writeln!(
+        out,
+        "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
+        "all", "", "", tot[0], tot[1], tot[2], tot[3], tot[4], tot[5], tot[6], tot[7], tot[8]
+    )?;
+    writeln!(
+        out,
+        "ipis: {} sent, {} handled, {} cancelled, {} lost; calls: {} completed, {} failed; \
+         doorbell signals: {}; csd timeouts: {}",
+        s.ipis_sent,
+        s.ipis_handled,
+        s.ipis_cancelled,
+        s.lost_calls,
+        s.calls_completed,
+        s.calls_failed,
+        s.doorbell_signals,
+        s.csd_timeouts
+    )?;
+    writeln!(
+        out,
+        "demo: {} call_single, {} call_single_async, {} call_many, {} CPU-to-CPU calls, \
+         {} irq-masked sections, {} jobs; {} of {} callbacks ran",
+        d.single_sync,
+        d.single_async,
+        d.many_sync,
+        d.cpu_to_cpu,
+        d.masked_sections,
+        d.jobs,
+        d.callbacks_run,
+        d.callbacks_expected
+    )
+}
+
+/// SIGQUIT: every CPU's state, idle counters and NMI-sampled instruction pointer, to stderr.
+fn dump_cpus(h: &Handle) {
+    let stats = h.stats();
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "usmp: SIGQUIT: {} CPUs, online {}",
+        h.cpus(),
+        h.online_mask()
+    );
+    for c in &stats.per_cpu {
+        let ip = match h.nmi_backtrace(c.cpu, Duration::from_millis(100)) {
+            Ok(ip) => format!("{ip:#018x}"),
+            Err(e) => format!("? ({e})"),
+        };
+        let _ = writeln!(
+            err,
+            "usmp:   CPU{} {:?} online={} polled={} idle_wakes={} jobs={} ip={ip}",
+            c.cpu,
+            c.state,
+            h.is_online(c.cpu),
+            c.polled,
+            c.idle_wakes,
+            c.jobs
+        );
+    }
+}
