@@ -20,6 +20,9 @@
 //! [`Handle::setup_state`] / [`Handle::remove_state`] · [`Handle::hotplug_disable`] /
 //! [`Handle::hotplug_enable`] · [`Handle::stop_machine`]; errors: [`HotplugError`].
 //!
+//! **Stop** ([`stop`]) — [`Handle::send_stop`] · [`Handle::crash_stop`] ([`StopOutcome`],
+//! [`CrashNote`]) · [`StopBackend`] (told the attempt number) · [`ParkPolicy`] · [`StopMode`].
+//!
 //! **Masks** — [`CpuMask`] (kernel list format "0-3,7" both ways) · possible / present / online
 //! / active masks on [`Handle`].
 //!
@@ -82,6 +85,11 @@ pub use runtime::percpu::PerCpu;
 pub use runtime::rt::{CpuStats, Handle, JobHandle, Runtime, RuntimeStats};
 #[cfg(not(loom))]
 pub use runtime::trace;
+#[cfg(not(loom))]
+pub use stop::{
+    Attempt, CrashNote, DefaultBackend, IpiOnlyBackend, ParkPolicy, StopBackend, StopConfig,
+    StopError, StopMachineError, StopMode, StopOutcome, StopSender,
+};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
@@ -101,4 +109,8 @@ mod runtime {
 #[cfg(loom)]
 mod hotplug {
     pub(crate) mod sync;
+}
+#[cfg(loom)]
+mod stop {
+    pub(crate) mod coord;
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::states::{Kind, Step};
-use super::sync::{self, ALIVE, FAILED, ONLINE};
+use super::sync::{self, ALIVE, FAILED, ONLINE, PARKED};
 use crate::runtime::context::{current, irq_restore, irq_save};
 use crate::runtime::cpu::{CpuRunState, CpuState};
 use crate::runtime::events::EventKind;
@@ -126,6 +126,25 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     // ap:online, one step: open the queue, join the online mask, tell the controller.
     st.queue.reopen();
     shared.online.set(st.id);
+    // Deterministic stop (seed 000): the online bit is set (SeqCst) before the flag is read
+    // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
+    // targets this CPU or this CPU sees the flag and parks itself.
+    if shared.cfg.stop.mode == crate::stop::StopMode::Deterministic
+        && shared.stopping.load(Ordering::SeqCst)
+    {
+        *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+            "ap:online".into(),
+            "a stop is in progress: parked instead of going online".into(),
+        ));
+        hc.sync.store(PARKED, Ordering::Release);
+        futex::wake(&hc.sync, 1);
+        let crash = shared.stop.coord.is_crash();
+        let regs = crate::ipi::signal::SavedRegs::default();
+        // Thread context, not in a job: a safe point, so power-off returns here and we exit.
+        crate::stop::receive::park(shared, st, crash, regs, true, false);
+        irq_restore(fl);
+        return false;
+    }
     st.set_run_state(CpuRunState::Online);
     hc.sync.store(ONLINE, Ordering::Release);
     futex::wake(&hc.sync, 1);
@@ -139,7 +158,10 @@ pub(crate) fn ap_exit(shared: &Shared, st: &CpuState) {
     if hc.has_ref.swap(false, Ordering::AcqRel) {
         shared.hotplug.init_mm.fetch_sub(1, Ordering::AcqRel);
     }
-    if matches!(st.run_state(), CpuRunState::Limbo | CpuRunState::Booting) {
+    if matches!(
+        st.run_state(),
+        CpuRunState::Limbo | CpuRunState::Booting | CpuRunState::Online
+    ) {
         st.set_run_state(CpuRunState::Offline);
     }
     sync::ap_exit(&hc.sync);

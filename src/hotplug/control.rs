@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use super::ap::{self, ApFail, ApPlan};
 use super::states::{Kind, Section, StateId, StepFn, Table};
-use super::sync::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE};
+use super::sync::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED};
 use super::HotplugError;
 use crate::runtime::clock::now_ns;
 use crate::runtime::cpu::CpuRunState;
@@ -528,6 +528,12 @@ impl Handle {
                 ONLINE => {
                     tracing::debug!("smpboot: CPU{cpu} is up");
                     return Ok(t.ap_online() + 1);
+                }
+                PARKED => {
+                    tracing::warn!(
+                        "smpboot: CPU{cpu} parked at its ONLINE step: a stop is in progress"
+                    );
+                    return Err(HotplugError::Parked { cpu });
                 }
                 FAILED | DEAD => {
                     self.wait_dead(cpu, None);

@@ -33,6 +33,8 @@ pub(crate) const SHOULD_ONLINE: u32 = 4;
 pub(crate) const ONLINE: u32 = 5;
 /// The AP failed a STARTING step, undid the ones before it, and is leaving.
 pub(crate) const FAILED: u32 = 6;
+/// The AP reached its ONLINE step during a deterministic stop and parked itself instead.
+pub(crate) const PARKED: u32 = 7;
 
 /// Step 1. False if the CPU is not DEAD (e.g. in limbo).
 pub(crate) fn kick(sync: &AtomicU32) -> bool {

@@ -30,6 +30,18 @@ use crate::runtime::events::{EventKind, NO_CPU};
 use crate::runtime::idle::{kick_for_ipi, Kick};
 use crate::runtime::rt::{Handle, Shared};
 
+/// The stop vector (x86's `REBOOT_VECTOR`, arm64's `IPI_CPU_STOP`): maskable, taken before
+/// the call queue, carrying no csd.
+pub(crate) const VECTOR_STOP: u64 = 1;
+
+/// Raises a dedicated vector on `cpu` and rings it. Async-signal-safe.
+pub(crate) fn send_vector(s: &Shared, cpu: CpuId, v: u64) {
+    if let Some(st) = s.cpu(cpu) {
+        st.ipi_vectors.fetch_or(v, Ordering::AcqRel);
+        ring(s, st);
+    }
+}
+
 /// How long a synchronous sender spins before sleeping (about two signal round trips).
 const SPIN_NS: u64 = 20_000;
 /// Targets handled per batch by `call_many` (a stack array, so the path does not allocate).

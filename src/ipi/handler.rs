@@ -22,9 +22,10 @@ pub(crate) fn install(sigs: &Signals) -> Result<(), IpiError> {
 }
 
 /// The doorbell's handler. Async-signal-safe.
-extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let saved = signal::errno();
     if let Some((shared, cpu)) = current() {
+        cpu.in_handler.fetch_add(1, Ordering::Relaxed);
         // Clear before draining: a sender that sets it after this sees its request drained or
         // rings again (idle.rs protocol step 2).
         cpu.kick_pending.swap(false, Ordering::AcqRel);
@@ -33,14 +34,38 @@ extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _uc: *
             cpu.irq_pending.store(true, Ordering::Relaxed);
             cpu.stats.deferred.fetch_add(1, Ordering::Relaxed);
         } else {
+            let safe = !cpu.in_job.load(Ordering::Relaxed);
             cpu.irq_depth.store(1, Ordering::Relaxed);
             compiler_fence(Ordering::SeqCst);
-            flush_queue(shared, cpu);
+            if !take_vectors(shared, cpu, uc, safe) {
+                flush_queue(shared, cpu);
+            }
             compiler_fence(Ordering::SeqCst);
             cpu.irq_depth.store(0, Ordering::Relaxed);
         }
+        cpu.in_handler.fetch_sub(1, Ordering::Relaxed);
     }
     signal::set_errno(saved);
+}
+
+/// Takes the dedicated vectors (the stop vector) before the call queue. Returns true if the
+/// CPU is now stopped, in which case nothing more may run here. `safe`: the interrupted point
+/// is the idle loop, which a powered-off CPU may return to and leave for good.
+/// Async-signal-safe.
+pub(crate) fn take_vectors(
+    shared: &Shared,
+    cpu: &CpuState,
+    uc: *const libc::c_void,
+    safe: bool,
+) -> bool {
+    if cpu.is_stopped() {
+        return true;
+    }
+    let v = cpu.ipi_vectors.swap(0, Ordering::AcqRel);
+    if v & super::call::VECTOR_STOP != 0 {
+        return shared.nmi_hooks.call_stop(shared, cpu, uc, safe);
+    }
+    false
 }
 
 /// Runs every call queued on `cpu` (the caller is that CPU, irqs masked). A call found on a CPU

@@ -22,9 +22,11 @@ pub enum NmiReason {
     Stop = 2,
 }
 
-/// A hook an upper layer registers for a reason. Runs in NMI (signal-handler) context with the
-/// interrupted thread's `ucontext`.
-pub(crate) type NmiHook = fn(&Shared, &CpuState, *const libc::c_void);
+/// The stop receiver an upper layer registers. Runs in IPI or NMI (signal-handler) context with
+/// the interrupted thread's `ucontext` (null when not interrupted by a signal) and whether the
+/// interrupted point is safe to leave for good (the idle loop: not in a job, irqs not masked).
+/// Returns true if the CPU is now stopped: the caller must not run anything more.
+pub(crate) type NmiHook = fn(&Shared, &CpuState, *const libc::c_void, bool) -> bool;
 
 /// Hooks per reason (function pointers stored as usize; 0 = none).
 pub(crate) struct NmiHooks {
@@ -38,9 +40,26 @@ impl NmiHooks {
         }
     }
 
-    /// Registers the hook for [`NmiReason::Stop`].
+    /// Registers the stop receiver (for [`NmiReason::Stop`] and the stop vector).
     pub(crate) fn set_stop(&self, hook: NmiHook) {
         self.stop.store(hook as usize, Ordering::Release);
+    }
+
+    /// Calls the stop receiver, if registered. Async-signal-safe.
+    pub(crate) fn call_stop(
+        &self,
+        shared: &Shared,
+        cpu: &CpuState,
+        uc: *const libc::c_void,
+        safe: bool,
+    ) -> bool {
+        let h = self.stop.load(Ordering::Acquire);
+        if h == 0 {
+            return false;
+        }
+        // SAFETY: the only values stored are 0 or an `NmiHook` (see `set_stop`).
+        let hook: NmiHook = unsafe { std::mem::transmute::<usize, NmiHook>(h) };
+        hook(shared, cpu, uc, safe)
     }
 }
 
@@ -68,6 +87,7 @@ pub(crate) extern "C" fn nmi_handler(
 ) {
     let saved = signal::errno();
     if let Some((shared, cpu)) = current() {
+        cpu.in_handler.fetch_add(1, Ordering::Relaxed);
         let bits = cpu.nmi_pending.swap(0, Ordering::AcqRel);
         cpu.stats.nmis.fetch_add(1, Ordering::Relaxed);
         cpu.ring.record(EventKind::Nmi, bits, 0);
@@ -77,13 +97,11 @@ pub(crate) extern "C" fn nmi_handler(
             cpu.last_ip.store(regs.ip, Ordering::Release);
         }
         if bits & NmiReason::Stop as u64 != 0 {
-            let h = shared.nmi_hooks.stop.load(Ordering::Acquire);
-            if h != 0 {
-                // SAFETY: the only values stored are 0 or an `NmiHook` (see `set_stop`).
-                let hook: NmiHook = unsafe { std::mem::transmute::<usize, NmiHook>(h) };
-                hook(shared, cpu, uc);
-            }
+            let safe =
+                !cpu.in_job.load(Ordering::Relaxed) && cpu.irq_depth.load(Ordering::Relaxed) == 0;
+            shared.nmi_hooks.call_stop(shared, cpu, uc, safe);
         }
+        cpu.in_handler.fetch_sub(1, Ordering::Relaxed);
     }
     signal::set_errno(saved);
 }

@@ -119,6 +119,7 @@ impl CallQueue {
     }
 
     /// Whether the queue is closed.
+    #[cfg(any(test, loom))]
     pub(crate) fn is_closed(&self) -> bool {
         self.head.load(Ordering::Acquire) == CLOSED
     }

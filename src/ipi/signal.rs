@@ -137,9 +137,22 @@ pub(crate) fn tgkill(tid: i32, sig: i32) -> Result<(), i32> {
     }
 }
 
-/// Blocks (`block = true`) or unblocks both signals on the calling thread. Used for fault
-/// injection (a "wedged" CPU that not even the NMI reaches).
-pub(crate) fn set_blocked(sigs: &[i32], block: bool) {
+/// Fault injection: blocks (`true`) or unblocks both of its runtime's signals on the calling
+/// logical CPU, making it "wedged": not even the NMI reaches it. Returns false (and does
+/// nothing) on a thread that is not a logical CPU. Call it from a job; unblock before the job
+/// returns if the CPU is to work normally again.
+pub fn wedge_this_cpu(block: bool) -> bool {
+    match crate::runtime::context::current() {
+        Some((shared, _)) => {
+            let s = shared.cfg.signals;
+            set_blocked(&[s.ipi, s.nmi], block);
+            true
+        }
+        None => false,
+    }
+}
+
+fn set_blocked(sigs: &[i32], block: bool) {
     // SAFETY: zeroed sigset_t is then initialised by sigemptyset.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.

@@ -27,6 +27,8 @@ pub struct Config {
     pub(crate) collect_trace: bool,
     pub(crate) generation: u64,
     pub(crate) name: String,
+    pub(crate) park: crate::stop::ParkPolicy,
+    pub(crate) stop: crate::stop::StopConfig,
 }
 
 /// Builds a [`Runtime`].
@@ -68,6 +70,8 @@ impl Builder {
                 collect_trace: false,
                 generation: 0,
                 name: "usmp".into(),
+                park: crate::stop::ParkPolicy::default(),
+                stop: crate::stop::StopConfig::default(),
             },
             signals: None,
         }
@@ -151,6 +155,44 @@ impl Builder {
     /// Thread-name prefix (default "usmp").
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.cfg.name = name.into();
+        self
+    }
+
+    /// What a stopped CPU does: stay parked (`Spin`) or end its thread (`PowerOff`, default).
+    pub fn park_policy(mut self, p: crate::stop::ParkPolicy) -> Self {
+        self.cfg.park = p;
+        self
+    }
+
+    /// Stop retries (default 3).
+    pub fn stop_max_retries(mut self, n: u32) -> Self {
+        self.cfg.stop.max_retries = n;
+        self
+    }
+
+    /// Stop waits: after the first attempt (default 1 s) and after each NMI attempt
+    /// (default 10 ms).
+    pub fn stop_waits(mut self, first: Duration, nmi: Duration) -> Self {
+        self.cfg.stop.first_wait = first;
+        self.cfg.stop.nmi_wait = nmi;
+        self
+    }
+
+    /// Wait forever for each stop attempt (the kernel's `wait_forever`).
+    pub fn stop_wait_forever(mut self, on: bool) -> Self {
+        self.cfg.stop.wait_forever = on;
+        self
+    }
+
+    /// Best-effort or deterministic catching of CPUs that come online during a stop.
+    pub fn stop_mode(mut self, m: crate::stop::StopMode) -> Self {
+        self.cfg.stop.mode = m;
+        self
+    }
+
+    /// A custom stop backend (default: maskable IPI on attempt 1, NMI after).
+    pub fn stop_backend(mut self, b: std::sync::Arc<dyn crate::stop::StopBackend>) -> Self {
+        self.cfg.stop.backend = b;
         self
     }
 

@@ -117,9 +117,14 @@ pub fn irqs_disabled() -> bool {
 #[cold]
 fn replay(shared: &Shared, cpu: &CpuState) {
     let mut n = 0;
+    let safe = !cpu.in_job.load(Ordering::Relaxed);
     while cpu.irq_pending.swap(false, Ordering::Relaxed) {
         cpu.irq_depth.store(1, Ordering::Relaxed);
         compiler_fence(Ordering::SeqCst);
+        if crate::ipi::handler::take_vectors(shared, cpu, std::ptr::null(), safe) {
+            cpu.irq_depth.store(0, Ordering::Relaxed);
+            return;
+        }
         n += crate::ipi::handler::flush_queue(shared, cpu);
         compiler_fence(Ordering::SeqCst);
         cpu.irq_depth.store(0, Ordering::Relaxed);

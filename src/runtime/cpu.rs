@@ -117,6 +117,19 @@ pub(crate) struct CpuState {
     pub stats: CpuCounters,
     /// Instruction pointer sampled by the last backtrace NMI.
     pub last_ip: AtomicU64,
+    /// Dedicated IPI vectors pending (bits, see `ipi::call::VECTOR_*`), taken before the queue.
+    pub ipi_vectors: AtomicU64,
+    /// The crash note (`crash_save_cpu`): registers saved by a crash-stop receiver.
+    pub crash_ip: AtomicU64,
+    pub crash_sp: AtomicU64,
+    pub crash_fp: AtomicU64,
+    pub crash_saved: AtomicBool,
+    /// A parked CPU sleeps on this word until the runtime releases it.
+    pub park_word: AtomicU32,
+    /// Stopped with the power-off policy at a safe point: its thread ends.
+    pub powered_off: AtomicBool,
+    /// Signal handlers of ours running on this CPU right now (IPI and NMI nesting).
+    pub in_handler: AtomicU32,
 }
 
 impl CpuState {
@@ -145,7 +158,23 @@ impl CpuState {
             ring: EventRing::new(ring_cap),
             stats: CpuCounters::default(),
             last_ip: AtomicU64::new(0),
+            ipi_vectors: AtomicU64::new(0),
+            crash_ip: AtomicU64::new(0),
+            crash_sp: AtomicU64::new(0),
+            crash_fp: AtomicU64::new(0),
+            crash_saved: AtomicBool::new(false),
+            park_word: AtomicU32::new(0),
+            powered_off: AtomicBool::new(false),
+            in_handler: AtomicU32::new(0),
         }
+    }
+
+    /// Whether a stop has parked or powered off this CPU.
+    pub(crate) fn is_stopped(&self) -> bool {
+        matches!(
+            self.run_state(),
+            CpuRunState::Parked | CpuRunState::PoweredOff
+        )
     }
 
     pub(crate) fn run_state(&self) -> CpuRunState {

@@ -61,6 +61,11 @@ pub(crate) struct Shared {
     pub nmi_hooks: crate::ipi::nmi::NmiHooks,
     /// Hotplug's table, lock and per-CPU handshake state (the logic lives in `hotplug/`).
     pub hotplug: crate::hotplug::HotplugState,
+    /// The stop routine's coordination word (the logic lives in `stop/`).
+    pub stop: crate::stop::routine::StopState,
+    /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
+    /// online mask, read by a CPU right after it joins the online mask.
+    pub stopping: AtomicBool,
 }
 
 impl Shared {
@@ -118,17 +123,36 @@ impl Shared {
         for st in self.cpus.iter() {
             st.exit_req.store(true, Ordering::SeqCst);
             kick_wake(st);
+            // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
+            // or IPI context cannot, and is left behind below.
+            st.park_word
+                .store(crate::stop::receive::RELEASE, Ordering::SeqCst);
+            super::futex::wake(&st.park_word, 1);
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
         for st in self.cpus.iter() {
             let handle = st.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
             let Some(h) = handle else { continue };
+            // A CPU still parked after its release is lost for good: do not wait for it.
+            let lost = || {
+                st.run_state() == super::cpu::CpuRunState::Parked
+                    && !st.powered_off.load(Ordering::SeqCst)
+            };
+            let park_deadline = Instant::now() + Duration::from_millis(50);
             while !h.is_finished() && Instant::now() < deadline {
+                if lost() && Instant::now() >= park_deadline {
+                    break;
+                }
                 kick_wake(st);
                 std::thread::sleep(Duration::from_micros(200));
             }
             if h.is_finished() {
                 let _ = h.join();
+            } else if lost() {
+                tracing::debug!(
+                    "usmp: CPU{} stays parked in this image (stopped inside a job or with irqs masked); its thread is left behind",
+                    st.id
+                );
             } else {
                 tracing::error!(
                     "usmp: CPU{} did not stop within {:?} (state {:?}); its thread is left detached",
@@ -216,6 +240,8 @@ impl Runtime {
             logger: Mutex::new(None),
             nmi_hooks: crate::ipi::nmi::NmiHooks::new(),
             hotplug: crate::hotplug::HotplugState::new(n),
+            stop: crate::stop::routine::StopState::new(),
+            stopping: AtomicBool::new(false),
             cfg,
         });
         for c in 0..n {
@@ -305,6 +331,9 @@ pub struct RuntimeStats {
     pub ipi_on_offline: u64,
     /// Synchronous calls that timed out.
     pub csd_timeouts: u64,
+    /// csds allocated now, and the pool size.
+    pub csd_in_use: u64,
+    pub csd_pool: usize,
     pub per_cpu: Vec<CpuStats>,
 }
 
@@ -462,6 +491,8 @@ impl Handle {
             invalid_ipis: t.invalid_ipis.load(Ordering::Relaxed),
             ipi_on_offline: t.ipi_on_offline.load(Ordering::Relaxed),
             csd_timeouts: t.csd_timeouts.load(Ordering::Relaxed),
+            csd_in_use: s.pool.in_use(),
+            csd_pool: s.pool.capacity(),
             per_cpu,
         }
     }

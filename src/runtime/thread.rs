@@ -61,22 +61,35 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 break;
             };
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+            if st.powered_off.load(Ordering::SeqCst) {
+                // A stop powered this CPU off just before it took the job: drop it (its handle
+                // reports `JobLost`); nothing of this image runs here any more.
+                drop(job);
+                st.in_job.store(false, Ordering::SeqCst);
+                break;
+            }
             run_job(st, job);
             if st.exit_req.load(Ordering::SeqCst) {
                 break;
             }
         }
-        if st.queue.peek() {
+        if st.queue.peek() || st.ipi_vectors.load(Ordering::Relaxed) != 0 {
             serve_calls(shared, st);
             continue;
         }
         super::idle::wait_for_work(
             &st.idle,
             shared.cfg.idle,
-            || st.queue.peek() || st.jobs_queued.load(Ordering::Relaxed) > 0,
+            || {
+                st.queue.peek()
+                    || st.jobs_queued.load(Ordering::Relaxed) > 0
+                    || st.ipi_vectors.load(Ordering::Relaxed) != 0
+                    || st.exit_req.load(Ordering::Relaxed)
+            },
             || {
                 st.queue.has_work()
                     || st.jobs_queued.fetch_add(0, Ordering::AcqRel) > 0
+                    || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0
                     || st.exit_req.fetch_or(false, Ordering::AcqRel)
             },
             || {
@@ -86,10 +99,13 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
     }
 }
 
-/// Runs queued calls from thread context, as IPI context (irqs masked).
+/// Takes pending vectors and queued calls from thread context, as IPI context (irqs masked).
+/// The idle loop is a safe point: a CPU powered off here leaves its loop at once.
 fn serve_calls(shared: &Shared, st: &CpuState) {
     let f = irq_save();
-    crate::ipi::handler::flush_queue(shared, st);
+    if !crate::ipi::handler::take_vectors(shared, st, std::ptr::null(), true) {
+        crate::ipi::handler::flush_queue(shared, st);
+    }
     irq_restore(f);
 }
 
@@ -108,6 +124,15 @@ fn finish(shared: &Shared, st: &CpuState) {
     {
         let mut gate = st.job_gate.lock().unwrap_or_else(|e| e.into_inner());
         *gate = false;
+    }
+    if st.powered_off.load(Ordering::SeqCst) {
+        // Stopped and powered off: nothing of this image may run here any more. Queued jobs
+        // are dropped, so their handles report `JobLost`; queued calls stay unrun (their
+        // synchronous senders time out).
+        while st.job_rx.try_recv().is_ok() {
+            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        return;
     }
     while let Ok(job) = st.job_rx.try_recv() {
         st.jobs_queued.fetch_sub(1, Ordering::AcqRel);

@@ -1,9 +1,21 @@
-//! Stopping CPUs: `stop_machine`, and (next) the common stop / crash-stop routine.
+//! Stopping CPUs: `stop_machine`, and the common stop / crash-stop routine with retries, an NMI
+//! fallback, parking, and a deterministic catch of starting CPUs.
 //!
 //! | file | what |
 //! |---|---|
 //! | `machine.rs` | `stop_machine` / `multi_cpu_stop` |
+//! | `coord.rs` | first caller wins, crash upgrades (loom-checked) |
+//! | `routine.rs` | `send_stop` / `crash_stop`: the retry loop and its outcome |
+//! | `backend.rs` | `StopBackend` (told the attempt number) and the default backend |
+//! | `receive.rs` | what a stopped CPU does: crash note, leave online, park / power off |
 
+pub mod backend;
+pub(crate) mod coord;
 pub mod machine;
+pub(crate) mod receive;
+pub mod routine;
 
+pub use backend::{DefaultBackend, IpiOnlyBackend, StopBackend, StopSender};
 pub use machine::{StopFn, StopMachineError};
+pub use receive::ParkPolicy;
+pub use routine::{Attempt, CrashNote, StopConfig, StopError, StopMode, StopOutcome};

@@ -1,0 +1,125 @@
+//! The receiving side of a stop: save registers if it is a crash, leave the online mask (the
+//! acknowledgement the stopping CPU waits for), and park by the runtime's policy.
+//!
+//! Park policies (`ParkPolicy`):
+//! - `Spin`: the CPU stays parked in this image, irqs masked, asleep on its park word
+//!   (the spin-table `cpu_park_loop`). The next image cannot use it.
+//! - `PowerOff`: the thread ends and its core is free (PSCI `CPU_OFF`). This is only possible
+//!   when the stop caught the CPU at a safe point, its idle loop: the handler then returns into
+//!   the idle loop, which leaves at once. A CPU stopped inside a job or with irqs masked cannot
+//!   leave the interrupted code without running it (unwinding out of a signal handler is not
+//!   sound), so it parks as with `Spin` and is reported lost.
+
+use std::sync::atomic::Ordering;
+
+use crate::ipi::signal::SavedRegs;
+use crate::runtime::cpu::{CpuRunState, CpuState};
+use crate::runtime::events::EventKind;
+use crate::runtime::futex;
+use crate::runtime::rt::Shared;
+
+/// `park_word` value that lets a parked CPU go (runtime shutdown).
+pub(crate) const RELEASE: u32 = 1;
+
+/// How a stopped CPU parks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum ParkPolicy {
+    /// Stay parked in this image (lost to the next one).
+    Spin,
+    /// End the thread so the next image can bring the CPU up (needs a safe point).
+    #[default]
+    PowerOff,
+}
+
+/// The stop receiver (registered as the NMI/vector stop hook). Async-signal-safe.
+/// `uc`: the interrupted context (null if not interrupted by a signal); `safe`: the interrupted
+/// point is the idle loop. Returns true (the CPU is stopped) unless it was not a CPU of a
+/// stopping runtime.
+pub(crate) fn stop_this_cpu(
+    shared: &Shared,
+    st: &CpuState,
+    uc: *const libc::c_void,
+    safe: bool,
+) -> bool {
+    if st.is_stopped() {
+        return true;
+    }
+    let crash = shared.stop.coord.is_crash();
+    let here = 0u8;
+    let regs = if !crash {
+        SavedRegs::default()
+    } else if uc.is_null() {
+        // Taken from the idle loop's poller, not by a signal: there is no interrupted context;
+        // record where the CPU was (this function, on the idle loop's stack).
+        SavedRegs {
+            ip: stop_this_cpu as *const () as u64,
+            sp: &here as *const u8 as u64,
+            fp: 0,
+        }
+    } else {
+        // SAFETY: a non-null `uc` is the live ucontext of the handler we are running in.
+        unsafe { SavedRegs::from_ucontext(uc) }
+    };
+    park(shared, st, crash, regs, safe, false)
+}
+
+/// Records the note, leaves the online mask, and parks or powers off. With `unwind` (a job
+/// that called `send_stop`/`crash_stop` and lost), powering off unwinds the job instead of
+/// returning into it.
+pub(crate) fn park(
+    shared: &Shared,
+    st: &CpuState,
+    crash: bool,
+    regs: SavedRegs,
+    safe: bool,
+    unwind: bool,
+) -> bool {
+    if crash {
+        st.crash_ip.store(regs.ip, Ordering::Relaxed);
+        st.crash_sp.store(regs.sp, Ordering::Relaxed);
+        st.crash_fp.store(regs.fp, Ordering::Relaxed);
+        st.crash_saved.store(true, Ordering::Release);
+    }
+    let power_off = shared.cfg.park == ParkPolicy::PowerOff && safe;
+    st.set_run_state(if power_off {
+        CpuRunState::PoweredOff
+    } else {
+        CpuRunState::Parked
+    });
+    st.ring.record(EventKind::Stopped, crash as u64, regs.ip);
+    // The acknowledgement: leaving the online mask (after the note, which it publishes).
+    shared.active.clear(st.id);
+    shared.online.clear(st.id);
+    if power_off {
+        power_off_now(st, unwind);
+        return true;
+    }
+    // Parked, irqs masked, asleep. Unbounded by design: a parked CPU never runs again in this
+    // image; only the runtime's teardown releases it, and only a safe one can then leave.
+    let depth = st.irq_depth.swap(1, Ordering::Relaxed);
+    loop {
+        let w = st.park_word.load(Ordering::Acquire);
+        if w == RELEASE && safe {
+            st.irq_depth.store(depth, Ordering::Relaxed);
+            st.set_run_state(CpuRunState::PoweredOff);
+            power_off_now(st, unwind);
+            return true;
+        }
+        futex::wait(&st.park_word, w, None);
+    }
+}
+
+fn power_off_now(st: &CpuState, unwind: bool) {
+    st.powered_off.store(true, Ordering::SeqCst);
+    st.exit_req.store(true, Ordering::SeqCst);
+    // A restarted idle futex wait must see a changed word and re-check `exit_req`.
+    st.idle
+        .store(crate::runtime::idle::RUNNING, Ordering::SeqCst);
+    if unwind {
+        // Thread context (a job), not a signal handler: unwind the job to the CPU loop, which
+        // then exits. The job's handle reports this message. The job's irq flags are never
+        // restored, so unmask here for the loop's exit path.
+        st.irq_depth.store(0, Ordering::Relaxed);
+        std::panic::resume_unwind(Box::new("CPU parked: another CPU is stopping the system"));
+    }
+}

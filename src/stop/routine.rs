@@ -1,0 +1,292 @@
+//! The common stop / crash-stop routine behind [`Handle::send_stop`] and
+//! [`Handle::crash_stop`] (seeds 000 and 001: one routine, small backend hooks, retries that
+//! tell the backend the attempt number, and a deterministic catch of starting CPUs).
+//!
+//! Protocol:
+//! 1. Coordination (`coord.rs`): the first caller wins; a crash-stop upgrades a running plain
+//!    stop; a losing caller that is a logical CPU parks itself, one outside the runtime gets
+//!    `StopError::InProgress`.
+//! 2. The winner raises the runtime's "stopping" flag (checked by a CPU at its ONLINE step in
+//!    `StopMode::Deterministic`) and prints "SMP: stopping secondary CPUs".
+//! 3. Up to `max_retries` attempts, each: re-read the online mask (so CPUs that came online
+//!    since are included), call the backend with the attempt number (`crash_call` once the
+//!    stop is a crash), and wait until every targeted CPU has left the online mask, up to the
+//!    attempt's timeout (1 s for the first, 10 ms for NMI attempts, as x86 and arm64; or
+//!    forever). Before a retry: "SMP: retry stop with NMI for CPUs 2-3".
+//! 4. CPUs still online: "SMP: failed to stop secondary CPUs 3". Then the backend's
+//!    `stop_complete`/`crash_complete`, and a typed outcome.
+//!
+//! The flag and the online mask are both accessed SeqCst, so a CPU that sets its online bit
+//! and then reads the flag, and a stop that sets the flag and then reads the online mask,
+//! cannot both miss each other: in deterministic mode every CPU is either targeted or parks
+//! itself at its ONLINE step.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::backend::{StopBackend, StopSender};
+use super::coord::{Coord, Entered};
+use super::receive::{self, ParkPolicy};
+use crate::ipi::signal::SavedRegs;
+use crate::runtime::cpumask::{CpuId, CpuMask};
+use crate::runtime::rt::Handle;
+
+/// How CPUs that come online during a stop are caught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum StopMode {
+    /// Each attempt re-reads the online mask; a CPU that comes online after the last attempt
+    /// escapes (the seed-000 retry logic).
+    #[default]
+    BestEffort,
+    /// Also a "stopping" flag checked at the ONLINE step: such a CPU parks itself instead.
+    Deterministic,
+}
+
+/// Retry and wait settings (`smp_stop_set_max_retries`, `wait_timeout`, `wait_forever`).
+#[derive(Debug, Clone)]
+pub struct StopConfig {
+    /// Attempts at most (default 3).
+    pub max_retries: u32,
+    /// Wait after the first attempt (default 1 s).
+    pub first_wait: Duration,
+    /// Wait after each later (NMI) attempt (default 10 ms).
+    pub nmi_wait: Duration,
+    /// Wait forever for each attempt instead.
+    pub wait_forever: bool,
+    /// Best-effort or deterministic catching of starting CPUs.
+    pub mode: StopMode,
+    /// The backend (default: maskable IPI, then NMI).
+    pub backend: Arc<dyn StopBackend>,
+}
+
+impl Default for StopConfig {
+    fn default() -> Self {
+        StopConfig {
+            max_retries: 3,
+            first_wait: Duration::from_secs(1),
+            nmi_wait: Duration::from_millis(10),
+            wait_forever: false,
+            mode: StopMode::BestEffort,
+            backend: Arc::new(super::backend::DefaultBackend),
+        }
+    }
+}
+
+/// Per-runtime stop state.
+pub(crate) struct StopState {
+    pub coord: Coord,
+}
+
+impl StopState {
+    pub(crate) fn new() -> Self {
+        StopState {
+            coord: Coord::new(),
+        }
+    }
+}
+
+/// One attempt of the retry loop.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attempt {
+    /// 1-based.
+    pub attempt: u32,
+    /// Whether the backend's crash hook was used.
+    pub crash: bool,
+    /// CPUs targeted (online at the start of the attempt, minus the caller).
+    #[serde(serialize_with = "ser_mask")]
+    pub targeted: CpuMask,
+    /// Targeted CPUs still online when the attempt's wait ended.
+    #[serde(serialize_with = "ser_mask")]
+    pub remaining: CpuMask,
+    /// How long the attempt took, in microseconds.
+    pub took_us: u64,
+}
+
+/// A stopped CPU's crash note.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CrashNote {
+    pub cpu: CpuId,
+    pub regs: SavedRegs,
+}
+
+/// What a stop did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StopOutcome {
+    /// Whether it ended as a crash-stop (it was one, or was upgraded).
+    pub crash: bool,
+    /// CPUs stopped by this routine (they left the online mask).
+    #[serde(serialize_with = "ser_mask")]
+    pub stopped: CpuMask,
+    /// CPUs still online after the last attempt (the caller excluded).
+    #[serde(serialize_with = "ser_mask")]
+    pub failed: CpuMask,
+    /// The attempts, in order.
+    pub attempts: Vec<Attempt>,
+    /// Registers saved by crash-stopped CPUs.
+    pub notes: Vec<CrashNote>,
+    /// The caller, if it is a logical CPU (it keeps running).
+    pub caller: Option<CpuId>,
+}
+
+fn ser_mask<S: serde::Serializer>(m: &CpuMask, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&m.to_string())
+}
+
+/// Why a stop call did not run the stop.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StopError {
+    /// Another caller is running the stop (this caller is not a CPU, so it does not park).
+    #[error("SMP stop already in progress{}", if *upgraded { " (upgraded to a crash-stop)" } else { "" })]
+    InProgress { upgraded: bool },
+}
+
+impl Handle {
+    /// Stops every other online CPU (`smp_send_stop`): they leave the online mask and park by
+    /// the runtime's policy. Callable from a logical CPU (which keeps running) or from any
+    /// thread. Never waits forever unless `StopConfig::wait_forever` is set.
+    pub fn send_stop(&self) -> Result<StopOutcome, StopError> {
+        self.smp_stop(false)
+    }
+
+    /// Like [`Handle::send_stop`], but each stopped CPU first saves the registers of the code it
+    /// interrupted into its crash note (`crash_smp_send_stop`). Upgrades a plain stop already
+    /// running.
+    pub fn crash_stop(&self) -> Result<StopOutcome, StopError> {
+        self.smp_stop(true)
+    }
+
+    /// Whether a stop has started in this runtime (it is terminal: a stopped image stays so).
+    pub fn stop_in_progress(&self) -> bool {
+        self.shared.stop.coord.in_progress()
+    }
+
+    /// CPU `cpu`'s crash note, if a crash-stop saved one.
+    pub fn crash_note(&self, cpu: CpuId) -> Option<CrashNote> {
+        let st = self.shared.cpu(cpu)?;
+        st.crash_saved.load(Ordering::Acquire).then(|| CrashNote {
+            cpu,
+            regs: SavedRegs {
+                ip: st.crash_ip.load(Ordering::Relaxed),
+                sp: st.crash_sp.load(Ordering::Relaxed),
+                fp: st.crash_fp.load(Ordering::Relaxed),
+            },
+        })
+    }
+
+    /// The park policy this runtime uses.
+    pub fn park_policy(&self) -> ParkPolicy {
+        self.shared.cfg.park
+    }
+
+    fn smp_stop(&self, crash: bool) -> Result<StopOutcome, StopError> {
+        let s = &self.shared;
+        let me = s.this_cpu_here();
+        s.nmi_hooks.set_stop(receive::stop_this_cpu);
+        // Step 1.
+        match s.stop.coord.enter(crash) {
+            Entered::Winner => {}
+            Entered::Loser { upgraded } => {
+                if upgraded {
+                    tracing::warn!("SMP: stop upgraded to a crash-stop");
+                }
+                if let Some(me) = me {
+                    self.park_self(me);
+                }
+                return Err(StopError::InProgress { upgraded });
+            }
+        }
+        // Step 2.
+        s.stopping.store(true, Ordering::SeqCst);
+        tracing::warn!("SMP: stopping secondary CPUs");
+        let cfg = &s.cfg.stop;
+        let send = StopSender { h: self };
+        let mut attempts = Vec::new();
+        let mut stopped = CpuMask::new();
+        // Step 3.
+        for attempt in 1..=cfg.max_retries.max(1) {
+            let mut mask = s.online.load();
+            if let Some(me) = me {
+                mask.clear(me);
+            }
+            if mask.is_empty() {
+                break;
+            }
+            let crash_now = s.stop.coord.is_crash();
+            if attempt > 1 {
+                tracing::warn!("SMP: retry stop with NMI for CPUs {mask}");
+            }
+            let t0 = Instant::now();
+            if crash_now {
+                cfg.backend.crash_call(&send, &mask, attempt);
+            } else {
+                cfg.backend.stop_call(&send, &mask, attempt);
+            }
+            let wait = if attempt == 1 {
+                cfg.first_wait
+            } else {
+                cfg.nmi_wait
+            };
+            let remaining = loop {
+                let left = mask.and(&s.online.load());
+                if left.is_empty() || (!cfg.wait_forever && t0.elapsed() >= wait) {
+                    break left;
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            };
+            stopped = stopped.or(&mask.and_not(&remaining));
+            attempts.push(Attempt {
+                attempt,
+                crash: crash_now,
+                targeted: mask,
+                remaining,
+                took_us: t0.elapsed().as_micros() as u64,
+            });
+        }
+        // Step 4.
+        let mut failed = s.online.load();
+        if let Some(me) = me {
+            failed.clear(me);
+        }
+        if !failed.is_empty() {
+            tracing::error!("SMP: failed to stop secondary CPUs {failed}");
+        }
+        let crash = s.stop.coord.is_crash();
+        if crash {
+            cfg.backend.crash_complete();
+        } else {
+            cfg.backend.stop_complete();
+        }
+        let notes = stopped.iter().filter_map(|c| self.crash_note(c)).collect();
+        Ok(StopOutcome {
+            crash,
+            stopped,
+            failed,
+            attempts,
+            notes,
+            caller: me,
+        })
+    }
+
+    /// A losing caller that is a logical CPU parks itself (after its upgrade, if any). From a
+    /// job it unwinds the job when it powers off; from IPI context it can only park for good.
+    fn park_self(&self, me: CpuId) {
+        let s = &self.shared;
+        let st = &s.cpus[me];
+        let in_job = st.in_job.load(Ordering::Relaxed);
+        let here = 0u8;
+        let regs = SavedRegs {
+            ip: park_marker as *const () as u64,
+            sp: &here as *const u8 as u64,
+            fp: 0,
+        };
+        let crash = s.stop.coord.is_crash();
+        // A job (even with irqs soft-masked) can be unwound; a signal handler cannot.
+        let unwindable = in_job && st.in_handler.load(Ordering::Relaxed) == 0;
+        receive::park(s, st, crash, regs, unwindable, unwindable);
+    }
+}
+
+/// The instruction pointer recorded for a CPU that parked itself (no interrupted context).
+#[inline(never)]
+fn park_marker() {}
