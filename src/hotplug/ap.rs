@@ -136,6 +136,10 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
             "ap:online".into(),
             "a stop is in progress: parked instead of going online".into(),
         ));
+        // Leave the online mask before telling the controller, so that nobody who hears
+        // "parked" can still see this CPU online.
+        shared.online.clear(st.id);
+        st.set_run_state(CpuRunState::Parked);
         hc.sync.store(PARKED, Ordering::Release);
         futex::wake(&hc.sync, 1);
         let crash = shared.stop.coord.is_crash();

@@ -111,7 +111,9 @@ pub(crate) fn wait_for_work(
             let mut i = 0u32;
             loop {
                 if peek() {
-                    idle.swap(RUNNING, Ordering::AcqRel);
+                    // Stay POLLING: the loop serves the queue and comes back here, so a sender
+                    // that pushes meanwhile needs no signal. Running a job switches to RUNNING
+                    // first (see `thread.rs`).
                     on_poll_hit();
                     return;
                 }

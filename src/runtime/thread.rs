@@ -52,6 +52,15 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             finish(shared, st);
             return;
         }
+        if st.jobs_queued.load(Ordering::Relaxed) > 0
+            && st.idle.swap(super::idle::RUNNING, Ordering::AcqRel) != super::idle::RUNNING
+        {
+            // Leaving POLLING for a job, which may be long: a sender that saw POLLING did not
+            // signal, so look at the queue once more (an RMW, the idle.rs Dekker pair).
+            if st.queue.has_work() || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0 {
+                serve_calls(shared, st);
+            }
+        }
         // `in_job` is set before taking a job, so a CPU being deactivated is never seen idle
         // while it holds a job it just took (hotplug's `sched:active` teardown relies on it).
         loop {
