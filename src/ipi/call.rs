@@ -112,12 +112,17 @@ impl Handle {
             return Err(IpiError::Offline { cpu });
         }
         let deadline = now_ns() + timeout.as_nanos() as u64;
-        while now_ns() < deadline {
+        // Check before the deadline test: a caller descheduled past the deadline must still
+        // see a sample that arrived meanwhile.
+        loop {
             if st.stats.nmis.load(Ordering::Acquire) != before {
                 let ip = st.last_ip.load(Ordering::Acquire);
                 if ip != 0 {
                     return Ok(ip);
                 }
+            }
+            if now_ns() >= deadline {
+                break;
             }
             std::thread::yield_now();
         }
