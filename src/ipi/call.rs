@@ -87,7 +87,7 @@ impl Handle {
     where
         F: FnOnce() + Clone + Send + 'static,
     {
-        let r = self.call_many_inner(mask, f, wait, false);
+        let r = self.call_many_inner(Some(mask), f, wait, false);
         self.account(&r);
         r
     }
@@ -97,8 +97,7 @@ impl Handle {
     where
         F: FnOnce() + Clone + Send + 'static,
     {
-        let all = self.possible_mask();
-        let r = self.call_many_inner(&all, f, wait, false);
+        let r = self.call_many_inner(None, f, wait, false);
         self.account(&r);
         r
     }
@@ -108,8 +107,7 @@ impl Handle {
     where
         F: FnOnce() + Clone + Send + 'static,
     {
-        let all = self.possible_mask();
-        let r = self.call_many_inner(&all, f, wait, true);
+        let r = self.call_many_inner(None, f, wait, true);
         self.account(&r);
         r
     }
@@ -126,12 +124,17 @@ impl Handle {
             return Err(IpiError::Offline { cpu });
         }
         let deadline = now_ns() + timeout.as_nanos() as u64;
-        while now_ns() < deadline {
+        // Check before the deadline test: a caller descheduled past the deadline must still
+        // see a sample that arrived meanwhile.
+        loop {
             if st.stats.nmis.load(Ordering::Acquire) != before {
                 let ip = st.last_ip.load(Ordering::Acquire);
                 if ip != 0 {
                     return Ok(ip);
                 }
+            }
+            if now_ns() >= deadline {
+                break;
             }
             std::thread::yield_now();
         }
@@ -191,9 +194,11 @@ impl Handle {
         }
     }
 
+    /// `mask == None`: every CPU. (Not `possible_mask()`: building a mask allocates, and this
+    /// path must not.)
     fn call_many_inner<F>(
         &self,
-        mask: &CpuMask,
+        mask: Option<&CpuMask>,
         f: F,
         wait: bool,
         incl_self: bool,
@@ -202,7 +207,7 @@ impl Handle {
         F: FnOnce() + Clone + Send + 'static,
     {
         let s = &*self.shared;
-        if let Some(bad) = mask.iter().find(|&c| c >= s.cpus.len()) {
+        if let Some(bad) = mask.and_then(|m| m.iter().find(|&c| c >= s.cpus.len())) {
             s.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
             return Err(IpiError::InvalidCpu {
                 cpu: bad,
@@ -221,9 +226,9 @@ impl Handle {
             Some((m, _)) => m.set(cpu),
             None => failed = Some((CpuMask::single(cpu), e)),
         };
-        let mut targets = mask
-            .iter()
-            .filter(|&c| Some(c) != me && s.online.contains(c))
+        let in_mask = |c: CpuId| mask.map_or(true, |m| m.contains(c));
+        let mut targets = (0..s.cpus.len())
+            .filter(|&c| in_mask(c) && Some(c) != me && s.online.contains(c))
             .peekable();
         // Batches of queued (cpu, slot): push a batch, ring it, then wait for it.
         while targets.peek().is_some() {
@@ -254,7 +259,7 @@ impl Handle {
             }
         }
         if incl_self {
-            if let Some(me) = me.filter(|&c| mask.contains(c)) {
+            if let Some(me) = me.filter(|&c| in_mask(c)) {
                 run_local(s, &s.cpus[me], f);
             }
         }
