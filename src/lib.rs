@@ -23,6 +23,9 @@
 //! **Stop** ([`stop`]) — [`Handle::send_stop`] · [`Handle::crash_stop`] ([`StopOutcome`],
 //! [`CrashNote`]) · [`StopBackend`] (told the attempt number) · [`ParkPolicy`] · [`StopMode`].
 //!
+//! **Kexec** ([`kexec`]) — [`Handle::kexec`] · [`Handle::crash_kexec`] ([`KexecOutcome`],
+//! [`KexecReport`], [`CrashRecord`]).
+//!
 //! **Masks** — [`CpuMask`] (kernel list format "0-3,7" both ways) · possible / present / online
 //! / active masks on [`Handle`].
 //!
@@ -57,6 +60,8 @@ pub mod hotplug;
 #[cfg(not(loom))]
 pub mod ipi;
 #[cfg(not(loom))]
+pub mod kexec;
+#[cfg(not(loom))]
 pub mod runtime;
 #[cfg(not(loom))]
 pub mod stop;
@@ -67,6 +72,8 @@ pub mod stress;
 pub use hotplug::{HotplugError, Section, StateId, StepFn, StepResult};
 #[cfg(not(loom))]
 pub use ipi::IpiError;
+#[cfg(not(loom))]
+pub use kexec::{CrashRecord, Handoff, KexecError, KexecOutcome, KexecReport, RecordError};
 #[cfg(not(loom))]
 pub use runtime::builder::{Builder, Config, MAX_CPUS};
 #[cfg(not(loom))]

@@ -30,10 +30,17 @@ use crate::runtime::cpumask::CpuId;
 use crate::runtime::futex;
 use crate::runtime::rt::Handle;
 
-/// Brings every possible CPU online at `build()`.
-pub(crate) fn boot_all(h: &Handle) -> Result<(), crate::runtime::error::RuntimeError> {
+/// Brings every present CPU online when an image starts, `first` first.
+pub(crate) fn boot_all(
+    h: &Handle,
+    first: CpuId,
+) -> Result<(), crate::runtime::error::RuntimeError> {
     use crate::runtime::error::RuntimeError;
-    for cpu in 0..h.cpus() {
+    let present = h.present_mask();
+    let order = std::iter::once(first)
+        .chain(present.iter().filter(|&c| c != first))
+        .filter(|&c| present.contains(c));
+    for cpu in order {
         h.cpu_up(cpu).map_err(|e| match e {
             HotplugError::BootTimeout { cpu, timeout_ms } => {
                 RuntimeError::BootTimeout { cpu, timeout_ms }
@@ -58,6 +65,9 @@ impl Handle {
         if hp.disabled.load(Ordering::SeqCst) > 0 {
             return Err(HotplugError::Disabled { cpu });
         }
+        if !self.shared.present.contains(cpu) {
+            return Err(HotplugError::Parked { cpu });
+        }
         match self.shared.cpus[cpu].run_state() {
             CpuRunState::Online => return Err(HotplugError::AlreadyOnline { cpu }),
             CpuRunState::Parked => return Err(HotplugError::Parked { cpu }),
@@ -73,14 +83,19 @@ impl Handle {
     /// calls run before it goes (none is lost or run twice); queued jobs move to another online
     /// CPU; a job running there finishes first (bounded by the boot timeout).
     pub fn cpu_down(&self, cpu: CpuId) -> Result<(), HotplugError> {
+        // A kexec's reboot CPU is refused at once, without queueing behind the kexec path that
+        // holds the hotplug mutex (and again under it, below).
+        if self.shared.hotplug.reboot_cpu.load(Ordering::SeqCst) == cpu {
+            return Err(HotplugError::RebootCpu { cpu });
+        }
         let t = self.hp_lock();
         self.check_cpu(cpu)?;
         let s = &self.shared;
-        if s.hotplug.disabled.load(Ordering::SeqCst) > 0 {
-            return Err(HotplugError::Disabled { cpu });
-        }
         if s.hotplug.reboot_cpu.load(Ordering::SeqCst) == cpu {
             return Err(HotplugError::RebootCpu { cpu });
+        }
+        if s.hotplug.disabled.load(Ordering::SeqCst) > 0 {
+            return Err(HotplugError::Disabled { cpu });
         }
         if s.cpus[cpu].run_state() != CpuRunState::Online {
             return Err(HotplugError::AlreadyOffline { cpu });
@@ -90,6 +105,17 @@ impl Handle {
         }
         if s.this_cpu_here() == Some(cpu) {
             return Err(HotplugError::SelfDown { cpu });
+        }
+        self.walk_down(&t, cpu, t.steps.len())
+    }
+
+    /// The kexec path's `cpu_down` (`smp_shutdown_nonboot_cpus`): under the hotplug mutex,
+    /// ignoring the disable count that `migrate_to_reboot_cpu` raised (only this path may).
+    pub(crate) fn cpu_down_for_kexec(&self, cpu: CpuId) -> Result<(), HotplugError> {
+        let t = self.hp_lock();
+        self.check_cpu(cpu)?;
+        if self.shared.cpus[cpu].run_state() != CpuRunState::Online {
+            return Err(HotplugError::AlreadyOffline { cpu });
         }
         self.walk_down(&t, cpu, t.steps.len())
     }

@@ -46,7 +46,7 @@ pub enum HotplugError {
     SelfDown { cpu: CpuId },
     #[error("cpu_up: CPU {cpu} timed out earlier and has not reported dead yet (limbo)")]
     Limbo { cpu: CpuId },
-    #[error("cpu_up: CPU {cpu} is parked by a stop and cannot be brought up in this image")]
+    #[error("cpu_up: CPU {cpu} is parked by a stop (or lost by the previous image) and cannot be brought up")]
     Parked { cpu: CpuId },
     #[error(
         "cpu_up: CPU {cpu} did not reach ALIVE within {timeout_ms} ms; it will die on its own"

@@ -196,11 +196,6 @@ impl Builder {
         self
     }
 
-    pub(crate) fn generation(mut self, g: u64) -> Self {
-        self.cfg.generation = g;
-        self
-    }
-
     /// Checks the configuration and resolves defaults.
     pub(crate) fn resolve(&self) -> Result<Config, RuntimeError> {
         let mut cfg = self.cfg.clone();

@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
     /// online mask, read by a CPU right after it joins the online mask.
     pub stopping: AtomicBool,
+    /// A kexec or crash-kexec has started in this image (exactly one proceeds).
+    pub kexec_in_progress: AtomicBool,
 }
 
 impl Shared {
@@ -211,6 +213,16 @@ impl Runtime {
     }
 
     pub(crate) fn start(cfg: Config) -> Result<Runtime, RuntimeError> {
+        Self::start_image(cfg, 0, &CpuMask::new())
+    }
+
+    /// Starts an image: every possible CPU but `lost` is present and brought up, `first` first
+    /// (a kexec's next image boots on the reboot CPU).
+    pub(crate) fn start_image(
+        cfg: Config,
+        first: CpuId,
+        lost: &CpuMask,
+    ) -> Result<Runtime, RuntimeError> {
         crate::ipi::handler::install(&cfg.signals)?;
         let cores = super::affinity::allowed_cores();
         let n = cfg.cpus;
@@ -242,11 +254,14 @@ impl Runtime {
             hotplug: crate::hotplug::HotplugState::new(n),
             stop: crate::stop::routine::StopState::new(),
             stopping: AtomicBool::new(false),
+            kexec_in_progress: AtomicBool::new(false),
             cfg,
         });
         for c in 0..n {
             shared.possible.set(c);
-            shared.present.set(c);
+            if !lost.contains(c) {
+                shared.present.set(c);
+            }
         }
         if shared.cfg.log_events || shared.cfg.collect_trace {
             let l = Logger::start(&shared);
@@ -255,7 +270,7 @@ impl Runtime {
         let rt = Runtime {
             handle: Handle { shared },
         };
-        crate::hotplug::boot_all(&rt.handle)?;
+        crate::hotplug::boot_all(&rt.handle, first)?;
         Ok(rt)
     }
 

@@ -65,6 +65,7 @@ impl MultiStop {
     fn set_state(&self, s: u32) {
         self.ack.store(self.num, Ordering::SeqCst);
         self.state.store(s, Ordering::SeqCst);
+        crate::runtime::futex::wake(&self.state, i32::MAX);
     }
 
     fn ack_state(&self, cur: u32) {
@@ -77,6 +78,7 @@ impl MultiStop {
     fn run(&self, cpu: CpuId) {
         self.arrived[cpu].store(1, Ordering::SeqCst);
         let mut cur = 0;
+        let mut spins = 0u32;
         loop {
             let new = self.state.load(Ordering::Acquire);
             if new == ABORT {
@@ -100,8 +102,21 @@ impl MultiStop {
                 if cur == EXIT {
                     break;
                 }
+                spins = 0;
+                continue;
             }
-            std::hint::spin_loop();
+            // Spin briefly, then sleep on the state word (futex is async-signal-safe): with
+            // more logical CPUs than cores, spinners would hold the cores the laggards need.
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                crate::runtime::futex::wait(
+                    &self.state,
+                    new,
+                    Some(std::time::Duration::from_millis(1)),
+                );
+            }
         }
         self.left.fetch_add(1, Ordering::AcqRel);
     }
@@ -147,6 +162,7 @@ impl Handle {
                 missing_send = failed.clone();
             }
             ms.state.store(ABORT, Ordering::SeqCst);
+            crate::runtime::futex::wake(&ms.state, i32::MAX);
         }
         if let Some(me) = me {
             let fl = irq_save();
@@ -163,6 +179,7 @@ impl Handle {
                     .compare_exchange(PREPARE, ABORT, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
+                    crate::runtime::futex::wake(&ms.state, i32::MAX);
                     break;
                 }
                 continue;

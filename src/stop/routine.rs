@@ -76,12 +76,15 @@ impl Default for StopConfig {
 /// Per-runtime stop state.
 pub(crate) struct StopState {
     pub coord: Coord,
+    /// The winner has finished its attempts (the kernel's `cpus_stopped`).
+    pub done: std::sync::atomic::AtomicBool,
 }
 
 impl StopState {
     pub(crate) fn new() -> Self {
         StopState {
             coord: Coord::new(),
+            done: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -154,6 +157,32 @@ impl Handle {
     /// running.
     pub fn crash_stop(&self) -> Result<StopOutcome, StopError> {
         self.smp_stop(true)
+    }
+
+    /// For a crash-kexec after a panic that already stopped the CPUs (the kernel's
+    /// `cpus_stopped` guard): the outcome as the CPUs stand, without stopping again. `None` if
+    /// no stop has finished in this image.
+    pub(crate) fn stop_outcome_so_far(&self) -> Option<StopOutcome> {
+        let s = &self.shared;
+        if !s.stop.done.load(Ordering::SeqCst) {
+            return None;
+        }
+        let me = s.this_cpu_here();
+        let stopped: CpuMask = (0..self.cpus())
+            .filter(|&c| s.cpus[c].is_stopped())
+            .collect();
+        let mut failed = s.online.load();
+        if let Some(me) = me {
+            failed.clear(me);
+        }
+        Some(StopOutcome {
+            crash: s.stop.coord.is_crash(),
+            notes: stopped.iter().filter_map(|c| self.crash_note(c)).collect(),
+            stopped,
+            failed,
+            attempts: Vec::new(),
+            caller: me,
+        })
     }
 
     /// Whether a stop has started in this runtime (it is terminal: a stopped image stays so).
@@ -258,6 +287,7 @@ impl Handle {
             cfg.backend.stop_complete();
         }
         let notes = stopped.iter().filter_map(|c| self.crash_note(c)).collect();
+        s.stop.done.store(true, Ordering::SeqCst);
         Ok(StopOutcome {
             crash,
             stopped,

@@ -1,0 +1,44 @@
+//! Simulated kexec: migrate to the reboot CPU, shut the other CPUs down through hotplug (or
+//! crash-stop them), and hand over to the next image, a new generation of the runtime that
+//! reuses the CPU ids and host cores and brings up exactly the CPUs it safely can.
+//!
+//! | file | what |
+//! |---|---|
+//! | `path.rs` | `kexec` and `crash_kexec`, the handoff, the timeline |
+//! | `record.rs` | `CrashRecord` and its validated wire format |
+//! | `exec.rs` | exec mode: the record in a sealed memfd across `execve` |
+//!
+//! Kernel mapping: `kernel_kexec` = [`Handle::kexec`](crate::Handle::kexec),
+//! `__crash_kexec` = `crash_kexec`, `migrate_to_reboot_cpu` and `smp_shutdown_nonboot_cpus`
+//! are steps of the path, `/proc/vmcore` notes = [`CrashRecord`].
+
+pub mod exec;
+pub mod path;
+pub mod record;
+
+pub use path::{Handoff, KexecOutcome, KexecReport, TimelineEntry};
+pub use record::{CrashRecord, RecordError};
+
+/// Why a kexec did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum KexecError {
+    /// Another kexec or crash-kexec is already running in this image (exactly one proceeds).
+    #[error("kexec: another kexec is already in progress")]
+    InProgress,
+    /// The crash-stop could not run (another stop owns the image).
+    #[error("crash_kexec: {0}")]
+    Stop(#[from] crate::stop::StopError),
+    /// Taking a CPU down failed.
+    #[error("kexec: shutting down CPU {cpu}: {source}")]
+    Shutdown {
+        cpu: usize,
+        #[source]
+        source: crate::hotplug::HotplugError,
+    },
+    /// The next image could not boot.
+    #[error("kexec: next image: {0}")]
+    Boot(#[from] crate::runtime::error::RuntimeError),
+    /// No online CPU to reboot on.
+    #[error("kexec: no online CPU to run on")]
+    NoCpu,
+}

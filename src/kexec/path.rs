@@ -1,0 +1,311 @@
+//! The kexec path.
+//!
+//! Orderly `kexec` (kernel order, seed 004):
+//! 1. Mark kexec in progress (exactly one kexec or crash-kexec proceeds per image).
+//! 2. `migrate_to_reboot_cpu`: disable hotplug, pick the reboot CPU (configured, default 0; the
+//!    first online CPU if that one is offline) and pin it: from now on `cpu_down` of it is
+//!    refused as busy. The rest of the path runs as a job on that CPU.
+//! 3. `smp_shutdown_nonboot_cpus`: under the hotplug mutex, every other online CPU goes down
+//!    through the real teardown path (so their queued calls and jobs are flushed or moved).
+//! 4. Hand over: the old image ends; the next generation boots on the reboot CPU first, then
+//!    brings up every CPU that is safely offline.
+//!
+//! `crash_kexec`: crash-stop everything else (retries, NMI fallback), the CPUs park by the
+//! policy, a crash record is written, and the next image brings up exactly the CPUs that
+//! powered off; CPUs parked with `spin`, parked where they could not power off, or that failed
+//! to stop are lost, and their old threads are never given code of the new image (the new
+//! image never starts a thread for their ids).
+
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use super::record::CrashRecord;
+use super::KexecError;
+use crate::runtime::cpu::CpuRunState;
+use crate::runtime::cpumask::{CpuId, CpuMask};
+use crate::runtime::rt::{Handle, Runtime};
+
+/// One line of the handoff timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TimelineEntry {
+    /// Microseconds since the kexec started.
+    pub t_us: u64,
+    /// The CPU the step ran on or concerned, if any.
+    pub cpu: Option<CpuId>,
+    pub what: String,
+}
+
+/// What the kexec did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KexecReport {
+    /// Generation of the next image.
+    pub generation: u64,
+    /// The reboot CPU the next image started on.
+    pub reboot_cpu: CpuId,
+    /// CPUs online in the next image once the handoff is done.
+    #[serde(serialize_with = "ser_mask")]
+    pub handed_over: CpuMask,
+    /// CPUs the next image could not use.
+    #[serde(serialize_with = "ser_mask")]
+    pub lost: CpuMask,
+    /// From the start of the kexec to every handed-over CPU online in the next image.
+    pub handoff_us: u64,
+    pub timeline: Vec<TimelineEntry>,
+    /// The crash record, for `crash_kexec`.
+    pub record: Option<CrashRecord>,
+}
+
+fn ser_mask<S: serde::Serializer>(m: &CpuMask, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&m.to_string())
+}
+
+/// What the next image gets.
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    pub generation: u64,
+    pub reboot_cpu: CpuId,
+    /// CPUs the old image lost (not present in the next one).
+    pub lost: CpuMask,
+    pub record: Option<CrashRecord>,
+}
+
+/// The next image, running, and what its entry returned.
+pub struct KexecOutcome<R> {
+    pub next: Runtime,
+    pub report: KexecReport,
+    pub value: R,
+}
+
+struct Timeline {
+    t0: Instant,
+    v: Vec<TimelineEntry>,
+}
+
+impl Timeline {
+    fn add(&mut self, cpu: Option<CpuId>, what: impl Into<String>) {
+        let what = what.into();
+        tracing::info!(
+            "kexec: {}{what}",
+            cpu.map(|c| format!("CPU{c}: ")).unwrap_or_default()
+        );
+        self.v.push(TimelineEntry {
+            t_us: self.t0.elapsed().as_micros() as u64,
+            cpu,
+            what,
+        });
+    }
+}
+
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Handle {
+    /// Orderly kexec to `image`, which runs as a job on the next image's reboot CPU and gets
+    /// the next runtime's handle. `reboot_cpu`: `None` for CPU 0 (or the first online CPU).
+    /// This image ends: all its CPUs are offline afterwards.
+    pub fn kexec<R, F>(
+        &self,
+        reboot_cpu: Option<CpuId>,
+        image: F,
+    ) -> Result<KexecOutcome<R>, KexecError>
+    where
+        F: FnOnce(&Handle, &Handoff) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let s = &self.shared;
+        let mut tl = Timeline {
+            t0: Instant::now(),
+            v: Vec::new(),
+        };
+        // Step 1.
+        if s.kexec_in_progress.swap(true, Ordering::SeqCst) {
+            return Err(KexecError::InProgress);
+        }
+        tl.add(s.this_cpu_here(), "kexec in progress");
+        // Step 2.
+        self.hotplug_disable();
+        let want = reboot_cpu.unwrap_or(0);
+        let reboot = if self.is_online(want) {
+            want
+        } else {
+            self.online_mask().first().ok_or(KexecError::NoCpu)?
+        };
+        s.hotplug.reboot_cpu.store(reboot, Ordering::SeqCst);
+        tl.add(
+            Some(reboot),
+            "migrate_to_reboot_cpu (hotplug disabled, reboot CPU pinned)",
+        );
+        // Step 3, on the reboot CPU (inline if the caller already runs there).
+        let downs = if s.this_cpu_here() == Some(reboot) {
+            self.shutdown_nonboot(reboot)
+        } else {
+            let h = self.clone();
+            self.run_on(reboot, move || h.shutdown_nonboot(reboot))
+                .map_err(KexecError::Boot)?
+                .join()
+                .map_err(KexecError::Boot)?
+        };
+        for (cpu, r) in downs {
+            match r {
+                Ok(()) => tl.add(Some(cpu), "cpu_down: offline (queue flushed, jobs moved)"),
+                Err(source) => return Err(KexecError::Shutdown { cpu, source }),
+            }
+        }
+        tl.add(Some(reboot), "machine_kexec: handing over");
+        self.handover(tl, reboot, CpuMask::new(), None, image)
+    }
+
+    /// Crash-stops every other CPU, records the crash, and hands over to `image` in a new
+    /// generation that brings up exactly the CPUs that powered off (`__crash_kexec`).
+    pub fn crash_kexec<R, F>(&self, reason: &str, image: F) -> Result<KexecOutcome<R>, KexecError>
+    where
+        F: FnOnce(&Handle, &Handoff) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let s = &self.shared;
+        let mut tl = Timeline {
+            t0: Instant::now(),
+            v: Vec::new(),
+        };
+        let me = s.this_cpu_here();
+        if s.kexec_in_progress.swap(true, Ordering::SeqCst) {
+            // Exactly one proceeds. A losing caller that is a CPU gets stopped by the winner.
+            return Err(KexecError::InProgress);
+        }
+        let crashed_at_ns = wall_ns();
+        tl.add(me, format!("crash: {reason}"));
+        let out = match self.stop_outcome_so_far() {
+            Some(out) => {
+                tl.add(me, "CPUs already stopped by the panic: not stopping again");
+                out
+            }
+            None => self.crash_stop()?,
+        };
+        for a in &out.attempts {
+            tl.add(
+                None,
+                format!(
+                    "stop attempt {} ({}) targeted {} remaining {} in {} us",
+                    a.attempt,
+                    if a.attempt == 1 { "IPI" } else { "NMI" },
+                    a.targeted,
+                    a.remaining,
+                    a.took_us
+                ),
+            );
+        }
+        // Lost: CPUs still online (failed to stop) and CPUs parked instead of powered off.
+        let mut lost = out.failed.clone();
+        for c in 0..self.cpus() {
+            if Some(c) != me && s.cpus[c].run_state() == CpuRunState::Parked {
+                lost.set(c);
+            }
+        }
+        // The crashing CPU reboots; a crash from outside the runtime reboots on the lowest CPU
+        // that is not lost (none, if every CPU parked with `spin`).
+        let reboot = match me {
+            Some(c) => c,
+            None => (0..self.cpus())
+                .find(|c| !lost.contains(*c))
+                .ok_or(KexecError::NoCpu)?,
+        };
+        tl.add(
+            Some(reboot),
+            format!("CPUs stopped: {}; lost: {}", out.stopped, lost),
+        );
+        let record = CrashRecord {
+            reason: reason.to_string(),
+            crashing_cpu: me,
+            cpus: self.cpus(),
+            generation: self.generation(),
+            notes: out.notes.clone(),
+            failed: out.failed.to_string(),
+            lost: lost.to_string(),
+            park: s.cfg.park,
+            crashed_at_ns,
+            handoff_at_ns: wall_ns(),
+        };
+        tl.add(
+            Some(reboot),
+            "machine_crash_kexec: handing over with the crash record",
+        );
+        self.handover(tl, reboot, lost, Some(record), image)
+    }
+
+    /// `smp_shutdown_nonboot_cpus`, on the reboot CPU: under the hotplug mutex, with the
+    /// disable count lifted for this path only, every other online CPU goes down.
+    fn shutdown_nonboot(&self, reboot: CpuId) -> Vec<(CpuId, Result<(), crate::HotplugError>)> {
+        let others: Vec<CpuId> = self.online_mask().iter().filter(|&c| c != reboot).collect();
+        others
+            .into_iter()
+            .map(|c| (c, self.cpu_down_for_kexec(c)))
+            .collect()
+    }
+
+    fn handover<R, F>(
+        &self,
+        mut tl: Timeline,
+        reboot: CpuId,
+        lost: CpuMask,
+        record: Option<CrashRecord>,
+        image: F,
+    ) -> Result<KexecOutcome<R>, KexecError>
+    where
+        F: FnOnce(&Handle, &Handoff) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let s = &self.shared;
+        // The old image ends: whatever is still online leaves (the reboot CPU's thread exits
+        // once the job running this path returns; nothing is joined from here).
+        for c in s.online.load().iter() {
+            let st = &s.cpus[c];
+            s.active.clear(c);
+            s.online.clear(c);
+            st.exit_req.store(true, Ordering::SeqCst);
+            if crate::runtime::idle::kick_for_job(&st.idle) == crate::runtime::idle::Kick::Wake {
+                crate::runtime::futex::wake(&st.idle, 1);
+            }
+        }
+        tl.add(Some(reboot), "old image retired");
+        let generation = s.cfg.generation + 1;
+        let mut cfg = s.cfg.clone();
+        cfg.generation = generation;
+        let next = Runtime::start_image(cfg, reboot, &lost)?;
+        tl.add(
+            Some(reboot),
+            format!("generation {generation} booted on the reboot CPU"),
+        );
+        let handed_over = next.online_mask();
+        tl.add(
+            None,
+            format!("CPUs online in generation {generation}: {handed_over}"),
+        );
+        let handoff_us = tl.t0.elapsed().as_micros() as u64;
+        let handoff = Handoff {
+            generation,
+            reboot_cpu: reboot,
+            lost: lost.clone(),
+            record: record.clone(),
+        };
+        let h2 = next.handle();
+        let value = next
+            .run_on(reboot, move || image(&h2, &handoff))
+            .and_then(|j| j.join())?;
+        Ok(KexecOutcome {
+            next,
+            report: KexecReport {
+                generation,
+                reboot_cpu: reboot,
+                handed_over,
+                lost,
+                handoff_us,
+                timeline: tl.v,
+                record,
+            },
+            value,
+        })
+    }
+}
