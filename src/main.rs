@@ -39,7 +39,7 @@ struct RunArgs {
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
     #[arg(long, value_name = "N")]
     cpus: Option<usize>,
-    /// Workload to run (demo).
+    /// Workload to run (demo, hotplug).
     #[arg(long, value_name = "NAME", default_value = "demo")]
     workload: String,
     /// How long the workload sends IPIs, e.g. "2s", "500ms".
@@ -58,14 +58,17 @@ struct RunArgs {
 enum Workload {
     /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`usmp::stress::demo`).
     Demo,
+    /// Random CPU online/offline churn while IPIs flow (`usmp::stress::hotplug_churn`).
+    Hotplug,
 }
 
 impl Workload {
-    const ALL: &'static [Workload] = &[Workload::Demo];
+    const ALL: &'static [Workload] = &[Workload::Demo, Workload::Hotplug];
 
     fn name(self) -> &'static str {
         match self {
             Workload::Demo => "demo",
+            Workload::Hotplug => "hotplug",
         }
     }
 
@@ -84,12 +87,37 @@ struct RunPlan {
     trace: Option<(PathBuf, File)>,
 }
 
+/// What a workload reported.
+enum Outcome {
+    Demo(usmp::stress::DemoReport),
+    Hotplug(usmp::stress::OnOffReport),
+}
+
+impl Outcome {
+    fn elapsed_ms(&self) -> u64 {
+        match self {
+            Outcome::Demo(d) => d.elapsed_ms,
+            Outcome::Hotplug(o) => o.elapsed_ms,
+        }
+    }
+
+    fn interrupted(&self) -> bool {
+        match self {
+            Outcome::Demo(d) => d.interrupted,
+            Outcome::Hotplug(o) => o.interrupted,
+        }
+    }
+}
+
 /// What `--json` prints: the runtime's statistics plus what the run was.
 #[derive(serde::Serialize)]
 struct RunReport<'a> {
     workload: &'static str,
     duration_ms: u64,
-    demo: &'a usmp::stress::DemoReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    demo: Option<&'a usmp::stress::DemoReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    onoff: Option<&'a usmp::stress::OnOffReport>,
     #[serde(flatten)]
     stats: &'a RuntimeStats,
 }
@@ -180,7 +208,12 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
         .context("cannot start the SIGQUIT thread")?;
 
     let outcome = match p.workload {
-        Workload::Demo => usmp::stress::demo(&h, p.duration, &stop),
+        Workload::Demo => usmp::stress::demo(&h, p.duration, &stop)
+            .map(Outcome::Demo)
+            .map_err(anyhow::Error::from),
+        Workload::Hotplug => usmp::stress::hotplug_churn(&h, p.duration, &stop)
+            .map(Outcome::Hotplug)
+            .map_err(anyhow::Error::from),
     };
     // The runtime is idle now (the workload drained); snapshot it, then shut it down and check
     // that nothing was lost on the way out.
@@ -190,7 +223,7 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
     quit_handle.close();
     let _ = dumper.join();
 
-    let demo = outcome.context("workload failed")?;
+    let outcome = outcome.context("workload failed")?;
     if fin.lost_calls != 0 {
         return Err(anyhow!(
             "{} calls were accepted but neither ran nor were cancelled",
@@ -209,13 +242,20 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
         let report = RunReport {
             workload: p.workload.name(),
             duration_ms: p.duration.as_millis() as u64,
-            demo: &demo,
+            demo: match &outcome {
+                Outcome::Demo(d) => Some(d),
+                Outcome::Hotplug(_) => None,
+            },
+            onoff: match &outcome {
+                Outcome::Hotplug(o) => Some(o),
+                Outcome::Demo(_) => None,
+            },
             stats: &stats,
         };
         serde_json::to_writer(&mut out, &report)?;
         writeln!(out)?;
     } else {
-        print_summary(&mut out, &p, &demo, &stats)?;
+        print_summary(&mut out, &p, &outcome, &stats)?;
     }
     Ok(())
 }
@@ -223,7 +263,7 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
 fn print_summary(
     out: &mut impl Write,
     p: &RunPlan,
-    d: &usmp::stress::DemoReport,
+    outcome: &Outcome,
     s: &RuntimeStats,
 ) -> std::io::Result<()> {
     writeln!(
@@ -232,8 +272,12 @@ fn print_summary(
         p.workload.name(),
         s.cpus,
         p.host_cores,
-        d.elapsed_ms,
-        if d.interrupted { " (interrupted)" } else { "" }
+        outcome.elapsed_ms(),
+        if outcome.interrupted() {
+            " (interrupted)"
+        } else {
+            ""
+        }
     )?;
     writeln!(
         out,
@@ -302,18 +346,50 @@ fn print_summary(
         s.doorbell_signals,
         s.csd_timeouts
     )?;
+    match outcome {
+        Outcome::Demo(d) => writeln!(
+            out,
+            "demo: {} call_single, {} call_single_async, {} call_many, {} CPU-to-CPU calls, \
+             {} irq-masked sections, {} jobs; {} of {} callbacks ran",
+            d.single_sync,
+            d.single_async,
+            d.many_sync,
+            d.cpu_to_cpu,
+            d.masked_sections,
+            d.jobs,
+            d.callbacks_run,
+            d.callbacks_expected
+        ),
+        Outcome::Hotplug(o) => print_onoff(out, o),
+    }
+}
+
+/// rcutorture-style onoff accounting, after the usual summary.
+fn print_onoff(out: &mut impl Write, o: &usmp::stress::OnOffReport) -> std::io::Result<()> {
     writeln!(
         out,
-        "demo: {} call_single, {} call_single_async, {} call_many, {} CPU-to-CPU calls, \
-         {} irq-masked sections, {} jobs; {} of {} callbacks ran",
-        d.single_sync,
-        d.single_async,
-        d.many_sync,
-        d.cpu_to_cpu,
-        d.masked_sections,
-        d.jobs,
-        d.callbacks_run,
-        d.callbacks_expected
+        "onoff: {} onlines (min/avg/max {}/{}/{} us), {} offlines (min/avg/max {}/{}/{} us)",
+        format_args!("{}/{}", o.onlines.successes, o.onlines.attempts),
+        o.onlines.min_us,
+        o.onlines.avg_us,
+        o.onlines.max_us,
+        format_args!("{}/{}", o.offlines.successes, o.offlines.attempts),
+        o.offlines.min_us,
+        o.offlines.avg_us,
+        o.offlines.max_us,
+    )?;
+    writeln!(
+        out,
+        "hotplug: {} sync + {} async calls accepted, {} refused (offline), {} callbacks ran; \
+         {} CPU(s) brought back at the end{}",
+        o.calls_sync,
+        o.calls_async,
+        o.calls_offline,
+        o.callbacks_run,
+        o.brought_back,
+        o.first_failure
+            .as_ref()
+            .map_or(String::new(), |f| format!("; first failure: {f}"))
     )
 }
 

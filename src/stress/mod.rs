@@ -4,7 +4,10 @@
 //! | file | what |
 //! |---|---|
 //! | `demo.rs` | `demo`: every kind of IPI, CPU-to-CPU calls and irq-masked sections, with an exactly-once check |
+//! | `hotplug.rs` | `hotplug`: random CPU online/offline churn while IPIs flow, rcutorture's onoff accounting |
 
 mod demo;
+pub mod hotplug;
 
 pub use demo::{demo, DemoError, DemoReport};
+pub use hotplug::{hotplug_churn, HotplugChurnError, OnOffReport, OnOffStats};
