@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
+
+mod kexec_cmd;
 use usmp::{Handle, RuntimeStats, MAX_CPUS};
 
 #[derive(Parser)]
@@ -32,6 +34,8 @@ struct Cli {
 enum Cmd {
     /// Start a runtime, run a workload on it, print a per-CPU summary.
     Run(RunArgs),
+    /// Kexec (orderly or --crash) to the next image; print the handoff timeline.
+    Kexec(kexec_cmd::KexecArgs),
 }
 
 #[derive(Args)]
@@ -132,6 +136,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run(args) => plan(args).and_then(run),
+        Cmd::Kexec(args) => kexec_cmd::kexec(args),
     };
     if let Err(e) = result {
         eprintln!("usmp: error: {e:#}");
