@@ -4,7 +4,10 @@
 //! | file | what |
 //! |---|---|
 //! | `demo.rs` | `demo`: every kind of IPI, CPU-to-CPU calls and irq-masked sections, with an exactly-once check |
+//! | `crash.rs` | `crash_demo`: CPU 1 panics and crash-stops a busy runtime; a masked CPU needs the NMI attempt |
 
+pub mod crash;
 mod demo;
 
+pub use crash::{crash_demo, CrashError, CrashReport};
 pub use demo::{demo, DemoError, DemoReport};
