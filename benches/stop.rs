@@ -1,0 +1,254 @@
+//! `send_stop()` latency against N idle logical CPUs, beside its floor.
+//!
+//! Group `send_stop`, one `BenchmarkId` per N in 4, 16, 64, 256:
+//! - `usmp`: each iteration builds a runtime with N idle CPUs (untimed), times only
+//!   `send_stop()` (one maskable attempt: every idle CPU takes the stop vector, leaves the
+//!   online mask and powers off), then drops the runtime (untimed).
+//! - `tgkill_broadcast`: the floor. N plain threads blocked in `pause()`; one iteration sends
+//!   each a real-time signal with `tgkill` and waits until all N handlers have bumped an atomic.
+//!
+//! Every timed iteration (warm-up included) is also recorded here, and after criterion's own
+//! report a summary prints the medians, the ratio to the floor, the per-CPU slope between
+//! N = 4 and N = 256, and whether N = 64 stops in under 2 ms.
+//!
+//! Flat sampling, 10 samples, short warm-up and measurement: the whole bench takes well under
+//! two minutes on a 2-core VM (runtime builds and drops dominate and are not timed).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode};
+
+const NS: [usize; 4] = [4, 16, 64, 256];
+const USMP: &str = "usmp";
+const FLOOR: &str = "tgkill_broadcast";
+
+/// Every timed iteration, by (line, N).
+static SAMPLES: Mutex<BTreeMap<(&'static str, usize), Vec<Duration>>> = Mutex::new(BTreeMap::new());
+
+fn record(line: &'static str, n: usize, d: Duration) {
+    SAMPLES
+        .lock()
+        .unwrap()
+        .entry((line, n))
+        .or_default()
+        .push(d);
+}
+
+fn one_stop(n: usize) -> Duration {
+    let rt = usmp::Builder::new()
+        .cpus(n)
+        .log_events(false)
+        .build()
+        .expect("runtime");
+    let t0 = Instant::now();
+    let out = rt.send_stop().expect("send_stop");
+    let took = t0.elapsed();
+    assert!(out.failed.is_empty(), "N={n}: failed {}", out.failed);
+    drop(rt);
+    took
+}
+
+// ---- the floor: tgkill to N threads in pause(), each handler acks once ----
+
+static ACKS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn ack(_sig: libc::c_int) {
+    ACKS.fetch_add(1, Ordering::Release);
+}
+
+fn floor_signal() -> libc::c_int {
+    // Clear of usmp's own pair (SIGRTMIN+2/+3).
+    libc::SIGRTMIN() + 8
+}
+
+fn install_floor_handler() {
+    // SAFETY: a zeroed sigaction with a plain handler that only touches an atomic is valid;
+    // the pointers passed are to live locals.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ack as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        assert_eq!(
+            libc::sigaction(floor_signal(), &sa, std::ptr::null_mut()),
+            0
+        );
+    }
+}
+
+struct Sleepers {
+    tids: Vec<libc::pid_t>,
+    quit: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Sleepers {
+    fn start(n: usize) -> Sleepers {
+        let quit = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let threads = (0..n)
+            .map(|i| {
+                let (q, tx) = (quit.clone(), tx.clone());
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        // SAFETY: gettid has no preconditions.
+                        tx.send((i, unsafe { libc::gettid() })).unwrap();
+                        while !q.load(Ordering::Acquire) {
+                            // SAFETY: pause has no preconditions; it returns after a handler.
+                            unsafe { libc::pause() };
+                        }
+                    })
+                    .unwrap()
+            })
+            .collect();
+        // By spawn index, so `tids[i]` is `threads[i]`'s.
+        let mut tids = vec![0; n];
+        for _ in 0..n {
+            let (i, tid) = rx.recv().unwrap();
+            tids[i] = tid;
+        }
+        // Let every thread reach pause().
+        std::thread::sleep(Duration::from_millis(20));
+        Sleepers {
+            tids,
+            quit,
+            threads,
+        }
+    }
+
+    fn broadcast(&self) -> Duration {
+        ACKS.store(0, Ordering::Relaxed);
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        let n = self.tids.len();
+        let t0 = Instant::now();
+        for &tid in &self.tids {
+            // SAFETY: tgkill to a live thread of this process, with a handled signal.
+            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, floor_signal()) };
+        }
+        while ACKS.load(Ordering::Acquire) < n {
+            std::thread::yield_now();
+        }
+        t0.elapsed()
+    }
+}
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
+        self.quit.store(true, Ordering::Release);
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        for (t, &tid) in self.threads.drain(..).zip(&self.tids) {
+            while !t.is_finished() {
+                // SAFETY: as in `broadcast`.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, floor_signal()) };
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            t.join().unwrap();
+        }
+    }
+}
+
+fn bench_stop(c: &mut Criterion) {
+    install_floor_handler();
+    let mut g = c.benchmark_group("send_stop");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500));
+    for n in NS {
+        g.bench_with_input(BenchmarkId::new(USMP, n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let d = one_stop(n);
+                    record(USMP, n, d);
+                    total += d;
+                }
+                total
+            })
+        });
+        let sleepers = Sleepers::start(n);
+        g.bench_with_input(BenchmarkId::new(FLOOR, n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let d = sleepers.broadcast();
+                    record(FLOOR, n, d);
+                    total += d;
+                }
+                total
+            })
+        });
+        drop(sleepers);
+    }
+    g.finish();
+}
+
+fn median(v: &[Duration]) -> Option<f64> {
+    let mut us: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    us.sort_by(|a, b| a.total_cmp(b));
+    let k = us.len();
+    match k {
+        0 => None,
+        _ if k % 2 == 1 => Some(us[k / 2]),
+        _ => Some((us[k / 2 - 1] + us[k / 2]) / 2.0),
+    }
+}
+
+fn print_summary() {
+    let s = SAMPLES.lock().unwrap();
+    if s.is_empty() {
+        return;
+    }
+    let med = |line, n| s.get(&(line, n)).and_then(|v| median(v));
+    println!("\nsend_stop summary (medians over every timed iteration, warm-up included):");
+    println!(
+        "{:>5} {:>14} {:>4} {:>22} {:>4} {:>7}",
+        "N", "usmp (us)", "n", "tgkill_broadcast (us)", "n", "ratio"
+    );
+    for n in NS {
+        let count = |line| s.get(&(line, n)).map_or(0, |v| v.len());
+        let (u, f) = (med(USMP, n), med(FLOOR, n));
+        let fmt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+        let ratio = match (u, f) {
+            (Some(u), Some(f)) if f > 0.0 => format!("{:.1}x", u / f),
+            _ => "-".into(),
+        };
+        println!(
+            "{n:>5} {:>14} {:>4} {:>22} {:>4} {:>7}",
+            fmt(u),
+            count(USMP),
+            fmt(f),
+            count(FLOOR),
+            ratio
+        );
+    }
+    let slope = |line| match (med(line, 4), med(line, 256)) {
+        (Some(a), Some(b)) => format!("{:.2} us/CPU", (b - a) / 252.0),
+        _ => "-".into(),
+    };
+    println!(
+        "slope 4->256: usmp {}, tgkill_broadcast {}",
+        slope(USMP),
+        slope(FLOOR)
+    );
+    if let Some(u64_) = med(USMP, 64) {
+        println!(
+            "N=64 send_stop median {:.1} us: {} 2 ms",
+            u64_,
+            if u64_ < 2000.0 { "below" } else { "NOT below" }
+        );
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench_stop(&mut c);
+    c.final_summary();
+    print_summary();
+}
