@@ -34,7 +34,7 @@ extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *m
             cpu.irq_pending.store(true, Ordering::Relaxed);
             cpu.stats.deferred.fetch_add(1, Ordering::Relaxed);
         } else {
-            let safe = !cpu.in_job.load(Ordering::Relaxed);
+            let safe = !cpu.running_job.load(Ordering::Relaxed);
             cpu.irq_depth.store(1, Ordering::Relaxed);
             compiler_fence(Ordering::SeqCst);
             if !take_vectors(shared, cpu, uc, safe) {

@@ -97,8 +97,8 @@ pub(crate) extern "C" fn nmi_handler(
             cpu.last_ip.store(regs.ip, Ordering::Release);
         }
         if bits & NmiReason::Stop as u64 != 0 {
-            let safe =
-                !cpu.in_job.load(Ordering::Relaxed) && cpu.irq_depth.load(Ordering::Relaxed) == 0;
+            let safe = !cpu.running_job.load(Ordering::Relaxed)
+                && cpu.irq_depth.load(Ordering::Relaxed) == 0;
             shared.nmi_hooks.call_stop(shared, cpu, uc, safe);
         }
         cpu.in_handler.fetch_sub(1, Ordering::Relaxed);

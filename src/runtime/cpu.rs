@@ -101,9 +101,13 @@ pub(crate) struct CpuState {
     pub exit_req: crate::sync::AtomicBool,
     /// Jobs queued and not yet started (an RMW-read counter, see `idle`).
     pub jobs_queued: crate::sync::AtomicUsize,
+    /// Whether the thread is executing a job's code right now (set only around the call). A
+    /// stop that interrupts such a CPU cannot power it off: see `stop/receive.rs`.
+    pub running_job: AtomicBool,
     /// The current thread has left `cpu_main` (set last thing before it returns).
     pub exited: AtomicBool,
-    /// Whether the thread is inside a job right now.
+    /// Whether the thread holds a job (set before it takes one from its queue, so hotplug's
+    /// drain never sees it idle while it holds a job it just took).
     pub in_job: AtomicBool,
     /// Open while the CPU takes jobs; submit and migration hold this lock, so a job is either
     /// queued before the gate closes (and run or moved) or refused.
@@ -148,6 +152,7 @@ impl CpuState {
             nmi_pending: AtomicU64::new(0),
             exit_req: crate::sync::AtomicBool::new(false),
             jobs_queued: crate::sync::AtomicUsize::new(0),
+            running_job: AtomicBool::new(false),
             exited: AtomicBool::new(true),
             in_job: AtomicBool::new(false),
             job_gate: Mutex::new(false),

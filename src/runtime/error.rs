@@ -37,6 +37,9 @@ pub enum RuntimeError {
     /// The job's CPU went away before running it and it could not be moved.
     #[error("job on CPU {cpu} was dropped unrun")]
     JobLost { cpu: CpuId },
+    /// A stop parked or powered off the job's CPU before the job finished: it never will.
+    #[error("job on CPU {cpu} will not finish: the CPU was stopped")]
+    JobStopped { cpu: CpuId },
     /// `join_timeout` ran out.
     #[error("job on CPU {cpu} did not finish within {timeout_ms} ms")]
     JobTimeout { cpu: CpuId, timeout_ms: u64 },

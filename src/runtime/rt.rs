@@ -409,7 +409,11 @@ impl Handle {
             }));
         });
         self.queue_job(cpu, job).map_err(|(e, _)| e)?;
-        Ok(JobHandle { cpu, rx })
+        Ok(JobHandle {
+            cpu,
+            rx,
+            shared: self.shared.clone(),
+        })
     }
 
     /// Queues a job on an active CPU; on refusal the job is handed back, never dropped.
@@ -523,33 +527,55 @@ impl Handle {
 pub struct JobHandle<R> {
     cpu: CpuId,
     rx: crossbeam_channel::Receiver<Result<R, String>>,
+    shared: Arc<Shared>,
 }
 
+/// How often a waiting `join` looks at whether the job's CPU was stopped.
+const JOIN_POLL: Duration = Duration::from_millis(10);
+
 impl<R> JobHandle<R> {
-    /// Waits for the job (unbounded: a job may block as long as it likes; use
-    /// [`JobHandle::join_timeout`] to bound it).
+    /// Waits for the job. Unbounded while the job runs (a job may block as long as it likes;
+    /// use [`JobHandle::join_timeout`] to bound it), but a job whose CPU a stop parked or
+    /// powered off returns `JobStopped` instead of waiting forever.
     pub fn join(self) -> Result<R, RuntimeError> {
-        match self.rx.recv() {
-            Ok(r) => r.map_err(|message| RuntimeError::JobPanicked {
-                cpu: self.cpu,
-                message,
-            }),
-            Err(_) => Err(RuntimeError::JobLost { cpu: self.cpu }),
-        }
+        self.wait(None)
     }
 
     /// Waits at most `d`.
     pub fn join_timeout(self, d: Duration) -> Result<R, RuntimeError> {
-        match self.rx.recv_timeout(d) {
-            Ok(r) => r.map_err(|message| RuntimeError::JobPanicked {
-                cpu: self.cpu,
-                message,
-            }),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(RuntimeError::JobTimeout {
-                cpu: self.cpu,
+        self.wait(Some(Instant::now() + d)).map_err(|e| match e {
+            RuntimeError::JobTimeout { cpu, .. } => RuntimeError::JobTimeout {
+                cpu,
                 timeout_ms: d.as_millis() as u64,
-            }),
-            Err(_) => Err(RuntimeError::JobLost { cpu: self.cpu }),
+            },
+            e => e,
+        })
+    }
+
+    fn wait(self, deadline: Option<Instant>) -> Result<R, RuntimeError> {
+        let cpu = self.cpu;
+        loop {
+            let nap = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(JOIN_POLL),
+                None => JOIN_POLL,
+            };
+            match self.rx.recv_timeout(nap) {
+                Ok(r) => {
+                    return r.map_err(|message| RuntimeError::JobPanicked { cpu, message });
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(RuntimeError::JobLost { cpu });
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    // The result may have been sent just before the stop: look once more.
+                    if self.shared.cpus[cpu].is_stopped() && self.rx.is_empty() {
+                        return Err(RuntimeError::JobStopped { cpu });
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(RuntimeError::JobTimeout { cpu, timeout_ms: 0 });
+                    }
+                }
+            }
         }
     }
 }

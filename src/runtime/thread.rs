@@ -120,9 +120,17 @@ fn serve_calls(shared: &Shared, st: &CpuState) {
 
 fn run_job(st: &CpuState, job: super::cpu::Job) {
     st.in_job.store(true, Ordering::SeqCst);
+    st.running_job.store(true, Ordering::SeqCst);
+    // A stop that came before `running_job` was set powered the CPU off at a safe point and
+    // returned here: the job must not start. One that comes after it parks the CPU in the job.
+    if st.powered_off.load(Ordering::SeqCst) {
+        st.running_job.store(false, Ordering::SeqCst);
+        return;
+    }
     // Job wrappers report panics to their handles; this catch keeps the CPU alive whatever a
     // job does.
     let _ = catch_unwind(AssertUnwindSafe(job));
+    st.running_job.store(false, Ordering::SeqCst);
     st.in_job.store(false, Ordering::SeqCst);
     st.stats.jobs.fetch_add(1, Ordering::Relaxed);
 }

@@ -303,7 +303,7 @@ impl Handle {
     fn park_self(&self, me: CpuId) {
         let s = &self.shared;
         let st = &s.cpus[me];
-        let in_job = st.in_job.load(Ordering::Relaxed);
+        let in_job = st.running_job.load(Ordering::Relaxed);
         let here = 0u8;
         let regs = SavedRegs {
             ip: park_marker as *const () as u64,
