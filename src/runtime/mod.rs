@@ -16,9 +16,14 @@
 //! | `events.rs`, `logger.rs`, `trace.rs` | the NMI-safe event rings, their drain, Perfetto export |
 //! | `error.rs` | `RuntimeError` |
 //!
-//! The runtime is the bottom layer, with one deliberate exception the kernel also has: the idle
-//! loop and `irq_restore` serve the IPI queue (`flush_smp_call_function_queue` is called from
-//! the kernel's idle loop too), and `build()` installs the IPI layer's signal handlers.
+//! The runtime is the bottom layer. Its deliberate exceptions, each one the kernel also has:
+//! - the idle loop and `irq_restore` serve the IPI queue (the kernel's idle loop calls
+//!   `flush_smp_call_function_queue` too), and `build()` installs the IPI signal handlers;
+//! - the CPU thread runs hotplug's AP side (`secondary_start_kernel` is arch code calling into
+//!   `kernel/cpu.c`);
+//! - `Config` and `Shared` hold every layer's settings and per-runtime storage (the hotplug
+//!   table, the stop coordination word, the "stopping" flag), so one `Builder` configures a
+//!   runtime; the logic stays in its own layer.
 
 pub(crate) mod affinity;
 pub mod builder;
