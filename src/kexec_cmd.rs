@@ -47,21 +47,20 @@ pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
         return resume(fd, cpus, a.json);
     }
     let rt = Builder::new().cpus(cpus).park_policy(park).build()?;
-    let crash_cpu = 1.min(cpus - 1);
-    let h = rt.handle();
-    let crash = a.crash;
-    let out = rt
-        .run_on(crash_cpu, move || {
-            let image = |h: &usmp::Handle, _: &usmp::Handoff| h.generation();
-            let r = if crash {
-                h.crash_kexec("usmp kexec --crash", image)
-            } else {
-                h.kexec(None, image)
-            };
-            r.map(|o| (o.report, o.next))
+    let image = |h: &usmp::Handle, _: &usmp::Handoff| h.generation();
+    let (report, next) = if a.crash {
+        // The panic happens on a CPU (CPU 1 when there is one), which then reboots.
+        let h = rt.handle();
+        rt.run_on(1.min(cpus - 1), move || {
+            h.crash_kexec("usmp kexec --crash", image)
+                .map(|o| (o.report, o.next))
         })?
-        .join()??;
-    let (report, next) = out;
+        .join()??
+    } else {
+        // From outside the runtime: the path migrates to the reboot CPU (0) itself.
+        let o = rt.kexec(None, image)?;
+        (o.report, o.next)
+    };
     if a.exec {
         let rec = report.record.clone().ok_or_else(|| {
             anyhow!("--exec needs --crash (an orderly kexec has no crash record)")

@@ -17,11 +17,21 @@ fn crash_record_crosses_execve() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let first = stdout.lines().next().unwrap_or("");
-    assert!(first.contains("crash record from generation 0"), "report must come first: {stdout}");
+    assert!(
+        first.contains("crash record from generation 0"),
+        "report must come first: {stdout}"
+    );
     assert!(stdout.contains("reason: usmp kexec --crash"));
-    assert!(stdout.contains("generation 1 booted in a new process: CPUs 0-3 online"), "{stdout}");
+    assert!(
+        stdout.contains("generation 1 booted in a new process: CPUs 0-3 online"),
+        "{stdout}"
+    );
 }
 
 /// Passes `bytes` to `usmp kexec --resume-fd` as an inherited fd.
@@ -40,7 +50,11 @@ fn resume_with(bytes: &[u8]) -> std::process::Output {
 }
 
 fn tempfile() -> std::fs::File {
-    let p = std::env::temp_dir().join(format!("usmp-record-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let p = std::env::temp_dir().join(format!(
+        "usmp-record-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -68,7 +82,11 @@ fn corrupt_truncated_or_hostile_records_exit_2_with_one_line() {
     };
     let good = rec.encode();
     let ok = resume_with(&good);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let mut corrupt = good.clone();
     let n = corrupt.len();
     corrupt[n - 3] ^= 0x55;
@@ -85,6 +103,9 @@ fn corrupt_truncated_or_hostile_records_exit_2_with_one_line() {
         assert_eq!(out.status.code(), Some(2), "{what}: {err}");
         assert_eq!(err.lines().count(), 1, "{what}: not one line: {err}");
         assert!(err.starts_with("usmp: error: "), "{what}: {err}");
-        assert!(out.stdout.is_empty(), "{what}: printed a report from a bad record");
+        assert!(
+            out.stdout.is_empty(),
+            "{what}: printed a report from a bad record"
+        );
     }
 }

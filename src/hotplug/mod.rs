@@ -61,7 +61,7 @@ pub enum HotplugError {
         up: bool,
         reason: String,
     },
-    #[error("cpu_up: CPU {cpu}: could not spawn its thread: {source}")]
+    #[error("cpu_up: CPU {cpu}: could not spawn its thread")]
     Spawn {
         cpu: CpuId,
         #[source]

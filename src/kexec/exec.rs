@@ -16,7 +16,7 @@ use super::record::{CrashRecord, RecordError, MAX_RECORD};
 /// Why a record could not be passed or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecRecordError {
-    #[error("crash record fd {fd}: {source}")]
+    #[error("crash record fd {fd}")]
     Io {
         fd: i32,
         #[source]

@@ -29,7 +29,7 @@ pub enum KexecError {
     #[error("crash_kexec: {0}")]
     Stop(#[from] crate::stop::StopError),
     /// Taking a CPU down failed.
-    #[error("kexec: shutting down CPU {cpu}: {source}")]
+    #[error("kexec: shutting down CPU {cpu}")]
     Shutdown {
         cpu: usize,
         #[source]
@@ -38,6 +38,10 @@ pub enum KexecError {
     /// The next image could not boot.
     #[error("kexec: next image: {0}")]
     Boot(#[from] crate::runtime::error::RuntimeError),
+    /// Called from a logical CPU that is not the reboot CPU: a running job cannot migrate, and
+    /// shutting its CPU down would wait for the caller itself.
+    #[error("kexec called on CPU {caller}, reboot CPU is {reboot}: call it on the reboot CPU or from outside the runtime")]
+    WrongCpu { caller: usize, reboot: usize },
     /// No online CPU to reboot on.
     #[error("kexec: no online CPU to run on")]
     NoCpu,

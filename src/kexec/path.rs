@@ -131,8 +131,19 @@ impl Handle {
         let reboot = if self.is_online(want) {
             want
         } else {
-            self.online_mask().first().ok_or(KexecError::NoCpu)?
+            match self.online_mask().first() {
+                Some(c) => c,
+                None => {
+                    let _ = self.hotplug_enable();
+                    return Err(KexecError::NoCpu);
+                }
+            }
         };
+        if let Some(me) = s.this_cpu_here().filter(|&c| c != reboot) {
+            s.kexec_in_progress.store(false, Ordering::SeqCst);
+            let _ = self.hotplug_enable();
+            return Err(KexecError::WrongCpu { caller: me, reboot });
+        }
         s.hotplug.reboot_cpu.store(reboot, Ordering::SeqCst);
         tl.add(
             Some(reboot),

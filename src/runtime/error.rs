@@ -16,7 +16,7 @@ pub enum RuntimeError {
     #[error(transparent)]
     Signal(#[from] IpiError),
     /// The OS refused to start CPU `cpu`'s thread.
-    #[error("bring-up of CPU {cpu}: could not spawn its thread: {source}")]
+    #[error("bring-up of CPU {cpu}: could not spawn its thread")]
     Spawn {
         cpu: CpuId,
         #[source]
