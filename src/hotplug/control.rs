@@ -459,15 +459,22 @@ impl Handle {
                 // In IPI context on the CPU, like the kernel's irqs-off STARTING callbacks.
                 let r = Arc::new(std::sync::atomic::AtomicU32::new(0));
                 let r2 = r.clone();
-                self.call_single(
+                let sent = self.call_single(
                     cpu,
                     move || {
                         let ok = f(crate::this_cpu().unwrap_or(usize::MAX)).is_ok();
                         r2.store(if ok { 1 } else { 2 }, Ordering::Release);
                     },
                     true,
-                )
-                .map_err(|e| e.to_string())?;
+                );
+                if let Err(e) = sent {
+                    if matches!(e, crate::IpiError::Timeout { started: true, .. }) {
+                        // The callback still runs and will drop its closure in IPI context:
+                        // keep our reference so that drop is never the last (it would free).
+                        std::mem::forget(r);
+                    }
+                    return Err(e.to_string());
+                }
                 match r.load(Ordering::Acquire) {
                     1 => Ok(()),
                     _ => Err("STARTING callback returned an error".into()),
@@ -475,7 +482,7 @@ impl Handle {
             }
             Section::Online => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
-                let job: crate::runtime::cpu::Job = Box::new(move || {
+                let job = crate::runtime::cpu::Job::new(move || {
                     let _ = tx.send(f(cpu).map_err(|e| e.into_owned()));
                 });
                 self.queue_job_internal(cpu, job)
@@ -509,6 +516,15 @@ impl Handle {
         *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         st.exit_req.store(false, Ordering::SeqCst);
         st.exited.store(false, Ordering::SeqCst);
+        // A CPU powered off by a stop can come back (best-effort mode): start it clean.
+        st.powered_off.store(false, Ordering::SeqCst);
+        st.crash_saved.store(false, Ordering::SeqCst);
+        st.park_word.store(0, Ordering::SeqCst);
+        st.ipi_vectors.store(0, Ordering::SeqCst);
+        st.running_job.store(false, Ordering::SeqCst);
+        st.in_job.store(false, Ordering::SeqCst);
+        st.idle
+            .store(crate::runtime::idle::RUNNING, Ordering::SeqCst);
         st.set_run_state(CpuRunState::Booting);
         if !sync::kick(&hc.sync) {
             return Err(HotplugError::Limbo { cpu });
@@ -577,8 +593,14 @@ impl Handle {
                         reason,
                     });
                 }
+                _ if st.is_stopped() => {
+                    // A stop caught the AP between its commit and its ONLINE report (the NMI
+                    // attempt parks it where it is): it will never report.
+                    tracing::warn!("smpboot: CPU{cpu} was stopped while coming online");
+                    return Err(HotplugError::Parked { cpu });
+                }
                 v => {
-                    futex::wait(&hc.sync, v, Some(timeout));
+                    futex::wait(&hc.sync, v, Some(Duration::from_millis(10).min(timeout)));
                     if hc.sync.load(Ordering::Acquire) == v {
                         tracing::warn!("smpboot: CPU{cpu} still running its STARTING steps");
                     }
@@ -692,10 +714,17 @@ impl Handle {
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
             let mut job = Some(job);
             for to in s.active.load().iter().filter(|&c| c != cpu) {
-                match self.queue_job(to, job.take().unwrap_or_else(|| Box::new(|| {}))) {
+                let Some(j) = job.take() else { break };
+                if let Some(at) = &j.at {
+                    at.store(to, Ordering::SeqCst);
+                }
+                match self.queue_job(to, j) {
                     Ok(()) => break,
                     Err((_, back)) => job = Some(back),
                 }
+            }
+            if let Some(at) = job.as_ref().and_then(|j| j.at.as_ref()) {
+                at.store(cpu, Ordering::SeqCst);
             }
             if let Some(back) = job {
                 // Nowhere to go: put it back and stay up rather than drop it.

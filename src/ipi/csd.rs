@@ -90,7 +90,9 @@ pub(crate) struct Csd {
 // SAFETY: `vtable` and `storage` are written only by the slot's owner between `alloc` and the
 // queue push (Release), read only by the handler after winning QUEUED -> RUNNING (which is
 // after its Acquire of the queue head), or by the sender after winning QUEUED -> CANCELLED.
-// The state CAS makes these three accesses mutually exclusive.
+// The state CAS makes these three accesses mutually exclusive. `name()` also reads `vtable`
+// before the CAS: a plain read of a value published before the push, which no one writes
+// again until the slot is freed, and the reader's queue reference keeps it from being freed.
 unsafe impl Sync for Csd {}
 // SAFETY: the closure stored inline is `Send` (enforced by `arm`).
 unsafe impl Send for Csd {}

@@ -97,13 +97,9 @@ fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> 
         let sender = slot.sender.load(Ordering::Relaxed);
         let id = slot.id.load(Ordering::Relaxed);
         if warn_offline {
-            let name = shared.pool.name(h);
+            cpu.offline_name.store(shared.pool.name(h));
             shared.totals.ipi_on_offline.fetch_add(1, Ordering::Relaxed);
-            cpu.ring.record(
-                EventKind::OfflineIpi,
-                name.as_ptr() as u64,
-                name.len() as u64,
-            );
+            cpu.ring.record(EventKind::OfflineIpi, id, 0);
         }
         if shared.pool.run(h) {
             n += 1;

@@ -47,7 +47,21 @@ impl CpuRunState {
 }
 
 /// An ordinary job queued on a CPU (may allocate and block).
-pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
+pub(crate) struct Job {
+    pub run: Box<dyn FnOnce() + Send + 'static>,
+    /// Where the job is queued now, shared with its `JobHandle`; hotplug updates it when it
+    /// moves the job off a dying CPU.
+    pub at: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+}
+
+impl Job {
+    pub(crate) fn new(f: impl FnOnce() + Send + 'static) -> Self {
+        Job {
+            run: Box::new(f),
+            at: None,
+        }
+    }
+}
 
 /// Counters a CPU keeps about itself (all Relaxed: statistics, not synchronisation).
 #[derive(Default)]
@@ -134,6 +148,52 @@ pub(crate) struct CpuState {
     pub powered_off: AtomicBool,
     /// Signal handlers of ours running on this CPU right now (IPI and NMI nesting).
     pub in_handler: AtomicU32,
+    /// The name of the last callback found on this CPU after it went offline, copied in by the
+    /// handler (atomics only) for the logger's "IPI on offline CPU" message.
+    pub offline_name: OfflineName,
+}
+
+/// A fixed buffer of atomics holding a callback's type name (truncated to 128 bytes).
+pub(crate) struct OfflineName {
+    words: [AtomicU64; 16],
+    len: AtomicU64,
+}
+
+impl OfflineName {
+    fn new() -> Self {
+        OfflineName {
+            words: std::array::from_fn(|_| AtomicU64::new(0)),
+            len: AtomicU64::new(0),
+        }
+    }
+
+    /// Copies `name` in. Async-signal-safe.
+    pub(crate) fn store(&self, name: &str) {
+        let b = name.as_bytes();
+        let n = b.len().min(self.words.len() * 8);
+        for (i, w) in self.words.iter().enumerate() {
+            let mut word = [0u8; 8];
+            for (j, byte) in word.iter_mut().enumerate() {
+                if let Some(&c) = b[..n].get(i * 8 + j) {
+                    *byte = c;
+                }
+            }
+            w.store(u64::from_le_bytes(word), Ordering::Relaxed);
+        }
+        self.len.store(n as u64, Ordering::Release);
+    }
+
+    /// Reads it back (a racing writer can garble it; it is only a log message).
+    pub(crate) fn load(&self) -> String {
+        let n = (self.len.load(Ordering::Acquire) as usize).min(self.words.len() * 8);
+        let bytes: Vec<u8> = self
+            .words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+            .take(n)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
 }
 
 impl CpuState {
@@ -171,6 +231,7 @@ impl CpuState {
             park_word: AtomicU32::new(0),
             powered_off: AtomicBool::new(false),
             in_handler: AtomicU32::new(0),
+            offline_name: OfflineName::new(),
         }
     }
 

@@ -38,7 +38,8 @@ pub enum EventKind {
     Nmi,
     /// A synchronous call gave up: `a` = target CPU, `b` = ns waited.
     CsdTimeout,
-    /// An IPI reached an offline CPU: `a` = call id.
+    /// A call was found on a CPU after it went offline: `a` = call id (the callback's name is
+    /// in the CPU's `offline_name`).
     OfflineIpi,
     /// A CPU changed state: `a` = `CpuRunState` code.
     CpuState,

@@ -114,15 +114,14 @@ fn emit(shared: &Shared, e: &Event) {
             e.a
         ),
         EventKind::OfflineIpi => {
-            // SAFETY: `a`/`b` are the pointer and length of a `&'static str` (a closure's type
-            // name from `std::any::type_name`), recorded by `ipi::handler::run_list`.
-            let name = unsafe {
-                std::str::from_utf8_unchecked(std::slice::from_raw_parts(
-                    e.a as *const u8,
-                    e.b as usize,
-                ))
-            };
-            tracing::warn!("IPI on offline {w}: IPI callback {name} sent to offline CPU");
+            let name = shared
+                .cpus
+                .get(e.ring as usize)
+                .map_or_else(String::new, |c| c.offline_name.load());
+            tracing::warn!(
+                "IPI on offline {w}: IPI callback {name} sent to offline CPU (call #{})",
+                e.a
+            );
         }
         EventKind::CpuState => {
             let st = CpuRunState::from_u32(e.a as u32);

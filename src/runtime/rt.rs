@@ -399,7 +399,8 @@ impl Handle {
         R: Send + 'static,
     {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let job: super::cpu::Job = Box::new(move || {
+        let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
+        let mut job = super::cpu::Job::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             let _ = tx.send(r.map_err(|p| {
                 p.downcast_ref::<&str>()
@@ -408,9 +409,10 @@ impl Handle {
                     .unwrap_or_else(|| "non-string panic payload".into())
             }));
         });
+        job.at = Some(at.clone());
         self.queue_job(cpu, job).map_err(|(e, _)| e)?;
         Ok(JobHandle {
-            cpu,
+            at,
             rx,
             shared: self.shared.clone(),
         })
@@ -525,7 +527,8 @@ impl Handle {
 
 /// Waits for a job's result.
 pub struct JobHandle<R> {
-    cpu: CpuId,
+    /// The CPU the job is queued on or runs on (moved jobs update it).
+    at: Arc<std::sync::atomic::AtomicUsize>,
     rx: crossbeam_channel::Receiver<Result<R, String>>,
     shared: Arc<Shared>,
 }
@@ -553,8 +556,8 @@ impl<R> JobHandle<R> {
     }
 
     fn wait(self, deadline: Option<Instant>) -> Result<R, RuntimeError> {
-        let cpu = self.cpu;
         loop {
+            let cpu = self.at.load(Ordering::SeqCst);
             let nap = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(JOIN_POLL),
                 None => JOIN_POLL,

@@ -52,15 +52,6 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             finish(shared, st);
             return;
         }
-        if st.jobs_queued.load(Ordering::Relaxed) > 0
-            && st.idle.swap(super::idle::RUNNING, Ordering::AcqRel) != super::idle::RUNNING
-        {
-            // Leaving POLLING for a job, which may be long: a sender that saw POLLING did not
-            // signal, so look at the queue once more (an RMW, the idle.rs Dekker pair).
-            if st.queue.has_work() || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0 {
-                serve_calls(shared, st);
-            }
-        }
         // `in_job` is set before taking a job, so a CPU being deactivated is never seen idle
         // while it holds a job it just took (hotplug's `sched:active` teardown relies on it).
         loop {
@@ -70,6 +61,13 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 break;
             };
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+            if st.idle.swap(super::idle::RUNNING, Ordering::AcqRel) != super::idle::RUNNING {
+                // Leaving POLLING for a job, which may be long: a sender that saw POLLING did
+                // not signal, so look at the queue once more (an RMW, the idle.rs Dekker pair).
+                if st.queue.has_work() || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0 {
+                    serve_calls(shared, st);
+                }
+            }
             if st.powered_off.load(Ordering::SeqCst) {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
                 // reports `JobLost`); nothing of this image runs here any more.
@@ -129,7 +127,7 @@ fn run_job(st: &CpuState, job: super::cpu::Job) {
     }
     // Job wrappers report panics to their handles; this catch keeps the CPU alive whatever a
     // job does.
-    let _ = catch_unwind(AssertUnwindSafe(job));
+    let _ = catch_unwind(AssertUnwindSafe(job.run));
     st.running_job.store(false, Ordering::SeqCst);
     st.in_job.store(false, Ordering::SeqCst);
     st.stats.jobs.fetch_add(1, Ordering::Relaxed);
@@ -155,14 +153,21 @@ fn finish(shared: &Shared, st: &CpuState) {
         st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
         run_job(st, job);
     }
-    if !shared.hotplug.skip_dying_flush.load(Ordering::Relaxed) {
-        let f = irq_save();
+    let f = irq_save();
+    // Re-checked with irqs masked: a stop that powered the CPU off after the check at the top
+    // returned here, and nothing of this image may run any more.
+    if !st.powered_off.load(Ordering::SeqCst)
+        && !shared.hotplug.skip_dying_flush.load(Ordering::Relaxed)
+    {
         crate::ipi::handler::close_and_flush(shared, st);
-        irq_restore(f);
     }
+    irq_restore(f);
     shared.online.clear(st.id);
     shared.active.clear(st.id);
-    if st.run_state() != CpuRunState::Offline {
+    if !matches!(
+        st.run_state(),
+        CpuRunState::Offline | CpuRunState::PoweredOff | CpuRunState::Parked
+    ) {
         st.set_run_state(CpuRunState::Offline);
     }
 }

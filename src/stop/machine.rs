@@ -14,9 +14,12 @@
 //!    PREPARE -> ABORT; arrived CPUs leave at once, late ones leave as soon as they arrive, and
 //!    `f` runs nowhere. After PREPARE every CPU is present, so the rest cannot stall.
 //!
-//! The shared block is reference-counted; the caller holds a reference until every CPU has left,
-//! so a handler never frees it. On abort, CPUs still to arrive hold their references and the
-//! caller leaks its own instead of waiting for them (bounded, and only on a failed stop).
+//! The shared block belongs to the caller alone: participants get a raw pointer, and their
+//! last access is the `left` increment, so the caller frees it only after all N have left and
+//! a handler never frees memory. On abort the caller leaks it instead of waiting for CPUs still
+//! to arrive (bounded, and only on a failed stop_machine).
+//! If a system stop (`send_stop`/`crash_stop`) parks a participant midway, the others would
+//! wait for its ack forever: the caller aborts as soon as it sees a stop in progress.
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,10 +44,21 @@ pub enum StopMachineError {
     /// `f` returned an error on `cpu` (the first one to fail).
     #[error("stop_machine: function failed on CPU {cpu} with code {code}")]
     Failed { cpu: CpuId, code: i32 },
+    /// A system stop (`send_stop`/`crash_stop`) started meanwhile; the machine is stopping.
+    #[error("stop_machine: aborted, the system is being stopped")]
+    Stopped,
     /// An IPI could not be sent.
     #[error("stop_machine: {0}")]
     Ipi(#[from] crate::ipi::IpiError),
 }
+
+/// The block pointer handed to participants (see the module comment for why not an `Arc`).
+#[derive(Clone, Copy)]
+struct BlockPtr(*const MultiStop);
+
+// SAFETY: `MultiStop` is `Sync` (atomics, an immutable mask and a `Sync` closure), and the
+// pointer's lifetime is managed by the caller as the module comment describes.
+unsafe impl Send for BlockPtr {}
 
 /// The function run under stop_machine, in IPI context (irqs masked, signal-handler rules).
 pub type StopFn = dyn Fn(CpuId) -> Result<(), i32> + Send + Sync;
@@ -74,8 +88,9 @@ impl MultiStop {
         }
     }
 
-    /// Step 2. Runs in IPI context on `cpu`. Async-signal-safe as far as `f` is.
-    fn run(&self, cpu: CpuId) {
+    /// Step 2. Runs in IPI context on `cpu`. Async-signal-safe as far as `f` is. The caller,
+    /// when it participates inline, passes the PREPARE deadline and aborts at it itself.
+    fn run(&self, cpu: CpuId, deadline: Option<u64>) {
         self.arrived[cpu].store(1, Ordering::SeqCst);
         let mut cur = 0;
         let mut spins = 0u32;
@@ -83,6 +98,16 @@ impl MultiStop {
             let new = self.state.load(Ordering::Acquire);
             if new == ABORT {
                 break;
+            }
+            if new == PREPARE && deadline.is_some_and(|d| now_ns() >= d) {
+                let _ = self.state.compare_exchange(
+                    PREPARE,
+                    ABORT,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                crate::runtime::futex::wake(&self.state, i32::MAX);
+                continue;
             }
             if new != cur {
                 cur = new;
@@ -145,12 +170,17 @@ impl Handle {
             failed_code: AtomicI32::new(0),
         });
         ms.set_state(PREPARE);
-        let m2 = ms.clone();
+        let start = now_ns();
+        let deadline = start + s.cfg.call_timeout.as_nanos() as u64;
+        let block = BlockPtr(Arc::as_ptr(&ms));
         let sent = self.call_many(
             &online,
             move || {
+                let block = block;
                 if let Some(c) = crate::runtime::context::this_cpu() {
-                    m2.run(c)
+                    // SAFETY: the caller keeps the block alive until every participant has
+                    // done its last access (`left`), or leaks it (module comment).
+                    unsafe { &*block.0 }.run(c, None)
                 }
             },
             false,
@@ -166,12 +196,17 @@ impl Handle {
         }
         if let Some(me) = me {
             let fl = irq_save();
-            ms.run(me);
+            ms.run(me, Some(deadline));
             irq_restore(fl);
         }
-        let start = now_ns();
-        let deadline = start + s.cfg.call_timeout.as_nanos() as u64;
         loop {
+            if s.stop.coord.in_progress() && ms.left.load(Ordering::Acquire) != ms.num {
+                // A system stop may have parked a participant: nobody would ever ack for it.
+                ms.state.store(ABORT, Ordering::SeqCst);
+                crate::runtime::futex::wake(&ms.state, i32::MAX);
+                std::mem::forget(ms);
+                return Err(StopMachineError::Stopped);
+            }
             let st = ms.state.load(Ordering::Acquire);
             if st == PREPARE && now_ns() >= deadline {
                 if ms
