@@ -109,15 +109,103 @@ impl Handle {
         self.walk_down(&t, cpu, t.steps.len())
     }
 
-    /// The kexec path's `cpu_down` (`smp_shutdown_nonboot_cpus`): under the hotplug mutex,
-    /// ignoring the disable count that `migrate_to_reboot_cpu` raised (only this path may).
-    pub(crate) fn cpu_down_for_kexec(&self, cpu: CpuId) -> Result<(), HotplugError> {
+    /// The kexec path's `cpu_down` of every non-boot CPU (`smp_shutdown_nonboot_cpus`): under
+    /// the hotplug mutex, ignoring the disable count that `migrate_to_reboot_cpu` raised (only
+    /// this path may). The same steps as `cpu_down`, but the `ap:online` teardown of all the
+    /// CPUs happens in ONE stop_machine (each runs its own `take_cpu_down`), instead of one
+    /// stop_machine round per CPU. A CPU whose ONLINE or DYING teardown fails is rolled back
+    /// and reported; the others still go down.
+    pub(crate) fn cpu_down_many_for_kexec(
+        &self,
+        cpus: &[CpuId],
+    ) -> Vec<(CpuId, Result<(), HotplugError>)> {
         let t = self.hp_lock();
-        self.check_cpu(cpu)?;
-        if self.shared.cpus[cpu].run_state() != CpuRunState::Online {
-            return Err(HotplugError::AlreadyOffline { cpu });
+        let s = &self.shared;
+        let top = t.steps.len();
+        let apo = t.ap_online();
+        let mut out = Vec::new();
+        let mut going = Vec::new();
+        // ONLINE-section teardowns (sched:active first), per CPU, as `walk_down` does.
+        for &cpu in cpus {
+            if s.cpus[cpu].run_state() != CpuRunState::Online {
+                out.push((cpu, Err(HotplugError::AlreadyOffline { cpu })));
+                continue;
+            }
+            let mut done = top;
+            let mut failed = None;
+            while done > apo + 1 {
+                match self.step_down(&t, cpu, done - 1, true) {
+                    Ok(left) => done = left,
+                    Err(e) => {
+                        self.rollback_up(&t, cpu, done, top);
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(e) => out.push((cpu, Err(e))),
+                None => going.push(cpu),
+            }
         }
-        self.walk_down(&t, cpu, t.steps.len())
+        if going.is_empty() {
+            return out;
+        }
+        // One stop_machine: every going CPU runs its DYING steps, goes offline, flushes.
+        let plan = Arc::new(ApPlan {
+            steps: t.starting(),
+            fail: ApFail::None,
+        });
+        let p2 = plan.clone();
+        let mask: crate::CpuMask = going.iter().copied().collect();
+        let r = self.stop_machine(move |c| ap::take_cpu_down(&p2, c), &mask);
+        going.retain(|&cpu| {
+            if !s.online.contains(cpu) {
+                return true;
+            }
+            // Its take_cpu_down failed (or never ran) and it stayed up: restore its ONLINE steps.
+            self.rollback_up(&t, cpu, apo + 1, top);
+            let e = match &r {
+                Err(e) => HotplugError::StopMachine(e.clone()),
+                Ok(()) => self.failed(cpu, &t, apo, false, "DYING teardown failed".into()),
+            };
+            out.push((cpu, Err(e)));
+            false
+        });
+        for &cpu in &going {
+            let st = &s.cpus[cpu];
+            st.exit_req.store(true, Ordering::SeqCst);
+            if crate::runtime::idle::kick_for_job(&st.idle) == crate::runtime::idle::Kick::Wake {
+                futex::wake(&st.idle, 1);
+            }
+        }
+        let timeout = s.cfg.boot_timeout;
+        for &cpu in &going {
+            let st = &s.cpus[cpu];
+            if !self.wait_dead(cpu, Some(timeout)) {
+                st.set_run_state(CpuRunState::Limbo);
+                let timeout_ms = timeout.as_millis() as u64;
+                out.push((cpu, Err(HotplugError::TeardownTimeout { cpu, timeout_ms })));
+                continue;
+            }
+            st.set_run_state(CpuRunState::Offline);
+            // PREPARE teardowns (the kernel's DEAD section), on this thread.
+            let mut done = t.bringup();
+            let mut res = Ok(());
+            while done > 0 {
+                match self.step_down(&t, cpu, done - 1, true) {
+                    Ok(left) => done = left,
+                    Err(e) => {
+                        tracing::error!("kexec: CPU{cpu}: {e}");
+                        res = Err(e);
+                        done -= 1;
+                    }
+                }
+            }
+            out.push((cpu, res));
+        }
+        out.sort_by_key(|(c, _)| *c);
+        out
     }
 
     /// `cpu_hotplug_disable`: while the count is non-zero, `cpu_up`/`cpu_down` fail with

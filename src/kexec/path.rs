@@ -250,10 +250,7 @@ impl Handle {
     /// disable count lifted for this path only, every other online CPU goes down.
     fn shutdown_nonboot(&self, reboot: CpuId) -> Vec<(CpuId, Result<(), crate::HotplugError>)> {
         let others: Vec<CpuId> = self.online_mask().iter().filter(|&c| c != reboot).collect();
-        others
-            .into_iter()
-            .map(|c| (c, self.cpu_down_for_kexec(c)))
-            .collect()
+        self.cpu_down_many_for_kexec(&others)
     }
 
     fn handover<R, F>(

@@ -1,0 +1,134 @@
+//! stop_machine: runs everywhere it should, and never hangs when a CPU cannot join.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use usmp::{Builder, StopMachineError};
+
+fn rt() -> usmp::Runtime {
+    Builder::new()
+        .cpus(3)
+        .log_events(false)
+        .call_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn runs_f_on_the_target_cpus_only() {
+    let rt = rt();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    rt.stop_machine(
+        move |cpu| {
+            r.fetch_add(1 << (cpu * 8), Ordering::SeqCst);
+            Ok(())
+        },
+        &"0,2".parse().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 1 | (1 << 16));
+    let e = rt.stop_machine(
+        |cpu| if cpu == 1 { Err(7) } else { Ok(()) },
+        &"1".parse().unwrap(),
+    );
+    assert!(
+        matches!(e, Err(StopMachineError::Failed { cpu: 1, code: 7 })),
+        "{e:?}"
+    );
+}
+
+fn mask_cpu(rt: &usmp::Runtime, cpu: usize) -> Arc<AtomicBool> {
+    let release = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (r, rd) = (release.clone(), ready.clone());
+    let _ = rt.run_on(cpu, move || {
+        let f = usmp::irq_save();
+        rd.store(true, Ordering::SeqCst);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !r.load(Ordering::Relaxed) && Instant::now() < end {
+            usmp::cpu_relax();
+        }
+        usmp::irq_restore(f);
+    });
+    while !ready.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    release
+}
+
+/// A CPU with irqs masked never joins: stop_machine gives up after the call timeout, from
+/// outside the runtime and from a CPU that participates itself, and `f` runs nowhere.
+#[test]
+fn a_cpu_that_never_joins_is_a_timeout_not_a_hang() {
+    let rt = rt();
+    let release = mask_cpu(&rt, 2);
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let t0 = Instant::now();
+    let e = rt.stop_machine(
+        move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        },
+        &"0-2".parse().unwrap(),
+    );
+    assert!(
+        matches!(&e, Err(StopMachineError::Timeout { missing, .. }) if missing.to_string() == "2"),
+        "{e:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    // From CPU 0, which spins in PREPARE itself: it must abort at the deadline too.
+    let h = rt.handle();
+    let r2 = ran.clone();
+    let e = rt
+        .run_on(0, move || {
+            h.stop_machine(
+                move |_| {
+                    r2.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                },
+                &"0-2".parse().unwrap(),
+            )
+        })
+        .unwrap()
+        .join_timeout(Duration::from_secs(5))
+        .unwrap();
+    assert!(matches!(e, Err(StopMachineError::Timeout { .. })), "{e:?}");
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "f ran although not every CPU joined"
+    );
+    // Once CPU 2 unmasks, it joins late, sees the abort, and the machine works again.
+    release.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(20));
+    rt.stop_machine(|_| Ok(()), &"0-2".parse().unwrap())
+        .unwrap();
+}
+
+/// A job on a CPU that a stop parks will never finish: `join` says so instead of hanging.
+#[test]
+fn join_of_a_job_on_a_stopped_cpu_returns_job_stopped() {
+    let rt = rt();
+    let spin = Arc::new(AtomicBool::new(true));
+    let s2 = spin.clone();
+    let job = rt
+        .run_on(1, move || {
+            while s2.load(Ordering::Relaxed) {
+                usmp::cpu_relax();
+            }
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    rt.send_stop().unwrap();
+    let t0 = Instant::now();
+    let r = job.join();
+    assert!(
+        matches!(r, Err(usmp::RuntimeError::JobStopped { cpu: 1 })),
+        "{r:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    spin.store(false, Ordering::Relaxed);
+}
