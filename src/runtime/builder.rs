@@ -141,6 +141,8 @@ impl Builder {
     }
 
     /// Run a logger thread that turns the event rings into `tracing` events (default true).
+    /// With this off and no trace collected, nothing is recorded at all (the IPI path skips
+    /// its clock reads).
     pub fn log_events(mut self, on: bool) -> Self {
         self.cfg.log_events = on;
         self

@@ -197,7 +197,7 @@ impl OfflineName {
 }
 
 impl CpuState {
-    pub(crate) fn new(id: CpuId, ring_cap: usize) -> Self {
+    pub(crate) fn new(id: CpuId, ring_cap: usize, log: bool) -> Self {
         let (job_tx, job_rx) = crossbeam_channel::unbounded();
         Self {
             id,
@@ -220,7 +220,7 @@ impl CpuState {
             job_rx,
             thread: Mutex::new(None),
             core: AtomicI32::new(-1),
-            ring: EventRing::new(ring_cap),
+            ring: EventRing::with_enabled(ring_cap, log),
             stats: CpuCounters::default(),
             last_ip: AtomicU64::new(0),
             ipi_vectors: AtomicU64::new(0),

@@ -119,8 +119,15 @@ pub(crate) fn wait_for_work(
                 }
                 std::hint::spin_loop();
                 i = i.wrapping_add(1);
-                if i % 64 == 0 && super::clock::now_ns() >= deadline {
-                    break;
+                if i % 64 == 0 {
+                    if super::clock::now_ns() >= deadline {
+                        break;
+                    }
+                    // Give the core to another runnable thread, if any: with more threads than
+                    // cores a poller would otherwise hold a core that its sender or a hotplug
+                    // controller needs (this halves cpu_down with polling idle CPUs). With no
+                    // other runnable thread it returns at once and polling goes on.
+                    std::thread::yield_now();
                 }
             }
         }

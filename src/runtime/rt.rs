@@ -20,10 +20,11 @@ static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 /// Runtime-wide counters (Relaxed: statistics).
 #[derive(Default)]
 pub(crate) struct Totals {
-    /// Calls accepted into a queue.
-    pub queued: AtomicU64,
+    /// Calls accepted into a queue (written by senders; padded away from `handled`, which
+    /// the targets write, so the two sides do not bounce one cache line per call).
+    pub queued: CachePadded<AtomicU64>,
     /// Callbacks run.
-    pub handled: AtomicU64,
+    pub handled: CachePadded<AtomicU64>,
     /// Calls cancelled by a sender that timed out before they ran.
     pub cancelled: AtomicU64,
     /// API calls that returned Ok / Err.
@@ -233,17 +234,18 @@ impl Runtime {
                 cores.len()
             );
         }
+        let log = cfg.log_events || cfg.collect_trace;
         let shared = Arc::new(Shared {
             id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
             cpus: (0..n)
-                .map(|c| CachePadded::new(CpuState::new(c, cfg.event_ring)))
+                .map(|c| CachePadded::new(CpuState::new(c, cfg.event_ring, log)))
                 .collect(),
             possible: AtomicCpuMask::new(n),
             present: AtomicCpuMask::new(n),
             online: AtomicCpuMask::new(n),
             active: AtomicCpuMask::new(n),
             pool: CsdPool::new(cfg.csd_pool),
-            ext_ring: EventRing::new(cfg.event_ring),
+            ext_ring: EventRing::with_enabled(cfg.event_ring, log),
             totals: Totals::default(),
             next_call_id: AtomicU64::new(1),
             cores,

@@ -73,6 +73,8 @@ struct MultiStop {
     arrived: Box<[AtomicU32]>,
     failed_cpu: AtomicUsize,
     failed_code: AtomicI32,
+    /// Spin iterations before a participant sleeps (see `run`).
+    spin_limit: u32,
 }
 
 impl MultiStop {
@@ -130,10 +132,11 @@ impl MultiStop {
                 spins = 0;
                 continue;
             }
-            // Spin briefly, then sleep on the state word (futex is async-signal-safe): with
-            // more logical CPUs than cores, spinners would hold the cores the laggards need.
+            // Spin, then sleep on the state word (futex is async-signal-safe). With no more
+            // participants than cores, spin ~20 µs (a futex wake-up costs about that); with
+            // more, spinners would hold the cores the laggards need, so sleep almost at once.
             spins += 1;
-            if spins < 64 {
+            if spins < self.spin_limit {
                 std::hint::spin_loop();
             } else {
                 crate::runtime::futex::wait(
@@ -168,6 +171,11 @@ impl Handle {
             arrived: (0..s.cpus.len()).map(|_| AtomicU32::new(0)).collect(),
             failed_cpu: AtomicUsize::new(usize::MAX),
             failed_code: AtomicI32::new(0),
+            spin_limit: if online.weight() <= s.cores.len().max(1) {
+                4096
+            } else {
+                64
+            },
         });
         ms.set_state(PREPARE);
         let start = now_ns();
