@@ -365,16 +365,18 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: u64) -> Result<(), I
     let slot = s.pool.slot(idx);
     let start = now_ns();
     let spin_until = start + SPIN_NS;
+    // Look at the state after every spin hint: a PAUSE costs ~140 cycles on recent x86, so
+    // batching hints (this once did 32 per check) adds a microsecond of latency.
+    let mut i = 0u32;
     loop {
         if slot.state.load(Ordering::Acquire) == DONE {
             s.pool.put(idx);
             return Ok(());
         }
-        if now_ns() >= spin_until {
+        std::hint::spin_loop();
+        i = i.wrapping_add(1);
+        if i % 64 == 0 && now_ns() >= spin_until {
             break;
-        }
-        for _ in 0..32 {
-            std::hint::spin_loop();
         }
     }
     slot.waiter.store(1, Ordering::SeqCst);

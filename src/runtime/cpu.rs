@@ -66,8 +66,9 @@ impl Job {
 /// Counters a CPU keeps about itself (all Relaxed: statistics, not synchronisation).
 #[derive(Default)]
 pub(crate) struct CpuCounters {
-    /// Calls queued to this CPU.
-    pub calls_queued: AtomicU64,
+    /// Calls queued to this CPU. Written by the senders, so it sits on its own cache line:
+    /// sharing one with the counters this CPU writes would bounce that line on every call.
+    pub calls_queued: crossbeam_utils::CachePadded<AtomicU64>,
     /// Calls this CPU ran.
     pub calls_handled: AtomicU64,
     /// Calls sent *by* this CPU (to others).
