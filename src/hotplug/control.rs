@@ -173,11 +173,7 @@ impl Handle {
             false
         });
         for &cpu in &going {
-            let st = &s.cpus[cpu];
-            st.exit_req.store(true, Ordering::SeqCst);
-            if crate::runtime::idle::kick_for_job(&st.idle) == crate::runtime::idle::Kick::Wake {
-                futex::wake(&st.idle, 1);
-            }
+            s.cpus[cpu].request_exit();
         }
         let timeout = s.cfg.boot_timeout;
         for &cpu in &going {
@@ -769,10 +765,7 @@ impl Handle {
             Err(e) => return Err(e.into()),
         }
         let st = &s.cpus[cpu];
-        st.exit_req.store(true, Ordering::SeqCst);
-        if crate::runtime::idle::kick_for_job(&st.idle) == crate::runtime::idle::Kick::Wake {
-            futex::wake(&st.idle, 1);
-        }
+        st.request_exit();
         let timeout = s.cfg.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {
             st.set_run_state(CpuRunState::Limbo);

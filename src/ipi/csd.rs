@@ -87,12 +87,9 @@ pub(crate) struct Csd {
     storage: UnsafeCell<MaybeUninit<[u64; CSD_INLINE_BYTES / 8]>>,
 }
 
-// SAFETY: `vtable` and `storage` are written only by the slot's owner between `alloc` and the
-// queue push (Release), read only by the handler after winning QUEUED -> RUNNING (which is
-// after its Acquire of the queue head), or by the sender after winning QUEUED -> CANCELLED.
-// The state CAS makes these three accesses mutually exclusive. `name()` also reads `vtable`
-// before the CAS: a plain read of a value published before the push, which no one writes
-// again until the slot is freed, and the reader's queue reference keeps it from being freed.
+// SAFETY: vtable/storage are used by one party at a time: the owner before the push (which
+// publishes them, Release), the handler after winning QUEUED->RUNNING, or the sender after
+// winning QUEUED->CANCELLED; `name()` only reads the vtable, immutable while a ref is held.
 unsafe impl Sync for Csd {}
 // SAFETY: the closure stored inline is `Send` (enforced by `arm`).
 unsafe impl Send for Csd {}

@@ -269,13 +269,9 @@ impl Handle {
         // The old image ends: whatever is still online leaves (the reboot CPU's thread exits
         // once the job running this path returns; nothing is joined from here).
         for c in s.online.load().iter() {
-            let st = &s.cpus[c];
             s.active.clear(c);
             s.online.clear(c);
-            st.exit_req.store(true, Ordering::SeqCst);
-            if crate::runtime::idle::kick_for_job(&st.idle) == crate::runtime::idle::Kick::Wake {
-                crate::runtime::futex::wake(&st.idle, 1);
-            }
+            s.cpus[c].request_exit();
         }
         tl.add(Some(reboot), "old image retired");
         let generation = s.cfg.generation + 1;

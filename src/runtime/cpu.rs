@@ -236,6 +236,15 @@ impl CpuState {
         }
     }
 
+    /// Asks the CPU's thread to leave its idle loop, waking it if it sleeps (it checks
+    /// between jobs, so a running job finishes first).
+    pub(crate) fn request_exit(&self) {
+        self.exit_req.store(true, Ordering::SeqCst);
+        if super::idle::kick_for_job(&self.idle) == super::idle::Kick::Wake {
+            super::futex::wake(&self.idle, 1);
+        }
+    }
+
     /// Whether a stop has parked or powered off this CPU.
     pub(crate) fn is_stopped(&self) -> bool {
         matches!(

@@ -124,8 +124,7 @@ impl Shared {
             return;
         }
         for st in self.cpus.iter() {
-            st.exit_req.store(true, Ordering::SeqCst);
-            kick_wake(st);
+            st.request_exit();
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
             st.park_word
