@@ -599,7 +599,6 @@ impl Handle {
         });
         *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         st.exit_req.store(false, Ordering::SeqCst);
-        st.exited.store(false, Ordering::SeqCst);
         // A CPU powered off by a stop can come back (best-effort mode): start it clean.
         st.powered_off.store(false, Ordering::SeqCst);
         st.crash_saved.store(false, Ordering::SeqCst);

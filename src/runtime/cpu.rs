@@ -119,8 +119,6 @@ pub(crate) struct CpuState {
     /// Whether the thread is executing a job's code right now (set only around the call). A
     /// stop that interrupts such a CPU cannot power it off: see `stop/receive.rs`.
     pub running_job: AtomicBool,
-    /// The current thread has left `cpu_main` (set last thing before it returns).
-    pub exited: AtomicBool,
     /// Whether the thread holds a job (set before it takes one from its queue, so hotplug's
     /// drain never sees it idle while it holds a job it just took).
     pub in_job: AtomicBool,
@@ -214,7 +212,6 @@ impl CpuState {
             exit_req: crate::sync::AtomicBool::new(false),
             jobs_queued: crate::sync::AtomicUsize::new(0),
             running_job: AtomicBool::new(false),
-            exited: AtomicBool::new(true),
             in_job: AtomicBool::new(false),
             job_gate: Mutex::new(false),
             job_tx,

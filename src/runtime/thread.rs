@@ -41,7 +41,6 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     st.tid.store(0, Ordering::SeqCst);
     // SAFETY: clearing the pointer; nothing uses it afterwards on this thread.
     unsafe { set_current(std::ptr::null(), 0) };
-    st.exited.store(true, Ordering::SeqCst);
     // Last: DEAD. A controller that sees it may start a new thread for this CPU.
     crate::hotplug::ap::ap_exit(&shared, st);
 }
