@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::StateBalances;
 use usmp::{Builder, CpuRunState, HotplugError, Section};
 
 fn rt(n: usize) -> usmp::Runtime {
@@ -62,53 +65,17 @@ fn refusals_leave_state_unchanged() {
     assert!(rt.call_single(1, || {}, true).is_ok());
 }
 
-/// One user step per section, each keeping a per-CPU balance (+1 startup, -1 teardown).
-fn with_states(rt: &usmp::Runtime) -> Vec<(String, Arc<Vec<AtomicI64>>)> {
-    let mut out = vec![];
-    for (name, sec) in [
-        ("test:prepare", Section::Prepare),
-        ("test:starting", Section::Starting),
-        ("test:online", Section::Online),
-    ] {
-        let bal: Arc<Vec<AtomicI64>> =
-            Arc::new((0..rt.cpus()).map(|_| AtomicI64::new(0)).collect());
-        let (b1, b2) = (bal.clone(), bal.clone());
-        rt.setup_state(
-            name,
-            sec,
-            Some(Arc::new(move |c| {
-                b1[c].fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            })),
-            Some(Arc::new(move |c| {
-                b2[c].fetch_sub(1, Ordering::SeqCst);
-                Ok(())
-            })),
-        )
-        .unwrap();
-        out.push((name.to_string(), bal));
-    }
-    out
-}
-
-fn balances(states: &[(String, Arc<Vec<AtomicI64>>)], cpu: usize) -> Vec<i64> {
-    states
-        .iter()
-        .map(|(_, b)| b[cpu].load(Ordering::SeqCst))
-        .collect()
-}
-
 #[test]
 fn setup_state_runs_on_online_cpus_and_remove_undoes_it() {
     let rt = rt(3);
-    let states = with_states(&rt);
+    let states = StateBalances::install(&rt);
     for c in 0..3 {
-        assert_eq!(balances(&states, c), [1, 1, 1], "cpu {c}");
+        assert_eq!(states.of(c), [1, 1, 1], "cpu {c}");
     }
     rt.cpu_down(2).unwrap();
-    assert_eq!(balances(&states, 2), [0, 0, 0]);
+    assert_eq!(states.of(2), [0, 0, 0]);
     rt.cpu_up(2).unwrap();
-    assert_eq!(balances(&states, 2), [1, 1, 1]);
+    assert_eq!(states.of(2), [1, 1, 1]);
     let steps = rt.hotplug_steps();
     assert_eq!(
         steps,
@@ -127,7 +94,7 @@ fn setup_state_runs_on_online_cpus_and_remove_undoes_it() {
 #[test]
 fn forced_failure_at_every_step_rolls_back_both_ways() {
     let rt = rt(3);
-    let states = with_states(&rt);
+    let states = StateBalances::install(&rt);
     for step in rt.hotplug_steps() {
         // Down: the CPU stays up and consistent, and the error names the step.
         rt.hotplug_fail_step(1, &step).unwrap();
@@ -147,11 +114,7 @@ fn forced_failure_at_every_step_rolls_back_both_ways() {
         }
         assert!(rt.is_online(1), "{step}: CPU went down despite the failure");
         assert_eq!(rt.cpu_state(1), Some(CpuRunState::Online), "{step}");
-        assert_eq!(
-            balances(&states, 1),
-            [1, 1, 1],
-            "{step}: down rollback unbalanced"
-        );
+        assert_eq!(states.of(1), [1, 1, 1], "{step}: down rollback unbalanced");
         assert!(
             rt.call_single(1, || {}, true).is_ok(),
             "{step}: CPU dead after rollback"
@@ -172,14 +135,10 @@ fn forced_failure_at_every_step_rolls_back_both_ways() {
         }
         assert!(!rt.is_online(1), "{step}: CPU half up");
         assert_eq!(rt.cpu_state(1), Some(CpuRunState::Offline), "{step}");
-        assert_eq!(
-            balances(&states, 1),
-            [0, 0, 0],
-            "{step}: up rollback unbalanced"
-        );
+        assert_eq!(states.of(1), [0, 0, 0], "{step}: up rollback unbalanced");
         assert_eq!(rt.init_mm_refs(), 2, "{step}: init_mm reference leaked");
         rt.cpu_up(1).unwrap();
-        assert_eq!(balances(&states, 1), [1, 1, 1]);
+        assert_eq!(states.of(1), [1, 1, 1]);
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
+mod common;
+
 use usmp::{Builder, CpuRunState, HotplugError, KexecError, ParkPolicy, Section};
 
 fn b(n: usize) -> Builder {
@@ -209,38 +211,15 @@ fn spin_policy_loses_every_parked_cpu() {
 /// CPU still goes through every teardown step exactly once.
 #[test]
 fn kexec_runs_every_teardown_once_per_cpu() {
-    use std::sync::atomic::AtomicI64;
     let rt = b(4).build().unwrap();
-    let mut all = vec![];
-    for (name, sec) in [
-        ("test:prep", Section::Prepare),
-        ("test:start", Section::Starting),
-        ("test:online", Section::Online),
-    ] {
-        let bal: Arc<Vec<AtomicI64>> = Arc::new((0..4).map(|_| AtomicI64::new(0)).collect());
-        let (b1, b2) = (bal.clone(), bal.clone());
-        rt.setup_state(
-            name,
-            sec,
-            Some(Arc::new(move |c| {
-                b1[c].fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            })),
-            Some(Arc::new(move |c| {
-                b2[c].fetch_sub(1, Ordering::SeqCst);
-                Ok(())
-            })),
-        )
-        .unwrap();
-        all.push(bal);
-    }
+    let states = common::StateBalances::install(&rt);
     let out = rt
         .kexec(Some(0), |h, _| h.online_mask().to_string())
         .unwrap();
     assert_eq!(out.value, "0-3");
-    for bal in &all {
-        // The reboot CPU hands over as it is (like the kernel's); the others were torn down.
-        let v: Vec<i64> = bal.iter().map(|b| b.load(Ordering::SeqCst)).collect();
-        assert_eq!(v, [1, 0, 0, 0]);
+    // The reboot CPU hands over as it is (like the kernel's); the others were torn down.
+    assert_eq!(states.of(0), [1, 1, 1]);
+    for cpu in 1..4 {
+        assert_eq!(states.of(cpu), [0, 0, 0], "cpu {cpu}");
     }
 }

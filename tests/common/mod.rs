@@ -118,3 +118,47 @@ pub fn start_masked_spinner(
     );
     job
 }
+
+/// One user hotplug step per section (PREPARE, STARTING, ONLINE), each keeping a per-CPU
+/// balance: +1 on startup, -1 on teardown. After any sequence of hotplug operations, a CPU's
+/// balances are 1 if it is up and 0 if it is down, or a step ran twice or not at all.
+pub struct StateBalances(Vec<Arc<Vec<std::sync::atomic::AtomicI64>>>);
+
+impl StateBalances {
+    pub fn install(rt: &usmp::Runtime) -> Self {
+        use std::sync::atomic::AtomicI64;
+        let mut out = vec![];
+        for (name, sec) in [
+            ("test:prepare", usmp::Section::Prepare),
+            ("test:starting", usmp::Section::Starting),
+            ("test:online", usmp::Section::Online),
+        ] {
+            let bal: Arc<Vec<AtomicI64>> =
+                Arc::new((0..rt.cpus()).map(|_| AtomicI64::new(0)).collect());
+            let (b1, b2) = (bal.clone(), bal.clone());
+            rt.setup_state(
+                name,
+                sec,
+                Some(Arc::new(move |c| {
+                    b1[c].fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })),
+                Some(Arc::new(move |c| {
+                    b2[c].fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                })),
+            )
+            .unwrap();
+            out.push(bal);
+        }
+        StateBalances(out)
+    }
+
+    /// CPU `cpu`'s balance in each section, PREPARE, STARTING, ONLINE.
+    pub fn of(&self, cpu: usize) -> Vec<i64> {
+        self.0
+            .iter()
+            .map(|b| b[cpu].load(Ordering::SeqCst))
+            .collect()
+    }
+}
