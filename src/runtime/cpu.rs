@@ -83,12 +83,16 @@ pub(crate) struct CpuCounters {
     pub polled: AtomicU64,
     /// Times a sleeping idle CPU was woken by futex.
     pub idle_wakes: AtomicU64,
+    /// Times the idle CPU announced SLEEPING (then slept unless work had just arrived).
+    pub sleeps: AtomicU64,
     /// NMIs received.
     pub nmis: AtomicU64,
     /// Nanoseconds spent with irqs soft-masked (when accounting is on).
     pub masked_ns: AtomicU64,
     /// Jobs run.
     pub jobs: AtomicU64,
+    /// Jobs that ended with irqs masked (unmasked by the idle loop).
+    pub irq_leaks: AtomicU64,
 }
 
 /// One logical CPU.

@@ -9,10 +9,18 @@
 //!    RUNNING  -> ring the doorbell signal, unless `kick_pending` says one is in flight.
 //! 3. C announces POLLING, then SLEEPING, with `swap`, and after announcing SLEEPING re-checks
 //!    every work word with an RMW read before it sleeps.
+//! 4. C leaves POLLING, SLEEPING or WAKING for RUNNING with `swap` ([`enter_running`]), and when
+//!    the old state was not RUNNING it re-checks its call queue and vectors with an RMW read and
+//!    serves them *before* it starts anything that may take long (a job). A sender that saw
+//!    POLLING, SLEEPING or WAKING rang no doorbell, so without this step a call queued while a
+//!    job's futex wake was in flight would wait for the whole job (issue 8: a 300 ms job delayed
+//!    an async call and a stop_machine by 300 ms).
 //!
-//! All four accesses are RMWs, so either S's step-2 read comes after C's SLEEPING swap (S wakes
-//! C) or C's step-3 re-check comes after S's publication (C does not sleep): no lost wake-up. RMWs
-//! are used instead of SeqCst loads because RMW chains are what the loom model checks exactly.
+//! All accesses are RMWs, so either S's step-2 read comes after C's SLEEPING swap (S wakes C) or
+//! C's step-3 re-check comes after S's publication (C does not sleep): no lost wake-up. And
+//! either S's step-2 read comes after C's RUNNING swap (S rings the doorbell) or it comes before,
+//! and then C's step-4 re-check sees S's publication: no call waits behind a job. RMWs are used
+//! instead of SeqCst loads because RMW chains are what the loom model checks exactly.
 
 use std::time::Duration;
 
@@ -66,6 +74,13 @@ pub(crate) fn kick_for_job(idle: &AtomicU32) -> Kick {
     }
 }
 
+/// Step 4: the CPU is about to run something (a job, its loop). Returns whether it left an idle
+/// state, in which case the caller must re-check the call queue (RMW) before anything long.
+#[inline]
+pub(crate) fn enter_running(idle: &AtomicU32) -> bool {
+    idle.swap(RUNNING, Ordering::AcqRel) != RUNNING
+}
+
 fn wake_decision(idle: &AtomicU32) -> Kick {
     if idle
         .compare_exchange(SLEEPING, WAKING, Ordering::AcqRel, Ordering::Relaxed)
@@ -96,6 +111,9 @@ impl Default for IdlePolicy {
 /// check for the poll phase; `has_work` must use RMW reads. The final sleep is unbounded by
 /// design: it ends only when a sender wakes the CPU (step 2) or a signal arrives, which is what
 /// "idle" means; the loom model `loom_no_lost_wakeup` shows a sender always wakes it.
+///
+/// Returns with the CPU still POLLING (a poll hit) or RUNNING (after a sleep); either way the
+/// caller owes step 4 before it runs a job.
 #[cfg(not(loom))]
 pub(crate) fn wait_for_work(
     idle: &std::sync::atomic::AtomicU32,
@@ -103,6 +121,7 @@ pub(crate) fn wait_for_work(
     peek: impl Fn() -> bool,
     has_work: impl Fn() -> bool,
     on_poll_hit: impl Fn(),
+    on_sleep: impl Fn(),
 ) {
     if let IdlePolicy::PollThenSleep(window) = policy {
         if !window.is_zero() {
@@ -133,6 +152,7 @@ pub(crate) fn wait_for_work(
         }
     }
     idle.swap(SLEEPING, Ordering::AcqRel);
+    on_sleep();
     while !has_work() {
         if idle.load(Ordering::Acquire) != SLEEPING {
             break; // a sender moved us to WAKING
@@ -146,6 +166,7 @@ pub(crate) fn wait_for_work(
 mod loom_idle {
     use super::*;
     use crate::ipi::queue::{CallQueue, Links, EMPTY};
+    use crate::sync::AtomicUsize;
     use loom::sync::Arc;
 
     struct One(AtomicU32);
@@ -183,6 +204,62 @@ mod loom_idle {
                     k,
                     Kick::Wake,
                     "CPU slept with work queued and was not woken"
+                );
+            }
+        });
+    }
+
+    /// The wake-for-a-job path (issue 8): a CPU sleeps; one sender queues a job and wakes it
+    /// (SLEEPING -> WAKING); another queues a call and may see WAKING, so it rings nothing.
+    /// When the CPU is about to start the job it must have served the call (step 4), or the
+    /// call's sender must ring the doorbell. Without step 4 the call waits for the whole job.
+    #[test]
+    fn loom_call_not_stuck_behind_woken_job() {
+        loom::model(|| {
+            let q = Arc::new(CallQueue::new_open());
+            let idle = Arc::new(AtomicU32::new(RUNNING));
+            let kick = Arc::new(AtomicBool::new(false));
+            let jobs = Arc::new(AtomicUsize::new(0));
+            let l = Arc::new(One(AtomicU32::new(EMPTY)));
+            let (i1, j1) = (idle.clone(), jobs.clone());
+            let mut job_sender = Some(loom::thread::spawn(move || {
+                j1.fetch_add(1, Ordering::AcqRel);
+                kick_for_job(&i1)
+            }));
+            let (q2, i2, k2, l2) = (q.clone(), idle.clone(), kick.clone(), l.clone());
+            let mut call_sender = Some(loom::thread::spawn(move || {
+                q2.push(0, &*l2).unwrap();
+                kick_for_ipi(&i2, &k2)
+            }));
+            // The CPU: announce SLEEPING and re-check (step 3).
+            idle.swap(SLEEPING, Ordering::AcqRel);
+            let has_work = jobs.fetch_add(0, Ordering::AcqRel) > 0 || q.has_work();
+            let mut call_kick = None;
+            if !has_work {
+                // It sleeps until a sender moves the word; the job's sender always runs (it is
+                // the one whose wake the bug was about), the call's only if still needed.
+                job_sender.take().unwrap().join().unwrap();
+                if idle.load(Ordering::Acquire) == SLEEPING {
+                    call_kick = Some(call_sender.take().unwrap().join().unwrap());
+                    assert_ne!(idle.load(Ordering::Acquire), SLEEPING, "lost wake-up");
+                }
+            }
+            // Step 4, then the job would start.
+            let served = enter_running(&idle) && q.has_work();
+            // A call that is queued now and was not served must get a doorbell.
+            let pending = q.has_work() && !served;
+            if let Some(j) = job_sender {
+                j.join().unwrap();
+            }
+            let ck = match call_kick {
+                Some(k) => k,
+                None => call_sender.take().unwrap().join().unwrap(),
+            };
+            if pending {
+                assert_eq!(
+                    ck,
+                    Kick::Signal,
+                    "a call queued before the job started got no doorbell and was not served"
                 );
             }
         });

@@ -312,12 +312,16 @@ pub struct CpuStats {
     pub polled: u64,
     /// Futex wake-ups from idle sleep.
     pub idle_wakes: u64,
+    /// Times the idle loop went to sleep (announced SLEEPING).
+    pub sleeps: u64,
     /// NMIs received.
     pub nmis: u64,
     /// Time irq-masked (µs), when accounting is on.
     pub masked_us: u64,
     /// Jobs run.
     pub jobs: u64,
+    /// Jobs that ended with irqs still masked (the runtime unmasked them).
+    pub irq_leaks: u64,
 }
 
 /// Runtime-wide statistics (`usmp run --json` prints these).
@@ -489,9 +493,11 @@ impl Handle {
                     deferred: st.deferred.load(Ordering::Relaxed),
                     polled: st.polled.load(Ordering::Relaxed),
                     idle_wakes: st.idle_wakes.load(Ordering::Relaxed),
+                    sleeps: st.sleeps.load(Ordering::Relaxed),
                     nmis: st.nmis.load(Ordering::Relaxed),
                     masked_us: st.masked_ns.load(Ordering::Relaxed) / 1000,
                     jobs: st.jobs.load(Ordering::Relaxed),
+                    irq_leaks: st.irq_leaks.load(Ordering::Relaxed),
                 }
             })
             .collect();

@@ -35,9 +35,20 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     let st = &shared.cpus[cpu];
     st.tid.store(crate::ipi::signal::gettid(), Ordering::SeqCst);
     shared.pin_current(st);
+    // Before anything can signal this thread: IPI callbacks run on this stack.
+    let altstack = match crate::ipi::signal::AltStack::install(shared.cfg.signal_stack) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::error!(
+                "usmp: CPU{cpu}: no alternate signal stack ({e}); IPI callbacks run on the thread's default one"
+            );
+            None
+        }
+    };
     if crate::hotplug::ap::ap_boot(&shared, st) {
         idle_loop(&shared, st);
     }
+    drop(altstack);
     st.tid.store(0, Ordering::SeqCst);
     // SAFETY: clearing the pointer; nothing uses it afterwards on this thread.
     unsafe { set_current(std::ptr::null(), 0) };
@@ -60,12 +71,9 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 break;
             };
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            if st.idle.swap(super::idle::RUNNING, Ordering::AcqRel) != super::idle::RUNNING {
-                // Leaving POLLING for a job, which may be long: a sender that saw POLLING did
-                // not signal, so look at the queue once more (an RMW, the idle.rs Dekker pair).
-                if st.queue.has_work() || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0 {
-                    serve_calls(shared, st);
-                }
+            if super::idle::enter_running(&st.idle) {
+                // idle.rs step 4: leaving POLLING for a job, which may be long.
+                serve_if_queued(shared, st);
             }
             if st.powered_off.load(Ordering::SeqCst) {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
@@ -101,7 +109,21 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             || {
                 st.stats.polled.fetch_add(1, Ordering::Relaxed);
             },
+            || {
+                st.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            },
         );
+        // idle.rs step 4: a sleep ended in RUNNING, and a sender that saw SLEEPING or WAKING
+        // (its job's wake-up in flight) rang no doorbell: serve before the next job starts.
+        // (After a poll hit the CPU is still POLLING and the job loop's `enter_running` does it.)
+        serve_if_queued(shared, st);
+    }
+}
+
+/// Serves the queue and vectors if an RMW read finds anything (idle.rs step 4).
+fn serve_if_queued(shared: &Shared, st: &CpuState) {
+    if st.queue.has_work() || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0 {
+        serve_calls(shared, st);
     }
 }
 
@@ -125,9 +147,19 @@ fn run_job(st: &CpuState, job: super::cpu::Job) {
         return;
     }
     // Job wrappers report panics to their handles; this catch keeps the CPU alive whatever a
-    // job does.
+    // job does (ipi/fatal.rs states the policy).
     let _ = catch_unwind(AssertUnwindSafe(job.run));
     st.running_job.store(false, Ordering::SeqCst);
+    // A job that unwound (or returned) between irq_save and irq_restore must not leave every
+    // later job and IPI of this CPU masked; the kernel warns likewise when a softirq or
+    // workqueue item returns with irqs disabled.
+    if super::context::irq_unmask_after_job() {
+        st.stats.irq_leaks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "usmp: CPU{}: a job ended with irqs masked (it panicked or forgot irq_restore); unmasked",
+            st.id
+        );
+    }
     st.in_job.store(false, Ordering::SeqCst);
     st.stats.jobs.fetch_add(1, Ordering::Relaxed);
 }
