@@ -75,7 +75,7 @@ pub use ipi::IpiError;
 #[cfg(not(loom))]
 pub use kexec::{CrashRecord, Handoff, KexecError, KexecOutcome, KexecReport, RecordError};
 #[cfg(not(loom))]
-pub use runtime::builder::{Builder, Config, MAX_CPUS};
+pub use runtime::builder::{Builder, Config, DEFAULT_SIGNAL_STACK, MAX_CPUS};
 #[cfg(not(loom))]
 pub use runtime::context::{cpu_relax, irq_restore, irq_save, irqs_disabled, this_cpu, IrqFlags};
 #[cfg(not(loom))]

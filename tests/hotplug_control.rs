@@ -153,7 +153,7 @@ fn setup_state_failure_is_undone_everywhere() {
             Section::Online,
             Some(Arc::new(move |c| {
                 if c == 2 {
-                    return Err("cpu 2 says no".into());
+                    return Err("cpu 2 says no");
                 }
                 r1.fetch_add(1, Ordering::SeqCst);
                 Ok(())

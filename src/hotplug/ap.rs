@@ -49,7 +49,7 @@ fn startup(step: &Step, cpu: usize) -> super::StepResult {
     match &step.kind {
         Kind::User {
             startup: Some(f), ..
-        } => f(cpu),
+        } => crate::ipi::fatal::run(cpu, "hotplug STARTING step", &step.name, || f(cpu)),
         _ => Ok(()),
     }
 }
@@ -58,7 +58,7 @@ fn teardown(step: &Step, cpu: usize) -> super::StepResult {
     match &step.kind {
         Kind::User {
             teardown: Some(f), ..
-        } => f(cpu),
+        } => crate::ipi::fatal::run(cpu, "hotplug DYING step", &step.name, || f(cpu)),
         _ => Ok(()),
     }
 }
@@ -98,7 +98,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     for k in 0..=n {
         // k == n is ap:online itself, which can only fail by injection.
         let r = if plan.fail == ApFail::Step(k) || (k == n && plan.fail == ApFail::ApOnline) {
-            Err("injected failure".into())
+            Err("injected failure")
         } else if k == n {
             Ok(())
         } else {
@@ -115,7 +115,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
                 }
             }
             *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((name, reason.into_owned()));
+                Some((name, reason.to_string()));
             irq_restore(fl);
             hc.sync.store(FAILED, Ordering::Release);
             futex::wake(&hc.sync, 1);
@@ -185,7 +185,7 @@ pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
     }
     for k in (0..plan.steps.len()).rev() {
         let r = if plan.fail == ApFail::Step(k) {
-            Err("injected failure".into())
+            Err("injected failure")
         } else {
             teardown(&plan.steps[k], cpu)
         };

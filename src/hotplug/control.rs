@@ -538,7 +538,8 @@ impl Handle {
             return Ok(());
         };
         match t.steps[k].section {
-            Section::Prepare => f(cpu).map_err(|e| e.into_owned()),
+            // Thread context: a panic is caught and fails the step, which is rolled back.
+            Section::Prepare => catch_step(|| f(cpu)),
             Section::Starting => {
                 // In IPI context on the CPU, like the kernel's irqs-off STARTING callbacks.
                 let r = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -546,7 +547,14 @@ impl Handle {
                 let sent = self.call_single(
                     cpu,
                     move || {
-                        let ok = f(crate::this_cpu().unwrap_or(usize::MAX)).is_ok();
+                        let c = crate::this_cpu().unwrap_or(usize::MAX);
+                        let ok = crate::ipi::fatal::run(
+                            c,
+                            "hotplug STARTING step",
+                            "setup_state",
+                            || f(c),
+                        )
+                        .is_ok();
                         r2.store(if ok { 1 } else { 2 }, Ordering::Release);
                     },
                     true,
@@ -567,7 +575,7 @@ impl Handle {
             Section::Online => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
                 let job = crate::runtime::cpu::Job::new(move || {
-                    let _ = tx.send(f(cpu).map_err(|e| e.into_owned()));
+                    let _ = tx.send(catch_step(|| f(cpu)));
                 });
                 self.queue_job_internal(cpu, job)
                     .map_err(|e| e.to_string())?;
@@ -829,5 +837,20 @@ impl Handle {
             std::thread::sleep(Duration::from_micros(100));
         }
         Ok(())
+    }
+}
+
+/// Runs a PREPARE or ONLINE step (thread context): an error or a panic becomes the step's
+/// failure reason, so the step is rolled back like any failed one.
+fn catch_step(f: impl FnOnce() -> super::StepResult) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(str::to_string),
+        Err(p) => Err(format!(
+            "panicked: {}",
+            p.downcast_ref::<&str>()
+                .copied()
+                .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("non-string payload")
+        )),
     }
 }

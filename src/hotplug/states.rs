@@ -15,7 +15,6 @@
 //! STARTING and DYING callbacks run in IPI context (signal-handler rules), as the kernel's run
 //! with interrupts disabled.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::runtime::cpumask::CpuId;
@@ -32,9 +31,9 @@ pub enum Section {
     Online,
 }
 
-/// What a step callback returns: `Ok`, or why it failed. A `Cow` so that a STARTING/DYING
-/// callback (IPI context, no allocation) can fail with a `&'static str`.
-pub type StepResult = Result<(), Cow<'static, str>>;
+/// What a step callback returns: `Ok`, or why it failed. A `&'static str`, so that failing (and
+/// dropping the error) in IPI context, where STARTING/DYING steps run, never frees memory.
+pub type StepResult = Result<(), &'static str>;
 
 /// A step callback, called with the CPU it is for.
 pub type StepFn = Arc<dyn Fn(CpuId) -> StepResult + Send + Sync>;

@@ -276,7 +276,7 @@ impl Handle {
 /// Step 1 for a self-call: run now with irqs masked, counted like a delivered IPI.
 fn run_local<F: FnOnce()>(s: &Shared, st: &CpuState, f: F) {
     let fl = irq_save();
-    f();
+    super::fatal::run(st.id, "IPI callback", std::any::type_name::<F>(), f);
     irq_restore(fl);
     s.totals.queued.fetch_add(1, Ordering::Relaxed);
     s.totals.handled.fetch_add(1, Ordering::Relaxed);

@@ -16,6 +16,7 @@ use crate::runtime::rt::Shared;
 
 /// Installs the IPI and NMI handlers (once per process and signal).
 pub(crate) fn install(sigs: &Signals) -> Result<(), IpiError> {
+    super::fatal::install_hook();
     signal::install(sigs.ipi, ipi_handler, &[])?;
     // The NMI blocks the IPI while it runs: a CPU parked inside the NMI handler has irqs off.
     signal::install(sigs.nmi, super::nmi::nmi_handler, &[sigs.ipi])
@@ -101,7 +102,10 @@ fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> 
             shared.totals.ipi_on_offline.fetch_add(1, Ordering::Relaxed);
             cpu.ring.record(EventKind::OfflineIpi, id, 0);
         }
-        if shared.pool.run(h) {
+        let ran = super::fatal::run(cpu.id, "IPI callback", shared.pool.name(h), || {
+            shared.pool.run(h)
+        });
+        if ran {
             n += 1;
             cpu.stats.calls_handled.fetch_add(1, Ordering::Relaxed);
             shared.totals.handled.fetch_add(1, Ordering::Relaxed);

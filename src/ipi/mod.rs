@@ -6,6 +6,7 @@
 //! | `queue.rs` | the closable lock-free call queue (llist) |
 //! | `csd.rs` | the preallocated csd pool and the slot lifetime protocol |
 //! | `call.rs` | `call_single`, `call_many`, ...: publish, ring, wait |
+//! | `fatal.rs` | a panic in IPI context aborts with one line (the policy for user code) |
 //! | `handler.rs` | the IPI signal handler and the queue flush (`flush_smp_call_function_queue`) |
 //! | `nmi.rs` | the NMI signal: reasons, hooks for upper layers, backtrace sampling |
 //!
@@ -18,9 +19,15 @@
 //! atomics and preallocated memory: no allocation, no locks, no printing, no panics, no blocking.
 //! Its closure is also dropped there, so it must not own the last reference to anything that
 //! frees memory when dropped. Anything else belongs in a job ([`crate::Handle::run_on`]).
+//!
+//! **Stack.** On a busy CPU a callback runs on the CPU's alternate signal stack, 64 KiB by
+//! default ([`crate::Builder::signal_stack`]), with a guard page below it: a callback that
+//! needs more overflows into the guard and the process dies with SIGSEGV. Keep big buffers out
+//! of callbacks, or raise the size.
 
 pub(crate) mod call;
 pub(crate) mod csd;
+pub(crate) mod fatal;
 pub(crate) mod handler;
 pub(crate) mod nmi;
 pub(crate) mod queue;

@@ -236,3 +236,110 @@ impl SavedRegs {
         }
     }
 }
+
+/// A logical CPU's own alternate signal stack, with a `PROT_NONE` guard page below it.
+///
+/// IPI callbacks, stop and NMI handlers run on it (the handlers are installed with
+/// `SA_ONSTACK`). Without it they would run on whatever alternate stack the thread has: std's
+/// stack-overflow stack of a few KiB, on which a callback using 6 KiB of stack crashed the
+/// process. Installed by the CPU's thread at start; dropping it (on the same thread, outside any
+/// handler) puts the previous alternate stack back and unmaps this one.
+pub(crate) struct AltStack {
+    map: *mut libc::c_void,
+    map_len: usize,
+    old: libc::stack_t,
+}
+
+/// The smallest alternate stack `Builder::signal_stack` accepts.
+pub const MIN_SIGNAL_STACK: usize = 16 * 1024;
+/// The largest.
+pub const MAX_SIGNAL_STACK: usize = 64 * 1024 * 1024;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+impl AltStack {
+    /// Maps `size` bytes (rounded up to whole pages) plus a guard page and makes them the
+    /// calling thread's alternate signal stack.
+    pub(crate) fn install(size: usize) -> Result<AltStack, IpiError> {
+        let page = page_size();
+        let size = size.div_ceil(page) * page;
+        let map_len = size + page;
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(IpiError::Sys {
+                op: "mmap(signal stack)",
+                errno: errno(),
+            });
+        }
+        let unmap = |op| {
+            let e = errno();
+            // SAFETY: `map` is the mapping made above, not yet shared with anyone.
+            unsafe { libc::munmap(map, map_len) };
+            IpiError::Sys { op, errno: e }
+        };
+        // The stack grows down: the guard is the lowest page.
+        // SAFETY: the first page of our own fresh mapping.
+        if unsafe { libc::mprotect(map, page, libc::PROT_NONE) } != 0 {
+            return Err(unmap("mprotect(signal stack guard)"));
+        }
+        let ss = libc::stack_t {
+            // SAFETY: `page` is inside the mapping of `map_len > page` bytes.
+            ss_sp: unsafe { map.cast::<u8>().add(page) }.cast(),
+            ss_flags: 0,
+            ss_size: size,
+        };
+        // SAFETY: zeroed stack_t is a valid out-parameter.
+        let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `ss` describes memory that stays mapped until `drop` has switched it out; we
+        // are not running on an alternate stack (thread start), so the switch is allowed.
+        if unsafe { libc::sigaltstack(&ss, &mut old) } != 0 {
+            return Err(unmap("sigaltstack"));
+        }
+        Ok(AltStack { map, map_len, old })
+    }
+}
+
+impl Drop for AltStack {
+    fn drop(&mut self) {
+        // Put the previous stack back (std's, which std frees at thread exit), or disable.
+        let restore = if self.old.ss_sp.is_null() || self.old.ss_flags & libc::SS_DISABLE != 0 {
+            libc::stack_t {
+                ss_sp: std::ptr::null_mut(),
+                ss_flags: libc::SS_DISABLE,
+                ss_size: 0,
+            }
+        } else {
+            libc::stack_t {
+                ss_flags: 0,
+                ..self.old
+            }
+        };
+        // SAFETY: called on the installing thread outside any handler (the CPU thread's exit
+        // path), so no frame lives on our stack; `restore` is std's live stack or a disable.
+        let r = unsafe { libc::sigaltstack(&restore, std::ptr::null_mut()) };
+        if r == 0 {
+            // SAFETY: no longer the thread's alternate stack, and nothing else points into it.
+            unsafe { libc::munmap(self.map, self.map_len) };
+        }
+        // If the switch failed (we are somehow still on it), leak the mapping rather than
+        // unmap a stack in use.
+    }
+}

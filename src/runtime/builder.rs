@@ -10,6 +10,9 @@ use crate::ipi::signal::Signals;
 /// The most logical CPUs a runtime may have.
 pub const MAX_CPUS: usize = 1024;
 
+/// The default size of each CPU's alternate signal stack (see [`Builder::signal_stack`]).
+pub const DEFAULT_SIGNAL_STACK: usize = 64 * 1024;
+
 /// The resolved configuration a runtime runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -29,6 +32,7 @@ pub struct Config {
     pub(crate) name: String,
     pub(crate) park: crate::stop::ParkPolicy,
     pub(crate) stop: crate::stop::StopConfig,
+    pub(crate) signal_stack: usize,
 }
 
 /// Builds a [`Runtime`].
@@ -72,6 +76,7 @@ impl Builder {
                 name: "usmp".into(),
                 park: crate::stop::ParkPolicy::default(),
                 stop: crate::stop::StopConfig::default(),
+                signal_stack: DEFAULT_SIGNAL_STACK,
             },
             signals: None,
         }
@@ -192,6 +197,16 @@ impl Builder {
         self
     }
 
+    /// The size of each CPU's alternate signal stack, on which IPI callbacks, STARTING/DYING
+    /// steps, stop_machine functions and NMI hooks run when they interrupt a busy CPU (default
+    /// 64 KiB, 16 KiB to 64 MiB; a `PROT_NONE` guard page sits below it, so an overflow is a
+    /// clean SIGSEGV, never silent corruption). Rounded up to whole pages. Callbacks served by an
+    /// idle CPU run on its thread stack instead, so size this for the deepest callback.
+    pub fn signal_stack(mut self, bytes: usize) -> Self {
+        self.cfg.signal_stack = bytes;
+        self
+    }
+
     /// A custom stop backend (default: maskable IPI on attempt 1, NMI after).
     pub fn stop_backend(mut self, b: std::sync::Arc<dyn crate::stop::StopBackend>) -> Self {
         self.cfg.stop.backend = b;
@@ -213,6 +228,16 @@ impl Builder {
             return Err(RuntimeError::BadConfig(
                 "call and boot timeouts must be non-zero".into(),
             ));
+        }
+        let (lo, hi) = (
+            crate::ipi::signal::MIN_SIGNAL_STACK,
+            crate::ipi::signal::MAX_SIGNAL_STACK,
+        );
+        if !(lo..=hi).contains(&cfg.signal_stack) {
+            return Err(RuntimeError::BadConfig(format!(
+                "signal_stack must be {lo} to {hi} bytes, got {}",
+                cfg.signal_stack
+            )));
         }
         if cfg.csd_pool == 0 {
             cfg.csd_pool = 256 + 64 * cfg.cpus;

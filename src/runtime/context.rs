@@ -108,6 +108,18 @@ pub fn irq_restore(flags: IrqFlags) {
     }
 }
 
+/// Unmasks irqs on the calling CPU if something left them masked (a job that panicked between
+/// `irq_save` and `irq_restore`, or returned without restoring), replaying what was deferred.
+/// Returns whether they were masked. Thread context, between jobs.
+pub(crate) fn irq_unmask_after_job() -> bool {
+    if irqs_disabled() {
+        irq_restore(IrqFlags { was_masked: false });
+        true
+    } else {
+        false
+    }
+}
+
 /// Whether the calling CPU has irqs soft-masked (false outside the runtime).
 #[inline]
 pub fn irqs_disabled() -> bool {

@@ -69,6 +69,8 @@ struct MultiStop {
     num: u32,
     active: CpuMask,
     f: Box<StopFn>,
+    /// `f`'s type name, for the fatal-panic line.
+    f_name: &'static str,
     left: AtomicU32,
     arrived: Box<[AtomicU32]>,
     failed_cpu: AtomicUsize,
@@ -115,7 +117,11 @@ impl MultiStop {
                 cur = new;
                 // DISABLE_IRQ needs no work: IPI context already has irqs masked.
                 if cur == RUN && self.active.contains(cpu) {
-                    if let Err(code) = (self.f)(cpu) {
+                    let r =
+                        crate::ipi::fatal::run(cpu, "stop_machine function", self.f_name, || {
+                            (self.f)(cpu)
+                        });
+                    if let Err(code) = r {
                         if self
                             .failed_cpu
                             .compare_exchange(usize::MAX, cpu, Ordering::AcqRel, Ordering::Acquire)
@@ -167,6 +173,7 @@ impl Handle {
             num: online.weight() as u32,
             active: cpus.and(&online),
             f: Box::new(f),
+            f_name: std::any::type_name::<F>(),
             left: AtomicU32::new(0),
             arrived: (0..s.cpus.len()).map(|_| AtomicU32::new(0)).collect(),
             failed_cpu: AtomicUsize::new(usize::MAX),
