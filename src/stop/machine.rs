@@ -20,6 +20,13 @@
 //! to arrive (bounded, and only on a failed stop_machine).
 //! If a system stop (`send_stop`/`crash_stop`) parks a participant midway, the others would
 //! wait for its ack forever: the caller aborts as soon as it sees a stop in progress.
+//!
+//! Calls are serialized by one mutex per runtime, as the kernel's `stop_cpus_mutex` does; a
+//! second caller waits for the first to finish (bounded by the first's PREPARE timeout plus
+//! the run time of its `f`). A caller that is itself a CPU keeps taking IPIs while it waits
+//! (the wait is in thread context with irqs on), so it joins the first call's stop instead of
+//! deadlocking against it; a caller with irqs masked, or in IPI context, could not, and gets
+//! `IpiError::IrqsDisabled` at once.
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -165,6 +172,14 @@ impl Handle {
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
         let s = &self.shared;
+        if let Some(cpu) = s
+            .this_cpu_here()
+            .filter(|_| crate::runtime::context::irqs_disabled())
+        {
+            return Err(crate::ipi::IpiError::IrqsDisabled { cpu }.into());
+        }
+        // Unbounded only as long as the running stop_machine takes (module comment).
+        let _serial = s.stop.machine.lock().unwrap_or_else(|e| e.into_inner());
         let online = s.online.load();
         let me = s.this_cpu_here().filter(|&c| online.contains(c));
         let ms = Arc::new(MultiStop {

@@ -76,6 +76,9 @@ impl Default for StopConfig {
 /// Per-runtime stop state.
 pub(crate) struct StopState {
     pub coord: Coord,
+    /// Serializes `stop_machine` (the kernel's `stop_cpus_mutex`): two at once would each hold
+    /// some CPUs in PREPARE while waiting for the others, and both would time out.
+    pub machine: std::sync::Mutex<()>,
     /// The winner has finished its attempts (the kernel's `cpus_stopped`).
     pub done: std::sync::atomic::AtomicBool,
 }
@@ -84,6 +87,7 @@ impl StopState {
     pub(crate) fn new() -> Self {
         StopState {
             coord: Coord::new(),
+            machine: std::sync::Mutex::new(()),
             done: std::sync::atomic::AtomicBool::new(false),
         }
     }
