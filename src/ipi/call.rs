@@ -411,6 +411,17 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: u64) -> Result<(), I
         true
     };
     s.pool.put(idx);
+    if !started && !super::handler::ipi_handler_installed(&s.cfg.signals) {
+        tracing::error!(
+            "usmp: signal {} no longer has usmp's handler (replaced after build?): IPIs cannot reach busy CPUs",
+            s.cfg.signals.ipi
+        );
+        return Err(IpiError::HandlerReplaced {
+            cpu: st.id,
+            sig: s.cfg.signals.ipi,
+            waited_ms: waited / 1_000_000,
+        });
+    }
     Err(IpiError::Timeout {
         cpu: st.id,
         waited_ms: waited / 1_000_000,

@@ -17,9 +17,19 @@ use crate::runtime::rt::Shared;
 /// Installs the IPI and NMI handlers (once per process and signal).
 pub(crate) fn install(sigs: &Signals) -> Result<(), IpiError> {
     super::fatal::install_hook();
-    signal::install(sigs.ipi, ipi_handler, &[])?;
+    let ipi = signal::install(sigs.ipi, ipi_handler, &[])?;
     // The NMI blocks the IPI while it runs: a CPU parked inside the NMI handler has irqs off.
-    signal::install(sigs.nmi, super::nmi::nmi_handler, &[sigs.ipi])
+    // All or nothing: if the NMI cannot be ours, the IPI signal goes back to what it was.
+    if let Err(e) = signal::install(sigs.nmi, super::nmi::nmi_handler, &[sigs.ipi]) {
+        signal::uninstall(sigs.ipi, ipi);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Whether the IPI signal's handler is still ours. Async-signal-safe.
+pub(crate) fn ipi_handler_installed(sigs: &Signals) -> bool {
+    signal::is_installed(sigs.ipi, ipi_handler)
 }
 
 /// The doorbell's handler. Async-signal-safe.

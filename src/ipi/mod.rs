@@ -72,6 +72,14 @@ pub enum IpiError {
     /// The signal number is not a usable real-time signal.
     #[error("signal {sig} is not a usable real-time signal ({min}..={max}, IPI and NMI distinct)")]
     BadSignal { sig: i32, min: i32, max: i32 },
+    /// A synchronous call timed out and the IPI signal's handler is no longer usmp's: another
+    /// library replaced it after `build()`, so no doorbell reaches a busy CPU any more.
+    #[error("IPI to CPU {cpu}: no answer within {waited_ms} ms, and signal {sig} no longer has usmp's handler (another library replaced it); busy CPUs cannot be reached")]
+    HandlerReplaced {
+        cpu: CpuId,
+        sig: i32,
+        waited_ms: u64,
+    },
     /// Another handler already owns the signal; usmp refuses to replace it.
     #[error("signal {sig} already has a handler that is not usmp's")]
     SignalInUse { sig: i32 },

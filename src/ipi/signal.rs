@@ -58,9 +58,39 @@ pub(crate) type Handler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut 
 /// Serializes installs so two runtimes built at once cannot both see "no handler" and race.
 static INSTALL: Mutex<()> = Mutex::new(());
 
+/// What `install` did: found our handler already there, or replaced this previous action
+/// (`SIG_DFL`/`SIG_IGN`), which `uninstall` puts back.
+pub(crate) enum Installed {
+    Already,
+    New(libc::sigaction),
+}
+
+/// Puts back the action `install` replaced (undoing a partial install).
+pub(crate) fn uninstall(sig: i32, how: Installed) {
+    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Installed::New(old) = how {
+        // SAFETY: `old` is the action the kernel returned for `sig` in `install`.
+        unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
+    }
+}
+
+/// Whether `handler` is still the installed handler of `sig` (another library may have
+/// replaced it after `build()`). Async-signal-safe (sigaction is).
+pub(crate) fn is_installed(sig: i32, handler: Handler) -> bool {
+    // SAFETY: zeroed sigaction is valid as an out-parameter.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: query only.
+    unsafe { libc::sigaction(sig, std::ptr::null(), &mut cur) };
+    cur.sa_sigaction == handler as usize
+}
+
 /// Installs `handler` for `sig`, blocking `also_block` while it runs. Succeeds if `handler` is
 /// already installed; fails with `IpiError::SignalInUse` if any other handler is.
-pub(crate) fn install(sig: i32, handler: Handler, also_block: &[i32]) -> Result<(), IpiError> {
+pub(crate) fn install(
+    sig: i32,
+    handler: Handler,
+    also_block: &[i32],
+) -> Result<Installed, IpiError> {
     let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: an all-zero sigaction is a valid "empty" value for the out-parameter.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -72,7 +102,7 @@ pub(crate) fn install(sig: i32, handler: Handler, also_block: &[i32]) -> Result<
         });
     }
     if old.sa_sigaction == handler as usize {
-        return Ok(());
+        return Ok(Installed::Already);
     }
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
         return Err(IpiError::SignalInUse { sig });
@@ -97,7 +127,7 @@ pub(crate) fn install(sig: i32, handler: Handler, also_block: &[i32]) -> Result<
             errno: errno(),
         });
     }
-    Ok(())
+    Ok(Installed::New(old))
 }
 
 /// Whether `sig` currently has a handler that is not `SIG_DFL`/`SIG_IGN` (for tests).
