@@ -235,6 +235,7 @@ impl Handle {
         teardown: Option<StepFn>,
     ) -> Result<StateId, HotplugError> {
         let mut t = self.hp_lock();
+        self.check_not_retired()?;
         let (id, at) = t.insert(name, section, startup, teardown);
         let online: Vec<CpuId> = self.online_mask().iter().collect();
         for (n, &cpu) in online.iter().enumerate() {
@@ -258,6 +259,7 @@ impl Handle {
     /// Runs the state's teardown on every online CPU and removes it (`cpuhp_remove_state`).
     pub fn remove_state(&self, id: StateId) -> Result<(), HotplugError> {
         let mut t = self.hp_lock();
+        self.check_not_retired()?;
         let at = t
             .find(id)
             .ok_or_else(|| HotplugError::UnknownState(format!("{id:?}")))?;
@@ -343,6 +345,16 @@ impl Handle {
             .store(on, Ordering::Relaxed);
     }
 
+    /// After a handoff nothing may change this image (its CPU ids belong to the next one).
+    fn check_not_retired(&self) -> Result<(), HotplugError> {
+        if self.shared.retired.load(Ordering::SeqCst) {
+            return Err(HotplugError::Retired {
+                generation: self.generation(),
+            });
+        }
+        Ok(())
+    }
+
     fn hp_lock(&self) -> Guard<'_> {
         self.shared
             .hotplug
@@ -352,6 +364,7 @@ impl Handle {
     }
 
     fn check_cpu(&self, cpu: CpuId) -> Result<(), HotplugError> {
+        self.check_not_retired()?;
         if cpu >= self.cpus() {
             return Err(HotplugError::InvalidCpu {
                 cpu,

@@ -75,6 +75,10 @@ pub enum HotplugError {
         cpu: CpuId,
         reason: String,
     },
+    #[error(
+        "generation {generation} has handed over to the next image (kexec): no more hotplug here"
+    )]
+    Retired { generation: u64 },
     #[error("hotplug_enable without a matching hotplug_disable")]
     UnbalancedEnable,
     #[error(transparent)]

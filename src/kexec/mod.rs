@@ -42,6 +42,9 @@ pub enum KexecError {
     /// shutting its CPU down would wait for the caller itself.
     #[error("kexec called on CPU {caller}, reboot CPU is {reboot}: call it on the reboot CPU or from outside the runtime")]
     WrongCpu { caller: usize, reboot: usize },
+    /// This image already handed over to the next one.
+    #[error("kexec: generation {generation} has already handed over to the next image")]
+    Retired { generation: u64 },
     /// No online CPU to reboot on.
     #[error("kexec: no online CPU to run on")]
     NoCpu,

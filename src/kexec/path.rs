@@ -10,6 +10,12 @@
 //! 4. Hand over: the old image ends; the next generation boots on the reboot CPU first, then
 //!    brings up every CPU that is safely offline.
 //!
+//! Until step 4 begins, an error undoes every step taken so far (`Undo`, below): CPUs that
+//! went down come back up, the reboot CPU is unpinned, hotplug is enabled again and the image
+//! may kexec again. From step 4 on the old image is retired for good: every mutating call on
+//! it (hotplug, jobs, stop_machine, kexec) fails with a typed `Retired` error, even if the
+//! next image then fails to boot.
+//!
 //! `crash_kexec`: crash-stop everything else (retries, NMI fallback), the CPUs park by the
 //! policy, a crash record is written, and the next image brings up exactly the CPUs that
 //! powered off; CPUs parked with `spin`, parked where they could not power off, or that failed
@@ -96,6 +102,55 @@ impl Timeline {
     }
 }
 
+/// Undoes the steps of a kexec that failed before the handover (dropped while armed).
+struct Undo<'a> {
+    h: &'a Handle,
+    hotplug_disabled: bool,
+    reboot_pinned: bool,
+    /// CPUs the shutdown took down, brought back up on failure.
+    downed: Vec<CpuId>,
+    armed: bool,
+}
+
+impl<'a> Undo<'a> {
+    fn new(h: &'a Handle) -> Self {
+        Undo {
+            h,
+            hotplug_disabled: false,
+            reboot_pinned: false,
+            downed: Vec::new(),
+            armed: true,
+        }
+    }
+
+    /// The handover has begun: nothing may be undone any more.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let s = &self.h.shared;
+        if self.reboot_pinned {
+            s.hotplug.reboot_cpu.store(usize::MAX, Ordering::SeqCst);
+        }
+        if self.hotplug_disabled {
+            let _ = self.h.hotplug_enable();
+        }
+        for &cpu in &self.downed {
+            if let Err(e) = self.h.cpu_up(cpu) {
+                tracing::error!("kexec: undo: could not bring CPU{cpu} back up: {e}");
+            }
+        }
+        s.kexec_in_progress.store(false, Ordering::SeqCst);
+        tracing::info!("kexec: failed before the handover; every step undone");
+    }
+}
+
 fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -121,30 +176,26 @@ impl Handle {
             v: Vec::new(),
         };
         // Step 1.
+        self.kexec_check_not_retired()?;
         if s.kexec_in_progress.swap(true, Ordering::SeqCst) {
             return Err(KexecError::InProgress);
         }
+        let mut undo = Undo::new(self);
         tl.add(s.this_cpu_here(), "kexec in progress");
         // Step 2.
         self.hotplug_disable();
+        undo.hotplug_disabled = true;
         let want = reboot_cpu.unwrap_or(0);
         let reboot = if self.is_online(want) {
             want
         } else {
-            match self.online_mask().first() {
-                Some(c) => c,
-                None => {
-                    let _ = self.hotplug_enable();
-                    return Err(KexecError::NoCpu);
-                }
-            }
+            self.online_mask().first().ok_or(KexecError::NoCpu)?
         };
         if let Some(me) = s.this_cpu_here().filter(|&c| c != reboot) {
-            s.kexec_in_progress.store(false, Ordering::SeqCst);
-            let _ = self.hotplug_enable();
             return Err(KexecError::WrongCpu { caller: me, reboot });
         }
         s.hotplug.reboot_cpu.store(reboot, Ordering::SeqCst);
+        undo.reboot_pinned = true;
         tl.add(
             Some(reboot),
             "migrate_to_reboot_cpu (hotplug disabled, reboot CPU pinned)",
@@ -159,13 +210,23 @@ impl Handle {
                 .join()
                 .map_err(KexecError::Boot)?
         };
+        let mut failed = None;
         for (cpu, r) in downs {
             match r {
-                Ok(()) => tl.add(Some(cpu), "cpu_down: offline (queue flushed, jobs moved)"),
-                Err(source) => return Err(KexecError::Shutdown { cpu, source }),
+                Ok(()) => {
+                    undo.downed.push(cpu);
+                    tl.add(Some(cpu), "cpu_down: offline (queue flushed, jobs moved)");
+                }
+                Err(source) => {
+                    failed.get_or_insert(KexecError::Shutdown { cpu, source });
+                }
             }
         }
+        if let Some(e) = failed {
+            return Err(e); // `undo` brings the CPUs that went down back up
+        }
         tl.add(Some(reboot), "machine_kexec: handing over");
+        undo.disarm();
         self.handover(tl, reboot, CpuMask::new(), None, image)
     }
 
@@ -182,10 +243,13 @@ impl Handle {
             v: Vec::new(),
         };
         let me = s.this_cpu_here();
+        self.kexec_check_not_retired()?;
         if s.kexec_in_progress.swap(true, Ordering::SeqCst) {
             // Exactly one proceeds. A losing caller that is a CPU gets stopped by the winner.
             return Err(KexecError::InProgress);
         }
+        // A stop that happened cannot be undone; only the in-progress mark can.
+        let mut undo = Undo::new(self);
         let crashed_at_ns = wall_ns();
         tl.add(me, format!("crash: {reason}"));
         let out = match self.stop_outcome_so_far() {
@@ -243,6 +307,7 @@ impl Handle {
             Some(reboot),
             "machine_crash_kexec: handing over with the crash record",
         );
+        undo.disarm();
         self.handover(tl, reboot, lost, Some(record), image)
     }
 
@@ -251,6 +316,15 @@ impl Handle {
     fn shutdown_nonboot(&self, reboot: CpuId) -> Vec<(CpuId, Result<(), crate::HotplugError>)> {
         let others: Vec<CpuId> = self.online_mask().iter().filter(|&c| c != reboot).collect();
         self.cpu_down_many_for_kexec(&others)
+    }
+
+    fn kexec_check_not_retired(&self) -> Result<(), KexecError> {
+        if self.shared.retired.load(Ordering::SeqCst) {
+            return Err(KexecError::Retired {
+                generation: self.generation(),
+            });
+        }
+        Ok(())
     }
 
     fn handover<R, F>(
@@ -266,6 +340,7 @@ impl Handle {
         R: Send + 'static,
     {
         let s = &self.shared;
+        s.retired.store(true, Ordering::SeqCst);
         // The old image ends: whatever is still online leaves (the reboot CPU's thread exits
         // once the job running this path returns; nothing is joined from here).
         for c in s.online.load().iter() {

@@ -40,6 +40,11 @@ pub enum RuntimeError {
     /// A stop parked or powered off the job's CPU before the job finished: it never will.
     #[error("job on CPU {cpu} will not finish: the CPU was stopped")]
     JobStopped { cpu: CpuId },
+    /// This image handed over to the next one (kexec): it runs no more jobs.
+    #[error(
+        "generation {generation} has handed over to the next image (kexec); use the next runtime"
+    )]
+    Retired { generation: u64 },
     /// `join_timeout` ran out.
     #[error("job on CPU {cpu} did not finish within {timeout_ms} ms")]
     JobTimeout { cpu: CpuId, timeout_ms: u64 },

@@ -69,6 +69,9 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
     pub kexec_in_progress: AtomicBool,
+    /// This image has handed over to the next one: it runs nothing and changes nothing any
+    /// more; every mutating call fails with a typed `Retired` error.
+    pub retired: AtomicBool,
 }
 
 impl Shared {
@@ -256,6 +259,7 @@ impl Runtime {
             stop: crate::stop::routine::StopState::new(),
             stopping: AtomicBool::new(false),
             kexec_in_progress: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             cfg,
         });
         for c in 0..n {
@@ -436,6 +440,10 @@ impl Handle {
             };
             return Err((e, job));
         };
+        if self.shared.retired.load(Ordering::SeqCst) {
+            let generation = self.generation();
+            return Err((RuntimeError::Retired { generation }, job));
+        }
         let gate = st.job_gate.lock().unwrap_or_else(|e| e.into_inner());
         if !*gate {
             return Err((RuntimeError::Offline { cpu }, job));

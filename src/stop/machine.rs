@@ -54,6 +54,9 @@ pub enum StopMachineError {
     /// A system stop (`send_stop`/`crash_stop`) started meanwhile; the machine is stopping.
     #[error("stop_machine: aborted, the system is being stopped")]
     Stopped,
+    /// This image handed over to the next one (kexec).
+    #[error("stop_machine: generation {generation} has handed over to the next image")]
+    Retired { generation: u64 },
     /// An IPI could not be sent.
     #[error("stop_machine: {0}")]
     Ipi(#[from] crate::ipi::IpiError),
@@ -172,6 +175,11 @@ impl Handle {
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
         let s = &self.shared;
+        if s.retired.load(Ordering::SeqCst) {
+            return Err(StopMachineError::Retired {
+                generation: s.cfg.generation,
+            });
+        }
         if let Some(cpu) = s
             .this_cpu_here()
             .filter(|_| crate::runtime::context::irqs_disabled())
