@@ -16,7 +16,7 @@ fn set_foreign(sig: i32) -> libc::sigaction {
     // old action is returned to the caller.
     unsafe {
         let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = foreign as usize;
+        act.sa_sigaction = foreign as *const () as usize;
         libc::sigemptyset(&mut act.sa_mask);
         let mut old: libc::sigaction = std::mem::zeroed();
         assert_eq!(libc::sigaction(sig, &act, &mut old), 0);
