@@ -83,6 +83,8 @@ impl Handle {
     /// (`smp_call_function_many`). Offline CPUs in `mask` are skipped, as the kernel does; a
     /// CPU that goes offline while the call is being sent is reported in
     /// [`IpiError::Partial`]. An id past the CPU count is an error before anything is sent.
+    /// Called in IPI context (from a callback, or with irqs masked), an error names only the
+    /// first CPU that failed, without `Partial`'s mask: building one would allocate there.
     pub fn call_many<F>(&self, mask: &CpuMask, f: F, wait: bool) -> Result<(), IpiError>
     where
         F: FnOnce() + Clone + Send + 'static,
@@ -221,10 +223,20 @@ impl Handle {
             });
         }
         let deadline = now_ns() + s.cfg.call_timeout.as_nanos() as u64;
+        // In IPI context an error must not allocate (a mask and a box would): the other targets
+        // still get the call, and the error is the first failing CPU's own, not `Partial`.
+        let atomic = irqs_disabled();
+        let mut first_atomic: Option<IpiError> = None;
         let mut failed: Option<(CpuMask, IpiError)> = None;
-        let mut fail = |cpu: CpuId, e: IpiError| match &mut failed {
-            Some((m, _)) => m.set(cpu),
-            None => failed = Some((CpuMask::single(cpu), e)),
+        let mut fail = |cpu: CpuId, e: IpiError| {
+            if atomic {
+                first_atomic.get_or_insert(e);
+                return;
+            }
+            match &mut failed {
+                Some((m, _)) => m.set(cpu),
+                None => failed = Some((CpuMask::single(cpu), e)),
+            }
         };
         let in_mask = |c: CpuId| mask.map_or(true, |m| m.contains(c));
         let mut targets = (0..s.cpus.len())
@@ -262,6 +274,9 @@ impl Handle {
             if let Some(me) = me.filter(|&c| in_mask(c)) {
                 run_local(s, &s.cpus[me], f);
             }
+        }
+        if let Some(e) = first_atomic {
+            return Err(e);
         }
         match failed {
             None => Ok(()),
@@ -321,10 +336,15 @@ where
     Ok(idx)
 }
 
-/// A free csd, waiting (yielding) up to the call timeout if the pool is empty.
+/// A free csd, waiting (yielding) up to the call timeout if the pool is empty. In IPI context
+/// (or with irqs masked) it fails at once: a handler must not wait for other CPUs to free
+/// slots, and the CPU it interrupted may be the one holding them.
 fn alloc_slot(s: &Shared, cpu: CpuId) -> Result<u32, IpiError> {
     if let Some(i) = s.pool.alloc() {
         return Ok(i);
+    }
+    if irqs_disabled() {
+        return Err(IpiError::NoCsd { cpu });
     }
     let deadline = now_ns() + s.cfg.call_timeout.as_nanos() as u64;
     while now_ns() < deadline {

@@ -47,6 +47,9 @@ pub enum EventKind {
     HotplugStep,
     /// A CPU acknowledged a stop and parked: `a` = 1 if crash (registers saved), `b` = ip.
     Stopped,
+    /// A crash-stop arrived while a plain stop ran and upgraded it (logged by the loser, which
+    /// may be in IPI context and so cannot print).
+    StopUpgraded,
 }
 
 impl EventKind {
@@ -66,6 +69,7 @@ impl EventKind {
             11 => CpuState,
             12 => HotplugStep,
             13 => Stopped,
+            14 => StopUpgraded,
             _ => return None,
         })
     }

@@ -132,6 +132,7 @@ fn emit(shared: &Shared, e: &Event) {
             e.a,
             if e.b == 1 { "up" } else { "down" }
         ),
+        EventKind::StopUpgraded => tracing::warn!("{w}: SMP: stop upgraded to a crash-stop"),
         EventKind::Stopped => tracing::debug!(
             "{w}: stopped{} ip={:#x}",
             if e.a == 1 {

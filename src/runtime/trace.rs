@@ -67,6 +67,7 @@ pub fn chrome_trace(events: &[Event], cpus: usize) -> Value {
                 format!("hotplug step {}", e.a),
                 json!({"up": e.b == 1}),
             )),
+            EventKind::StopUpgraded => out.push(inst("stop upgraded to crash".into(), json!({}))),
             EventKind::Stopped => out.push(inst(
                 "stopped".into(),
                 json!({"crash": e.a == 1, "ip": format!("{:#x}", e.b)}),

@@ -221,7 +221,15 @@ impl Handle {
             Entered::Winner => {}
             Entered::Loser { upgraded } => {
                 if upgraded {
-                    tracing::warn!("SMP: stop upgraded to a crash-stop");
+                    // A CPU loser may be in IPI context: record, the logger prints it.
+                    match me {
+                        Some(_) => s.ring_here().record(
+                            crate::runtime::events::EventKind::StopUpgraded,
+                            0,
+                            0,
+                        ),
+                        None => tracing::warn!("SMP: stop upgraded to a crash-stop"),
+                    }
                 }
                 if let Some(me) = me {
                     self.park_self(me);
