@@ -411,6 +411,7 @@ impl Handle {
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
         let mut job = super::cpu::Job::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            super::thread::job_user_code_done();
             let _ = tx.send(r.map_err(|p| {
                 p.downcast_ref::<&str>()
                     .map(|s| s.to_string())

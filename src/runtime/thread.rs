@@ -137,6 +137,17 @@ fn serve_calls(shared: &Shared, st: &CpuState) {
     irq_restore(f);
 }
 
+/// Called by a job wrapper once the user's code has returned, before it delivers the result:
+/// from here to the end of the job only runtime code runs, so a stop landing now may power the
+/// CPU off as at a safe point. Without this, a caller that saw the result and at once
+/// crash-kexeced could catch the CPU "inside" a job that had already finished, and the CPU was
+/// parked and lost (tests/kexec_resources.rs, about one cycle in a thousand).
+pub(crate) fn job_user_code_done() {
+    if let Some((_, st)) = super::context::current() {
+        st.running_job.store(false, Ordering::SeqCst);
+    }
+}
+
 fn run_job(st: &CpuState, job: super::cpu::Job) {
     st.in_job.store(true, Ordering::SeqCst);
     st.running_job.store(true, Ordering::SeqCst);
