@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{serial, MaskCtl, PATIENCE};
+use common::serial;
 use usmp::{Builder, HotplugError, IdlePolicy, RuntimeError, Section};
 
 const CHILD: &str = "USMP_PANIC_CHILD";
@@ -69,26 +69,12 @@ fn is_child(name: &str) -> bool {
     std::env::var(CHILD).is_ok_and(|v| v == name)
 }
 
-fn busy_cpu1(rt: &usmp::Runtime) -> Arc<MaskCtl> {
-    let ctl = MaskCtl::new();
-    let c2 = ctl.clone();
-    rt.run_on(1, move || {
-        c2.masked.store(true, Ordering::Release);
-        c2.spin_until_released(PATIENCE)
-    })
-    .unwrap();
-    assert!(common::wait_until(PATIENCE, || ctl
-        .masked
-        .load(Ordering::Acquire)));
-    ctl
-}
-
 #[test]
 fn callback_panic_on_a_busy_cpu_aborts_with_one_line() {
     let name = "callback_panic_on_a_busy_cpu_aborts_with_one_line";
     if is_child(name) {
         let rt = Builder::new().cpus(2).log_events(false).build().unwrap();
-        let _ctl = busy_cpu1(&rt);
+        let _busy = common::start_busy_spinner(&rt, 1);
         let _ = rt.call_single(1, || panic!("boom"), true);
         unreachable!("the process should have aborted");
     }
@@ -173,13 +159,14 @@ fn job_panic_with_irqs_masked_leaves_the_cpu_healthy() {
     assert!(!masked, "the next job started with irqs masked");
     assert_eq!(rt.stats().per_cpu[1].irq_leaks, 1);
     // IPIs reach the CPU while it runs a job (signal path) and while it is idle.
-    let ctl = busy_cpu1(&rt);
+    let (ctl, job) = common::start_busy_spinner(&rt, 1);
     let hit = Arc::new(AtomicBool::new(false));
     let h2 = hit.clone();
     rt.call_single(1, move || h2.store(true, Ordering::Release), true)
         .unwrap();
     assert!(hit.load(Ordering::Acquire));
     ctl.release.store(true, Ordering::Release);
+    assert!(job.join().unwrap());
     rt.call_single(1, || {}, true).unwrap();
     rt.cpu_down(1).unwrap();
     rt.cpu_up(1).unwrap();

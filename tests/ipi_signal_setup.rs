@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{serial, MaskCtl, PATIENCE};
+use common::serial;
 use usmp::{Builder, IpiError, RuntimeError};
 
 extern "C" fn foreign(_: libc::c_int) {}
@@ -62,17 +62,7 @@ fn a_handler_replaced_after_build_is_named_when_a_call_times_out() {
         .build()
         .unwrap();
     // CPU 1 busy in a job: only the doorbell signal can reach it.
-    let ctl = MaskCtl::new();
-    let c2 = ctl.clone();
-    let job = rt
-        .run_on(1, move || {
-            c2.masked.store(true, Ordering::Release);
-            c2.spin_until_released(PATIENCE)
-        })
-        .unwrap();
-    assert!(common::wait_until(PATIENCE, || ctl
-        .masked
-        .load(Ordering::Acquire)));
+    let (ctl, job) = common::start_busy_spinner(&rt, 1);
     let old = set_foreign(ipi);
     let r = rt.call_single(1, || {}, true);
     restore(ipi, &old);

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{serial, MaskCtl, PATIENCE};
+use common::serial;
 use usmp::{Builder, RuntimeError, DEFAULT_SIGNAL_STACK};
 
 /// Touches `N` bytes of stack so the compiler cannot shrink the frame, and returns a checksum.
@@ -24,18 +24,7 @@ fn use_stack<const N: usize>(seed: u8) -> u64 {
 /// Sends a callback using `N` bytes of stack to CPU 1 while it spins in a job, so the callback
 /// runs in the signal handler, and returns the checksum it computed.
 fn deep_callback_on_busy_cpu<const N: usize>(rt: &usmp::Runtime) -> u64 {
-    let ctl = MaskCtl::new();
-    let c2 = ctl.clone();
-    // A busy job with irqs *enabled*: the doorbell signal interrupts it.
-    let job = rt
-        .run_on(1, move || {
-            c2.masked.store(true, Ordering::Release);
-            c2.spin_until_released(PATIENCE)
-        })
-        .unwrap();
-    assert!(common::wait_until(PATIENCE, || ctl
-        .masked
-        .load(Ordering::Acquire)));
+    let (ctl, job) = common::start_busy_spinner(rt, 1);
     let irqs_before = rt.stats().per_cpu[1].irqs;
     let out = Arc::new(AtomicU64::new(0));
     let o2 = out.clone();

@@ -162,3 +162,25 @@ impl StateBalances {
             .collect()
     }
 }
+
+/// Runs a job on `cpu` that spins with irqs *enabled* until released (bounded), so only the
+/// doorbell signal can reach the CPU and callbacks run in its signal handler. Returns once the
+/// job is spinning; release it with `ctl.release`, then join the handle (true: released).
+pub fn start_busy_spinner(
+    h: &usmp::Handle,
+    cpu: usmp::CpuId,
+) -> (Arc<MaskCtl>, usmp::JobHandle<bool>) {
+    let ctl = MaskCtl::new();
+    let c = ctl.clone();
+    let job = h
+        .run_on(cpu, move || {
+            c.masked.store(true, Ordering::Release);
+            c.spin_until_released(3 * PATIENCE)
+        })
+        .expect("run_on");
+    assert!(
+        wait_until(PATIENCE, || ctl.masked.load(Ordering::Acquire)),
+        "job on CPU {cpu} never started spinning"
+    );
+    (ctl, job)
+}
