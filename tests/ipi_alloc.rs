@@ -4,55 +4,14 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::serial;
 use usmp::{Builder, CpuMask, Runtime};
 
-struct Counting;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-/// Size of the last allocation counted, to help whoever debugs a failure.
-static LAST_SIZE: AtomicUsize = AtomicUsize::new(0);
-
-impl Counting {
-    #[inline]
-    fn note(&self, size: usize) {
-        if ARMED.load(Ordering::SeqCst) {
-            ALLOCS.fetch_add(1, Ordering::SeqCst);
-            LAST_SIZE.store(size, Ordering::Relaxed);
-        }
-    }
-}
-
-// SAFETY: every method forwards to `System` unchanged; the counting only touches atomics.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        self.note(l.size());
-        // SAFETY: forwarded with the caller's contract.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        self.note(l.size());
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        self.note(new);
-        // SAFETY: as above.
-        unsafe { System.realloc(p, l, new) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::alloc::Counting = common::alloc::Counting::EVERYWHERE;
 
 static HITS: AtomicU64 = AtomicU64::new(0);
 
@@ -62,11 +21,7 @@ fn hit() {
 
 /// Counts allocations (from every thread) while `f` runs.
 fn allocations_during(f: impl FnOnce()) -> u64 {
-    ALLOCS.store(0, Ordering::SeqCst);
-    ARMED.store(true, Ordering::SeqCst);
-    f();
-    ARMED.store(false, Ordering::SeqCst);
-    ALLOCS.load(Ordering::SeqCst)
+    common::alloc::counted_during(f)
 }
 
 /// Spins (no allocation, no sleeping syscall that could allocate) until `cond` or `timeout`.
@@ -134,7 +89,7 @@ fn ipi_path_allocates_nothing() {
         n,
         0,
         "{n} allocation(s) on the IPI path (last one {} bytes)",
-        LAST_SIZE.load(Ordering::Relaxed)
+        common::alloc::LAST_SIZE.load(Ordering::Relaxed)
     );
     assert_eq!(rt.shutdown().lost_calls, 0);
 }
@@ -165,7 +120,7 @@ fn cpu_to_cpu_ipis_allocate_nothing() {
             }
             DONE.store(true, Ordering::SeqCst);
             // Return (which sends the result) only once counting is over.
-            spin_until(Duration::from_secs(20), || !ARMED.load(Ordering::SeqCst));
+            spin_until(Duration::from_secs(20), || !common::alloc::armed());
             if ok {
                 Ok(())
             } else {
@@ -184,7 +139,7 @@ fn cpu_to_cpu_ipis_allocate_nothing() {
         n,
         0,
         "{n} allocation(s) on the CPU-to-CPU IPI path (last one {} bytes)",
-        LAST_SIZE.load(Ordering::Relaxed)
+        common::alloc::LAST_SIZE.load(Ordering::Relaxed)
     );
     assert_eq!(rt.shutdown().lost_calls, 0);
 }
@@ -207,7 +162,7 @@ fn all_but_self_allocates_nothing() {
         n,
         0,
         "{n} allocation(s) in call_all_but_self / on_each_cpu (last one {} bytes)",
-        LAST_SIZE.load(Ordering::Relaxed)
+        common::alloc::LAST_SIZE.load(Ordering::Relaxed)
     );
     assert_eq!(rt.shutdown().lost_calls, 0);
 }
@@ -234,7 +189,7 @@ fn counter_sees_allocations() {
             let v = std::hint::black_box(Box::new(7u64));
             drop(v);
             DONE.store(true, Ordering::SeqCst);
-            spin_until(Duration::from_secs(20), || !ARMED.load(Ordering::SeqCst));
+            spin_until(Duration::from_secs(20), || !common::alloc::armed());
         })
         .unwrap();
     let n = allocations_during(|| {

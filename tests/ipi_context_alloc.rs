@@ -8,65 +8,18 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::serial;
 use usmp::{Builder, CpuMask, IpiError, Section};
 
-struct Counting;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static IN_IRQ: AtomicU64 = AtomicU64::new(0);
-static LAST_SIZE: AtomicUsize = AtomicUsize::new(0);
-
-impl Counting {
-    #[inline]
-    fn note(&self, size: usize) {
-        // `irqs_disabled` reads a const thread-local: it never allocates itself.
-        if ARMED.load(Ordering::Relaxed) && usmp::irqs_disabled() {
-            IN_IRQ.fetch_add(1, Ordering::SeqCst);
-            LAST_SIZE.store(size, Ordering::Relaxed);
-        }
-    }
-}
-
-// SAFETY: every method forwards to `System` unchanged; the counting only touches atomics and
-// a const thread-local.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        self.note(l.size());
-        // SAFETY: forwarded with the caller's contract.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        self.note(l.size());
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        self.note(new);
-        // SAFETY: as above.
-        unsafe { System.realloc(p, l, new) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        self.note(l.size());
-        // SAFETY: as above.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::alloc::Counting = common::alloc::Counting::IN_IPI_CONTEXT;
 
 fn in_irq_during(f: impl FnOnce()) -> u64 {
-    IN_IRQ.store(0, Ordering::SeqCst);
-    ARMED.store(true, Ordering::SeqCst);
-    f();
-    ARMED.store(false, Ordering::SeqCst);
-    IN_IRQ.load(Ordering::SeqCst)
+    common::alloc::counted_during(f)
 }
 
 fn assert_none(n: u64, what: &str) {
@@ -74,7 +27,7 @@ fn assert_none(n: u64, what: &str) {
         n,
         0,
         "{n} allocation(s)/free(s) in IPI context during {what} (last {} bytes)",
-        LAST_SIZE.load(Ordering::Relaxed)
+        common::alloc::LAST_SIZE.load(Ordering::Relaxed)
     );
 }
 

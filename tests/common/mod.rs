@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod alloc;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
