@@ -693,3 +693,36 @@ impl LifecycleReport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_phase_runs_and_the_masked_cpu_needs_the_nmi() {
+        let rt = crate::Builder::new()
+            .cpus(4)
+            .stop_waits(Duration::from_millis(20), Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let cfg = LifecycleConfig::split(Duration::from_millis(60));
+        let rep = lifecycle(&rt, cfg, &AtomicBool::new(false)).unwrap();
+        let names: Vec<_> = rep.phases.iter().map(|p| p.phase).collect();
+        assert_eq!(names, ["boot", "ipi", "hotplug", "stop", "kexec", "next"]);
+        assert!(!rep.interrupted);
+        // The first attempt waited for the masked CPU until its wait ran out.
+        assert!(rep.first_attempt_ms.unwrap() >= 20.0);
+        let kexec = &rep.phases[4].report["report"];
+        assert_eq!(kexec["generation"], 1);
+        assert!(kexec["lost"].as_str().unwrap().contains('2'));
+        drop(rt);
+    }
+
+    #[test]
+    fn too_few_cpus_is_an_error_before_anything_runs() {
+        let rt = crate::Builder::new().cpus(2).build().unwrap();
+        let cfg = LifecycleConfig::split(Duration::from_millis(10));
+        let e = lifecycle(&rt, cfg, &AtomicBool::new(false)).unwrap_err();
+        assert!(matches!(e, LifecycleError::TooFewCpus(2)), "{e}");
+    }
+}
