@@ -150,7 +150,9 @@ fn main() -> anyhow::Result<()> {
         rec.failed,
         rec.lost
     );
-    let mut masked_symbol = None;
+    // CPU 2's frames at its saved ip, innermost first (an inlined atomic load, say, then the
+    // function it was inlined into).
+    let mut masked_frames: Vec<String> = Vec::new();
     for n in &rec.notes {
         // Symbolizing reads debug info and allocates: done here, never in the handler.
         let r = usmp::stress::crash::resolve_note(n.cpu, n.regs.ip, n.regs.sp, n.regs.fp);
@@ -162,8 +164,11 @@ fn main() -> anyhow::Result<()> {
             n.regs.sp,
             n.regs.fp
         );
+        if !r.inlined_into.is_empty() {
+            println!("        inlined into {}", r.inlined_into.join(" <- "));
+        }
         if n.cpu == MASKED_CPU {
-            masked_symbol = r.symbol;
+            masked_frames = r.symbol.into_iter().chain(r.inlined_into).collect();
         }
     }
     let nmi_attempts = rep
@@ -189,12 +194,12 @@ fn main() -> anyhow::Result<()> {
     if nmi_attempts == 0 {
         bail!("FAILED: the stop never needed the NMI (CPU{MASKED_CPU} was not masked?)");
     }
-    if !masked_symbol
-        .as_deref()
-        .is_some_and(|s| s.contains("spin_with_irqs_masked"))
+    if !masked_frames
+        .iter()
+        .any(|f| f.contains("spin_with_irqs_masked"))
     {
         bail!(
-            "FAILED: CPU{MASKED_CPU}'s crash note resolves to {masked_symbol:?}, not \
+            "FAILED: CPU{MASKED_CPU}'s crash note resolves to {masked_frames:?}, not into \
              spin_with_irqs_masked"
         );
     }
