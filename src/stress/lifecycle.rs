@@ -515,7 +515,25 @@ pub fn lifecycle(
 /// The stop's promise: attempt 1 missed the masked CPU, a later (NMI) attempt stopped it, and
 /// nothing failed to stop. CPU 2's crash note is there.
 fn check_stop(out: &StopOutcome) -> Result<(), LifecycleError> {
-    let bad = |m: String| Err(LifecycleError::StopCheck(m));
+    // Every failure names the attempts, so the one line says what the stop did.
+    let attempts: Vec<String> = out
+        .attempts
+        .iter()
+        .map(|a| {
+            format!(
+                "#{} remaining {} after {:.1} ms",
+                a.attempt,
+                mask_str(&a.remaining),
+                a.took_us as f64 / 1e3
+            )
+        })
+        .collect();
+    let bad = |m: String| {
+        Err(LifecycleError::StopCheck(format!(
+            "{m} (attempts: {})",
+            attempts.join("; ")
+        )))
+    };
     if !out.failed.is_empty() {
         return bad(format!("CPUs {} failed to stop", out.failed));
     }
