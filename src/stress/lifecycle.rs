@@ -374,8 +374,14 @@ pub fn lifecycle(
         ));
     }
     for nt in &notes {
+        // The innermost frame can be an inlined helper (an atomic load): name the function it
+        // was inlined into as well.
+        let outer = nt
+            .inlined_into
+            .last()
+            .map_or(String::new(), |f| format!(" in {f}"));
         details.push(format!(
-            "CPU{} crash note: ip={:#x} {}",
+            "CPU{} crash note: ip={:#x} {}{outer}",
             nt.cpu,
             nt.ip,
             nt.symbol.as_deref().unwrap_or("??")
