@@ -43,12 +43,16 @@ struct RunArgs {
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
     #[arg(long, value_name = "N")]
     cpus: Option<usize>,
-    /// Workload to run (demo, hotplug, crash).
-    #[arg(long, value_name = "NAME", default_value = "demo")]
+    /// Workload to run (lifecycle, demo, hotplug, crash).
+    #[arg(long, value_name = "NAME", default_value = "lifecycle")]
     workload: String,
-    /// How long the workload sends IPIs, e.g. "2s", "500ms".
+    /// How long the workload sends IPIs, e.g. "2s", "500ms" (lifecycle: split over its phases).
     #[arg(long, value_name = "D", default_value = "1s")]
     duration: String,
+    /// How long a stop's first attempt (the maskable stop vector) waits before the NMI attempt
+    /// [default: 100ms for lifecycle, the kernel's 1s otherwise].
+    #[arg(long, value_name = "D")]
+    stop_wait: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -60,6 +64,9 @@ struct RunArgs {
 /// The workloads `--workload` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
+    /// Boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, and traffic in
+    /// the next generation (`usmp::stress::lifecycle`).
+    Lifecycle,
     /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`usmp::stress::demo`).
     Demo,
     /// Random CPU online/offline churn while IPIs flow (`usmp::stress::hotplug_churn`).
@@ -70,10 +77,16 @@ enum Workload {
 }
 
 impl Workload {
-    const ALL: &'static [Workload] = &[Workload::Demo, Workload::Hotplug, Workload::Crash];
+    const ALL: &'static [Workload] = &[
+        Workload::Lifecycle,
+        Workload::Demo,
+        Workload::Hotplug,
+        Workload::Crash,
+    ];
 
     fn name(self) -> &'static str {
         match self {
+            Workload::Lifecycle => "lifecycle",
             Workload::Demo => "demo",
             Workload::Hotplug => "hotplug",
             Workload::Crash => "crash",
@@ -91,12 +104,14 @@ struct RunPlan {
     host_cores: usize,
     workload: Workload,
     duration: Duration,
+    stop_wait: Duration,
     json: bool,
     trace: Option<(PathBuf, File)>,
 }
 
 /// What a workload reported.
 enum Outcome {
+    Lifecycle(usmp::stress::LifecycleReport),
     Demo(usmp::stress::DemoReport),
     Hotplug(usmp::stress::OnOffReport),
     Crash(usmp::stress::CrashReport),
@@ -105,6 +120,7 @@ enum Outcome {
 impl Outcome {
     fn elapsed_ms(&self) -> u64 {
         match self {
+            Outcome::Lifecycle(l) => l.elapsed_ms,
             Outcome::Demo(d) => d.elapsed_ms,
             Outcome::Hotplug(o) => o.elapsed_ms,
             Outcome::Crash(_) => 0,
@@ -113,6 +129,7 @@ impl Outcome {
 
     fn interrupted(&self) -> bool {
         match self {
+            Outcome::Lifecycle(l) => l.interrupted,
             Outcome::Demo(d) => d.interrupted,
             Outcome::Hotplug(o) => o.interrupted,
             Outcome::Crash(_) => false,
@@ -125,6 +142,8 @@ impl Outcome {
 struct RunReport<'a> {
     workload: &'static str,
     duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lifecycle: Option<&'a usmp::stress::LifecycleReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     demo: Option<&'a usmp::stress::DemoReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -172,6 +191,12 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
     })?;
     let duration = humantime::parse_duration(&a.duration)
         .map_err(|e| anyhow!("--duration '{}': {e} (examples: 2s, 500ms, 1m)", a.duration))?;
+    let stop_wait = match &a.stop_wait {
+        Some(s) => humantime::parse_duration(s)
+            .map_err(|e| anyhow!("--stop-wait '{s}': {e} (examples: 100ms, 1s)"))?,
+        None if workload == Workload::Lifecycle => Duration::from_millis(100),
+        None => Duration::from_secs(1),
+    };
     let trace = match a.trace {
         Some(p) => {
             let f = File::create(&p)
@@ -185,6 +210,7 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
         host_cores,
         workload,
         duration,
+        stop_wait,
         json: a.json,
         trace,
     })
@@ -200,10 +226,18 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
     })
     .context("cannot install the Ctrl-C handler")?;
 
+    // The NMI attempts' wait is a bound, not a delay: lifecycle gives its loaded, oversubscribed
+    // default run 100 ms for the masked CPU's thread to be scheduled; the others keep the
+    // kernel's 10 ms.
+    let nmi_wait = match p.workload {
+        Workload::Lifecycle => Duration::from_millis(100),
+        _ => Duration::from_millis(10),
+    };
     let rt = usmp::Builder::new()
         .cpus(p.cpus)
         .irq_accounting(true)
         .collect_trace(p.trace.is_some())
+        .stop_waits(p.stop_wait, nmi_wait)
         .build()
         .context("cannot start the runtime")?;
     let h = rt.handle();
@@ -222,6 +256,12 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
         .context("cannot start the SIGQUIT thread")?;
 
     let outcome = match p.workload {
+        Workload::Lifecycle => {
+            let cfg = usmp::stress::LifecycleConfig::split(p.duration);
+            usmp::stress::lifecycle(&h, cfg, &stop)
+                .map(Outcome::Lifecycle)
+                .map_err(anyhow::Error::from)
+        }
         Workload::Demo => usmp::stress::demo(&h, p.duration, &stop)
             .map(Outcome::Demo)
             .map_err(anyhow::Error::from),
@@ -262,6 +302,10 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
         let report = RunReport {
             workload: p.workload.name(),
             duration_ms: p.duration.as_millis() as u64,
+            lifecycle: match &outcome {
+                Outcome::Lifecycle(l) => Some(l),
+                _ => None,
+            },
             demo: match &outcome {
                 Outcome::Demo(d) => Some(d),
                 _ => None,
@@ -281,6 +325,10 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
     } else {
         match &outcome {
             Outcome::Crash(c) => c.write_summary(&mut out)?,
+            Outcome::Lifecycle(l) => {
+                l.write_timeline(&mut out)?;
+                print_summary(&mut out, &p, &outcome, &stats)?
+            }
             _ => print_summary(&mut out, &p, &outcome, &stats)?,
         }
     }
@@ -388,6 +436,11 @@ fn print_summary(
             d.callbacks_expected
         ),
         Outcome::Hotplug(o) => print_onoff(out, o),
+        Outcome::Lifecycle(_) => writeln!(
+            out,
+            "(the table is generation {}, the image that crashed; the next one is in phase 'next')",
+            s.generation
+        ),
         Outcome::Crash(c) => c.write_summary(out),
     }
 }

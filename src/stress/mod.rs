@@ -6,11 +6,14 @@
 //! | `demo.rs` | `demo`: every kind of IPI, CPU-to-CPU calls and irq-masked sections, with an exactly-once check |
 //! | `hotplug.rs` | `hotplug`: random CPU online/offline churn while IPIs flow, rcutorture's onoff accounting |
 //! | `crash.rs` | `crash_demo`: CPU 1 panics and crash-stops a busy runtime; a masked CPU needs the NMI attempt |
+//! | `lifecycle.rs` | `lifecycle`: boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, traffic in the next generation |
 
 pub mod crash;
 mod demo;
 pub mod hotplug;
+pub mod lifecycle;
 
 pub use crash::{crash_demo, CrashError, CrashReport};
 pub use demo::{demo, DemoError, DemoReport};
 pub use hotplug::{hotplug_churn, HotplugChurnError, OnOffReport, OnOffStats};
+pub use lifecycle::{lifecycle, LifecycleConfig, LifecycleError, LifecycleReport};
