@@ -12,7 +12,7 @@ use super::cpumask::CpuId;
 use super::events::EventRing;
 use crate::ipi::queue::CallQueue;
 
-/// Where a logical CPU is in its life. Stored as a `u32` in [`CpuState`].
+/// Where a logical CPU is in its life (read it with [`crate::Handle::cpu_state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[repr(u32)]
 pub enum CpuRunState {

@@ -9,7 +9,7 @@
 //!    RUNNING  -> ring the doorbell signal, unless `kick_pending` says one is in flight.
 //! 3. C announces POLLING, then SLEEPING, with `swap`, and after announcing SLEEPING re-checks
 //!    every work word with an RMW read before it sleeps.
-//! 4. C leaves POLLING, SLEEPING or WAKING for RUNNING with `swap` ([`enter_running`]), and when
+//! 4. C leaves POLLING, SLEEPING or WAKING for RUNNING with `swap` (`enter_running`), and when
 //!    the old state was not RUNNING it re-checks its call queue and vectors with an RMW read and
 //!    serves them *before* it starts anything that may take long (a job). A sender that saw
 //!    POLLING, SLEEPING or WAKING rang no doorbell, so without this step a call queued while a
