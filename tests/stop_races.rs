@@ -92,16 +92,14 @@ fn escapes(mode: StopMode, rounds: usize) -> usize {
             .collect();
         // Stop once the first bring-up has begun (they take the hotplug lock in turn), so the
         // boot delays run against the stop.
-        assert!(
-            wait_until(PATIENCE, || [2, 3]
+        let began = wait_until(PATIENCE, || {
+            [2, 3]
                 .iter()
-                .any(|&c| rt.cpu_state(c) != Some(CpuRunState::Offline))),
-            "round {round}: cpu_up never began: {:?} {:?}",
-            rt.cpu_state(2),
-            rt.cpu_state(3)
-        );
+                .any(|&c| rt.cpu_state(c) != Some(CpuRunState::Offline))
+        });
         let out = rt.send_stop().unwrap();
         let ups: Vec<_> = ups.into_iter().map(|u| u.join().unwrap()).collect();
+        assert!(began, "round {round}: no cpu_up began within {PATIENCE:?}");
         let online = rt.online_mask();
         if mode == StopMode::Deterministic {
             for (c, r) in [2, 3].iter().zip(&ups) {
