@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::serial;
 use usmp::{Builder, CpuRunState, HotplugError, Runtime};
 
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -138,16 +141,19 @@ fn around_the_timeout(delay_ms: u64) -> Outcomes {
 
 #[test]
 fn slow_ap_just_before_the_timeout() {
+    let _g = serial();
     around_the_timeout(150);
 }
 
 #[test]
 fn slow_ap_at_the_timeout() {
+    let _g = serial();
     around_the_timeout(200);
 }
 
 #[test]
 fn slow_ap_just_after_the_timeout() {
+    let _g = serial();
     // Usually a timeout; Ok is legal too (a controller preempted past the AP's ALIVE step
     // finds it ALIVE and commits it), so the outcome mix is reported, not asserted.
     around_the_timeout(250);
@@ -157,6 +163,7 @@ fn slow_ap_just_after_the_timeout() {
 /// give-up CAS land closest together (either may win; the invariants hold both ways).
 #[test]
 fn slow_ap_sweep_across_the_timeout() {
+    let _g = serial();
     let rt = rt(2, TIMEOUT);
     let mut out = Outcomes::default();
     for ms in (190..=210).step_by(2) {
@@ -168,6 +175,7 @@ fn slow_ap_sweep_across_the_timeout() {
 
 #[test]
 fn limbo_cpu_cannot_be_brought_up_until_dead() {
+    let _g = serial();
     let timeout = Duration::from_millis(100);
     let rt = rt(2, timeout);
     rt.cpu_down(1).unwrap();

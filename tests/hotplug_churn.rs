@@ -12,6 +12,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{serial, wait_until, PATIENCE};
 use usmp::{Builder, IpiError, Runtime, Section};
 
 /// How one call came back from the API.
@@ -85,6 +88,7 @@ fn sender(
 
 #[test]
 fn churn_with_ipis_flowing() {
+    let _g = serial();
     let rt = Builder::new()
         .cpus(CPUS)
         .log_events(false)
@@ -245,12 +249,8 @@ fn down_with_call_in_dying_window(rt: &Runtime, w: &Arc<DyingWindow>) -> DownRes
     w.armed.store(true, Ordering::Release);
     let (h, w2) = (rt.handle(), w.clone());
     let helper = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !w2.in_dying.load(Ordering::Acquire) {
-            if Instant::now() >= deadline {
-                return Err("CPU 1 never entered its DYING step".to_string());
-            }
-            std::thread::sleep(Duration::from_micros(50));
+        if !wait_until(PATIENCE, || w2.in_dying.load(Ordering::Acquire)) {
+            return Err("CPU 1 never entered its DYING step".to_string());
         }
         let w3 = w2.clone();
         // CPU 1 is still in the online mask and its queue is open: the call is accepted, but
@@ -294,6 +294,7 @@ fn rt2() -> Runtime {
 
 #[test]
 fn dying_flush_runs_a_call_queued_in_the_dying_window() {
+    let _g = serial();
     let rt = rt2();
     let w = dying_window_rig(&rt);
     let d = down_with_call_in_dying_window(&rt, &w);
@@ -314,6 +315,7 @@ fn dying_flush_runs_a_call_queued_in_the_dying_window() {
 /// must fail either way.
 #[test]
 fn dying_flush_skipped_is_caught() {
+    let _g = serial();
     let rt = rt2();
     let w = dying_window_rig(&rt);
     rt.debug_skip_dying_flush(true);
@@ -328,10 +330,7 @@ fn dying_flush_skipped_is_caught() {
     // A stranded call is still linked in CPU 1's queue: bring CPU 1 back and let it drain, so
     // the run ends with nothing lost and nothing run twice.
     rt.cpu_up(1).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while w.ran.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(Duration::from_secs(5), || w.ran.load(Ordering::SeqCst) != 0);
     let fin = rt.shutdown();
     assert_eq!(w.ran.load(Ordering::SeqCst), 1, "{fin:?}");
     assert_eq!(fin.lost_calls, 0, "{fin:?}");

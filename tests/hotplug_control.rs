@@ -1,13 +1,13 @@
 //! Hotplug control: the refusals of the kernel's cpu-on-off-test.sh, and rollback with a forced
 //! failure at every step, in both directions.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
 
-use common::StateBalances;
+use common::{serial, wait_until, StateBalances, PATIENCE};
 use usmp::{Builder, CpuRunState, HotplugError, Section};
 
 fn rt(n: usize) -> usmp::Runtime {
@@ -21,6 +21,7 @@ fn rt(n: usize) -> usmp::Runtime {
 
 #[test]
 fn refusals_leave_state_unchanged() {
+    let _g = serial();
     let rt = rt(3);
     assert!(matches!(
         rt.cpu_up(1),
@@ -67,6 +68,7 @@ fn refusals_leave_state_unchanged() {
 
 #[test]
 fn setup_state_runs_on_online_cpus_and_remove_undoes_it() {
+    let _g = serial();
     let rt = rt(3);
     let states = StateBalances::install(&rt);
     for c in 0..3 {
@@ -93,6 +95,7 @@ fn setup_state_runs_on_online_cpus_and_remove_undoes_it() {
 
 #[test]
 fn forced_failure_at_every_step_rolls_back_both_ways() {
+    let _g = serial();
     let rt = rt(3);
     let states = StateBalances::install(&rt);
     for step in rt.hotplug_steps() {
@@ -144,6 +147,7 @@ fn forced_failure_at_every_step_rolls_back_both_ways() {
 
 #[test]
 fn setup_state_failure_is_undone_everywhere() {
+    let _g = serial();
     let rt = rt(3);
     let ran = Arc::new(AtomicI64::new(0));
     let (r1, r2) = (ran.clone(), ran.clone());
@@ -171,26 +175,38 @@ fn setup_state_failure_is_undone_everywhere() {
 
 #[test]
 fn jobs_queued_on_a_dying_cpu_move_and_none_is_dropped() {
+    let _g = serial();
     let rt = rt(3);
-    // Block CPU 2 with one job, queue more behind it, and take CPU 2 down from another thread.
+    // Block CPU 2 with one job, queue more behind it, and take CPU 2 down. The first job holds
+    // CPU 2 until every queued job has run, which only a move to another CPU can make happen,
+    // so cpu_down surely starts while it runs and the others are queued.
+    const QUEUED: usize = 20;
     let gate = Arc::new(std::sync::Barrier::new(2));
-    let g = gate.clone();
+    let moved_ran = Arc::new(AtomicUsize::new(0));
+    let (g, m) = (gate.clone(), moved_ran.clone());
     let first = rt
         .run_on(2, move || {
             g.wait();
-            std::thread::sleep(Duration::from_millis(50));
-            usmp::this_cpu()
+            let all_ran = wait_until(PATIENCE, || m.load(Ordering::SeqCst) == QUEUED);
+            (usmp::this_cpu(), all_ran)
         })
         .unwrap();
     gate.wait();
-    let queued: Vec<_> = (0..20)
-        .map(|_| rt.run_on(2, usmp::this_cpu).unwrap())
+    let queued: Vec<_> = (0..QUEUED)
+        .map(|_| {
+            let m = moved_ran.clone();
+            rt.run_on(2, move || {
+                m.fetch_add(1, Ordering::SeqCst);
+                usmp::this_cpu()
+            })
+            .unwrap()
+        })
         .collect();
     rt.cpu_down(2).unwrap();
     assert_eq!(
         first.join().unwrap(),
-        Some(2),
-        "the running job finishes where it started"
+        (Some(2), true),
+        "the running job finishes where it started, after the queued ones ran elsewhere"
     );
     for j in queued {
         let ran_on = j.join_timeout(Duration::from_secs(5)).unwrap();

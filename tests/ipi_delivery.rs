@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{serial, wait_until};
+use common::{serial, wait_until, PATIENCE};
 use usmp::{Builder, CpuId, Handle, IpiError};
 
 const CPUS: usize = 8;
@@ -206,11 +206,13 @@ struct RaceReport {
 }
 
 /// Sends calls `first..first+n` (every third async) until one is refused with `Offline`.
-/// `accepted[id]` records which calls were accepted.
+/// `accepted[id]` records which calls were accepted; `going` counts senders whose first call
+/// was accepted.
 fn send_until_refused(
     h: &Handle,
     l: &Arc<Ledger>,
     accepted: &[AtomicU8],
+    going: &AtomicUsize,
     first: usize,
     n: usize,
 ) -> RaceReport {
@@ -230,6 +232,9 @@ fn send_until_refused(
             Ok(()) => {
                 acc.store(1, Ordering::SeqCst);
                 rep.accepted += 1;
+                if rep.accepted == 1 {
+                    going.fetch_add(1, Ordering::SeqCst);
+                }
             }
             Err(IpiError::Offline { .. }) => {
                 rep.refused = true;
@@ -258,11 +263,12 @@ fn exactly_once_or_offline_across_shutdown() {
         .unwrap();
     let ledger = Ledger::new(TOTAL);
     let accepted: Arc<Vec<AtomicU8>> = Arc::new((0..TOTAL).map(|_| AtomicU8::new(0)).collect());
+    let going = Arc::new(AtomicUsize::new(0));
     let jobs: Vec<_> = (0..ON_CPU)
         .map(|k| {
-            let (h, l, a) = (rt.handle(), ledger.clone(), accepted.clone());
+            let (h, l, a, g) = (rt.handle(), ledger.clone(), accepted.clone(), going.clone());
             rt.run_on(k, move || {
-                send_until_refused(&h, &l, &a, (EXT + k) * PER_SENDER, PER_SENDER)
+                send_until_refused(&h, &l, &a, &g, (EXT + k) * PER_SENDER, PER_SENDER)
             })
             .unwrap()
         })
@@ -270,13 +276,20 @@ fn exactly_once_or_offline_across_shutdown() {
     let (st, ext) = std::thread::scope(|s| {
         let senders: Vec<_> = (0..EXT)
             .map(|k| {
-                let (h, l, a) = (rt.handle(), ledger.clone(), accepted.clone());
-                s.spawn(move || send_until_refused(&h, &l, &a, k * PER_SENDER, PER_SENDER))
+                let (h, l, a, g) = (rt.handle(), ledger.clone(), accepted.clone(), going.clone());
+                s.spawn(move || send_until_refused(&h, &l, &a, &g, k * PER_SENDER, PER_SENDER))
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(30));
+        // Shut down once every sender has had a call accepted: all of them are in the race.
+        let all_going = wait_until(PATIENCE, || going.load(Ordering::SeqCst) == EXT + ON_CPU);
         let st = rt.shutdown();
         let ext: Vec<_> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(
+            all_going,
+            "only {} of {} senders had a call accepted before the shutdown",
+            going.load(Ordering::SeqCst),
+            EXT + ON_CPU
+        );
         (st, ext)
     });
     let mut results = ext;

@@ -5,12 +5,10 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{serial, start_masked_spinner, wait_until, MaskCtl, PATIENCE};
 use usmp::Builder;
-
-const SETTLE: Duration = Duration::from_millis(50);
 
 fn rt2() -> usmp::Runtime {
     Builder::new()
@@ -34,7 +32,7 @@ fn masked_ipi_is_deferred_then_replayed_by_restore() {
         "the doorbell never reached the masked CPU: {:?}",
         rt.stats().per_cpu[1]
     );
-    std::thread::sleep(SETTLE);
+    ctl.wait_job_ran("the deferring handler");
     assert!(
         !ctl.flag.load(Ordering::SeqCst),
         "callback ran while irqs were masked"
@@ -60,7 +58,10 @@ fn nested_save_keeps_masked_until_outermost_restore() {
     let _g = serial();
     let rt = rt2();
     let ctl = MaskCtl::new();
-    let c = ctl.clone();
+    // Set by the job once the inner restore is done and it is spinning, still masked.
+    let inner_done = Arc::new(AtomicBool::new(false));
+    let release_outer = Arc::new(AtomicBool::new(false));
+    let (c, d, ro) = (ctl.clone(), inner_done.clone(), release_outer.clone());
     let job = rt
         .run_on(1, move || {
             let outer = usmp::irq_save();
@@ -69,23 +70,38 @@ fn nested_save_keeps_masked_until_outermost_restore() {
             let released = c.spin_until_released(3 * PATIENCE);
             usmp::irq_restore(inner);
             let after_inner = (c.flag.load(Ordering::SeqCst), usmp::irqs_disabled());
-            // Still masked: give a second doorbell time to arrive and be deferred too.
-            let t = Instant::now();
-            while t.elapsed() < SETTLE {
+            // Still masked: the test queues a second call now, and neither may run yet.
+            d.store(true, Ordering::SeqCst);
+            let deadline = Instant::now() + 3 * PATIENCE;
+            while !ro.load(Ordering::SeqCst) && Instant::now() < deadline {
+                c.beats.fetch_add(1, Ordering::SeqCst);
                 usmp::cpu_relax();
             }
+            let released_outer = ro.load(Ordering::SeqCst);
             let still = (c.flag.load(Ordering::SeqCst), usmp::irqs_disabled());
             usmp::irq_restore(outer);
             let after_outer = (c.flag.load(Ordering::SeqCst), usmp::irqs_disabled());
-            (released, after_inner, still, after_outer)
+            (released && released_outer, after_inner, still, after_outer)
         })
         .unwrap();
     assert!(wait_until(PATIENCE, || ctl.masked.load(Ordering::SeqCst)));
     rt.call_single_async(1, ctl.setter()).unwrap();
-    assert!(wait_until(PATIENCE, || rt.stats().per_cpu[1].deferred >= 1));
-    std::thread::sleep(SETTLE);
+    assert!(
+        wait_until(PATIENCE, || rt.stats().per_cpu[1].deferred >= 1),
+        "the doorbell never reached the masked CPU: {:?}",
+        rt.stats().per_cpu[1]
+    );
+    ctl.wait_job_ran("the deferring handler");
     assert!(!ctl.flag.load(Ordering::SeqCst));
     ctl.release.store(true, Ordering::Release);
+    assert!(
+        wait_until(PATIENCE, || inner_done.load(Ordering::SeqCst)),
+        "the job never got past its inner restore"
+    );
+    // A second call while only the outer save holds the mask.
+    rt.call_single_async(1, ctl.setter()).unwrap();
+    ctl.wait_job_ran("the second call was queued");
+    release_outer.store(true, Ordering::SeqCst);
     let (released, after_inner, still, after_outer) = job.join_timeout(PATIENCE).unwrap();
     assert!(released);
     assert_eq!(
@@ -93,14 +109,20 @@ fn nested_save_keeps_masked_until_outermost_restore() {
         (false, true),
         "inner restore unmasked or replayed"
     );
-    assert_eq!(still, (false, true));
+    assert_eq!(still, (false, true), "a call ran under the outer save");
     assert_eq!(
         after_outer,
         (true, false),
         "outermost restore did not replay"
     );
-    assert_eq!(ctl.runs.load(Ordering::SeqCst), 1);
+    // The second call ran once too (its doorbell may have been merged into the first's).
+    assert!(
+        wait_until(PATIENCE, || ctl.runs.load(Ordering::SeqCst) >= 2),
+        "the second call never ran: {:?}",
+        rt.stats().per_cpu[1]
+    );
     assert_eq!(rt.shutdown().lost_calls, 0);
+    assert_eq!(ctl.runs.load(Ordering::SeqCst), 2);
 }
 
 #[test]
@@ -109,12 +131,19 @@ fn sync_caller_waits_for_the_replay() {
     let rt = rt2();
     let ctl = MaskCtl::new();
     let job = start_masked_spinner(&rt, 1, &ctl);
+    let before = rt.stats().per_cpu[1].deferred;
     let (result, done_at, released_at) = std::thread::scope(|s| {
         let caller = s.spawn(|| {
             let r = rt.call_single(1, ctl.setter(), true);
             (r, Instant::now())
         });
-        std::thread::sleep(Duration::from_millis(100));
+        // The call has reached CPU 1 and its handler deferred it and returned.
+        assert!(
+            wait_until(PATIENCE, || rt.stats().per_cpu[1].deferred > before),
+            "the doorbell never reached the masked CPU: {:?}",
+            rt.stats().per_cpu[1]
+        );
+        ctl.wait_job_ran("the deferring handler");
         assert!(!ctl.flag.load(Ordering::SeqCst));
         assert!(
             !caller.is_finished(),
@@ -168,8 +197,9 @@ fn nmi_gets_through_the_soft_mask() {
         "sampled ip {ip:#x} is not in an executable mapping"
     );
     assert!(rt.stats().per_cpu[1].nmis > nmis, "NMI not counted");
-    // The NMI did not unmask or flush the queue.
-    std::thread::sleep(SETTLE);
+    // The NMI did not unmask or flush the queue: once the job runs again, both handlers (the
+    // NMI's and the doorbell's, rung before it) have returned.
+    ctl.wait_job_ran("the NMI");
     assert!(
         !ctl.flag.load(Ordering::SeqCst),
         "the NMI ran a maskable IPI"

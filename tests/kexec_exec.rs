@@ -5,12 +5,17 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 
+mod common;
+
+use common::serial;
+
 fn usmp() -> Command {
     Command::new(env!("CARGO_BIN_EXE_usmp"))
 }
 
 #[test]
 fn crash_record_crosses_execve() {
+    let _g = serial();
     let out = usmp()
         .args(["kexec", "--crash", "--exec", "--cpus", "4"])
         .env("RUST_LOG", "error")
@@ -68,6 +73,7 @@ fn tempfile() -> std::fs::File {
 
 #[test]
 fn corrupt_truncated_or_hostile_records_exit_2_with_one_line() {
+    let _g = serial();
     let rec = usmp::CrashRecord {
         reason: "test".into(),
         crashing_cpu: Some(1),

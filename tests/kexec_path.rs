@@ -7,6 +7,7 @@ use std::time::Duration;
 
 mod common;
 
+use common::serial;
 use usmp::{Builder, CpuRunState, HotplugError, KexecError, ParkPolicy, Section};
 
 fn b(n: usize) -> Builder {
@@ -16,6 +17,7 @@ fn b(n: usize) -> Builder {
 /// Seed 001, case 1: boot and reboot.
 #[test]
 fn boot_and_reboot() {
+    let _g = serial();
     let rt = b(4).build().unwrap();
     let out = rt
         .kexec(None, |h, ho| {
@@ -36,6 +38,7 @@ fn boot_and_reboot() {
 /// freezes the other CPU; a crash-kexec after it loses no CPU with power-off.
 #[test]
 fn crash_on_a_starting_cpu_freezes_and_kexec_loses_nothing() {
+    let _g = serial();
     let rt = b(2).park_policy(ParkPolicy::PowerOff).build().unwrap();
     rt.cpu_down(1).unwrap();
     let h = rt.handle();
@@ -87,6 +90,7 @@ fn crash_on_a_starting_cpu_freezes_and_kexec_loses_nothing() {
 /// exactly one proceeds, and nothing hangs.
 #[test]
 fn crash_kexec_racing_an_orderly_kexec_exactly_one_proceeds() {
+    let _g = serial();
     for round in 0..20 {
         let rt = b(3).build().unwrap();
         let bar = Arc::new(Barrier::new(2));
@@ -131,6 +135,7 @@ fn crash_kexec_racing_an_orderly_kexec_exactly_one_proceeds() {
 /// reboot CPU stays online until the handoff.
 #[test]
 fn cpu_down_of_the_reboot_cpu_is_refused_during_kexec() {
+    let _g = serial();
     let rt = b(3).build().unwrap();
     let saw = Arc::new(std::sync::Mutex::new(None));
     let (h, s2) = (rt.handle(), saw.clone());
@@ -165,6 +170,7 @@ fn cpu_down_of_the_reboot_cpu_is_refused_during_kexec() {
 /// `--park spin`: every parked CPU is lost to the next image, and the report says so.
 #[test]
 fn spin_policy_loses_every_parked_cpu() {
+    let _g = serial();
     let rt = b(4).park_policy(ParkPolicy::Spin).build().unwrap();
     let h = rt.handle();
     // The panic happens on CPU 0, which reboots; the others park with `spin`.
@@ -211,6 +217,7 @@ fn spin_policy_loses_every_parked_cpu() {
 /// CPU still goes through every teardown step exactly once.
 #[test]
 fn kexec_runs_every_teardown_once_per_cpu() {
+    let _g = serial();
     let rt = b(4).build().unwrap();
     let states = common::StateBalances::install(&rt);
     let out = rt

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::serial;
 use usmp::{Builder, CpuRunState, IpiOnlyBackend, ParkPolicy};
 
 fn builder(n: usize) -> Builder {
@@ -14,19 +17,14 @@ fn builder(n: usize) -> Builder {
         .stop_waits(Duration::from_millis(300), Duration::from_millis(100))
 }
 
-fn wait_until(mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    false
+/// Waits at most 5 s for `f`.
+fn wait_until(f: impl FnMut() -> bool) -> bool {
+    common::wait_until(Duration::from_secs(5), f)
 }
 
 #[test]
 fn stop_from_outside_the_runtime_powers_idle_cpus_off() {
+    let _g = serial();
     let rt = builder(4).build().unwrap();
     let out = rt.send_stop().unwrap();
     assert_eq!(out.stopped.to_string(), "0-3");
@@ -57,6 +55,7 @@ fn stop_from_outside_the_runtime_powers_idle_cpus_off() {
 
 #[test]
 fn stop_from_a_cpu_keeps_that_cpu_running() {
+    let _g = serial();
     let rt = builder(4).build().unwrap();
     let h = rt.handle();
     let out = rt
@@ -76,16 +75,22 @@ fn stop_from_a_cpu_keeps_that_cpu_running() {
 
 #[test]
 fn crash_stop_saves_each_cpus_registers() {
+    let _g = serial();
     let rt = builder(3).build().unwrap();
     let spin = Arc::new(AtomicBool::new(true));
-    let s2 = spin.clone();
+    let started = Arc::new(AtomicBool::new(false));
+    let (s2, st2) = (spin.clone(), started.clone());
     // CPU 1 busy in a job: the stop signal interrupts real user code.
     let _busy = rt.run_on(1, move || {
+        st2.store(true, Ordering::SeqCst);
         while s2.load(Ordering::Relaxed) {
             usmp::cpu_relax();
         }
     });
-    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        wait_until(|| started.load(Ordering::SeqCst)),
+        "the job on CPU 1 never started"
+    );
     let out = rt.crash_stop().unwrap();
     assert!(out.crash);
     assert_eq!(out.stopped.to_string(), "0-2");
@@ -117,6 +122,7 @@ fn masked_spinner(rt: &usmp::Runtime, cpu: usize, release: &Arc<AtomicBool>) {
 
 #[test]
 fn a_cpu_with_irqs_masked_is_stopped_only_by_the_nmi_attempt() {
+    let _g = serial();
     let rt = builder(3).build().unwrap();
     let release = Arc::new(AtomicBool::new(false));
     masked_spinner(&rt, 2, &release);
@@ -138,6 +144,7 @@ fn a_cpu_with_irqs_masked_is_stopped_only_by_the_nmi_attempt() {
 
 #[test]
 fn without_the_nmi_fallback_a_masked_cpu_is_never_stopped() {
+    let _g = serial();
     let rt = builder(3)
         .stop_backend(Arc::new(IpiOnlyBackend))
         .park_policy(ParkPolicy::PowerOff)
@@ -153,6 +160,7 @@ fn without_the_nmi_fallback_a_masked_cpu_is_never_stopped() {
 
 #[test]
 fn a_wedged_cpu_is_reported_failed_after_all_retries_and_the_call_returns() {
+    let _g = serial();
     let rt = builder(3)
         .stop_waits(Duration::from_millis(60), Duration::from_millis(30))
         .stop_max_retries(3)
@@ -164,10 +172,8 @@ fn a_wedged_cpu_is_reported_failed_after_all_retries_and_the_call_returns() {
     let _job = rt.run_on(1, move || {
         assert!(usmp::ipi::signal::wedge_this_cpu(true));
         ready2.store(true, Ordering::SeqCst);
-        let end = Instant::now() + Duration::from_secs(10);
-        while !r.load(Ordering::Relaxed) && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // Wedged, it ignores every stop signal; it waits (bounded) for the test's release.
+        common::wait_until(Duration::from_secs(10), || r.load(Ordering::Relaxed));
     });
     assert!(wait_until(|| ready.load(Ordering::SeqCst)));
     let t0 = Instant::now();

@@ -4,6 +4,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{serial, wait_until, PATIENCE};
 use usmp::{Builder, StopMachineError};
 
 fn rt() -> usmp::Runtime {
@@ -17,6 +20,7 @@ fn rt() -> usmp::Runtime {
 
 #[test]
 fn runs_f_on_the_target_cpus_only() {
+    let _g = serial();
     let rt = rt();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
@@ -39,31 +43,39 @@ fn runs_f_on_the_target_cpus_only() {
     );
 }
 
-fn mask_cpu(rt: &usmp::Runtime, cpu: usize) -> Arc<AtomicBool> {
+/// Runs a job on `cpu` that masks irqs until released; returns once it has masked. The job
+/// returns whether it was released (rather than giving up after its bound).
+fn mask_cpu(rt: &usmp::Runtime, cpu: usize) -> (Arc<AtomicBool>, usmp::JobHandle<bool>) {
     let release = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicBool::new(false));
     let (r, rd) = (release.clone(), ready.clone());
-    let _ = rt.run_on(cpu, move || {
-        let f = usmp::irq_save();
-        rd.store(true, Ordering::SeqCst);
-        let end = Instant::now() + Duration::from_secs(10);
-        while !r.load(Ordering::Relaxed) && Instant::now() < end {
-            usmp::cpu_relax();
-        }
-        usmp::irq_restore(f);
-    });
-    while !ready.load(Ordering::SeqCst) {
-        std::thread::yield_now();
-    }
-    release
+    let job = rt
+        .run_on(cpu, move || {
+            let f = usmp::irq_save();
+            rd.store(true, Ordering::SeqCst);
+            let end = Instant::now() + Duration::from_secs(10);
+            while !r.load(Ordering::Relaxed) && Instant::now() < end {
+                usmp::cpu_relax();
+            }
+            let released = r.load(Ordering::Relaxed);
+            usmp::irq_restore(f);
+            released
+        })
+        .unwrap();
+    assert!(
+        wait_until(PATIENCE, || ready.load(Ordering::SeqCst)),
+        "job on CPU {cpu} never masked irqs"
+    );
+    (release, job)
 }
 
 /// A CPU with irqs masked never joins: stop_machine gives up after the call timeout, from
 /// outside the runtime and from a CPU that participates itself, and `f` runs nowhere.
 #[test]
 fn a_cpu_that_never_joins_is_a_timeout_not_a_hang() {
+    let _g = serial();
     let rt = rt();
-    let release = mask_cpu(&rt, 2);
+    let (release, masker) = mask_cpu(&rt, 2);
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
     let t0 = Instant::now();
@@ -101,9 +113,13 @@ fn a_cpu_that_never_joins_is_a_timeout_not_a_hang() {
         0,
         "f ran although not every CPU joined"
     );
-    // Once CPU 2 unmasks, it joins late, sees the abort, and the machine works again.
+    // Once CPU 2 unmasks, it joins late, sees the abort, and the machine works again. Its
+    // irq_restore replays the deferred stop IPIs, so once the job has returned they have run.
     release.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        masker.join_timeout(PATIENCE).unwrap(),
+        "CPU 2's job gave up before it was released"
+    );
     rt.stop_machine(|_| Ok(()), &"0-2".parse().unwrap())
         .unwrap();
 }
@@ -111,17 +127,24 @@ fn a_cpu_that_never_joins_is_a_timeout_not_a_hang() {
 /// A job on a CPU that a stop parks will never finish: `join` says so instead of hanging.
 #[test]
 fn join_of_a_job_on_a_stopped_cpu_returns_job_stopped() {
+    let _g = serial();
     let rt = rt();
     let spin = Arc::new(AtomicBool::new(true));
-    let s2 = spin.clone();
+    let started = Arc::new(AtomicBool::new(false));
+    let (s2, st2) = (spin.clone(), started.clone());
     let job = rt
         .run_on(1, move || {
+            st2.store(true, Ordering::SeqCst);
             while s2.load(Ordering::Relaxed) {
                 usmp::cpu_relax();
             }
         })
         .unwrap();
-    std::thread::sleep(Duration::from_millis(10));
+    // The stop must find the job running, not still queued.
+    assert!(
+        wait_until(PATIENCE, || started.load(Ordering::SeqCst)),
+        "the job on CPU 1 never started"
+    );
     rt.send_stop().unwrap();
     let t0 = Instant::now();
     let r = job.join();

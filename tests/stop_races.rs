@@ -4,7 +4,10 @@
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use usmp::{Builder, StopError, StopMode};
+mod common;
+
+use common::{serial, wait_until, PATIENCE};
+use usmp::{Builder, CpuRunState, StopError, StopMode};
 
 /// Two CPUs call `send_stop` and `crash_stop` at the same instant: exactly one winner every
 /// round, and the stop always ends as a crash (the crash caller either won or upgraded before
@@ -12,6 +15,7 @@ use usmp::{Builder, StopError, StopMode};
 /// other before it has called.
 #[test]
 fn concurrent_send_stop_and_crash_stop_one_winner_crash_outcome() {
+    let _g = serial();
     for round in 0..1000 {
         let rt = Builder::new()
             .cpus(3)
@@ -86,9 +90,16 @@ fn escapes(mode: StopMode, rounds: usize) -> usize {
                 std::thread::spawn(move || h.cpu_up(c))
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(1));
+        // Stop once the first bring-up has begun (they take the hotplug lock in turn), so the
+        // boot delays run against the stop.
+        let began = wait_until(PATIENCE, || {
+            [2, 3]
+                .iter()
+                .any(|&c| rt.cpu_state(c) != Some(CpuRunState::Offline))
+        });
         let out = rt.send_stop().unwrap();
         let ups: Vec<_> = ups.into_iter().map(|u| u.join().unwrap()).collect();
+        assert!(began, "round {round}: no cpu_up began within {PATIENCE:?}");
         let online = rt.online_mask();
         if mode == StopMode::Deterministic {
             for (c, r) in [2, 3].iter().zip(&ups) {
@@ -114,11 +125,13 @@ fn escapes(mode: StopMode, rounds: usize) -> usize {
 
 #[test]
 fn deterministic_stop_lets_no_starting_cpu_escape() {
+    let _g = serial();
     assert_eq!(escapes(StopMode::Deterministic, 40), 0);
 }
 
 #[test]
 fn best_effort_stop_counts_escapes() {
+    let _g = serial();
     // The same scenario without the stopping flag: CPUs whose boot delay outlasts the stop come
     // online after its last attempt and escape. This is what the deterministic test would see
     // if the flag check were missing, so it proves that test can fail.

@@ -6,7 +6,7 @@
 
 pub mod alloc;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,8 @@ pub struct MaskCtl {
     pub flag: AtomicBool,
     /// How many times such callbacks ran.
     pub runs: AtomicU32,
+    /// Bumped by the job on every turn of its spin loop (see [`MaskCtl::wait_job_ran`]).
+    pub beats: AtomicU64,
 }
 
 impl MaskCtl {
@@ -60,6 +62,7 @@ impl MaskCtl {
         let deadline = Instant::now() + timeout;
         let mut i = 0u32;
         while !self.release.load(Ordering::Acquire) {
+            self.beats.fetch_add(1, Ordering::SeqCst);
             usmp::cpu_relax();
             i = i.wrapping_add(1);
             if i % 1024 == 0 && Instant::now() >= deadline {
@@ -67,6 +70,18 @@ impl MaskCtl {
             }
         }
         true
+    }
+
+    /// Waits until the spinning job has run its own code again after this call. A signal
+    /// handler runs on the job's thread, so one that had started by now (one whose effect the
+    /// caller has already seen, such as a `deferred` count) has returned by then, and whatever
+    /// it did is visible: a handshake instead of sleeping and hoping. Panics after `PATIENCE`.
+    pub fn wait_job_ran(&self, after: &str) {
+        let b0 = self.beats.load(Ordering::SeqCst);
+        assert!(
+            wait_until(PATIENCE, || self.beats.load(Ordering::SeqCst) > b0),
+            "the masked job did not get back to its own code after {after}"
+        );
     }
 
     /// An IPI callback: sets `flag` and counts the run.
