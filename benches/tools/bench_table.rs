@@ -90,6 +90,7 @@ fn opt_time(ns: Option<f64>) -> String {
 fn latency_cell(f: &Fig) -> String {
     match (f.est, f.p50) {
         (None, None) => "not run".into(),
+        (Some(est), None) => time(est),
         _ => format!(
             "{} (p50 {}, p99 {})",
             opt_time(f.est),
@@ -190,12 +191,7 @@ fn row(r: &mut Reader, t: &Target) -> [String; 6] {
             } else {
                 format!("{}: {}", t.peer_label, latency_cell(&p))
             };
-            let cell = if u.p50.is_some() {
-                latency_cell(&u)
-            } else {
-                opt_time(u.est)
-            };
-            (cell, peer, "—".into(), u.typical())
+            (latency_cell(&u), peer, "—".into(), u.typical())
         }
     };
     [
