@@ -2,8 +2,11 @@
 //!
 //! ```sh
 //! cargo bench                                  # or one bench: cargo bench --bench ipi
-//! cargo run --release --example bench-table    # [criterion dir], default target/criterion
+//! cargo run --release --example bench-table    # [criterion dir ...], default target/criterion
 //! ```
+//!
+//! Given several criterion directories (copies of `target/criterion` kept after consecutive
+//! runs), it prints the table of the last and then each row's ratio in every run.
 //!
 //! For each row of `benches/common/targets.rs` it reads criterion's
 //! `<group>/<id>/new/estimates.json` (the median) and the bench's own
@@ -149,7 +152,8 @@ fn rate_cell(f: &Fig) -> String {
     }
 }
 
-fn row(r: &mut Reader, t: &Target) -> [String; 6] {
+/// The row's cells, and the value its verdict judges (a ratio, or ns for `Absolute`).
+fn row(r: &mut Reader, t: &Target) -> ([String; 6], Option<f64>) {
     let (usmp, peer, ratio_s, judged) = match t.kind {
         Kind::Latency => {
             let (u, p) = (r.fig(t.group, t.usmp), r.fig(t.group, t.peer));
@@ -194,22 +198,27 @@ fn row(r: &mut Reader, t: &Target) -> [String; 6] {
             (latency_cell(&u), peer, "—".into(), u.typical())
         }
     };
-    [
+    let cells = [
         t.figure.to_string(),
         usmp,
         peer,
         ratio_s,
         t.target_text.to_string(),
         verdict(t, judged).to_string(),
-    ]
+    ];
+    (cells, judged)
 }
 
 fn main() {
-    let dir = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(default_dir);
-    let mut r = Reader { dir, newest: None };
+    let mut dirs: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
+    if dirs.is_empty() {
+        dirs.push(default_dir());
+    }
+    let last = dirs.len() - 1;
+    let mut r = Reader {
+        dir: dirs[last].clone(),
+        newest: None,
+    };
     println!(
         "| figure | usmp: criterion median (p50, p99) | peer or floor: median (p50, p99) \
          | ratio by p50 (by median) | target | result |"
@@ -217,7 +226,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     let mut any = false;
     for t in TARGETS {
-        let cells = row(&mut r, t);
+        let (cells, _) = row(&mut r, t);
         any |= cells[1] != "not run";
         println!("| {} |", cells.join(" | "));
     }
@@ -232,6 +241,56 @@ fn main() {
     if !any {
         eprintln!("bench-table: nothing to show; run `cargo bench` first");
         std::process::exit(1);
+    }
+    if dirs.len() > 1 {
+        runs_table(&dirs);
+    }
+}
+
+/// With several criterion directories (copies kept from consecutive runs): each row's judged
+/// value per run, and whether every run met the target.
+fn runs_table(dirs: &[PathBuf]) {
+    let mut readers: Vec<Reader> = dirs
+        .iter()
+        .map(|d| Reader {
+            dir: d.clone(),
+            newest: None,
+        })
+        .collect();
+    let runs: Vec<String> = (1..=dirs.len()).map(|i| format!("run {i}")).collect();
+    println!(
+        "\n| figure | against | {} | target | every run |",
+        runs.join(" | ")
+    );
+    println!("|---|---|{}---|---|", "---|".repeat(dirs.len()));
+    for t in TARGETS {
+        let vals: Vec<Option<f64>> = readers.iter_mut().map(|r| row(r, t).1).collect();
+        let shown: Vec<String> = vals
+            .iter()
+            .map(|v| match (t.kind, v) {
+                (Kind::Absolute, Some(ns)) => time(*ns),
+                _ => x(*v),
+            })
+            .collect();
+        let every = match t.max_ratio {
+            None => "—",
+            Some(max) if vals.iter().all(|v| v.is_some_and(|v| v <= max)) => "pass",
+            Some(_) if vals.iter().any(|v| v.is_none()) => "not run",
+            Some(_) => "**miss**",
+        };
+        let against = t.peer_label.split(" (").next().unwrap_or(t.peer_label);
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            t.figure,
+            if t.kind == Kind::Absolute {
+                "—"
+            } else {
+                against
+            },
+            shown.join(" | "),
+            t.target_text,
+            every
+        );
     }
 }
 
