@@ -575,7 +575,11 @@ fn measure(
     sampling: Sampling,
     fx: &mut impl Trip,
 ) {
+    // Set when criterion runs the figure (not when a command-line filter skips it), so a
+    // skipped figure keeps the percentiles that match its last estimates.
+    let mut ran = false;
     let run = |b: &mut criterion::Bencher<'_, WallTime>| {
+        ran = true;
         if gap.is_zero() {
             b.iter(|| fx.trip())
         } else {
@@ -587,6 +591,9 @@ fn measure(
         Some((f, param)) => g.bench_function(BenchmarkId::new(f, param), run),
         None => g.bench_function(id, run),
     };
+    if !ran {
+        return;
+    }
     let p = single_trips(SAMPLES, gap, sampling.batch(), || fx.trip());
     write_percentiles(group, id, &p);
 }
