@@ -10,8 +10,8 @@
 //! sampled in batches of a few trips (see `single_trips`).
 //!
 //! Guard: with `USMP_BENCH_GUARD=1` a bench skips criterion and runs each usmp figure and its
-//! peer in alternating short rounds (so both see the same machine mode), takes the lowest of
-//! the per-round p50 ratios (`alternating`), and exits non-zero if one is worse than twice its target
+//! peer in alternating short rounds (so both see the same machine mode), divides usmp's best
+//! round by the peer's median round (`alternating`), and exits non-zero if one is worse than twice its target
 //! (`targets.rs`; a row that misses its target today is held to twice its worst recorded
 //! ratio instead, see `targets::GUARD_OVERRIDES`). Twice, so that noise on a shared machine
 //! cannot fail it, but a path that became several times slower does.
@@ -200,26 +200,30 @@ impl Guard {
 }
 
 /// Runs `rounds` alternating rounds of a usmp measurement and its peer's (each returns a
-/// typical value, a p50 in ns) and returns the lowest per-round ratio, with both sides' median
-/// values. The lowest, because load on a shared machine only ever adds time to one side of a
-/// round, while a real regression raises every round's ratio.
+/// typical value, a p50 in ns) and returns usmp's best round over the peer's median round,
+/// with both sides' median values. Load on a shared machine only ever adds time: usmp's best
+/// round is the one least disturbed, and the peer's median is not thrown off by one disturbed
+/// round either way; a real regression raises every usmp round, the best one included.
 pub fn alternating(
     rounds: usize,
     mut usmp: impl FnMut() -> f64,
     mut peer: impl FnMut() -> f64,
 ) -> (f64, f64, f64) {
-    let (mut r, mut us, mut ps) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut us, mut ps) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let p = peer();
-        let u = usmp();
-        r.push(u / p.max(1.0));
-        us.push(u);
-        ps.push(p);
+        ps.push(peer());
+        us.push(usmp());
     }
-    let each: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
-    println!("  rounds: {}", each.join(" "));
-    let lowest = r.iter().copied().fold(f64::INFINITY, f64::min);
-    (lowest, median(&mut us), median(&mut ps))
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("  rounds: usmp {} | peer {}", show(&us), show(&ps));
+    let best = us.iter().copied().fold(f64::INFINITY, f64::min);
+    let (mu, mp) = (median(&mut us), median(&mut ps));
+    (best / mp.max(1e-9), mu, mp)
 }
 
 pub fn median(v: &mut [f64]) -> f64 {
