@@ -1,34 +1,54 @@
-//! IPI latency benchmarks: every usmp figure beside its floor, measured in the same run.
+//! IPI latency benchmarks: every usmp figure beside its floor and the peer a user would pick
+//! instead, measured in the same run.
 //!
-//! Groups (each measures its floor first, then usmp, with the same core placement):
+//! Groups (each measures its floor and peers first, then usmp, with the same core placement):
 //! - `ipi_busy`: round trip to a target that spins in user space. Floor: raw `tgkill` to a
-//!   spinning helper thread, whose handler acks. usmp: `call_single(1, || {}, true)` while CPU 1
+//!   spinning helper thread, whose handler acks. usmp: `call_single(1, f, true)` while CPU 1
 //!   runs a spinning job (so the doorbell signal is needed).
 //! - `ipi_sleeping_idle`: round trip to a target asleep in the kernel. Floor: raw `tgkill` to a
-//!   helper blocked in `pause()`. usmp: `IdlePolicy::SleepOnly`, CPU 1 asleep on its idle futex.
-//! - `ipi_polling_idle`: round trip to a target spinning on memory. Floor: cache-line ping-pong.
-//!   usmp: `IdlePolicy::PollThenSleep(1 h)`, CPU 1 always polls its queue (no signal).
+//!   helper blocked in `pause()`. Peer: a crossbeam-channel request/reply of boxed closures to a
+//!   pinned worker blocked in `recv()`. usmp: `IdlePolicy::SleepOnly`, CPU 1 asleep on its
+//!   idle futex.
+//! - `ipi_polling_idle`: round trip to a target spinning on memory. Floor: cache-line
+//!   ping-pong. Peer: the same crossbeam request/reply, the worker spinning on `try_recv()`
+//!   (and the caller spinning on the reply). usmp: `IdlePolicy::PollThenSleep(1 h)`, CPU 1
+//!   always polls its queue (no signal).
+//! - `ipi_async_throughput`: one-way calls per second to a polling target: `call_single_async`
+//!   against crossbeam sends of boxed closures to a spinning worker. One criterion iteration
+//!   is one call; the batch ends when the target has run all of them.
+//! - `ipi_call_many`: `call_many` to 1, 2, 4, 8 and 16 CPUs of a 16-CPU runtime (default idle
+//!   policy, sender not pinned: 16 CPUs share 2 cores), `call_single` to one of them, and
+//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, the kernel's own IPI to every CPU running
+//!   this process, as the reference for "all".
 //! - `irq_mask`: soft `irq_save`/`irq_restore` pair on a CPU vs `pthread_sigmask` block+unblock.
+//!
+//! Every call, usmp's and the peers', runs the same closure: it bumps a counter through a
+//! captured `&'static` (8 bytes: usmp stores it inline in its csd, crossbeam boxes it).
+//!
+//! After criterion measures a latency figure, the same fixture times single round trips into a
+//! histogram and writes p50/p99 beside criterion's output (`common/mod.rs`). With
+//! `USMP_BENCH_GUARD=1` criterion is skipped and the regression guard runs instead.
 //!
 //! Placement: on a machine with at least two allowed cores the bench thread (sender) is pinned
 //! to the first core and every target (helper thread, usmp CPU 1) sits on the second. usmp pins
 //! CPU 0 to the first core too; where it would compete with the sender for that core (the
-//! polling group, where an idle CPU 0 would poll forever) CPU 0 is parked in a job that blocks
-//! in the kernel, so it holds no core. The sender is pinned only after the runtime is built
-//! (usmp discovers its host cores from the calling thread's affinity) and unpinned at the end
-//! of the group.
+//! polling groups, where an idle CPU 0 would poll forever) CPU 0 is parked in a job that
+//! blocks in the kernel, so it holds no core. The sender is pinned only after the runtime is
+//! built (usmp discovers its host cores from the calling thread's affinity) and unpinned when
+//! the fixture is dropped.
 //!
 //! Sleeping targets: each round trip is timed alone, after an untimed settle of
-//! `SLEEP_SETTLE`, so the target has gone back to sleep before the next signal or wake; both
-//! the floor and usmp get the same settle. Without it a back-to-back send can land while the
-//! target is still on its way back to sleep, which measures something else.
+//! `SLEEP_SETTLE`, so the target has gone back to sleep before the next signal or wake; the
+//! floor, the peer and usmp get the same settle.
 //!
-//! Polling target: `call_single_polling` sends back to back (like the floor);
+//! Polling target: `call_single_polling` sends back to back (like the floor and the peer);
 //! `call_single_polling_settled` is a diagnostic that leaves an untimed `POLL_SETTLE` gap
 //! before each call so CPU 1 is surely back in its poll loop. stderr shows, per group, how CPU
 //! 1's calls were delivered (doorbell signals, polls, futex wakes).
 //!
 //! The raw floors use `SIGRTMIN()+6` so they never clash with usmp's `+2`/`+3`.
+
+mod common;
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -36,7 +56,10 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use common::{single_trips, write_percentiles, Guard};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crossbeam_utils::CachePadded;
 
 /// Time a sleeping target gets to go back to sleep between two timed round trips (untimed).
@@ -44,6 +67,47 @@ const SLEEP_SETTLE: Duration = Duration::from_micros(30);
 
 /// Untimed gap before each call of the settled polling diagnostic.
 const POLL_SETTLE: Duration = Duration::from_micros(3);
+
+/// Samples timed for the percentiles of a figure.
+const SAMPLES: usize = 5_000;
+
+/// What one percentile sample is (`common::single_trips`).
+#[derive(Clone, Copy)]
+enum Sampling {
+    /// One round trip: a microsecond path.
+    Single,
+    /// The mean of 10 back-to-back round trips: a sub-microsecond path, where reading the
+    /// clock would otherwise be a third of the figure.
+    Batched,
+}
+
+impl Sampling {
+    fn batch(self) -> u32 {
+        match self {
+            Sampling::Single => 1,
+            Sampling::Batched => 10,
+        }
+    }
+}
+
+/// Capacity of the async peer's channel: usmp's default csd pool for 2 CPUs (256 + 64 * 2).
+const ASYNC_CAP: usize = 384;
+
+/// CPU counts of the `call_many` sweep; the runtime has the largest.
+const MANY: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// Bumped by every call's closure.
+static HITS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
+
+/// The closure every figure sends: one relaxed increment through a captured reference.
+fn work() -> impl FnOnce() + Clone + Send + 'static {
+    let hits: &'static AtomicU64 = &HITS;
+    move || {
+        hits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
 
 /// Acks counted by the raw floor's signal handler.
 static ACK: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
@@ -86,51 +150,6 @@ fn tgkill(tid: libc::pid_t, sig: libc::c_int) {
     // helper is joined only after the last signal) and `sig` has a handler installed.
     let rc = unsafe { libc::tgkill(libc::getpid(), tid, sig) };
     debug_assert_eq!(rc, 0);
-}
-
-/// Host cores to use: (sender core, target core), or `None` on a one-core host.
-fn placement() -> Option<(usize, usize)> {
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    (cores.len() >= 2).then(|| (cores[0].id, cores[1].id))
-}
-
-fn pin_helper(core: Option<usize>) {
-    if let Some(id) = core {
-        core_affinity::set_for_current(core_affinity::CoreId { id });
-    }
-}
-
-/// Pins the calling thread to one core until dropped, then restores its previous mask.
-struct PinGuard(Option<libc::cpu_set_t>);
-
-impl PinGuard {
-    fn new(core: Option<usize>) -> Self {
-        let Some(core) = core else {
-            return PinGuard(None);
-        };
-        // SAFETY: an all-zero cpu_set_t is the empty set.
-        let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `old` is a valid, writable cpu_set_t of the size passed; pid 0 is this thread.
-        let rc =
-            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
-        if rc != 0 {
-            return PinGuard(None);
-        }
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            return PinGuard(None);
-        }
-        PinGuard(Some(old))
-    }
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Some(old) = &self.0 {
-            // SAFETY: `old` is the mask sched_getaffinity returned for this thread; pid 0 is
-            // this thread.
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), old) };
-        }
-    }
 }
 
 /// A helper thread with a stop flag; `stop` sets the flag, pokes the thread until it has
@@ -195,36 +214,60 @@ fn raw_round_trip(tid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
-/// Spins (untimed) for `d`, keeping the sender hot while the target goes back to sleep.
-fn settle(d: Duration) {
-    let t = Instant::now();
-    while t.elapsed() < d {
-        std::hint::spin_loop();
+/// Host cores to use: (sender core, target core), or `None` on a one-core host.
+fn placement() -> (Option<usize>, Option<usize>) {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if cores.len() >= 2 {
+        (Some(cores[0].id), Some(cores[1].id))
+    } else {
+        (None, None)
     }
 }
 
-/// Times `n` single round trips one by one (each after an untimed `gap`) and prints their
-/// percentiles to stderr. Criterion reports statistics of per-sample means; this shows the
-/// distribution of single round trips (a bimodal path, such as an occasional doorbell signal on
-/// the polling path, shows up here). Includes one `Instant` pair (a few tens of ns) per trip.
-fn profile(label: &str, n: usize, gap: Duration, mut round_trip: impl FnMut()) {
-    let mut v: Vec<u64> = Vec::with_capacity(n);
-    for _ in 0..n {
-        settle(gap);
-        let t = Instant::now();
-        round_trip();
-        v.push(t.elapsed().as_nanos() as u64);
+fn pin_helper(core: Option<usize>) {
+    if let Some(id) = core {
+        core_affinity::set_for_current(core_affinity::CoreId { id });
     }
-    v.sort_unstable();
-    let q = |f: f64| v[((v.len() - 1) as f64 * f) as usize];
-    eprintln!(
-        "[profile] {label}: n={n} min {} p10 {} p50 {} p90 {} p99 {} ns",
-        v[0],
-        q(0.10),
-        q(0.50),
-        q(0.90),
-        q(0.99)
-    );
+}
+
+/// Pins the calling thread to one core until dropped, then restores its previous mask.
+struct PinGuard(Option<libc::cpu_set_t>);
+
+impl PinGuard {
+    fn new(core: Option<usize>) -> Self {
+        let Some(core) = core else {
+            return PinGuard(None);
+        };
+        // SAFETY: an all-zero cpu_set_t is the empty set.
+        let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `old` is a valid, writable cpu_set_t of the size passed; pid 0 is this thread.
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
+        if rc != 0 {
+            return PinGuard(None);
+        }
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+            return PinGuard(None);
+        }
+        PinGuard(Some(old))
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: `old` is the mask sched_getaffinity returned for this thread; pid 0 is
+            // this thread.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), old) };
+        }
+    }
+}
+
+// ---- fixtures: one per figure; `trip` is one round trip, dropping tears down ----
+
+/// One measured thing: a fixture that can do one round trip.
+trait Trip {
+    fn trip(&mut self);
 }
 
 fn rt_builder() -> usmp::Builder {
@@ -242,118 +285,148 @@ fn report_paths(group: &str, rt: &usmp::Runtime) {
     );
 }
 
-fn call_once(rt: &usmp::Runtime) {
-    rt.call_single(1, || {}, true).expect("call_single");
+/// Floor: `tgkill` to a helper that spins in user space (`busy`) or sleeps in `pause()`.
+struct Tgkill {
+    helper: Option<Helper>,
+    busy: bool,
+    _pin: PinGuard,
 }
 
-fn ipi_busy(c: &mut Criterion) {
-    let place = placement();
-    let (sender, target) = (place.map(|p| p.0), place.map(|p| p.1));
-    install_floor_handler();
-    let mut g = c.benchmark_group("ipi_busy");
-
-    // Floor: the helper spins in user space; the kernel must interrupt it to run the handler.
-    {
-        let _pin = PinGuard::new(sender);
-        let helper = Helper::spawn(target, |stop| {
-            while !stop.load(Ordering::Relaxed) {
-                std::hint::spin_loop();
+impl Tgkill {
+    fn new(busy: bool) -> Self {
+        let (sender, target) = placement();
+        install_floor_handler();
+        let pin = PinGuard::new(sender);
+        let helper = Helper::spawn(target, move |stop| {
+            while !stop.load(Ordering::Acquire) {
+                if busy {
+                    std::hint::spin_loop();
+                } else {
+                    // SAFETY: pause has no preconditions; it returns after a handled signal.
+                    unsafe { libc::pause() };
+                }
             }
         });
-        let (tid, sig) = (helper.tid, floor_signal());
-        g.bench_function("raw_tgkill_busy", |b| b.iter(|| raw_round_trip(tid, sig)));
-        profile("raw_tgkill_busy", 5000, Duration::ZERO, || {
-            raw_round_trip(tid, sig)
-        });
-        helper.stop(false);
+        Tgkill {
+            helper: Some(helper),
+            busy,
+            _pin: pin,
+        }
     }
+}
 
-    // usmp: CPU 1 runs a spinning job, so each call needs the doorbell signal.
-    {
-        let rt = rt_builder().build().expect("build runtime");
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let spinner = rt
-            .run_on(1, move || {
-                while !s.load(Ordering::Relaxed) {
-                    usmp::cpu_relax()
+impl Trip for Tgkill {
+    fn trip(&mut self) {
+        let tid = self.helper.as_ref().expect("helper").tid;
+        raw_round_trip(tid, floor_signal());
+    }
+}
+
+impl Drop for Tgkill {
+    fn drop(&mut self) {
+        if let Some(h) = self.helper.take() {
+            h.stop(!self.busy);
+        }
+    }
+}
+
+/// Peer: crossbeam-channel request/reply of boxed closures to a pinned worker that blocks in
+/// `recv()` (`spin == false`) or spins on `try_recv()`; the caller waits for the reply the
+/// same way.
+struct Crossbeam {
+    req: Option<Sender<Job>>,
+    rep: Receiver<()>,
+    spin: bool,
+    worker: Option<JoinHandle<()>>,
+    _pin: PinGuard,
+}
+
+impl Crossbeam {
+    fn new(spin: bool) -> Self {
+        let (sender, target) = placement();
+        let pin = PinGuard::new(sender);
+        let (req, req_rx) = crossbeam_channel::bounded::<Job>(ASYNC_CAP);
+        let (rep_tx, rep) = crossbeam_channel::bounded::<()>(1);
+        let worker = std::thread::Builder::new()
+            .name("crossbeam-peer".into())
+            .spawn(move || {
+                pin_helper(target);
+                loop {
+                    let job = if spin {
+                        match req_rx.try_recv() {
+                            Ok(job) => job,
+                            Err(TryRecvError::Empty) => {
+                                std::hint::spin_loop();
+                                continue;
+                            }
+                            Err(TryRecvError::Disconnected) => break,
+                        }
+                    } else {
+                        match req_rx.recv() {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    };
+                    job();
+                    if rep_tx.send(()).is_err() {
+                        break;
+                    }
                 }
             })
-            .expect("run_on");
-        let _pin = PinGuard::new(sender);
-        g.bench_function("call_single_busy", |b| b.iter(|| call_once(&rt)));
-        profile("call_single_busy", 5000, Duration::ZERO, || call_once(&rt));
-        stop.store(true, Ordering::Relaxed);
-        spinner.join().expect("spinner");
-        report_paths("ipi_busy", &rt);
+            .expect("spawn crossbeam worker");
+        Crossbeam {
+            req: Some(req),
+            rep,
+            spin,
+            worker: Some(worker),
+            _pin: pin,
+        }
     }
-    g.finish();
+
+    fn send(&self, job: Job) {
+        self.req.as_ref().expect("sender").send(job).expect("send");
+    }
 }
 
-/// Times `iters` round trips one by one, each after an untimed settle of `gap`.
-fn timed_settled(iters: u64, gap: Duration, mut round_trip: impl FnMut()) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        settle(gap);
-        let t = Instant::now();
-        round_trip();
-        total += t.elapsed();
-    }
-    total
-}
-
-fn ipi_sleeping_idle(c: &mut Criterion) {
-    let place = placement();
-    let (sender, target) = (place.map(|p| p.0), place.map(|p| p.1));
-    install_floor_handler();
-    let mut g = c.benchmark_group("ipi_sleeping_idle");
-
-    // Floor: the helper sleeps in pause(); the signal wakes it and runs the handler.
-    {
-        let _pin = PinGuard::new(sender);
-        let helper = Helper::spawn(target, |stop| {
-            while !stop.load(Ordering::Acquire) {
-                // SAFETY: pause has no preconditions; it returns after a handled signal.
-                unsafe { libc::pause() };
+impl Trip for Crossbeam {
+    fn trip(&mut self) {
+        self.send(Box::new(work()));
+        if self.spin {
+            loop {
+                match self.rep.try_recv() {
+                    Ok(()) => break,
+                    Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                    Err(TryRecvError::Disconnected) => panic!("worker gone"),
+                }
             }
-        });
-        let (tid, sig) = (helper.tid, floor_signal());
-        g.bench_function("raw_tgkill_pause", |b| {
-            b.iter_custom(|iters| timed_settled(iters, SLEEP_SETTLE, || raw_round_trip(tid, sig)))
-        });
-        profile("raw_tgkill_pause", 5000, SLEEP_SETTLE, || {
-            raw_round_trip(tid, sig)
-        });
-        helper.stop(true);
+        } else {
+            self.rep.recv().expect("reply");
+        }
     }
-
-    // usmp: CPU 1 sleeps on its idle futex at once; each call is a futex wake.
-    {
-        let rt = rt_builder()
-            .idle(usmp::IdlePolicy::SleepOnly)
-            .build()
-            .expect("build runtime");
-        let _pin = PinGuard::new(sender);
-        g.bench_function("call_single_sleeping", |b| {
-            b.iter_custom(|iters| timed_settled(iters, SLEEP_SETTLE, || call_once(&rt)))
-        });
-        profile("call_single_sleeping", 5000, SLEEP_SETTLE, || {
-            call_once(&rt)
-        });
-        report_paths("ipi_sleeping_idle", &rt);
-    }
-    g.finish();
 }
 
-fn ipi_polling_idle(c: &mut Criterion) {
-    let place = placement();
-    let (sender, target) = (place.map(|p| p.0), place.map(|p| p.1));
-    let mut g = c.benchmark_group("ipi_polling_idle");
+impl Drop for Crossbeam {
+    fn drop(&mut self) {
+        self.req.take();
+        if let Some(w) = self.worker.take() {
+            w.join().expect("crossbeam worker");
+        }
+    }
+}
 
-    // Floor: one cache line bounced between the sender and a spinning helper. The sender
-    // writes an odd n, the helper answers n + 1. Both sides spin with PAUSE, as usmp does.
-    {
-        let _pin = PinGuard::new(sender);
+/// Floor: one cache line bounced between the sender and a spinning helper. The sender writes
+/// an odd n, the helper answers n + 1. Both sides spin with PAUSE, as usmp does.
+struct PingPong {
+    cell: Arc<CachePadded<AtomicU64>>,
+    n: u64,
+    helper: Option<Helper>,
+    _pin: PinGuard,
+}
+
+impl PingPong {
+    fn new() -> Self {
+        let (sender, target) = placement();
+        let pin = PinGuard::new(sender);
         let cell = Arc::new(CachePadded::new(AtomicU64::new(0)));
         let hc = cell.clone();
         let helper = Helper::spawn(target, move |stop| loop {
@@ -365,72 +438,450 @@ fn ipi_polling_idle(c: &mut Criterion) {
             }
             std::hint::spin_loop();
         });
-        g.bench_function("cacheline_pingpong", |b| {
-            b.iter_custom(|iters| {
-                let mut n = cell.load(Ordering::Acquire) + 1;
-                let t = Instant::now();
-                for _ in 0..iters {
-                    cell.store(n, Ordering::Release);
-                    while cell.load(Ordering::Acquire) != n + 1 {
-                        std::hint::spin_loop();
-                    }
-                    n += 2;
-                }
-                t.elapsed()
-            })
-        });
-        let mut n = cell.load(Ordering::Acquire) + 1;
-        profile("cacheline_pingpong", 20000, Duration::ZERO, || {
-            cell.store(n, Ordering::Release);
-            while cell.load(Ordering::Acquire) != n + 1 {
-                std::hint::spin_loop();
-            }
-            n += 2;
-        });
-        helper.stop(false);
+        PingPong {
+            cell,
+            n: 1,
+            helper: Some(helper),
+            _pin: pin,
+        }
     }
+}
 
-    // usmp: both CPUs would poll forever. CPU 0 shares the sender's core, so it is parked in
-    // a job that blocks in the kernel (it holds no core); CPU 1 polls its queue, so no call
-    // needs a signal or a wake.
+impl Trip for PingPong {
+    #[inline]
+    fn trip(&mut self) {
+        let n = self.n;
+        self.cell.store(n, Ordering::Release);
+        while self.cell.load(Ordering::Acquire) != n + 1 {
+            std::hint::spin_loop();
+        }
+        self.n += 2;
+    }
+}
+
+impl Drop for PingPong {
+    fn drop(&mut self) {
+        if let Some(h) = self.helper.take() {
+            h.stop(false);
+        }
+    }
+}
+
+/// What CPU 1 of a 2-CPU usmp runtime does while the sender calls it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Runs a spinning job: every call needs the doorbell signal.
+    Busy,
+    /// Idle, `SleepOnly`: every call is a futex wake.
+    Sleeping,
+    /// Idle, polling for an hour: no call needs a signal. CPU 0 is parked in a blocking job.
+    Polling,
+}
+
+/// usmp, `call_single(1, work(), true)` to CPU 1 in the state `target` says.
+struct Usmp {
+    // Declared first so the sender is unpinned before the runtime goes.
+    _pin: PinGuard,
+    rt: usmp::Runtime,
+    stop: Arc<AtomicBool>,
+    job: Option<usmp::JobHandle<()>>,
+    release: Option<mpsc::Sender<()>>,
+}
+
+impl Usmp {
+    fn new(target: Target) -> Self {
+        let (sender, _) = placement();
+        let b = match target {
+            Target::Busy => rt_builder(),
+            Target::Sleeping => rt_builder().idle(usmp::IdlePolicy::SleepOnly),
+            Target::Polling => {
+                rt_builder().idle(usmp::IdlePolicy::PollThenSleep(Duration::from_secs(3600)))
+            }
+        };
+        let rt = b.build().expect("build runtime");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut job, mut release) = (None, None);
+        match target {
+            Target::Busy => {
+                let s = stop.clone();
+                job = Some(
+                    rt.run_on(1, move || {
+                        while !s.load(Ordering::Relaxed) {
+                            usmp::cpu_relax()
+                        }
+                    })
+                    .expect("run_on"),
+                );
+            }
+            Target::Polling => {
+                // CPU 0 shares the sender's core; park it in a job that blocks in the kernel.
+                let (tx, rx) = mpsc::channel::<()>();
+                job = Some(
+                    rt.run_on(0, move || {
+                        let _ = rx.recv();
+                    })
+                    .expect("run_on"),
+                );
+                release = Some(tx);
+            }
+            Target::Sleeping => {}
+        }
+        Usmp {
+            _pin: PinGuard::new(sender),
+            rt,
+            stop,
+            job,
+            release,
+        }
+    }
+}
+
+impl Trip for Usmp {
+    #[inline]
+    fn trip(&mut self) {
+        self.rt.call_single(1, work(), true).expect("call_single");
+    }
+}
+
+impl Drop for Usmp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.release.take();
+        if let Some(j) = self.job.take() {
+            j.join().expect("job");
+        }
+    }
+}
+
+/// Times `iters` round trips one by one, each after an untimed settle of `gap`.
+fn timed_settled(iters: u64, gap: Duration, fx: &mut impl Trip) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        common::settle(gap);
+        let t = Instant::now();
+        fx.trip();
+        total += t.elapsed();
+    }
+    total
+}
+
+/// Criterion's measurement of `fx` as `group/id` (back to back, or each trip alone after
+/// `gap`), then `SAMPLES` samples for the percentiles.
+fn measure(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    group: &str,
+    id: &str,
+    gap: Duration,
+    sampling: Sampling,
+    fx: &mut impl Trip,
+) {
+    // Set when criterion runs the figure (not when a command-line filter skips it), so a
+    // skipped figure keeps the percentiles that match its last estimates.
+    let mut ran = false;
+    let run = |b: &mut criterion::Bencher<'_, WallTime>| {
+        ran = true;
+        if gap.is_zero() {
+            b.iter(|| fx.trip())
+        } else {
+            b.iter_custom(|iters| timed_settled(iters, gap, fx))
+        }
+    };
+    // "call_many/4" is function "call_many", parameter 4 (criterion's directory `call_many/4`).
+    match id.split_once('/') {
+        Some((f, param)) => g.bench_function(BenchmarkId::new(f, param), run),
+        None => g.bench_function(id, run),
+    };
+    if !ran {
+        return;
+    }
+    let p = single_trips(SAMPLES, gap, sampling.batch(), || fx.trip());
+    write_percentiles(group, id, &p);
+}
+
+// ---- criterion groups ----
+
+fn ipi_busy(c: &mut Criterion) {
+    const G: &str = "ipi_busy";
+    let mut g = c.benchmark_group(G);
+    measure(
+        &mut g,
+        G,
+        "raw_tgkill_busy",
+        Duration::ZERO,
+        Sampling::Single,
+        &mut Tgkill::new(true),
+    );
+    let mut fx = Usmp::new(Target::Busy);
+    measure(
+        &mut g,
+        G,
+        "call_single_busy",
+        Duration::ZERO,
+        Sampling::Single,
+        &mut fx,
+    );
+    report_paths(G, &fx.rt);
+    drop(fx);
+    g.finish();
+}
+
+fn ipi_sleeping_idle(c: &mut Criterion) {
+    const G: &str = "ipi_sleeping_idle";
+    let mut g = c.benchmark_group(G);
+    measure(
+        &mut g,
+        G,
+        "raw_tgkill_pause",
+        SLEEP_SETTLE,
+        Sampling::Single,
+        &mut Tgkill::new(false),
+    );
+    measure(
+        &mut g,
+        G,
+        "crossbeam_blocking",
+        SLEEP_SETTLE,
+        Sampling::Single,
+        &mut Crossbeam::new(false),
+    );
+    let mut fx = Usmp::new(Target::Sleeping);
+    measure(
+        &mut g,
+        G,
+        "call_single_sleeping",
+        SLEEP_SETTLE,
+        Sampling::Single,
+        &mut fx,
+    );
+    report_paths(G, &fx.rt);
+    drop(fx);
+    g.finish();
+}
+
+fn ipi_polling_idle(c: &mut Criterion) {
+    const G: &str = "ipi_polling_idle";
+    let mut g = c.benchmark_group(G);
+    measure(
+        &mut g,
+        G,
+        "cacheline_pingpong",
+        Duration::ZERO,
+        Sampling::Batched,
+        &mut PingPong::new(),
+    );
+    measure(
+        &mut g,
+        G,
+        "crossbeam_spinning",
+        Duration::ZERO,
+        Sampling::Batched,
+        &mut Crossbeam::new(true),
+    );
+    let mut fx = Usmp::new(Target::Polling);
+    measure(
+        &mut g,
+        G,
+        "call_single_polling",
+        Duration::ZERO,
+        Sampling::Batched,
+        &mut fx,
+    );
+    report_paths("ipi_polling_idle (back to back)", &fx.rt);
+    // Diagnostic: the same call with an untimed gap, so CPU 1 is back in its poll loop before
+    // each call. Back to back, a call can land while CPU 1 is still on its way from the
+    // previous callback to the poll loop (idle word RUNNING), and then it rings the doorbell
+    // signal; the doorbell counts printed above show how often.
+    measure(
+        &mut g,
+        G,
+        "call_single_polling_settled",
+        POLL_SETTLE,
+        Sampling::Batched,
+        &mut fx,
+    );
+    report_paths("ipi_polling_idle (cumulative, with settled)", &fx.rt);
+    drop(fx);
+    g.finish();
+}
+
+// ---- async one-way throughput ----
+
+/// Waits until `HITS` reaches `until`.
+fn wait_hits(until: u64) {
+    while HITS.load(Ordering::Acquire) < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// `iters` one-way usmp calls to polling CPU 1; returns when CPU 1 has run them all.
+fn usmp_async_batch(fx: &Usmp, iters: u64) -> Duration {
+    let until = HITS.load(Ordering::Acquire) + iters;
+    let t = Instant::now();
+    for _ in 0..iters {
+        fx.rt
+            .call_single_async(1, work())
+            .expect("call_single_async");
+    }
+    wait_hits(until);
+    t.elapsed()
+}
+
+/// `iters` boxed closures sent to a spinning crossbeam worker; returns when it has run them.
+fn crossbeam_async_batch(fx: &Crossbeam, iters: u64) -> Duration {
+    let until = HITS.load(Ordering::Acquire) + iters;
+    let t = Instant::now();
+    for _ in 0..iters {
+        fx.send(Box::new(work()));
+    }
+    wait_hits(until);
+    t.elapsed()
+}
+
+/// The async peer: like `Crossbeam::new(true)`, but its worker sends no replies.
+fn crossbeam_oneway() -> Crossbeam {
+    let (sender, target) = placement();
+    let pin = PinGuard::new(sender);
+    let (req, req_rx) = crossbeam_channel::bounded::<Job>(ASYNC_CAP);
+    let (_rep_tx, rep) = crossbeam_channel::bounded::<()>(1);
+    let worker = std::thread::Builder::new()
+        .name("crossbeam-oneway".into())
+        .spawn(move || {
+            pin_helper(target);
+            loop {
+                match req_rx.try_recv() {
+                    Ok(job) => job(),
+                    Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+        })
+        .expect("spawn crossbeam worker");
+    Crossbeam {
+        req: Some(req),
+        rep,
+        spin: true,
+        worker: Some(worker),
+        _pin: pin,
+    }
+}
+
+fn ipi_async_throughput(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ipi_async_throughput");
+    g.throughput(Throughput::Elements(1));
     {
-        let rt = rt_builder()
-            .idle(usmp::IdlePolicy::PollThenSleep(Duration::from_secs(3600)))
-            .build()
-            .expect("build runtime");
-        let (tx, rx) = mpsc::channel::<()>();
-        let parked = rt
-            .run_on(0, move || {
-                let _ = rx.recv();
-            })
-            .expect("run_on");
-        let _pin = PinGuard::new(sender);
-        g.bench_function("call_single_polling", |b| b.iter(|| call_once(&rt)));
-        profile("call_single_polling", 20000, Duration::ZERO, || {
-            call_once(&rt)
+        let fx = crossbeam_oneway();
+        g.bench_function("crossbeam_send_spinning", |b| {
+            b.iter_custom(|iters| crossbeam_async_batch(&fx, iters))
         });
-        report_paths("ipi_polling_idle (back to back)", &rt);
-        // Diagnostic: the same call with an untimed gap, so CPU 1 is back in its poll loop
-        // before each call. Back to back, a call can land while CPU 1 is still on its way from
-        // the previous callback to the poll loop (idle word RUNNING), and then it rings the
-        // doorbell signal; the doorbell counts printed above show how often.
-        g.bench_function("call_single_polling_settled", |b| {
-            b.iter_custom(|iters| timed_settled(iters, POLL_SETTLE, || call_once(&rt)))
+    }
+    {
+        let fx = Usmp::new(Target::Polling);
+        g.bench_function("call_single_async_polling", |b| {
+            b.iter_custom(|iters| usmp_async_batch(&fx, iters))
         });
-        profile("call_single_polling_settled", 20000, POLL_SETTLE, || {
-            call_once(&rt)
-        });
-        tx.send(()).expect("release CPU 0");
-        parked.join().expect("parked job");
-        report_paths("ipi_polling_idle (cumulative, with settled)", &rt);
+        report_paths("ipi_async_throughput", &fx.rt);
     }
     g.finish();
+}
+
+// ---- call_many by CPU count, membarrier ----
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier takes no pointers; an unknown or unregistered command is an error
+    // return, not undefined behaviour.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_uint,
+            0 as libc::c_int,
+        )
+    }
+}
+
+/// The 16-CPU runtime of the `call_many` sweep (default idle policy, sender not pinned).
+fn many_runtime() -> usmp::Runtime {
+    usmp::Builder::new()
+        .cpus(MANY[MANY.len() - 1])
+        .log_events(false)
+        .build()
+        .expect("build runtime")
+}
+
+struct CallMany<'a> {
+    rt: &'a usmp::Runtime,
+    mask: usmp::CpuMask,
+}
+
+impl Trip for CallMany<'_> {
+    fn trip(&mut self) {
+        self.rt
+            .call_many(&self.mask, work(), true)
+            .expect("call_many");
+    }
+}
+
+struct CallOne<'a>(&'a usmp::Runtime);
+
+impl Trip for CallOne<'_> {
+    fn trip(&mut self) {
+        self.0.call_single(0, work(), true).expect("call_single");
+    }
+}
+
+struct Membarrier;
+
+impl Trip for Membarrier {
+    fn trip(&mut self) {
+        let rc = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
+        debug_assert_eq!(rc, 0);
+    }
+}
+
+fn ipi_call_many(c: &mut Criterion) {
+    const G: &str = "ipi_call_many";
+    let mut g = c.benchmark_group(G);
+    let rt = many_runtime();
+    let have_membarrier = membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
+    if have_membarrier {
+        measure(
+            &mut g,
+            G,
+            "membarrier_private_expedited",
+            Duration::ZERO,
+            Sampling::Single,
+            &mut Membarrier,
+        );
+    } else {
+        eprintln!("[{G}] membarrier(PRIVATE_EXPEDITED) unavailable: no reference row");
+    }
+    measure(
+        &mut g,
+        G,
+        "call_single",
+        Duration::ZERO,
+        Sampling::Single,
+        &mut CallOne(&rt),
+    );
+    for n in MANY {
+        let id = format!("call_many/{n}");
+        let mut fx = CallMany {
+            rt: &rt,
+            mask: usmp::CpuMask::first_n(n),
+        };
+        measure(&mut g, G, &id, Duration::ZERO, Sampling::Single, &mut fx);
+    }
+    g.finish();
+    assert_eq!(rt.shutdown().lost_calls, 0);
 }
 
 fn irq_mask(c: &mut Criterion) {
     let mut g = c.benchmark_group("irq_mask");
 
-    // Floor: block + unblock one RT signal on the bench thread.
+    // For scale: block + unblock one RT signal on the bench thread.
     {
         // SAFETY: an all-zero sigset_t is a valid value to initialise with sigemptyset.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -452,6 +903,7 @@ fn irq_mask(c: &mut Criterion) {
     }
 
     // usmp: the soft mask pair, timed inside a job on CPU 0 (it only works on a CPU thread).
+    // A few nanoseconds: too short to time one by one, so no percentiles.
     {
         let rt = rt_builder().build().expect("build runtime");
         g.bench_function("irq_save_restore", |b| {
@@ -474,16 +926,123 @@ fn irq_mask(c: &mut Criterion) {
     g.finish();
 }
 
+// ---- regression guard ----
+
+/// p50 of 1000 samples on a fresh fixture.
+fn p50_of<F: Trip>(make: impl Fn() -> F, sampling: Sampling, gap: Duration) -> f64 {
+    let mut fx = make();
+    // A short untimed warm-up, so the first trips' page faults and wake-ups do not count.
+    for _ in 0..100 {
+        common::settle(gap);
+        fx.trip();
+    }
+    single_trips(1_000, gap, sampling.batch(), || fx.trip()).p50 as f64
+}
+
+/// Median time per call of a one-way batch, in ns.
+fn per_call_of<F>(make: impl Fn() -> F, batch: impl Fn(&F, u64) -> Duration) -> f64 {
+    let fx = make();
+    batch(&fx, 2_000);
+    let mut v: Vec<f64> = (0..15)
+        .map(|_| batch(&fx, 2_000).as_nanos() as f64 / 2_000.0)
+        .collect();
+    common::median(&mut v)
+}
+
+fn guard() -> ! {
+    const ROUNDS: usize = 5;
+    install_floor_handler();
+    let mut gd = Guard::default();
+    let z = Duration::ZERO;
+    let (r, u, p) = common::alternating(
+        ROUNDS,
+        || p50_of(|| Usmp::new(Target::Busy), Sampling::Single, z),
+        || p50_of(|| Tgkill::new(true), Sampling::Single, z),
+    );
+    gd.check("busy_vs_tgkill", r, &format!("p50 {u:.0} ns vs {p:.0} ns"));
+    let (r, u, p) = common::alternating(
+        ROUNDS,
+        || {
+            p50_of(
+                || Usmp::new(Target::Sleeping),
+                Sampling::Single,
+                SLEEP_SETTLE,
+            )
+        },
+        || p50_of(|| Tgkill::new(false), Sampling::Single, SLEEP_SETTLE),
+    );
+    gd.check(
+        "sleeping_vs_tgkill",
+        r,
+        &format!("p50 {u:.0} ns vs {p:.0} ns"),
+    );
+    let (r, u, p) = common::alternating(
+        ROUNDS,
+        || {
+            p50_of(
+                || Usmp::new(Target::Sleeping),
+                Sampling::Single,
+                SLEEP_SETTLE,
+            )
+        },
+        || p50_of(|| Crossbeam::new(false), Sampling::Single, SLEEP_SETTLE),
+    );
+    gd.check(
+        "sleeping_vs_crossbeam",
+        r,
+        &format!("p50 {u:.0} ns vs {p:.0} ns"),
+    );
+    let (r, u, p) = common::alternating(
+        ROUNDS,
+        || p50_of(|| Usmp::new(Target::Polling), Sampling::Batched, z),
+        || p50_of(PingPong::new, Sampling::Batched, z),
+    );
+    gd.check(
+        "polling_vs_pingpong",
+        r,
+        &format!("p50 {u:.0} ns vs {p:.0} ns"),
+    );
+    let (r, u, p) = common::alternating(
+        ROUNDS,
+        || p50_of(|| Usmp::new(Target::Polling), Sampling::Batched, z),
+        || p50_of(|| Crossbeam::new(true), Sampling::Batched, z),
+    );
+    gd.check(
+        "polling_vs_crossbeam",
+        r,
+        &format!("p50 {u:.0} ns vs {p:.0} ns"),
+    );
+    let (r, u, p) = common::alternating(
+        ROUNDS,
+        || per_call_of(|| Usmp::new(Target::Polling), usmp_async_batch),
+        || per_call_of(crossbeam_oneway, crossbeam_async_batch),
+    );
+    gd.check(
+        "async_vs_crossbeam",
+        r,
+        &format!("{u:.0} ns vs {p:.0} ns per call"),
+    );
+    gd.finish("ipi")
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(40)
+        .configure_from_args()
 }
 
-criterion_group! {
-    name = benches;
-    config = config();
-    targets = ipi_busy, ipi_sleeping_idle, ipi_polling_idle, irq_mask
+fn main() {
+    if common::guard_mode() {
+        guard();
+    }
+    let mut c = config();
+    ipi_busy(&mut c);
+    ipi_sleeping_idle(&mut c);
+    ipi_polling_idle(&mut c);
+    ipi_async_throughput(&mut c);
+    ipi_call_many(&mut c);
+    irq_mask(&mut c);
+    c.final_summary();
 }
-criterion_main!(benches);

@@ -11,14 +11,21 @@
 //! report a summary prints the medians, the ratio to the floor, the per-CPU slope between
 //! N = 4 and N = 256, and whether N = 64 stops in under 2 ms.
 //!
+//! The medians and the slope are taken from p50s of every timed iteration, and the p50/p99 of
+//! each (line, N) are written beside criterion's output (`common/mod.rs`). With
+//! `USMP_BENCH_GUARD=1` criterion is skipped and the regression guard runs instead.
+//!
 //! Flat sampling, 10 samples, short warm-up and measurement: the whole bench takes well under
 //! two minutes on a 2-core VM (runtime builds and drops dominate and are not timed).
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Guard, Percentiles};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 
 const NS: [usize; 4] = [4, 16, 64, 256];
@@ -205,6 +212,13 @@ fn print_summary() {
     if s.is_empty() {
         return;
     }
+    for (&(line, n), v) in s.iter() {
+        common::write_percentiles(
+            "send_stop",
+            &format!("{line}/{n}"),
+            &Percentiles::from_durations(v),
+        );
+    }
     let med = |line, n| s.get(&(line, n)).and_then(|v| median(v));
     println!("\nsend_stop summary (medians over every timed iteration, warm-up included):");
     println!(
@@ -246,7 +260,44 @@ fn print_summary() {
     }
 }
 
+/// Median of `k` timed runs of `f`, in ns.
+fn median_of(k: usize, mut f: impl FnMut() -> Duration) -> f64 {
+    let v: Vec<Duration> = (0..k).map(|_| f()).collect();
+    median(&v).expect("samples") * 1e3
+}
+
+fn guard() -> ! {
+    install_floor_handler();
+    let mut gd = Guard::default();
+    let mut at256 = Vec::new();
+    let (r, u, p) = common::alternating(
+        3,
+        || {
+            let (a, b) = (median_of(5, || one_stop(4)), median_of(5, || one_stop(256)));
+            at256.push(b);
+            (b - a) / 252.0
+        },
+        || {
+            let (s4, s256) = (Sleepers::start(4), Sleepers::start(256));
+            let a = median_of(10, || s4.broadcast());
+            let b = median_of(10, || s256.broadcast());
+            (b - a) / 252.0
+        },
+    );
+    gd.check(
+        "send_stop_slope",
+        r,
+        &format!("{u:.0} ns/CPU vs {p:.0} ns/CPU"),
+    );
+    let m = common::median(&mut at256);
+    gd.check("send_stop_256", m, &format!("median {:.2} ms", m / 1e6));
+    gd.finish("stop")
+}
+
 fn main() {
+    if common::guard_mode() {
+        guard();
+    }
     let mut c = Criterion::default().configure_from_args();
     bench_stop(&mut c);
     c.final_summary();

@@ -1,0 +1,271 @@
+//! The benchmark table's rows: which usmp figure is compared with which peer or floor, and the
+//! target ratio. Shared by the benches (their regression guard reads `max_ratio`) and by the
+//! `bench-table` example (which prints the README table), so a target is written once.
+//!
+//! A figure is named by criterion's `(group, id)`; the bench writes single-round-trip
+//! percentiles for it beside criterion's own output (see `common::write_percentiles`).
+
+/// How a row's ratio is formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// usmp latency / peer latency, by p50 of single round trips.
+    Latency,
+    /// usmp time per call / peer time per call (the inverse of calls per second), by
+    /// criterion's estimate: a throughput has no single-trip percentiles.
+    Throughput,
+    /// send_stop's per-CPU slope from 4 to 256 CPUs over the floor's, by p50 at each N.
+    Slope,
+    /// usmp alone against an absolute bound in nanoseconds (`max_ratio` holds the bound).
+    Absolute,
+}
+
+/// One row of the table.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    /// Stable key, used by the guard's report.
+    pub key: &'static str,
+    /// What the row measures, as the README says it.
+    pub figure: &'static str,
+    pub group: &'static str,
+    /// usmp's criterion id (for `Slope`, the id prefix: `usmp` for `usmp/4` ... `usmp/256`).
+    pub usmp: &'static str,
+    /// The peer's or floor's criterion id; for `Absolute` only shown for scale, may be empty.
+    pub peer: &'static str,
+    /// What the peer is, in words.
+    pub peer_label: &'static str,
+    pub kind: Kind,
+    /// The target: the highest passing ratio (or, for `Absolute`, nanoseconds). `None`: shown
+    /// for reference, no target.
+    pub max_ratio: Option<f64>,
+    /// The target as the README writes it.
+    pub target_text: &'static str,
+}
+
+// A positional constructor keeps the table below readable as a table.
+#[allow(clippy::too_many_arguments)]
+const fn row(
+    key: &'static str,
+    figure: &'static str,
+    group: &'static str,
+    usmp: &'static str,
+    peer: &'static str,
+    peer_label: &'static str,
+    kind: Kind,
+    max_ratio: Option<f64>,
+    target_text: &'static str,
+) -> Target {
+    Target {
+        key,
+        figure,
+        group,
+        usmp,
+        peer,
+        peer_label,
+        kind,
+        max_ratio,
+        target_text,
+    }
+}
+
+use Kind::*;
+
+/// Every row, in the README's order.
+pub const TARGETS: &[Target] = &[
+    row(
+        "polling_vs_pingpong",
+        "`call_single` to a polling idle CPU",
+        "ipi_polling_idle",
+        "call_single_polling",
+        "cacheline_pingpong",
+        "cache-line ping-pong (floor)",
+        Latency,
+        Some(3.0),
+        "≤ 3×",
+    ),
+    row(
+        "polling_vs_crossbeam",
+        "`call_single` to a polling idle CPU",
+        "ipi_polling_idle",
+        "call_single_polling",
+        "crossbeam_spinning",
+        "crossbeam-channel boxed closure to a `try_recv` spinning worker (peer)",
+        Latency,
+        Some(1.0),
+        "≤ 1×",
+    ),
+    row(
+        "busy_vs_tgkill",
+        "`call_single` to a busy CPU (in a job)",
+        "ipi_busy",
+        "call_single_busy",
+        "raw_tgkill_busy",
+        "`tgkill` → handler → ack, target spinning (floor)",
+        Latency,
+        Some(1.15),
+        "≤ 1.15×",
+    ),
+    row(
+        "sleeping_vs_crossbeam",
+        "`call_single` to a sleeping idle CPU (`SleepOnly`)",
+        "ipi_sleeping_idle",
+        "call_single_sleeping",
+        "crossbeam_blocking",
+        "crossbeam-channel boxed closure to a `recv()` blocked worker (peer)",
+        Latency,
+        Some(1.0),
+        "≤ 1×",
+    ),
+    row(
+        "sleeping_vs_tgkill",
+        "`call_single` to a sleeping idle CPU (`SleepOnly`)",
+        "ipi_sleeping_idle",
+        "call_single_sleeping",
+        "raw_tgkill_pause",
+        "`tgkill` → handler → ack, target in `pause()` (floor)",
+        Latency,
+        Some(1.15),
+        "≤ 1.15×",
+    ),
+    row(
+        "async_vs_crossbeam",
+        "`call_single_async` to a polling CPU, time per call",
+        "ipi_async_throughput",
+        "call_single_async_polling",
+        "crossbeam_send_spinning",
+        "crossbeam-channel sends of boxed closures to a spinning worker (peer)",
+        Throughput,
+        Some(1.0),
+        "≤ 1× (calls/s ≥ peer)",
+    ),
+    row(
+        "call_many_16_vs_membarrier",
+        "`call_many` to all 16 CPUs (default idle policy)",
+        "ipi_call_many",
+        "call_many/16",
+        "membarrier_private_expedited",
+        "`membarrier(PRIVATE_EXPEDITED)` (kernel IPI to all)",
+        Latency,
+        None,
+        "—",
+    ),
+    row(
+        "call_many_1_vs_single",
+        "`call_many` to 1 CPU (default idle policy)",
+        "ipi_call_many",
+        "call_many/1",
+        "call_single",
+        "`call_single` to one CPU, same runtime",
+        Latency,
+        None,
+        "—",
+    ),
+    row(
+        "irq_mask",
+        "`irq_save` + `irq_restore`",
+        "irq_mask",
+        "irq_save_restore",
+        "pthread_sigmask_pair",
+        "`pthread_sigmask` block + unblock (for scale)",
+        Absolute,
+        Some(5.0),
+        "≤ 5 ns",
+    ),
+    row(
+        "hotplug_cycle",
+        "`cpu_down` + `cpu_up`, 2 CPUs",
+        "hotplug_cycle",
+        "cpu_down_up",
+        "thread_spawn_join",
+        "thread spawn + join (floor)",
+        Latency,
+        Some(1.5),
+        "≤ 1.5×",
+    ),
+    row(
+        "send_stop_slope",
+        "`send_stop` per-CPU slope, 4 → 256 CPUs",
+        "send_stop",
+        "usmp",
+        "tgkill_broadcast",
+        "`tgkill` broadcast to N threads in `pause()` + acks (floor)",
+        Slope,
+        Some(1.5),
+        "≤ 1.5×",
+    ),
+    row(
+        "send_stop_256",
+        "`send_stop`, 256 CPUs on 2 cores",
+        "send_stop",
+        "usmp/256",
+        "",
+        "",
+        Absolute,
+        Some(4_000_000.0),
+        "< 4 ms",
+    ),
+    row(
+        "crash_kexec",
+        "`crash_kexec`, 8 CPUs, to all online in the next image",
+        "kexec_handoff",
+        "crash_kexec_8cpus",
+        "thread_spawn_join_x8",
+        "spawn + join of 8 threads (floor)",
+        Latency,
+        Some(2.0),
+        "≤ 2×",
+    ),
+    row(
+        "kexec",
+        "orderly `kexec`, same",
+        "kexec_handoff",
+        "kexec_8cpus",
+        "thread_spawn_join_x8",
+        "spawn + join of 8 threads (floor)",
+        Latency,
+        None,
+        "—",
+    ),
+];
+
+/// Rows that miss their target today: the regression guard holds them to this limit (twice
+/// the worst ratio recorded, in the README's runs or the guard's on a loaded 2-core VM)
+/// instead of twice the target, so CI stays green
+/// until the miss is closed, yet still catches a path that becomes several times slower.
+/// Remove a row's entry when it meets its target.
+pub const GUARD_OVERRIDES: &[(&str, f64)] = &[
+    // Recorded 3.6x-4.4x by criterion (issue 13), 5.1x by p50 on a loaded machine.
+    ("polling_vs_pingpong", 9.0),
+    // Recorded 0.9x-1.3x by p50 (first runs with this peer).
+    ("polling_vs_crossbeam", 2.6),
+    // Bimodal by runtime instance: rounds at 1.5x-2x and whole rounds at 6x-7.3x (first runs
+    // with this peer, loaded machine).
+    ("async_vs_crossbeam", 15.0),
+    // Recorded 2.0x-2.6x (issue 13).
+    ("hotplug_cycle", 5.2),
+    // Recorded 2.5x-3.5x (issue 13), 5.7x on a loaded machine.
+    ("send_stop_slope", 12.0),
+    // Recorded 8.0 ms (issue 13).
+    ("send_stop_256", 16_000_000.0),
+    // Recorded 2.4x-4.3x (issue 13), 8.8x on a loaded machine.
+    ("crash_kexec", 18.0),
+];
+
+/// The guard's limit for `t`: twice its target, or its `GUARD_OVERRIDES` entry; `None` for a
+/// row without a target.
+#[allow(dead_code)] // the table example does not use it
+pub fn guard_limit(t: &Target) -> Option<f64> {
+    let over = GUARD_OVERRIDES.iter().find(|(k, _)| *k == t.key);
+    match over {
+        Some(&(_, limit)) => Some(limit),
+        None => t.max_ratio.map(|m| 2.0 * m),
+    }
+}
+
+/// The row with this key.
+#[allow(dead_code)] // each bench binary uses only some of this file
+pub fn target(key: &str) -> &'static Target {
+    TARGETS
+        .iter()
+        .find(|t| t.key == key)
+        .unwrap_or_else(|| panic!("no target row {key}"))
+}
