@@ -145,6 +145,9 @@ struct RunReport<'a> {
 }
 
 fn main() {
+    // First, so a Ctrl-C during start-up (parsing, logger set-up) waits for the signal thread
+    // instead of killing the process; only `run` takes it, `kexec` gets the default back.
+    let signals = block_run_signals();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -157,8 +160,12 @@ fn main() {
         Err(e) => usage_error(e),
     };
     let result = match cli.cmd {
-        Cmd::Run(args) => start_signal_thread().and_then(|sig| run(plan(args)?, sig)),
-        Cmd::Kexec(args) => kexec_cmd::kexec(args),
+        Cmd::Run(args) => start_signal_thread(signals).and_then(|sig| run(plan(args)?, sig)),
+        Cmd::Kexec(args) => {
+            // Pending signals are delivered (with their default action) once unblocked.
+            let _ = signals.thread_unblock();
+            kexec_cmd::kexec(args)
+        }
     };
     if let Err(e) = result {
         if is_broken_pipe(&e) {
@@ -193,11 +200,16 @@ fn usage_error(e: clap::Error) -> ! {
         std::process::exit(code);
     }
     let text = e.render().to_string();
+    // The message is the first paragraph (a list after "...:" included), on one line; clap's
+    // tips and usage follow it.
     let first = text
-        .lines()
+        .split("\n\n")
         .next()
         .unwrap_or("bad arguments")
-        .trim_start_matches("error: ");
+        .trim_start_matches("error: ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let _ = writeln!(
         std::io::stderr(),
         "usmp: error: {first} (usmp --help for usage)"
@@ -229,15 +241,19 @@ struct SignalState {
     quit_target: Arc<Mutex<Option<Handle>>>,
 }
 
-/// Blocks SIGINT and SIGQUIT in the calling (main) thread, before any other thread exists, and
-/// starts the thread that takes them with `sigwait`. That thread lives until the process exits:
-/// it holds no resource and is never joined.
-fn start_signal_thread() -> anyhow::Result<SignalState> {
+/// Blocks SIGINT and SIGQUIT in the calling (main) thread, before any other thread exists, so
+/// every thread started later inherits the block. (Blocking a valid set cannot fail.)
+fn block_run_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGQUIT);
-    set.thread_block()
-        .context("cannot block SIGINT and SIGQUIT")?;
+    let _ = set.thread_block();
+    set
+}
+
+/// Starts the thread that takes `set` (blocked by [`block_run_signals`]) with `sigwait`. That
+/// thread lives until the process exits: it holds no resource and is never joined.
+fn start_signal_thread(set: SigSet) -> anyhow::Result<SignalState> {
     let stop = Arc::new(AtomicBool::new(false));
     let quit_target: Arc<Mutex<Option<Handle>>> = Arc::new(Mutex::new(None));
     let (s, q) = (stop.clone(), quit_target.clone());
@@ -255,7 +271,8 @@ fn start_signal_thread() -> anyhow::Result<SignalState> {
                         dump_cpus(h);
                     }
                 }
-                Err(_) => continue,
+                // sigwait fails only for an invalid set; do not spin on it.
+                Err(_) => return,
             }
         })
         .context("cannot start the signal thread")?;
