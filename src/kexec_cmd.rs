@@ -1,7 +1,13 @@
 //! `usmp kexec`: an orderly or crash kexec with a timeline and a final table; `--exec` hands
 //! the crash record to a real new process image through a sealed memfd.
+//!
+//! Output goes through one locked stdout with `?`, so a closed pipe ends the command with an
+//! `io::ErrorKind::BrokenPipe` error that `main` treats as the end of output. Every string that
+//! came from a crash record is printed through [`printable`] (or [`write_json`]), so a record
+//! cannot forge lines or send escape sequences to the terminal.
 
-use std::os::fd::AsRawFd;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 
 use anyhow::{anyhow, Context};
@@ -14,7 +20,7 @@ pub struct KexecArgs {
     #[arg(long)]
     crash: bool,
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     cpus: Option<usize>,
     /// What stopped CPUs do: power-off (the next image can use them) or spin (lost).
     #[arg(long, value_name = "POLICY", default_value = "power-off")]
@@ -25,8 +31,9 @@ pub struct KexecArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// (internal) the fd holding a crash record from the previous process image.
-    #[arg(long, value_name = "FD", hide = true)]
+    /// (internal) the fd holding a crash record from the previous process image: a memfd
+    /// sealed against write, grow and shrink, 3 or above.
+    #[arg(long, value_name = "FD", hide = true, allow_negative_numbers = true)]
     resume_fd: Option<i32>,
 }
 
@@ -68,7 +75,9 @@ pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
         drop(next);
         let fd = usmp::kexec::exec::seal_record(&rec).context("sealing the crash record")?;
         let exe = std::env::current_exe().context("finding this binary")?;
-        eprintln!(
+        // A closed stderr must not stop the handoff.
+        let _ = writeln!(
+            std::io::stderr(),
             "kexec: exec {} with the crash record in fd {}",
             exe.display(),
             fd.as_raw_fd()
@@ -87,61 +96,147 @@ pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
         let err = cmd.exec();
         return Err(anyhow!("execve failed: {err}"));
     }
-    print_report(&report, next.cpus(), a.json);
+    print_report(&mut std::io::stdout().lock(), &report, next.cpus(), a.json)?;
     Ok(())
 }
 
+/// Takes ownership of the `--resume-fd` argument: 3 or above, and open.
+fn resume_fd(fd: i32) -> anyhow::Result<OwnedFd> {
+    if fd <= 2 {
+        return Err(anyhow!(
+            "--resume-fd {fd}: must be an open fd of 3 or more (0-2 are stdin, stdout and stderr)"
+        ));
+    }
+    // SAFETY: F_GETFD only queries the descriptor flags; it fails with EBADF if `fd` is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(anyhow!(
+            "--resume-fd {fd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` is open (checked above) and above the standard streams; by the
+    // `--resume-fd` contract the previous image handed it to this process to own, and nothing
+    // in this process has opened or used it (this runs before the runtime or any file).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn resume(fd: i32, cpus: usize, json: bool) -> anyhow::Result<()> {
-    let rec = usmp::kexec::exec::read_record(fd)?;
+    let rec = usmp::kexec::exec::read_record(resume_fd(fd)?)?;
+    let mut out = std::io::stdout().lock();
+    let (failed, lost) = (rec.failed_mask(), rec.lost_mask());
     if !json {
-        println!(
+        writeln!(
+            out,
             "== crash record from generation {} (previous process image)",
             rec.generation
-        );
-        println!("reason: {}", rec.reason);
-        println!(
+        )?;
+        writeln!(out, "reason: {}", printable(&rec.reason))?;
+        writeln!(
+            out,
             "crashing CPU: {}; failed to stop: {}; lost: {}; park policy: {:?}",
             rec.crashing_cpu.map_or("none".into(), |c| c.to_string()),
-            if rec.failed.is_empty() {
-                "none"
-            } else {
-                &rec.failed
-            },
-            if rec.lost.is_empty() {
-                "none"
-            } else {
-                &rec.lost
-            },
+            or_none(&failed),
+            or_none(&lost),
             rec.park
-        );
+        )?;
         for n in &rec.notes {
-            println!(
+            writeln!(
+                out,
                 "  CPU{}: ip={:#x} sp={:#x} fp={:#x}",
                 n.cpu, n.regs.ip, n.regs.sp, n.regs.fp
-            );
+            )?;
         }
+        out.flush()?;
     }
     let rt = Builder::new().cpus(cpus).build()?;
     if json {
         let v = serde_json::json!({
-            "generation": rec.generation + 1,
+            "generation": rec.next_generation(),
             "cpus_online_after": rt.online_mask().weight(),
-            "cpus_lost": rec.lost,
+            "cpus_lost": lost.to_string(),
             "handoff_us": (rec.handoff_at_ns.saturating_sub(rec.crashed_at_ns)) / 1000,
             "record": rec,
         });
-        println!("{v}");
+        write_json(&mut out, &v)?;
     } else {
-        println!(
+        writeln!(
+            out,
             "== generation {} booted in a new process: CPUs {} online",
-            rec.generation + 1,
-            rt.online_mask()
-        );
+            rec.next_generation(),
+            or_none(&rt.online_mask())
+        )?;
     }
     Ok(())
 }
 
-fn print_report(r: &KexecReport, cpus: usize, json: bool) {
+/// A mask for people: the list, or "(none)" rather than nothing.
+fn or_none(m: &usmp::CpuMask) -> String {
+    m.to_list_or_none()
+}
+
+/// "3 (0-2)", or "(none)".
+fn count_and_list(m: &usmp::CpuMask) -> String {
+    if m.is_empty() {
+        or_none(m)
+    } else {
+        format!("{} ({m})", m.weight())
+    }
+}
+
+/// `s` with every control character (C0, DEL, C1), every bidirectional-override character and
+/// the backslash escaped, so text from a record prints as one inert line.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if needs_escape(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Characters a terminal may act on or reorder text by.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Writes `v` as one line of JSON in which the characters [`printable`] escapes are `\uXXXX`
+/// escapes too (serde_json leaves DEL, C1 and bidi characters raw): still the same JSON value.
+pub fn write_json(out: &mut impl Write, v: &impl serde::Serialize) -> std::io::Result<()> {
+    let mut ser = serde_json::Serializer::with_formatter(&mut *out, InertJson);
+    v.serialize(&mut ser).map_err(std::io::Error::from)?;
+    writeln!(out)
+}
+
+struct InertJson;
+
+impl serde_json::ser::Formatter for InertJson {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| needs_escape(c)) {
+            w.write_all(&rest.as_bytes()[..i])?;
+            write!(w, "\\u{:04x}", c as u32)?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        w.write_all(rest.as_bytes())
+    }
+}
+
+fn print_report(
+    out: &mut impl Write,
+    r: &KexecReport,
+    cpus: usize,
+    json: bool,
+) -> std::io::Result<()> {
     if json {
         let v = serde_json::json!({
             "generation": r.generation,
@@ -154,36 +249,29 @@ fn print_report(r: &KexecReport, cpus: usize, json: bool) {
             "timeline": r.timeline,
             "record": r.record,
         });
-        println!("{v}");
-        return;
+        return write_json(out, &v);
     }
-    println!("== kexec timeline");
+    writeln!(out, "== kexec timeline")?;
     for e in &r.timeline {
         let who = e.cpu.map_or("   -".into(), |c| format!("CPU{c}"));
-        println!("{:>9} us  {who:>6}  {}", e.t_us, e.what);
+        writeln!(out, "{:>9} us  {who:>6}  {}", e.t_us, e.what)?;
     }
-    println!("== handoff to generation {}", r.generation);
-    println!("  reboot CPU:       {}", r.reboot_cpu);
-    println!(
-        "  CPUs handed over: {} ({})",
-        r.handed_over.weight(),
-        r.handed_over
-    );
-    println!(
-        "  CPUs lost:        {} ({})",
-        r.lost.weight(),
-        if r.lost.is_empty() {
-            "none".to_string()
-        } else {
-            r.lost.to_string()
-        }
-    );
-    println!("  handoff time:     {} us", r.handoff_us);
+    writeln!(out, "== handoff to generation {}", r.generation)?;
+    writeln!(out, "  reboot CPU:       {}", r.reboot_cpu)?;
+    writeln!(
+        out,
+        "  CPUs handed over: {}",
+        count_and_list(&r.handed_over)
+    )?;
+    writeln!(out, "  CPUs lost:        {}", count_and_list(&r.lost))?;
+    writeln!(out, "  handoff time:     {} us", r.handoff_us)?;
     if let Some(rec) = &r.record {
-        println!(
-            "  crash record:     {} notes, reason {:?}",
+        writeln!(
+            out,
+            "  crash record:     {} notes, reason \"{}\"",
             rec.notes.len(),
-            rec.reason
-        );
+            printable(&rec.reason)
+        )?;
     }
+    Ok(())
 }

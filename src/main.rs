@@ -1,20 +1,29 @@
 //! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did.
 //!
-//! Exit codes: 0 the run finished (also after Ctrl-C); 2 bad input, a runtime that could not
-//! start, or a workload that failed (one line on stderr). A second Ctrl-C exits at once with 130.
+//! Exit codes: 0 the run finished (also after Ctrl-C), or stdout was closed by its reader
+//! (a broken pipe ends the output, quietly); 2 bad input (usage errors included), a runtime
+//! that could not start, or a workload that failed (one line on stderr). A second Ctrl-C exits
+//! at once with 130.
 //!
 //! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr and
 //! the run goes on.
+//!
+//! Signals in `usmp run`: SIGINT and SIGQUIT are blocked in the main thread before anything else
+//! starts, so every thread (each logical CPU included) inherits the block, and one thread takes
+//! them with `sigwait`. No handler for them ever runs on a CPU thread (where it could nest inside
+//! an IPI handler on the signal stack), and a Ctrl-C at any moment, even before the runtime is
+//! built, only sets the stop flag: the run always ends with its summary.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
 
 mod kexec_cmd;
 use usmp::{Handle, RuntimeStats, MAX_CPUS};
@@ -41,7 +50,7 @@ enum Cmd {
 #[derive(Args)]
 struct RunArgs {
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     cpus: Option<usize>,
     /// Workload to run (lifecycle, demo, hotplug, crash).
     #[arg(long, value_name = "NAME", default_value = "lifecycle")]
@@ -155,21 +164,139 @@ struct RunReport<'a> {
 }
 
 fn main() {
+    // First, so a Ctrl-C during start-up (parsing, logger set-up) waits for the signal thread
+    // instead of killing the process; only `run` takes it, `kexec` gets the default back.
+    let signals = block_run_signals();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .with_env_filter(filter)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     let result = match cli.cmd {
-        Cmd::Run(args) => plan(args).and_then(run),
-        Cmd::Kexec(args) => kexec_cmd::kexec(args),
+        Cmd::Run(args) => start_signal_thread(signals).and_then(|sig| run(plan(args)?, sig)),
+        Cmd::Kexec(args) => {
+            // Pending signals are delivered (with their default action) once unblocked.
+            let _ = signals.thread_unblock();
+            kexec_cmd::kexec(args)
+        }
     };
     if let Err(e) = result {
-        eprintln!("usmp: error: {e:#}");
+        if is_broken_pipe(&e) {
+            // The reader of stdout went away: the output ends here, as `head` expects.
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "usmp: error: {e:#}");
         std::process::exit(2);
     }
+}
+
+/// ANSI colour in log lines only on a terminal, and never when `NO_COLOR` is set and not empty
+/// (no-color.org).
+fn colour_on_stderr() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
+}
+
+/// Help and version print as clap formats them (exit 0); a usage error is one line on stderr
+/// and exit 2, like every other bad input.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    // Asked-for help and version, and the help shown for a missing subcommand, are clap's.
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let code = if e.use_stderr() { 2 } else { 0 };
+        let _ = e.print();
+        std::process::exit(code);
+    }
+    let text = e.render().to_string();
+    // The message is the first paragraph (a list after "...:" included), on one line; clap's
+    // tips and usage follow it.
+    let first = text
+        .split("\n\n")
+        .next()
+        .unwrap_or("bad arguments")
+        .trim_start_matches("error: ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let _ = writeln!(
+        std::io::stderr(),
+        "usmp: error: {first} (usmp --help for usage)"
+    );
+    std::process::exit(2);
+}
+
+/// Whether `e` is a write to a closed pipe, however deep in the chain.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `USMP_ANNOUNCE_PHASES=1` (for the Ctrl-C test): one `usmp: phase: NAME` line on stderr as the
+/// run enters each phase, so a test can send SIGINT at a known point without sleeping.
+fn announce(phase: &str) {
+    if std::env::var_os("USMP_ANNOUNCE_PHASES").is_some() {
+        let _ = writeln!(std::io::stderr(), "usmp: phase: {phase}");
+    }
+}
+
+/// What the signal thread shares with the run.
+struct SignalState {
+    /// Set by the first SIGINT.
+    stop: Arc<AtomicBool>,
+    /// The runtime SIGQUIT dumps, while there is one.
+    quit_target: Arc<Mutex<Option<Handle>>>,
+}
+
+/// Blocks SIGINT and SIGQUIT in the calling (main) thread, before any other thread exists, so
+/// every thread started later inherits the block. (Blocking a valid set cannot fail.)
+fn block_run_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGQUIT);
+    let _ = set.thread_block();
+    set
+}
+
+/// Starts the thread that takes `set` (blocked by [`block_run_signals`]) with `sigwait`. That
+/// thread lives until the process exits: it holds no resource and is never joined.
+fn start_signal_thread(set: SigSet) -> anyhow::Result<SignalState> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let quit_target: Arc<Mutex<Option<Handle>>> = Arc::new(Mutex::new(None));
+    let (s, q) = (stop.clone(), quit_target.clone());
+    std::thread::Builder::new()
+        .name("usmp-signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(Signal::SIGINT) => {
+                    if s.swap(true, Ordering::SeqCst) {
+                        std::process::exit(130);
+                    }
+                }
+                Ok(_) => {
+                    if let Some(h) = q.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        dump_cpus(h);
+                    }
+                }
+                // sigwait fails only for an invalid set; do not spin on it.
+                Err(_) => return,
+            }
+        })
+        .context("cannot start the signal thread")?;
+    announce("signals");
+    Ok(SignalState { stop, quit_target })
 }
 
 /// Checks every argument (and opens the trace file) before anything starts.
@@ -216,15 +343,8 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
     })
 }
 
-fn run(mut p: RunPlan) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc::set_handler(move || {
-        if s.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    })
-    .context("cannot install the Ctrl-C handler")?;
+fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
+    let stop = sig.stop;
 
     // The NMI attempts' wait is a bound, not a delay: lifecycle gives its loaded, oversubscribed
     // default run 100 ms for the masked CPU's thread to be scheduled; the others keep the
@@ -241,20 +361,10 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     let h = rt.handle();
+    *sig.quit_target.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
+    announce("built");
 
-    let mut quit = signal_hook::iterator::Signals::new([signal_hook::consts::SIGQUIT])
-        .context("cannot install the SIGQUIT handler")?;
-    let quit_handle = quit.handle();
-    let hq = h.clone();
-    let dumper = std::thread::Builder::new()
-        .name("usmp-sigquit".into())
-        .spawn(move || {
-            for _ in quit.forever() {
-                dump_cpus(&hq);
-            }
-        })
-        .context("cannot start the SIGQUIT thread")?;
-
+    announce("workload");
     let outcome = match p.workload {
         Workload::Lifecycle => {
             let cfg = usmp::stress::LifecycleConfig::split(p.duration);
@@ -272,13 +382,17 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
             .map(Outcome::Crash)
             .map_err(anyhow::Error::from),
     };
+    announce("drained");
     // The runtime is idle now (the workload drained); snapshot it, then shut it down and check
     // that nothing was lost on the way out.
     let mut stats = h.stats();
+    sig.quit_target
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     let fin = rt.shutdown();
     stats.lost_calls = fin.lost_calls;
-    quit_handle.close();
-    let _ = dumper.join();
+    announce("shutdown");
 
     let mut outcome = outcome.context("workload failed")?;
     if let Outcome::Crash(c) = &mut outcome {
@@ -320,8 +434,7 @@ fn run(mut p: RunPlan) -> anyhow::Result<()> {
             },
             stats: &stats,
         };
-        serde_json::to_writer(&mut out, &report)?;
-        writeln!(out)?;
+        kexec_cmd::write_json(&mut out, &report)?;
     } else {
         match &outcome {
             Outcome::Crash(c) => c.write_summary(&mut out)?,

@@ -4,14 +4,24 @@
 //!    seals it against writes, shrinking and growing, so the next image reads exactly what the
 //!    crashed one wrote.
 //! 2. The caller `execve`s itself with `--resume-fd N`.
-//! 3. `read_record` in the new process reads the fd (bounded by `MAX_RECORD`) and decodes it;
-//!    any problem is one typed error.
+//! 3. `read_record` in the new process takes ownership of the fd, refuses anything that is not
+//!    a memfd sealed against writing, growing and shrinking (before reading a byte: an eventfd,
+//!    a pipe or a timerfd could block a read forever, a file or an unsealed memfd could change
+//!    under the reader), reads it with one bounded `pread`, and decodes it; any problem is one
+//!    typed error.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
 
-use super::record::{CrashRecord, RecordError, MAX_RECORD};
+use super::record::{CrashRecord, RecordError, MAX_FRAME};
+
+/// The seals a crash record must carry: nobody can change its contents or size any more.
+const REQUIRED_SEALS: i32 = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+/// Bound on waiting for the fd to be readable (a sealed memfd always is, at once).
+const READ_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// Why a record could not be passed or read.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +32,23 @@ pub enum ExecRecordError {
         #[source]
         source: std::io::Error,
     },
+    /// The fd is not a memfd (`F_GET_SEALS` is refused): a file, pipe, socket, eventfd, ...
+    #[error("crash record fd {fd} is not a memfd (only a sealed memfd holds a crash record)")]
+    NotMemfd { fd: i32 },
+    /// The memfd can still be written, grown or shrunk.
+    #[error(
+        "crash record fd {fd} is not sealed against write, grow and shrink (seals {seals:#x})"
+    )]
+    NotSealed { fd: i32, seals: i32 },
+    /// The memfd is larger than any valid record.
+    #[error("crash record fd {fd} holds {len} bytes, more than the {MAX_FRAME} a record may have")]
+    TooLarge { fd: i32, len: u64 },
+    /// The fd did not become readable in time.
+    #[error("crash record fd {fd} is not readable within {} ms", READ_TIMEOUT.as_millis())]
+    NotReadable { fd: i32 },
     #[error(transparent)]
     Record(#[from] RecordError),
 }
-
 /// Step 1: the record in a sealed memfd that survives `execve`.
 pub fn seal_record(rec: &CrashRecord) -> std::io::Result<OwnedFd> {
     let name = c"usmp-crash-record";
@@ -46,24 +69,143 @@ pub fn seal_record(rec: &CrashRecord) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
-/// Step 3: reads and validates the record passed as `fd`.
-pub fn read_record(fd: i32) -> Result<CrashRecord, ExecRecordError> {
-    let io = |source| ExecRecordError::Io { fd, source };
-    if fd < 0 {
-        return Err(io(std::io::Error::from_raw_os_error(libc::EBADF)));
+/// Step 3: reads and validates the record in `fd`, which it takes ownership of (and closes).
+///
+/// Only a memfd sealed with `F_SEAL_WRITE`, `F_SEAL_GROW` and `F_SEAL_SHRINK` is accepted;
+/// anything else is refused before any read, so no fd can make this block. The read itself is
+/// one `pread` of at most [`MAX_FRAME`] bytes from memory, after a bounded readiness check.
+pub fn read_record(fd: OwnedFd) -> Result<CrashRecord, ExecRecordError> {
+    let raw = fd.as_raw_fd();
+    let io = |source| ExecRecordError::Io { fd: raw, source };
+    // SAFETY: F_GET_SEALS only queries the open file `fd` refers to; `fd` is open (owned).
+    let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
+    if seals < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EINVAL) => ExecRecordError::NotMemfd { fd: raw },
+            _ => io(e),
+        });
     }
-    // SAFETY: fcntl(F_GETFD) only queries; it fails with EBADF if `fd` is not open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+        return Err(ExecRecordError::NotSealed { fd: raw, seals });
+    }
+    let f = File::from(fd);
+    let meta = f.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(ExecRecordError::NotMemfd { fd: raw });
+    }
+    if meta.len() > MAX_FRAME as u64 {
+        return Err(ExecRecordError::TooLarge {
+            fd: raw,
+            len: meta.len(),
+        });
+    }
+    let mut pfd = libc::pollfd {
+        fd: raw,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd on this frame, and the count says one.
+    let ready = unsafe { libc::poll(&mut pfd, 1, READ_TIMEOUT.as_millis() as libc::c_int) };
+    if ready < 0 {
         return Err(io(std::io::Error::last_os_error()));
     }
-    // SAFETY: `fd` is open (checked above) and handed to this process for us to own (the
-    // `--resume-fd` contract); nothing else in the process uses it.
-    let mut f = unsafe { File::from_raw_fd(fd) };
-    f.seek(SeekFrom::Start(0)).map_err(io)?;
-    let mut buf = Vec::new();
-    (&mut f)
-        .take(MAX_RECORD as u64 + 64)
-        .read_to_end(&mut buf)
-        .map_err(io)?;
+    if ready == 0 {
+        return Err(ExecRecordError::NotReadable { fd: raw });
+    }
+    // The seals fix the size, so this reads the whole record or fails.
+    let mut buf = vec![0u8; meta.len() as usize];
+    f.read_exact_at(&mut buf, 0).map_err(io)?;
     Ok(CrashRecord::decode(&buf)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stop::ParkPolicy;
+
+    fn record() -> CrashRecord {
+        CrashRecord {
+            reason: "test".into(),
+            crashing_cpu: None,
+            cpus: 2,
+            generation: 3,
+            notes: vec![],
+            failed: String::new(),
+            lost: "1".into(),
+            park: ParkPolicy::Spin,
+            crashed_at_ns: 1,
+            handoff_at_ns: 2,
+        }
+    }
+
+    fn memfd(flags: libc::c_uint) -> File {
+        // SAFETY: a valid NUL-terminated name and valid flags.
+        let fd = unsafe { libc::memfd_create(c"usmp-test".as_ptr(), flags) };
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    #[test]
+    fn a_sealed_memfd_round_trips() {
+        let fd = seal_record(&record()).unwrap();
+        assert_eq!(read_record(fd).unwrap(), record());
+    }
+
+    #[test]
+    fn unsealed_or_non_memfd_fds_are_refused_without_reading() {
+        let bytes = record().encode();
+        // A memfd that can still be written (no seals at all, or sealing never allowed).
+        for flags in [libc::MFD_ALLOW_SEALING, 0] {
+            let mut f = memfd(flags);
+            f.write_all(&bytes).unwrap();
+            let r = read_record(OwnedFd::from(f));
+            assert!(
+                matches!(r, Err(ExecRecordError::NotSealed { .. })),
+                "flags {flags}: {r:?}"
+            );
+        }
+        // Sealed against writes only: it could still shrink or grow.
+        let mut f = memfd(libc::MFD_ALLOW_SEALING);
+        f.write_all(&bytes).unwrap();
+        // SAFETY: fcntl on an fd this test owns, with a valid command and argument.
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(rc, 0);
+        assert!(matches!(
+            read_record(OwnedFd::from(f)),
+            Err(ExecRecordError::NotSealed { .. })
+        ));
+        // An eventfd would block a read forever: refused before any read.
+        // SAFETY: eventfd with valid flags; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        // SAFETY: `efd` was just created and is owned by nobody else.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            read_record(efd),
+            Err(ExecRecordError::NotMemfd { .. })
+        ));
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // A regular file.
+        let f = File::open("/proc/self/exe").unwrap();
+        assert!(matches!(
+            read_record(OwnedFd::from(f)),
+            Err(ExecRecordError::NotMemfd { .. })
+        ));
+    }
+
+    #[test]
+    fn an_oversized_sealed_memfd_is_refused_before_reading() {
+        let f = memfd(libc::MFD_ALLOW_SEALING);
+        f.set_len(MAX_FRAME as u64 + 1).unwrap();
+        // SAFETY: fcntl on an fd this test owns, with a valid command and argument.
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS) };
+        assert_eq!(rc, 0);
+        assert!(matches!(
+            read_record(OwnedFd::from(f)),
+            Err(ExecRecordError::TooLarge { .. })
+        ));
+    }
 }

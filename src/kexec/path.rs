@@ -266,8 +266,8 @@ impl Handle {
                     "stop attempt {} ({}) targeted {} remaining {} in {} us",
                     a.attempt,
                     if a.attempt == 1 { "IPI" } else { "NMI" },
-                    a.targeted,
-                    a.remaining,
+                    a.targeted.to_list_or_none(),
+                    a.remaining.to_list_or_none(),
                     a.took_us
                 ),
             );
@@ -289,7 +289,11 @@ impl Handle {
         };
         tl.add(
             Some(reboot),
-            format!("CPUs stopped: {}; lost: {}", out.stopped, lost),
+            format!(
+                "CPUs stopped: {}; lost: {}",
+                out.stopped.to_list_or_none(),
+                lost.to_list_or_none()
+            ),
         );
         let record = CrashRecord {
             reason: reason.to_string(),
@@ -360,7 +364,10 @@ impl Handle {
         let handed_over = next.online_mask();
         tl.add(
             None,
-            format!("CPUs online in generation {generation}: {handed_over}"),
+            format!(
+                "CPUs online in generation {generation}: {}",
+                handed_over.to_list_or_none()
+            ),
         );
         let handoff_us = tl.t0.elapsed().as_micros() as u64;
         let handoff = Handoff {

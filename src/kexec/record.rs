@@ -5,6 +5,10 @@
 //! | payload (JSON). The decoder checks every field before it parses anything, caps the length,
 //! and then validates the parsed record (CPU ids in range, masks consistent), so a corrupt,
 //! truncated or hostile record is one typed error, never a panic or a wrong report.
+//!
+//! Decoding is linear in the input: the masks are parsed with a cap on their elements and every
+//! id checked as it is read, the notes are checked against one bitset, so the largest payload
+//! decodes in milliseconds whatever it holds.
 
 use crate::runtime::builder::MAX_CPUS;
 use crate::runtime::cpumask::CpuMask;
@@ -16,6 +20,8 @@ pub const RECORD_VERSION: u32 = 1;
 const HEADER: usize = 8 + 4 + 8 + 4;
 /// Largest payload accepted (a record of 1024 CPUs is a few tens of KiB).
 pub const MAX_RECORD: usize = 1 << 20;
+/// Largest framed record (header and payload) accepted.
+pub const MAX_FRAME: usize = HEADER + MAX_RECORD;
 
 /// What the crashed image leaves for the next one.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -30,7 +36,7 @@ pub struct CrashRecord {
     pub generation: u64,
     /// Registers saved by each crash-stopped CPU.
     pub notes: Vec<CrashNote>,
-    /// CPUs that failed to stop (cpulist).
+    /// CPUs that failed to stop (cpulist); a subset of `lost`.
     pub failed: String,
     /// CPUs lost to the next image: parked with `spin`, parked where they could not power
     /// off, or failed to stop (cpulist).
@@ -112,15 +118,32 @@ impl CrashRecord {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return bad(format!("cpus = {}", self.cpus));
         }
+        if self.generation == u64::MAX {
+            return bad("generation is the last one (no next image can follow it)".into());
+        }
         if self.crashing_cpu.is_some_and(|c| c >= self.cpus) {
             return bad("crashing CPU out of range".into());
         }
-        for m in [&self.failed, &self.lost] {
+        let mask = |name: &str, m: &str| {
             CpuMask::parse_bounded(m, self.cpus)
-                .map_err(|e| RecordError::Invalid(e.to_string()))?;
+                .map_err(|e| RecordError::Invalid(format!("{name}: {e}")))
+        };
+        let failed = mask("failed", &self.failed)?;
+        let lost = mask("lost", &self.lost)?;
+        if let Some(cpu) = failed.and_not(&lost).first() {
+            return bad(format!(
+                "CPU {cpu} failed to stop but is not in lost (failed must be a subset of lost)"
+            ));
         }
-        if self.notes.iter().any(|n| n.cpu >= self.cpus) {
-            return bad("crash note for a CPU out of range".into());
+        let mut noted = CpuMask::new();
+        for n in &self.notes {
+            if n.cpu >= self.cpus {
+                return bad(format!("crash note for CPU {} out of range", n.cpu));
+            }
+            if noted.contains(n.cpu) {
+                return bad(format!("two crash notes for CPU {}", n.cpu));
+            }
+            noted.set(n.cpu);
         }
         if self.reason.len() > 4096 {
             return bad("reason longer than 4096 bytes".into());
@@ -129,6 +152,23 @@ impl CrashRecord {
             return bad("handoff before crash".into());
         }
         Ok(())
+    }
+
+    /// The generation that boots from this record (always representable: `validate` refuses
+    /// the last one).
+    pub fn next_generation(&self) -> u64 {
+        self.generation.saturating_add(1)
+    }
+
+    /// The `failed` mask, parsed (the record was validated, so this does not fail; an invalid
+    /// string gives the empty mask).
+    pub fn failed_mask(&self) -> CpuMask {
+        CpuMask::parse_bounded(&self.failed, self.cpus).unwrap_or_default()
+    }
+
+    /// The `lost` mask, parsed (as [`CrashRecord::failed_mask`]).
+    pub fn lost_mask(&self) -> CpuMask {
+        CpuMask::parse_bounded(&self.lost, self.cpus).unwrap_or_default()
     }
 }
 
@@ -191,6 +231,151 @@ mod tests {
         ));
     }
 
+    /// Frames `payload` with a valid header and CRC, as a hostile writer can.
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    fn invalid(r: &CrashRecord) -> String {
+        match CrashRecord::decode(&r.encode()) {
+            Err(RecordError::Invalid(m)) => m,
+            other => panic!("{r:?} decoded as {other:?}, expected Invalid"),
+        }
+    }
+
+    #[test]
+    fn inconsistent_records_are_refused() {
+        let mut r = sample();
+        r.lost = "0-4".into();
+        assert!(invalid(&r).contains("lost"), "{}", invalid(&r));
+        let mut r = sample();
+        r.failed = "4".into();
+        assert!(invalid(&r).contains("failed"));
+        let mut r = sample();
+        r.failed = "1,3".into();
+        r.lost = "2-3".into();
+        assert!(invalid(&r).contains("subset"), "{}", invalid(&r));
+        let mut r = sample();
+        r.notes.push(r.notes[0]);
+        assert!(invalid(&r).contains("two crash notes"), "{}", invalid(&r));
+        let mut r = sample();
+        r.generation = u64::MAX;
+        assert!(invalid(&r).contains("generation"), "{}", invalid(&r));
+        // The largest valid generation still has a next one.
+        let mut r = sample();
+        r.generation = u64::MAX - 1;
+        let back = CrashRecord::decode(&r.encode()).unwrap();
+        assert_eq!(back.next_generation(), u64::MAX);
+        assert_eq!(back.failed_mask().to_string(), "3");
+        assert_eq!(back.lost_mask().to_string(), "2-3");
+    }
+
+    /// Decode bound for the tests: "a few milliseconds" in release; debug builds are ~20x slower.
+    fn decode_bound() -> std::time::Duration {
+        std::time::Duration::from_millis(if cfg!(debug_assertions) { 1000 } else { 50 })
+    }
+
+    /// A payload of about `MAX_RECORD` bytes with a valid CRC whose `lost` mask is `part`
+    /// repeated: the old decoder spent ~1.5 ms per widest part (more than 60 s in all).
+    fn hostile_mask_record(part: &str, cpus: usize) -> Vec<u8> {
+        let json = |n: usize| {
+            let mask = vec![part; n].join(",");
+            format!(
+                r#"{{"reason":"x","crashing_cpu":null,"cpus":{cpus},"generation":0,"notes":[],"failed":"","lost":"{mask}","park":"PowerOff","crashed_at_ns":0,"handoff_at_ns":0}}"#
+            )
+        };
+        let n = (MAX_RECORD - 200) / (part.len() + 1);
+        let payload = json(n);
+        assert!(payload.len() <= MAX_RECORD);
+        frame(payload.as_bytes())
+    }
+
+    #[test]
+    fn hostile_masks_decode_within_the_time_bound() {
+        for (part, cpus) in [
+            ("0-1048575", 1024),
+            ("0-1023", 1024),
+            ("0-1", 2),
+            ("0", 1),
+            ("  0 - 1023  ", 1024),
+        ] {
+            let b = hostile_mask_record(part, cpus);
+            let t = std::time::Instant::now();
+            let r = CrashRecord::decode(&b);
+            let took = t.elapsed();
+            assert!(
+                r.is_err(),
+                "{part}: {} parts accepted",
+                MAX_RECORD / part.len()
+            );
+            assert!(took < decode_bound(), "{part}: decode took {took:?}");
+            eprintln!(
+                "hostile mask {part:?} x{}: refused in {took:?}",
+                MAX_RECORD / part.len()
+            );
+        }
+        // At the cap on parts, the mask is accepted, still fast.
+        let mask = vec!["0-1023"; crate::runtime::cpumask::MAX_LIST_PARTS].join(",");
+        let mut r = sample();
+        r.cpus = 1024;
+        r.lost = mask;
+        r.failed.clear();
+        let b = r.encode();
+        let t = std::time::Instant::now();
+        assert!(CrashRecord::decode(&b).is_ok());
+        assert!(t.elapsed() < decode_bound(), "took {:?}", t.elapsed());
+        eprintln!("mask at the cap on parts: accepted in {:?}", t.elapsed());
+    }
+
+    /// Notes are checked with one bitset: the most notes a payload can hold decode fast.
+    #[test]
+    fn many_notes_decode_within_the_time_bound() {
+        let note = r#"{"cpu":1,"regs":{"ip":0,"sp":0,"fp":0}}"#;
+        let n = (MAX_RECORD - 300) / (note.len() + 1);
+        let notes = vec![note; n].join(",");
+        let payload = format!(
+            r#"{{"reason":"x","crashing_cpu":null,"cpus":1024,"generation":0,"notes":[{notes}],"failed":"","lost":"","park":"PowerOff","crashed_at_ns":0,"handoff_at_ns":0}}"#
+        );
+        let b = frame(payload.as_bytes());
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            CrashRecord::decode(&b),
+            Err(RecordError::Invalid(_))
+        ));
+        assert!(t.elapsed() < decode_bound() * 4, "took {:?}", t.elapsed());
+    }
+
+    proptest! {
+        // Each case builds up to a few hundred KiB of text: fewer cases than the default.
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Any mask text, however its parts are shaped, decodes (or is refused) in bounded time.
+        #[test]
+        fn any_mask_decodes_within_the_time_bound(
+            parts in proptest::collection::vec((0usize..1_100_000, 0usize..1_100_000), 1..64),
+            repeat in 1usize..400,
+            cpus in 1usize..=1024,
+        ) {
+            let one: Vec<String> = parts.iter().map(|&(a, b)| format!("{a}-{b}")).collect();
+            let one = one.join(",");
+            let mask = vec![one.as_str(); repeat].join(",");
+            let payload = format!(
+                r#"{{"reason":"x","crashing_cpu":null,"cpus":{cpus},"generation":0,"notes":[],"failed":"{mask}","lost":"{mask}","park":"Spin","crashed_at_ns":0,"handoff_at_ns":0}}"#
+            );
+            prop_assume!(payload.len() <= MAX_RECORD);
+            let b = frame(payload.as_bytes());
+            let t = std::time::Instant::now();
+            let _ = CrashRecord::decode(&b);
+            prop_assert!(t.elapsed() < decode_bound(), "took {:?}", t.elapsed());
+        }
+    }
+
     proptest! {
         #[test]
         fn decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
@@ -208,13 +393,7 @@ mod tests {
 
         #[test]
         fn valid_headers_with_garbage_payload_are_rejected(payload in proptest::collection::vec(any::<u8>(), 0..128)) {
-            let mut b = Vec::new();
-            b.extend_from_slice(MAGIC);
-            b.extend_from_slice(&RECORD_VERSION.to_le_bytes());
-            b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            b.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            b.extend_from_slice(&payload);
-            prop_assert!(CrashRecord::decode(&b).is_err());
+            prop_assert!(CrashRecord::decode(&frame(&payload)).is_err());
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum CpuListError {
     /// A CPU id is past the limit given to `parse_bounded`.
     #[error("CPU {cpu} is out of range (limit {limit})")]
     OutOfRange { cpu: usize, limit: usize },
+    /// The list has more than [`MAX_LIST_PARTS`] elements.
+    #[error("cpulist has more than {limit} elements")]
+    TooManyParts { limit: usize },
 }
 
 impl CpuMask {
@@ -140,12 +143,25 @@ impl CpuMask {
     }
 
     /// Parses a cpulist and rejects any CPU id `>= limit`.
+    /// The list format for people: as `Display`, but "(none)" for the empty mask, so a
+    /// message never reads "lost: " or "remaining  in".
+    pub fn to_list_or_none(&self) -> String {
+        if self.is_empty() {
+            "(none)".into()
+        } else {
+            self.to_string()
+        }
+    }
+
+    /// Checks each element against the limit as it is read, so a list of huge ranges is
+    /// refused before any of it is applied.
     pub fn parse_bounded(s: &str, limit: usize) -> Result<CpuMask, CpuListError> {
-        let m: CpuMask = s.parse()?;
-        let bad = m.iter().find(|&c| c >= limit);
-        match bad {
-            Some(cpu) => Err(CpuListError::OutOfRange { cpu, limit }),
-            None => Ok(m),
+        match limit.checked_sub(1) {
+            Some(max_id) => parse_list(s, max_id.min(MAX_LIST_ID)),
+            None => match parse_list(s, MAX_LIST_ID)?.first() {
+                Some(cpu) => Err(CpuListError::OutOfRange { cpu, limit }),
+                None => Ok(CpuMask::new()),
+            },
         }
     }
 }
@@ -200,45 +216,90 @@ impl fmt::Debug for CpuMask {
 }
 
 /// Parses the kernel's cpulist format ("0-3,7", whitespace around elements allowed, "" = empty).
+///
+/// Time is linear in the text plus the mask's width: the ranges are collected first (at most
+/// [`MAX_LIST_PARTS`] of them), then applied a word at a time, so a hostile list such as many
+/// copies of "0-1048575" costs no more than reading it.
 impl FromStr for CpuMask {
     type Err = CpuListError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut m = CpuMask::new();
-        let s = s.trim();
-        if s.is_empty() {
-            return Ok(m);
-        }
-        for part in s.split(',') {
-            let part = part.trim();
-            let num = |x: &str| {
-                x.trim()
-                    .parse::<usize>()
-                    .map_err(|_| CpuListError::BadElement(part.to_string()))
-            };
-            let (a, b) = match part.split_once('-') {
-                Some((a, b)) => (num(a)?, num(b)?),
-                None => {
-                    let a = num(part)?;
-                    (a, a)
-                }
-            };
-            if a > b {
-                return Err(CpuListError::Backwards(a, b));
-            }
-            // Refuse absurd widths instead of allocating gigabytes for "0-999999999999".
-            if b >= 1 << 20 {
-                return Err(CpuListError::OutOfRange {
-                    cpu: b,
-                    limit: 1 << 20,
-                });
-            }
-            for c in a..=b {
-                m.set(c);
-            }
-        }
-        Ok(m)
+        parse_list(s, MAX_LIST_ID)
     }
+}
+
+/// Largest CPU id a cpulist may name: refuses absurd widths instead of allocating gigabytes for
+/// "0-999999999999".
+const MAX_LIST_ID: usize = (1 << 20) - 1;
+
+/// Most elements a cpulist may have. A canonical list of [`crate::MAX_CPUS`] CPUs has at most
+/// half that many; anything longer is not a list a person or this crate wrote.
+pub const MAX_LIST_PARTS: usize = 4096;
+
+/// The parser behind `FromStr` and `parse_bounded`: every id must be `<= max_id`.
+fn parse_list(s: &str, max_id: usize) -> Result<CpuMask, CpuListError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(CpuMask::new());
+    }
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for part in s.split(',') {
+        if ranges.len() == MAX_LIST_PARTS {
+            return Err(CpuListError::TooManyParts {
+                limit: MAX_LIST_PARTS,
+            });
+        }
+        let part = part.trim();
+        let num = |x: &str| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| CpuListError::BadElement(part.to_string()))
+        };
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => {
+                let a = num(part)?;
+                (a, a)
+            }
+        };
+        if a > b {
+            return Err(CpuListError::Backwards(a, b));
+        }
+        if b > max_id {
+            return Err(CpuListError::OutOfRange {
+                cpu: b,
+                limit: max_id + 1,
+            });
+        }
+        ranges.push((a, b));
+    }
+    // Whole words inside a range are counted in a difference array (one increment and one
+    // decrement per range), partial words at its ends are set directly: O(parts + words).
+    let end = ranges.iter().map(|&(_, b)| b).max().unwrap_or(0);
+    let nwords = end / WORD + 1;
+    let mut words = vec![0u64; nwords];
+    let mut cover = vec![0i32; nwords + 1];
+    for &(a, b) in &ranges {
+        let (wa, wb) = (a / WORD, b / WORD);
+        let lo = u64::MAX << (a % WORD);
+        let hi = u64::MAX >> (WORD - 1 - b % WORD);
+        if wa == wb {
+            words[wa] |= lo & hi;
+            continue;
+        }
+        words[wa] |= lo;
+        words[wb] |= hi;
+        cover[wa + 1] += 1;
+        cover[wb] -= 1;
+    }
+    let mut depth = 0i32;
+    for (w, d) in words.iter_mut().zip(&cover) {
+        depth += d;
+        if depth > 0 {
+            *w = u64::MAX;
+        }
+    }
+    Ok(CpuMask { words })
 }
 
 /// A fixed-width mask whose bits are set and cleared with atomics, for the runtime's global
@@ -313,6 +374,8 @@ mod tests {
         assert!(m.contains(7) && !m.contains(8));
         assert_eq!("".parse::<CpuMask>().unwrap().to_string(), "");
         assert_eq!(CpuMask::single(200).to_string(), "200");
+        assert_eq!(CpuMask::new().to_list_or_none(), "(none)");
+        assert_eq!(m.to_list_or_none(), "0-3,7,9-10");
     }
 
     #[test]
@@ -330,6 +393,60 @@ mod tests {
             CpuMask::parse_bounded("0-4", 4),
             Err(CpuListError::OutOfRange { cpu: 4, limit: 4 })
         ));
+    }
+
+    #[test]
+    fn ranges_fill_whole_words_and_edges() {
+        for (list, want) in [
+            ("0-63", "0-63"),
+            ("1-64", "1-64"),
+            ("63-64", "63-64"),
+            ("5-200,100-300", "5-300"),
+            ("0-1048575", "0-1048575"),
+            ("60-70,64-127,200", "60-127,200"),
+        ] {
+            let m: CpuMask = list.parse().unwrap();
+            assert_eq!(m.to_string(), want, "{list}");
+        }
+        let m: CpuMask = "0-1048575".parse().unwrap();
+        assert_eq!(m.weight(), 1 << 20);
+        assert!(matches!(
+            CpuMask::parse_bounded("3-9", 4),
+            Err(CpuListError::OutOfRange { cpu: 9, limit: 4 })
+        ));
+        assert!(matches!(
+            CpuMask::parse_bounded("0", 0),
+            Err(CpuListError::OutOfRange { cpu: 0, limit: 0 })
+        ));
+        assert_eq!(CpuMask::parse_bounded(" ", 0), Ok(CpuMask::new()));
+    }
+
+    /// Many copies of the widest range used to cost ~1.5 ms each (one `set` per CPU id); now
+    /// a list is refused past `MAX_LIST_PARTS` elements and each element costs O(1) plus one
+    /// pass over the words at the end.
+    #[test]
+    fn hostile_lists_parse_in_linear_time_with_a_cap() {
+        let at_cap = vec!["0-1048575"; MAX_LIST_PARTS].join(",");
+        let t = std::time::Instant::now();
+        let m: CpuMask = at_cap.parse().unwrap();
+        let took = t.elapsed();
+        assert_eq!(m.weight(), 1 << 20);
+        let bound = if cfg!(debug_assertions) { 500 } else { 50 };
+        assert!(
+            took < std::time::Duration::from_millis(bound),
+            "{MAX_LIST_PARTS} widest ranges took {took:?}"
+        );
+        let over = vec!["0-1048575"; MAX_LIST_PARTS + 1].join(",");
+        assert_eq!(
+            over.parse::<CpuMask>(),
+            Err(CpuListError::TooManyParts {
+                limit: MAX_LIST_PARTS
+            })
+        );
+        // Bounded parsing refuses the first wide range before applying anything.
+        let t = std::time::Instant::now();
+        assert!(CpuMask::parse_bounded(&at_cap, 1024).is_err());
+        assert!(t.elapsed() < std::time::Duration::from_millis(bound));
     }
 
     #[test]
@@ -361,6 +478,20 @@ mod tests {
             let m: CpuMask = cpus.iter().copied().collect();
             let back: CpuMask = m.to_string().parse().unwrap();
             prop_assert_eq!(back.iter().collect::<Vec<_>>(), cpus.into_iter().collect::<Vec<_>>());
+        }
+
+        /// The word-at-a-time parser agrees with setting every id one by one.
+        #[test]
+        fn ranges_match_the_naive_union(ranges in proptest::collection::vec((0usize..700, 0usize..200), 0..30)) {
+            let list: Vec<String> = ranges.iter().map(|&(a, n)| format!("{a}-{}", a + n)).collect();
+            let m: CpuMask = list.join(",").parse().unwrap();
+            let mut naive = CpuMask::new();
+            for &(a, n) in &ranges {
+                for c in a..=a + n {
+                    naive.set(c);
+                }
+            }
+            prop_assert_eq!(m, naive);
         }
     }
 }
