@@ -43,7 +43,16 @@ fn interrupt_at(
 ) -> (Option<i32>, String, String) {
     let duration = if ends_by_itself { "30ms" } else { "30s" };
     let mut child = usmp()
-        .args(["run", "--cpus", cpus, "--duration", duration, "--json"])
+        .args([
+            "run",
+            "--workload",
+            "demo",
+            "--cpus",
+            cpus,
+            "--duration",
+            duration,
+            "--json",
+        ])
         .env("USMP_ANNOUNCE_PHASES", "1")
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())

@@ -116,14 +116,18 @@ fn cpu_down_while_jobs_send_sync_calls_to_it() {
         .build()
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let first_ok = Arc::new(AtomicBool::new(false));
     let h = rt.handle();
-    let s2 = stop.clone();
+    let (s2, f2) = (stop.clone(), first_ok.clone());
     let sender = rt
         .run_on(0, move || {
             let mut ok = 0u64;
             while !s2.load(Ordering::Acquire) {
                 match h.call_single(1, || {}, true) {
-                    Ok(()) => ok += 1,
+                    Ok(()) => {
+                        ok += 1;
+                        f2.store(true, Ordering::Release);
+                    }
                     Err(usmp::IpiError::Offline { .. }) => {}
                     Err(e) => panic!("sync call to CPU 1 failed: {e}"),
                 }
@@ -131,6 +135,12 @@ fn cpu_down_while_jobs_send_sync_calls_to_it() {
             ok
         })
         .unwrap();
+    // The churn starts once the sender is in its loop (on one core it may otherwise not run
+    // until the churn is over).
+    assert!(
+        wait_until(PATIENCE, || first_ok.load(Ordering::Acquire)),
+        "the sender never completed a call"
+    );
     for round in 0..20 {
         match rt.cpu_down(1) {
             Ok(()) => {}
