@@ -240,8 +240,11 @@ pub const GUARD_OVERRIDES: &[(&str, f64)] = &[
     // Bimodal by runtime instance: rounds at 1.5x-2x and whole rounds at 6x-7.3x (first runs
     // with this peer, loaded machine).
     ("async_vs_crossbeam", 15.0),
-    // Recorded 2.0x-2.6x (issue 13).
-    ("hotplug_cycle", 5.2),
+    // Recorded 2.0x-2.6x (issue 13) by criterion, but the floor (spawn + join) is bimodal on
+    // this VM, 15 us or 60-80 us per round by run, so a same-run ratio swings from 1.8x to
+    // 11.5x on a quiet machine with the same code (also before the issue-8 changes), and 20.7x
+    // with a one-core test loop beside it. 30x still catches a 10x regression of the cycle.
+    ("hotplug_cycle", 30.0),
     // Recorded 2.5x-3.5x (issue 13), 5.7x on a loaded machine.
     ("send_stop_slope", 12.0),
     // Recorded 8.0 ms (issue 13).
