@@ -949,71 +949,68 @@ fn per_call_of<F>(make: impl Fn() -> F, batch: impl Fn(&F, u64) -> Duration) -> 
     common::median(&mut v)
 }
 
+/// One round-trip guard row: usmp's fixture against its peer's, p50 per round, alternating.
+fn guard_trip<U: Trip, P: Trip>(
+    gd: &mut Guard,
+    key: &str,
+    usmp: impl Fn() -> U,
+    peer: impl Fn() -> P,
+    sampling: Sampling,
+    gap: Duration,
+) {
+    let (r, u, p) = common::alternating(
+        GUARD_ROUNDS,
+        || p50_of(&usmp, sampling, gap),
+        || p50_of(&peer, sampling, gap),
+    );
+    gd.check(key, r, &format!("p50 {u:.0} ns vs {p:.0} ns"));
+}
+
+const GUARD_ROUNDS: usize = 5;
+
 fn guard() -> ! {
-    const ROUNDS: usize = 5;
     install_floor_handler();
     let mut gd = Guard::default();
     let z = Duration::ZERO;
-    let (r, u, p) = common::alternating(
-        ROUNDS,
-        || p50_of(|| Usmp::new(Target::Busy), Sampling::Single, z),
-        || p50_of(|| Tgkill::new(true), Sampling::Single, z),
+    let (single, batched) = (Sampling::Single, Sampling::Batched);
+    let g = &mut gd;
+    guard_trip(
+        g,
+        "busy_vs_tgkill",
+        || Usmp::new(Target::Busy),
+        || Tgkill::new(true),
+        single,
+        z,
     );
-    gd.check("busy_vs_tgkill", r, &format!("p50 {u:.0} ns vs {p:.0} ns"));
-    let (r, u, p) = common::alternating(
-        ROUNDS,
-        || {
-            p50_of(
-                || Usmp::new(Target::Sleeping),
-                Sampling::Single,
-                SLEEP_SETTLE,
-            )
-        },
-        || p50_of(|| Tgkill::new(false), Sampling::Single, SLEEP_SETTLE),
-    );
-    gd.check(
+    let sleeping = || Usmp::new(Target::Sleeping);
+    guard_trip(
+        g,
         "sleeping_vs_tgkill",
-        r,
-        &format!("p50 {u:.0} ns vs {p:.0} ns"),
+        sleeping,
+        || Tgkill::new(false),
+        single,
+        SLEEP_SETTLE,
     );
-    let (r, u, p) = common::alternating(
-        ROUNDS,
-        || {
-            p50_of(
-                || Usmp::new(Target::Sleeping),
-                Sampling::Single,
-                SLEEP_SETTLE,
-            )
-        },
-        || p50_of(|| Crossbeam::new(false), Sampling::Single, SLEEP_SETTLE),
-    );
-    gd.check(
+    guard_trip(
+        g,
         "sleeping_vs_crossbeam",
-        r,
-        &format!("p50 {u:.0} ns vs {p:.0} ns"),
+        sleeping,
+        || Crossbeam::new(false),
+        single,
+        SLEEP_SETTLE,
     );
-    let (r, u, p) = common::alternating(
-        ROUNDS,
-        || p50_of(|| Usmp::new(Target::Polling), Sampling::Batched, z),
-        || p50_of(PingPong::new, Sampling::Batched, z),
-    );
-    gd.check(
-        "polling_vs_pingpong",
-        r,
-        &format!("p50 {u:.0} ns vs {p:.0} ns"),
-    );
-    let (r, u, p) = common::alternating(
-        ROUNDS,
-        || p50_of(|| Usmp::new(Target::Polling), Sampling::Batched, z),
-        || p50_of(|| Crossbeam::new(true), Sampling::Batched, z),
-    );
-    gd.check(
+    let polling = || Usmp::new(Target::Polling);
+    guard_trip(g, "polling_vs_pingpong", polling, PingPong::new, batched, z);
+    guard_trip(
+        g,
         "polling_vs_crossbeam",
-        r,
-        &format!("p50 {u:.0} ns vs {p:.0} ns"),
+        polling,
+        || Crossbeam::new(true),
+        batched,
+        z,
     );
     let (r, u, p) = common::alternating(
-        ROUNDS,
+        GUARD_ROUNDS,
         || per_call_of(|| Usmp::new(Target::Polling), usmp_async_batch),
         || per_call_of(crossbeam_oneway, crossbeam_async_batch),
     );
