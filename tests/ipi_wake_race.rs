@@ -36,31 +36,45 @@ fn wait_for(flag: &AtomicBool, d: Duration) -> bool {
     true
 }
 
-#[test]
-fn async_call_queued_behind_a_woken_job_runs_during_the_job() {
-    let _g = serial();
-    let rt = Builder::new()
+fn sleeping_runtime() -> usmp::Runtime {
+    Builder::new()
         .cpus(2)
         .idle(IdlePolicy::SleepOnly)
         .log_events(false)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// One round: once CPU 1 is asleep, queue a job that wakes it and waits (bounded) for `flag`,
+/// then at once `send` (which must end up setting `flag`). Returns whether the job saw the flag
+/// in time, i.e. whether what `send` queued ran during the job rather than after it.
+fn woken_job_round(rt: &usmp::Runtime, send: impl FnOnce(Arc<AtomicBool>)) -> bool {
+    let before = rt.stats().per_cpu[1].sleeps;
+    wait_asleep(rt, 1, before.saturating_sub(1));
+    let flag = Arc::new(AtomicBool::new(false));
+    let f2 = flag.clone();
+    // The job wakes CPU 1 (SLEEPING -> WAKING) and then waits for the flag.
+    let job = rt.run_on(1, move || wait_for(&f2, JOB_WAIT)).unwrap();
+    send(flag);
+    let in_time = job.join().unwrap();
+    // Let CPU 1 go back to sleep before the next round.
+    wait_asleep(rt, 1, before);
+    in_time
+}
+
+#[test]
+fn async_call_queued_behind_a_woken_job_runs_during_the_job() {
+    let _g = serial();
+    let rt = sleeping_runtime();
     for round in 0..20 {
-        let before = rt.stats().per_cpu[1].sleeps;
-        wait_asleep(&rt, 1, before.saturating_sub(1));
-        let ran = Arc::new(AtomicBool::new(false));
-        let r2 = ran.clone();
-        // The job wakes CPU 1 (SLEEPING -> WAKING) and then waits for the callback.
-        let job = rt.run_on(1, move || wait_for(&r2, JOB_WAIT)).unwrap();
-        let r3 = ran.clone();
-        rt.call_single_async(1, move || r3.store(true, Ordering::Release))
-            .unwrap();
+        let ran = woken_job_round(&rt, |flag| {
+            rt.call_single_async(1, move || flag.store(true, Ordering::Release))
+                .unwrap();
+        });
         assert!(
-            job.join().unwrap(),
+            ran,
             "round {round}: the async call did not run while the job waited for it {JOB_WAIT:?}"
         );
-        // Let CPU 1 go back to sleep before the next round.
-        wait_asleep(&rt, 1, before);
     }
 }
 
@@ -71,36 +85,27 @@ fn async_call_queued_behind_a_woken_job_runs_during_the_job() {
 #[test]
 fn stop_machine_does_not_wait_for_a_woken_job() {
     let _g = serial();
-    let rt = Builder::new()
-        .cpus(2)
-        .idle(IdlePolicy::SleepOnly)
-        .log_events(false)
-        .build()
-        .unwrap();
+    let rt = sleeping_runtime();
+    let all: CpuMask = "0-1".parse().unwrap();
     for round in 0..20 {
-        let before = rt.stats().per_cpu[1].sleeps;
-        wait_asleep(&rt, 1, before.saturating_sub(1));
-        let done = Arc::new(AtomicBool::new(false));
-        let d2 = done.clone();
-        let job = rt.run_on(1, move || wait_for(&d2, JOB_WAIT)).unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let h2 = hits.clone();
-        let all: CpuMask = "0-1".parse().unwrap();
-        rt.stop_machine(
-            move |_| {
-                h2.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            },
-            &all,
-        )
-        .unwrap();
-        done.store(true, Ordering::Release);
+        let in_time = woken_job_round(&rt, |done| {
+            rt.stop_machine(
+                move |_| {
+                    h2.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                },
+                &all,
+            )
+            .unwrap();
+            done.store(true, Ordering::Release);
+        });
         assert_eq!(hits.load(Ordering::Relaxed), 2, "round {round}");
         assert!(
-            job.join().unwrap(),
+            in_time,
             "round {round}: stop_machine waited for the job to end"
         );
-        wait_asleep(&rt, 1, before);
     }
 }
 
