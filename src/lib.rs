@@ -16,7 +16,7 @@
 //! [`Handle::nmi_backtrace`]; errors: [`IpiError`]. Callbacks run in IPI context: read the
 //! rules in [`ipi`].
 //!
-//! //! **Hotplug** ([`hotplug`]) — [`Handle::cpu_up`] · [`Handle::cpu_down`] ·
+//! **Hotplug** ([`hotplug`]) — [`Handle::cpu_up`] · [`Handle::cpu_down`] ·
 //! [`Handle::setup_state`] / [`Handle::remove_state`] · [`Handle::hotplug_disable`] /
 //! [`Handle::hotplug_enable`] · [`Handle::stop_machine`]; errors: [`HotplugError`].
 //!
@@ -54,6 +54,17 @@
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 mod sync;
+
+#[cfg(not(loom))]
+mod inject;
+
+/// Fault injection for torture tests (feature `fault-injection`, off by default): the switches
+/// of [`Handle::faults`] and the deliberately broken protocol variants a checker must catch.
+#[cfg(all(not(loom), feature = "fault-injection"))]
+pub mod fault {
+    pub use crate::inject::{Broken, FaultCounters};
+    pub use crate::runtime::faults::{wedge_this_cpu, Faults};
+}
 
 #[cfg(not(loom))]
 pub mod hotplug;

@@ -89,7 +89,7 @@ fn slow_cycle(rt: &Runtime, delay: Duration, out: &mut Outcomes) {
     let ctx = format!("delay {delay:?} vs timeout {TIMEOUT:?}");
     rt.cpu_down(1).unwrap();
     assert_refs_balanced(rt, &ctx);
-    rt.hotplug_boot_delay(1, delay).unwrap();
+    rt.faults().set_boot_delay(1, delay).unwrap();
     match rt.cpu_up(1) {
         Ok(()) => {
             out.ok += 1;
@@ -179,7 +179,8 @@ fn limbo_cpu_cannot_be_brought_up_until_dead() {
     let timeout = Duration::from_millis(100);
     let rt = rt(2, timeout);
     rt.cpu_down(1).unwrap();
-    rt.hotplug_boot_delay(1, Duration::from_millis(600))
+    rt.faults()
+        .set_boot_delay(1, Duration::from_millis(600))
         .unwrap();
     assert!(matches!(
         rt.cpu_up(1),

@@ -318,9 +318,11 @@ fn dying_flush_skipped_is_caught() {
     let _g = serial();
     let rt = rt2();
     let w = dying_window_rig(&rt);
-    rt.debug_skip_dying_flush(true);
+    rt.faults()
+        .set_broken(usmp::fault::Broken::SkipDyingFlush, true);
     let d = down_with_call_in_dying_window(&rt, &w);
-    rt.debug_skip_dying_flush(false);
+    rt.faults()
+        .set_broken(usmp::fault::Broken::SkipDyingFlush, false);
     eprintln!("skipped dying flush: {d:?}");
     assert!(
         !flushed_by_the_dying_step(&d),

@@ -100,7 +100,7 @@ fn forced_failure_at_every_step_rolls_back_both_ways() {
     let states = StateBalances::install(&rt);
     for step in rt.hotplug_steps() {
         // Down: the CPU stays up and consistent, and the error names the step.
-        rt.hotplug_fail_step(1, &step).unwrap();
+        rt.faults().fail_step(1, &step).unwrap();
         match rt.cpu_down(1) {
             Err(HotplugError::StepFailed {
                 cpu: 1,
@@ -126,7 +126,7 @@ fn forced_failure_at_every_step_rolls_back_both_ways() {
 
         // Up: the CPU ends offline, every step undone.
         rt.cpu_down(1).unwrap();
-        rt.hotplug_fail_step(1, &step).unwrap();
+        rt.faults().fail_step(1, &step).unwrap();
         match rt.cpu_up(1) {
             Err(HotplugError::StepFailed {
                 cpu: 1,

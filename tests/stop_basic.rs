@@ -170,7 +170,7 @@ fn a_wedged_cpu_is_reported_failed_after_all_retries_and_the_call_returns() {
     let (r, ready) = (release.clone(), Arc::new(AtomicBool::new(false)));
     let ready2 = ready.clone();
     let _job = rt.run_on(1, move || {
-        assert!(usmp::ipi::signal::wedge_this_cpu(true));
+        assert!(usmp::fault::wedge_this_cpu(true));
         ready2.store(true, Ordering::SeqCst);
         // Wedged, it ignores every stop signal; it waits (bounded) for the test's release.
         common::wait_until(Duration::from_secs(10), || r.load(Ordering::Relaxed));

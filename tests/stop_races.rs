@@ -83,9 +83,11 @@ fn escapes(mode: StopMode, rounds: usize) -> (usize, usize) {
         rt.cpu_down(2).unwrap();
         rt.cpu_down(3).unwrap();
         // Delays from 0 to ~24 ms against a stop that lasts ~10-15 ms.
-        rt.hotplug_boot_delay(2, Duration::from_millis((round % 5) as u64 * 3))
+        rt.faults()
+            .set_boot_delay(2, Duration::from_millis((round % 5) as u64 * 3))
             .unwrap();
-        rt.hotplug_boot_delay(3, Duration::from_millis(12 + (round % 4) as u64 * 4))
+        rt.faults()
+            .set_boot_delay(3, Duration::from_millis(12 + (round % 4) as u64 * 4))
             .unwrap();
         let ups: Vec<_> = [2, 3]
             .into_iter()

@@ -3,10 +3,10 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::states::{Kind, Step};
 use super::sync::{self, ALIVE, FAILED, ONLINE, PARKED};
+use crate::inject::Broken;
 use crate::runtime::context::{current, irq_restore, irq_save};
 use crate::runtime::cpu::{CpuRunState, CpuState};
 use crate::runtime::events::EventKind;
@@ -66,19 +66,25 @@ fn teardown(step: &Step, cpu: usize) -> super::StepResult {
 /// The AP's boot hook (runs first on the new thread). False: the thread must exit.
 pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     let hc = &shared.hotplug.cpus[st.id];
-    let delay = hc.boot_delay_ns.swap(0, Ordering::AcqRel);
-    if delay > 0 {
-        std::thread::sleep(Duration::from_nanos(delay)); // fault injection: a slow AP
+    if let Some(delay) = shared.faults.take_boot_delay(st.id) {
+        std::thread::sleep(delay); // fault injection: a slow AP
     }
-    // Handshake step 2. On failure the controller gave up: touch nothing, just exit.
-    if !sync::ap_alive(&hc.sync) {
-        return false;
-    }
-    futex::wake(&hc.sync, 1);
-    // Step 5: wait for the controller's commit. Unbounded by design: a controller that sees
-    // ALIVE commits at once (sync.rs step 3), and it cannot give up on an ALIVE AP.
-    while !sync::ap_committed(&hc.sync) {
-        futex::wait(&hc.sync, ALIVE, None);
+    if shared.faults.is_broken(Broken::BringupWithoutCas) {
+        // Seed 003 before the fix: the AP announces itself with a plain store, whatever the
+        // controller decided, and goes on without waiting for a commit.
+        hc.sync.store(ALIVE, Ordering::Release);
+        futex::wake(&hc.sync, 1);
+    } else {
+        // Handshake step 2. On failure the controller gave up: touch nothing, just exit.
+        if !sync::ap_alive(&hc.sync) {
+            return false;
+        }
+        futex::wake(&hc.sync, 1);
+        // Step 5: wait for the controller's commit. Unbounded by design: a controller that
+        // sees ALIVE commits at once (sync.rs step 3), and it cannot give up on an ALIVE AP.
+        while !sync::ap_committed(&hc.sync) {
+            futex::wait(&hc.sync, ALIVE, None);
+        }
     }
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
     shared.hotplug.init_mm.fetch_add(1, Ordering::AcqRel);
@@ -207,7 +213,7 @@ pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
     shared.online.clear(cpu);
     shared.active.clear(cpu);
     st.set_run_state(CpuRunState::Dying);
-    if !shared.hotplug.skip_dying_flush.load(Ordering::Relaxed) {
+    if !shared.faults.is_broken(Broken::SkipDyingFlush) {
         crate::ipi::handler::close_and_flush(shared, st);
     }
     Ok(())

@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use super::ap::{self, ApFail, ApPlan};
 use super::states::{Kind, Section, StateId, StepFn, Table};
-use super::sync::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED};
+use super::sync::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED, SHOULD_DIE};
 use super::HotplugError;
+use crate::inject::Broken;
 use crate::runtime::clock::now_ns;
 use crate::runtime::cpu::CpuRunState;
 use crate::runtime::cpumask::CpuId;
@@ -286,9 +287,10 @@ impl Handle {
         self.hp_lock().names()
     }
 
-    /// Test hook (the kernel's `st->fail`): the next time step `step` runs on `cpu`, in either
-    /// direction, it fails instead.
-    pub fn hotplug_fail_step(&self, cpu: CpuId, step: &str) -> Result<(), HotplugError> {
+    /// Fault hook (the kernel's `st->fail`): the next time step `step` runs on `cpu`, in either
+    /// direction, it fails instead. Public as `usmp::fault::Faults::fail_step`.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn inject_step_failure(&self, cpu: CpuId, step: &str) -> Result<(), HotplugError> {
         let t = self.hp_lock();
         self.check_cpu(cpu)?;
         if !t.steps.iter().any(|s| s.name == step) {
@@ -301,12 +303,16 @@ impl Handle {
         Ok(())
     }
 
-    /// Test hook: the next bring-up of `cpu` sleeps `delay` before its ALIVE step (a slow AP).
-    pub fn hotplug_boot_delay(&self, cpu: CpuId, delay: Duration) -> Result<(), HotplugError> {
+    /// Fault hook: the next bring-up of `cpu` sleeps `delay` before its ALIVE step (a slow
+    /// AP). Public as `usmp::fault::Faults::set_boot_delay`.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn inject_boot_delay(
+        &self,
+        cpu: CpuId,
+        delay: Duration,
+    ) -> Result<(), HotplugError> {
         self.check_cpu(cpu)?;
-        self.shared.hotplug.cpus[cpu]
-            .boot_delay_ns
-            .store(delay.as_nanos() as u64, Ordering::Release);
+        self.shared.faults.set_boot_delay(cpu, delay);
         Ok(())
     }
 
@@ -333,16 +339,6 @@ impl Handle {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-    }
-
-    /// Broken-variant switch for tests: when set, a dying CPU does not flush its call queue
-    /// (the bug seed 002 fixed). Never set it outside a test that proves a check catches it.
-    #[doc(hidden)]
-    pub fn debug_skip_dying_flush(&self, on: bool) {
-        self.shared
-            .hotplug
-            .skip_dying_flush
-            .store(on, Ordering::Relaxed);
     }
 
     /// After a handoff nothing may change this image (its CPU ids belong to the next one).
@@ -647,7 +643,13 @@ impl Handle {
             }
             let now = now_ns();
             if now >= deadline {
-                match sync::give_up(&hc.sync) {
+                let verdict = if s.faults.is_broken(Broken::BringupWithoutCas) {
+                    hc.sync.store(SHOULD_DIE, Ordering::Release); // blind: seed 003's bug
+                    GiveUp::WillDie
+                } else {
+                    sync::give_up(&hc.sync)
+                };
+                match verdict {
                     GiveUp::WillDie => {
                         st.set_run_state(CpuRunState::Limbo);
                         tracing::warn!(
@@ -665,7 +667,10 @@ impl Handle {
         }
         // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
         let committed = sync::commit(&hc.sync);
-        debug_assert!(committed, "an AP past KICKED must be ALIVE");
+        debug_assert!(
+            committed || s.faults.is_broken(Broken::BringupWithoutCas),
+            "an AP past KICKED must be ALIVE"
+        );
         futex::wake(&hc.sync, 1);
         // After the commit the AP runs only STARTING steps, which must not block; this wait is
         // therefore unbounded by design, with a warning each boot timeout.

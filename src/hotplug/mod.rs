@@ -10,7 +10,7 @@
 //!
 //! Kernel mapping: `cpuhp_setup_state` = [`Handle::setup_state`](crate::Handle::setup_state),
 //! `cpu_device_up/down` = `cpu_up`/`cpu_down`, `cpu_hotplug_disable/enable` =
-//! `hotplug_disable`/`hotplug_enable`, `st->fail` = `hotplug_fail_step`,
+//! `hotplug_disable`/`hotplug_enable`, `st->fail` = `usmp::fault::Faults::fail_step` (feature `fault-injection`),
 //! `smpcfd_dying_cpu` = the `ap:online` teardown, `init_mm.mm_count` = `init_mm_refs`.
 
 pub(crate) mod ap;
@@ -91,8 +91,6 @@ pub(crate) struct HpCpu {
     pub sync: crate::sync::AtomicU32,
     /// Whether this CPU's thread holds an `init_mm` reference.
     pub has_ref: AtomicBool,
-    /// Fault injection: delay before the AP's ALIVE step (one-shot, ns).
-    pub boot_delay_ns: AtomicU64,
     /// Fault injection: the step that fails next (one-shot, either direction).
     pub fail: Mutex<Option<String>>,
     /// What the AP runs during bring-up, prepared by the controller.
@@ -109,8 +107,6 @@ pub(crate) struct HotplugState {
     pub disabled: AtomicU32,
     /// The `init_mm.mm_count` stand-in: one reference per committed CPU thread.
     pub init_mm: AtomicU64,
-    /// Fault injection for the broken-variant test: skip the dying flush (seed 002's bug).
-    pub skip_dying_flush: AtomicBool,
     /// A kexec's reboot CPU, which `cpu_down` refuses (`usize::MAX` = none).
     pub reboot_cpu: std::sync::atomic::AtomicUsize,
     pub cpus: Box<[HpCpu]>,
@@ -122,13 +118,11 @@ impl HotplugState {
             lock: Mutex::new(states::Table::new()),
             disabled: AtomicU32::new(0),
             init_mm: AtomicU64::new(0),
-            skip_dying_flush: AtomicBool::new(false),
             reboot_cpu: std::sync::atomic::AtomicUsize::new(usize::MAX),
             cpus: (0..n)
                 .map(|_| HpCpu {
                     sync: crate::sync::AtomicU32::new(sync::DEAD),
                     has_ref: AtomicBool::new(false),
-                    boot_delay_ns: AtomicU64::new(0),
                     fail: Mutex::new(None),
                     plan: Mutex::new(None),
                     ap_failed: Mutex::new(None),

@@ -17,6 +17,8 @@
 //! Nothing on this path allocates (the allocation-counting test checks it).
 
 use std::sync::atomic::Ordering;
+
+use crate::inject::Broken;
 use std::time::Duration;
 
 use super::csd::DONE;
@@ -358,8 +360,18 @@ fn alloc_slot(s: &Shared, cpu: CpuId) -> Result<u32, IpiError> {
 
 /// Step 4. Async-signal-safe.
 pub(crate) fn ring(s: &Shared, st: &CpuState) {
+    if s.faults.is_broken(Broken::DoorbellNeverRings) {
+        return;
+    }
+    s.faults.doorbell_delay();
     match kick_for_ipi(&st.idle, &st.kick_pending) {
         Kick::Signal => {
+            if s.faults.drop_doorbell() {
+                // Injected loss: as if the kernel dropped the signal. `kick_pending` stays
+                // set, so only a waiting sender's forced re-ring (step 5) or the CPU's own
+                // idle loop gets the call served.
+                return;
+            }
             let tid = st.tid.load(Ordering::SeqCst);
             if tid != 0 && super::signal::tgkill(tid, s.cfg.signals.ipi).is_ok() {
                 s.totals.signals.fetch_add(1, Ordering::Relaxed);
@@ -412,8 +424,13 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: u64) -> Result<(), I
         }
         let nap = (deadline - now).min(1_000_000);
         crate::runtime::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
-        if slot.state.load(Ordering::Acquire) != DONE {
-            ring(s, st); // a merged or lost doorbell costs a millisecond, never the call
+        if slot.state.load(Ordering::Acquire) != DONE
+            && !s.faults.is_broken(Broken::DoorbellNeverRings)
+        {
+            // A merged or lost doorbell costs a millisecond, never the call: ring again even
+            // if a doorbell is marked in flight (a lost signal would leave it marked forever).
+            st.kick_pending.store(false, Ordering::Release);
+            ring(s, st);
         }
     }
     // Timed out: "csd: Detected non-responsive CSD lock".

@@ -112,6 +112,7 @@ fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> 
             shared.totals.ipi_on_offline.fetch_add(1, Ordering::Relaxed);
             cpu.ring.record(EventKind::OfflineIpi, id, 0);
         }
+        shared.faults.preempt_point();
         let ran = super::fatal::run(cpu.id, "IPI callback", shared.pool.name(h), || {
             shared.pool.run(h)
         });

@@ -171,7 +171,8 @@ pub(crate) fn tgkill(tid: i32, sig: i32) -> Result<(), i32> {
 /// logical CPU, making it "wedged": not even the NMI reaches it. Returns false (and does
 /// nothing) on a thread that is not a logical CPU. Call it from a job; unblock before the job
 /// returns if the CPU is to work normally again.
-pub fn wedge_this_cpu(block: bool) -> bool {
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+pub(crate) fn wedge_this_cpu(block: bool) -> bool {
     match crate::runtime::context::current() {
         Some((shared, _)) => {
             let s = shared.cfg.signals;

@@ -33,6 +33,8 @@ pub(crate) mod cpu;
 pub mod cpumask;
 pub mod error;
 pub mod events;
+#[cfg(feature = "fault-injection")]
+pub(crate) mod faults;
 pub(crate) mod futex;
 pub mod idle;
 pub(crate) mod logger;

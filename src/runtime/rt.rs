@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     shut: AtomicBool,
     logger: Mutex<Option<Logger>>,
     pub nmi_hooks: crate::ipi::nmi::NmiHooks,
+    /// Fault-injection switches (inert without the `fault-injection` feature).
+    pub faults: crate::inject::FaultState,
     /// Hotplug's table, lock and per-CPU handshake state (the logic lives in `hotplug/`).
     pub hotplug: crate::hotplug::HotplugState,
     /// The stop routine's coordination word (the logic lives in `stop/`).
@@ -255,6 +257,7 @@ impl Runtime {
             shut: AtomicBool::new(false),
             logger: Mutex::new(None),
             nmi_hooks: crate::ipi::nmi::NmiHooks::new(),
+            faults: crate::inject::FaultState::new(n),
             hotplug: crate::hotplug::HotplugState::new(n),
             stop: crate::stop::routine::StopState::new(),
             stopping: AtomicBool::new(false),

@@ -58,6 +58,7 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
 
 fn idle_loop(shared: &Shared, st: &CpuState) {
     loop {
+        shared.faults.preempt_point();
         if st.exit_req.load(Ordering::SeqCst) {
             finish(shared, st);
             return;
@@ -199,7 +200,9 @@ fn finish(shared: &Shared, st: &CpuState) {
     // Re-checked with irqs masked: a stop that powered the CPU off after the check at the top
     // returned here, and nothing of this image may run any more.
     if !st.powered_off.load(Ordering::SeqCst)
-        && !shared.hotplug.skip_dying_flush.load(Ordering::Relaxed)
+        && !shared
+            .faults
+            .is_broken(crate::inject::Broken::SkipDyingFlush)
     {
         crate::ipi::handler::close_and_flush(shared, st);
     }

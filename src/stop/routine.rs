@@ -245,7 +245,15 @@ impl Handle {
         let mut attempts = Vec::new();
         let mut stopped = CpuMask::new();
         // Step 3.
-        for attempt in 1..=cfg.max_retries.max(1) {
+        let attempts_max = if s
+            .faults
+            .is_broken(crate::inject::Broken::StopWithoutRetries)
+        {
+            1
+        } else {
+            cfg.max_retries.max(1)
+        };
+        for attempt in 1..=attempts_max {
             let mut mask = s.online.load();
             if let Some(me) = me {
                 mask.clear(me);
