@@ -126,7 +126,7 @@ mod runtime {
 }
 #[cfg(loom)]
 mod hotplug {
-    pub(crate) mod sync;
+    pub(crate) mod handshake;
 }
 #[cfg(loom)]
 mod stop {

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
 use super::states::{Kind, Step};
-use super::sync::{self, ALIVE, FAILED, ONLINE, PARKED};
 use crate::inject::Broken;
 use crate::runtime::context::{current, irq_restore, irq_save};
 use crate::runtime::cpu::{CpuRunState, CpuState};
@@ -72,18 +72,18 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     if shared.faults.is_broken(Broken::BringupWithoutCas) {
         // Seed 003 before the fix: the AP announces itself with a plain store, whatever the
         // controller decided, and goes on without waiting for a commit.
-        hc.sync.store(ALIVE, Ordering::Release);
-        futex::wake(&hc.sync, 1);
+        hc.handshake.store(ALIVE, Ordering::Release);
+        futex::wake(&hc.handshake, 1);
     } else {
         // Handshake step 2. On failure the controller gave up: touch nothing, just exit.
-        if !sync::ap_alive(&hc.sync) {
+        if !handshake::ap_alive(&hc.handshake) {
             return false;
         }
-        futex::wake(&hc.sync, 1);
+        futex::wake(&hc.handshake, 1);
         // Step 5: wait for the controller's commit. Unbounded by design: a controller that
         // sees ALIVE commits at once (sync.rs step 3), and it cannot give up on an ALIVE AP.
-        while !sync::ap_committed(&hc.sync) {
-            futex::wait(&hc.sync, ALIVE, None);
+        while !handshake::ap_committed(&hc.handshake) {
+            futex::wait(&hc.handshake, ALIVE, None);
         }
     }
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
@@ -123,8 +123,8 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
             *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((name, reason.to_string()));
             irq_restore(fl);
-            hc.sync.store(FAILED, Ordering::Release);
-            futex::wake(&hc.sync, 1);
+            hc.handshake.store(FAILED, Ordering::Release);
+            futex::wake(&hc.handshake, 1);
             return false;
         }
         st.ring.record(EventKind::HotplugStep, k as u64, 1);
@@ -146,8 +146,8 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
         // "parked" can still see this CPU online.
         shared.online.clear(st.id);
         st.set_run_state(CpuRunState::Parked);
-        hc.sync.store(PARKED, Ordering::Release);
-        futex::wake(&hc.sync, 1);
+        hc.handshake.store(PARKED, Ordering::Release);
+        futex::wake(&hc.handshake, 1);
         let crash = shared.stop.coord.is_crash();
         let regs = crate::ipi::signal::SavedRegs::default();
         // Thread context, not in a job: a safe point, so power-off returns here and we exit.
@@ -156,8 +156,8 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
         return false;
     }
     st.set_run_state(CpuRunState::Online);
-    hc.sync.store(ONLINE, Ordering::Release);
-    futex::wake(&hc.sync, 1);
+    hc.handshake.store(ONLINE, Ordering::Release);
+    futex::wake(&hc.handshake, 1);
     irq_restore(fl);
     true
 }
@@ -174,8 +174,8 @@ pub(crate) fn ap_exit(shared: &Shared, st: &CpuState) {
     ) {
         st.set_run_state(CpuRunState::Offline);
     }
-    sync::ap_exit(&hc.sync);
-    futex::wake(&hc.sync, 1);
+    handshake::ap_exit(&hc.handshake);
+    futex::wake(&hc.handshake, 1);
 }
 
 /// `take_cpu_down`: runs on the dying CPU inside stop_machine (IPI context). DYING steps in

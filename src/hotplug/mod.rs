@@ -3,10 +3,14 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `api.rs` | the public API: `cpu_up`, `cpu_down`, `setup_state`, disable/enable, probes |
 //! | `states.rs` | the step table and `Section` (`cpuhp_hp_states[]`) |
-//! | `sync.rs` | the bring-up handshake (`cpuhp_ap_sync`), loom-checked |
-//! | `control.rs` | `cpu_up`, `cpu_down`, rollback, `setup_state`, disable/enable |
+//! | `engine.rs` | the step engine: walk the table up or down, roll back a failed walk |
+//! | `handshake.rs` | the bring-up handshake (`cpuhp_ap_sync`), loom-checked |
+//! | `bringup.rs` | the controller's side of bring-up and tear-down (spawn, handshake, reap) |
 //! | `ap.rs` | what runs on the CPU itself: boot, STARTING steps, going online, DYING, exit |
+//! | `migrate.rs` | `sched:active` teardown: queued jobs move to another CPU |
+//! | `shutdown.rs` | the kexec path's shutdown of all non-boot CPUs, on the same engine |
 //!
 //! Kernel mapping: `cpuhp_setup_state` = [`Handle::setup_state`](crate::Handle::setup_state),
 //! `cpu_device_up/down` = `cpu_up`/`cpu_down`, `cpu_hotplug_disable/enable` =
@@ -14,9 +18,13 @@
 //! `smpcfd_dying_cpu` = the `ap:online` teardown, `init_mm.mm_count` = `init_mm_refs`.
 
 pub(crate) mod ap;
-pub(crate) mod control;
+mod api;
+mod bringup;
+mod engine;
+pub(crate) mod handshake;
+mod migrate;
+mod shutdown;
 pub mod states;
-pub(crate) mod sync;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Mutex;
@@ -87,8 +95,8 @@ pub enum HotplugError {
 
 /// Per-CPU hotplug bookkeeping.
 pub(crate) struct HpCpu {
-    /// The handshake word (`sync.rs`).
-    pub sync: crate::sync::AtomicU32,
+    /// The handshake word (`handshake.rs`).
+    pub handshake: crate::sync::AtomicU32,
     /// Whether this CPU's thread holds an `init_mm` reference.
     pub has_ref: AtomicBool,
     /// Fault injection: the step that fails next (one-shot, either direction).
@@ -121,7 +129,7 @@ impl HotplugState {
             reboot_cpu: std::sync::atomic::AtomicUsize::new(usize::MAX),
             cpus: (0..n)
                 .map(|_| HpCpu {
-                    sync: crate::sync::AtomicU32::new(sync::DEAD),
+                    handshake: crate::sync::AtomicU32::new(handshake::DEAD),
                     has_ref: AtomicBool::new(false),
                     fail: Mutex::new(None),
                     plan: Mutex::new(None),
@@ -132,4 +140,4 @@ impl HotplugState {
     }
 }
 
-pub(crate) use control::boot_all;
+pub(crate) use api::boot_all;

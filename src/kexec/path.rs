@@ -317,7 +317,10 @@ impl Handle {
 
     /// `smp_shutdown_nonboot_cpus`, on the reboot CPU: under the hotplug mutex, with the
     /// disable count lifted for this path only, every other online CPU goes down.
-    fn shutdown_nonboot(&self, reboot: CpuId) -> Vec<(CpuId, Result<(), crate::HotplugError>)> {
+    fn shutdown_nonboot(
+        &self,
+        reboot: CpuId,
+    ) -> Vec<(CpuId, Result<(), crate::hotplug::HotplugError>)> {
         let others: Vec<CpuId> = self.online_mask().iter().filter(|&c| c != reboot).collect();
         self.cpu_down_many_for_kexec(&others)
     }

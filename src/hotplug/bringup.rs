@@ -1,0 +1,245 @@
+//! The controller's side of bring-up and tear-down (`bringup:cpu` and `ap:online`): spawn the
+//! thread and run the handshake of `handshake.rs` with it; on the way down, `take_cpu_down`
+//! under stop_machine, then wait for the thread to report DEAD and reap it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ap::{self, ApFail, ApPlan};
+use super::handshake::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED, SHOULD_DIE};
+use super::states::Table;
+use super::HotplugError;
+use crate::inject::Broken;
+use crate::runtime::clock::now_ns;
+use crate::runtime::cpu::CpuRunState;
+use crate::runtime::cpumask::CpuId;
+use crate::runtime::futex;
+use crate::runtime::rt::Handle;
+
+impl Handle {
+    /// `bringup:cpu` (with the STARTING steps and `ap:online`, run by the AP).
+    pub(super) fn bringup(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        inject: bool,
+    ) -> Result<usize, HotplugError> {
+        let s = &self.shared;
+        let st = &s.cpus[cpu];
+        let hc = &s.hotplug.cpus[cpu];
+        // A previous thread has reported DEAD (checked by the caller): reap it.
+        if let Some(old) = st.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = old.join();
+        }
+        let fail = if inject {
+            self.injected_ap(t, cpu, false)
+        } else {
+            ApFail::None
+        };
+        *hc.plan.lock().unwrap_or_else(|e| e.into_inner()) = Some(ApPlan {
+            steps: t.starting(),
+            fail,
+        });
+        *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        st.exit_req.store(false, Ordering::SeqCst);
+        // A CPU powered off by a stop can come back (best-effort mode): start it clean.
+        st.powered_off.store(false, Ordering::SeqCst);
+        st.crash_saved.store(false, Ordering::SeqCst);
+        st.park_word.store(0, Ordering::SeqCst);
+        st.ipi_vectors.store(0, Ordering::SeqCst);
+        st.running_job.store(false, Ordering::SeqCst);
+        st.in_job.store(false, Ordering::SeqCst);
+        st.idle
+            .store(crate::runtime::idle::RUNNING, Ordering::SeqCst);
+        st.set_run_state(CpuRunState::Booting);
+        if !handshake::kick(&hc.handshake) {
+            return Err(HotplugError::Limbo { cpu });
+        }
+        if let Err(source) = crate::runtime::thread::spawn_cpu(s, cpu) {
+            hc.handshake.store(DEAD, Ordering::Release);
+            st.set_run_state(CpuRunState::Offline);
+            return Err(HotplugError::Spawn { cpu, source });
+        }
+        // Wait for ALIVE, bounded by the boot timeout.
+        let timeout = s.cfg.boot_timeout;
+        let deadline = now_ns() + timeout.as_nanos() as u64;
+        loop {
+            if hc.handshake.load(Ordering::Acquire) != KICKED {
+                break;
+            }
+            let now = now_ns();
+            if now >= deadline {
+                let verdict = if s.faults.is_broken(Broken::BringupWithoutCas) {
+                    hc.handshake.store(SHOULD_DIE, Ordering::Release); // blind: seed 003's bug
+                    GiveUp::WillDie
+                } else {
+                    handshake::give_up(&hc.handshake)
+                };
+                match verdict {
+                    GiveUp::WillDie => {
+                        st.set_run_state(CpuRunState::Limbo);
+                        tracing::warn!(
+                            "smpboot: CPU{cpu} failed to come online within {timeout:?}; it will die on its own"
+                        );
+                        return Err(HotplugError::BootTimeout {
+                            cpu,
+                            timeout_ms: timeout.as_millis() as u64,
+                        });
+                    }
+                    GiveUp::Alive => break,
+                }
+            }
+            futex::wait(
+                &hc.handshake,
+                KICKED,
+                Some(Duration::from_nanos(deadline - now)),
+            );
+        }
+        // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
+        let committed = handshake::commit(&hc.handshake);
+        debug_assert!(
+            committed || s.faults.is_broken(Broken::BringupWithoutCas),
+            "an AP past KICKED must be ALIVE"
+        );
+        futex::wake(&hc.handshake, 1);
+        // After the commit the AP runs only STARTING steps, which must not block; this wait is
+        // therefore unbounded by design, with a warning each boot timeout.
+        loop {
+            match hc.handshake.load(Ordering::Acquire) {
+                ONLINE => {
+                    tracing::debug!("smpboot: CPU{cpu} is up");
+                    return Ok(t.ap_online() + 1);
+                }
+                PARKED => {
+                    tracing::warn!(
+                        "smpboot: CPU{cpu} parked at its ONLINE step: a stop is in progress"
+                    );
+                    return Err(HotplugError::Parked { cpu });
+                }
+                FAILED | DEAD => {
+                    self.wait_dead(cpu, None);
+                    let (step, reason) = hc
+                        .ap_failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take()
+                        .unwrap_or_else(|| ("bringup:cpu".into(), "AP died".into()));
+                    tracing::warn!("cpuhp: CPU{cpu} STARTING step {step} failed: {reason}");
+                    return Err(HotplugError::StepFailed {
+                        cpu,
+                        step,
+                        up: true,
+                        reason,
+                    });
+                }
+                _ if st.is_stopped() => {
+                    // A stop caught the AP between its commit and its ONLINE report (the NMI
+                    // attempt parks it where it is): it will never report.
+                    tracing::warn!("smpboot: CPU{cpu} was stopped while coming online");
+                    return Err(HotplugError::Parked { cpu });
+                }
+                v => {
+                    futex::wait(
+                        &hc.handshake,
+                        v,
+                        Some(Duration::from_millis(10).min(timeout)),
+                    );
+                    if hc.handshake.load(Ordering::Acquire) == v {
+                        tracing::warn!("smpboot: CPU{cpu} still running its STARTING steps");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until the CPU's thread reports DEAD (bounded if `timeout` is given), then reaps it.
+    pub(super) fn wait_dead(&self, cpu: CpuId, timeout: Option<Duration>) -> bool {
+        let s = &self.shared;
+        let hc = &s.hotplug.cpus[cpu];
+        let deadline = timeout.map(|d| now_ns() + d.as_nanos() as u64);
+        loop {
+            let v = hc.handshake.load(Ordering::Acquire);
+            if v == DEAD {
+                break;
+            }
+            let nap = match deadline {
+                Some(d) => {
+                    let now = now_ns();
+                    if now >= d {
+                        return false;
+                    }
+                    Duration::from_nanos(d - now).min(Duration::from_millis(10))
+                }
+                None => Duration::from_millis(10),
+            };
+            futex::wait(&hc.handshake, v, Some(nap));
+        }
+        if let Some(h) = s.cpus[cpu]
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+        true
+    }
+
+    /// `ap:online` + STARTING teardowns + `bringup:cpu` teardown: stop_machine(take_cpu_down),
+    /// then let the thread exit and wait for DEAD. Returns the bring-up index (steps left done).
+    pub(super) fn takedown(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        inject: bool,
+    ) -> Result<usize, HotplugError> {
+        let s = &self.shared;
+        let fail = if inject {
+            self.injected_ap(t, cpu, true)
+        } else {
+            ApFail::None
+        };
+        let plan = Arc::new(ApPlan {
+            steps: t.starting(),
+            fail,
+        });
+        let p2 = plan.clone();
+        let r = self.stop_machine(
+            move |c| ap::take_cpu_down(&p2, c),
+            &crate::runtime::cpumask::CpuMask::single(cpu),
+        );
+        match r {
+            Ok(()) => {}
+            Err(crate::stop::machine::StopMachineError::Failed { code, .. })
+                if code >= -3 && code != -1 =>
+            {
+                let name = match code {
+                    -2 => "ap:online".to_string(),
+                    -3 => "bringup:cpu".to_string(),
+                    k => plan.steps[k as usize].name.clone(),
+                };
+                let k = t.steps.iter().position(|x| x.name == name).unwrap_or(0);
+                let why = if fail == ApFail::None {
+                    "DYING callback returned an error"
+                } else {
+                    "injected failure"
+                };
+                return Err(self.failed(cpu, t, k, false, why.into()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let st = &s.cpus[cpu];
+        st.request_exit();
+        let timeout = s.cfg.boot_timeout;
+        if !self.wait_dead(cpu, Some(timeout)) {
+            st.set_run_state(CpuRunState::Limbo);
+            return Err(HotplugError::TeardownTimeout {
+                cpu,
+                timeout_ms: timeout.as_millis() as u64,
+            });
+        }
+        st.set_run_state(CpuRunState::Offline);
+        Ok(t.bringup())
+    }
+}

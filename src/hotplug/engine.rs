@@ -1,0 +1,305 @@
+//! The step engine: walk the step table up or down under the hotplug lock; a failed step
+//! rolls back the steps already done, in reverse (rollback itself must not fail: errors there
+//! are logged, as the kernel WARNs).
+//!
+//! Protocol of one operation:
+//! 1. Take the hotplug mutex; refuse (state unchanged) if disabled, invalid, already there,
+//!    the last online CPU, a kexec's reboot CPU, or in limbo.
+//! 2. Up: run startups from step 0. PREPARE steps on this thread; `bringup:cpu` spawns the
+//!    thread and does the handshake (`sync.rs`), during which the AP runs the STARTING steps and
+//!    goes online in one step; ONLINE steps run on the CPU as jobs; `sched:active` opens the
+//!    CPU to jobs.
+//! 3. Down: run teardowns from the top. `sched:active` closes the job gate, moves queued jobs to
+//!    another online CPU and waits for the running one; ONLINE teardowns run on the CPU;
+//!    `ap:online` runs `take_cpu_down` under stop_machine (DYING steps, offline, queue flush),
+//!    then the thread exits and reports DEAD; PREPARE teardowns run here.
+//! 4. On failure at step k, undo steps in the other direction back to where the operation
+//!    started, and return `StepFailed` naming k.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::ap::ApFail;
+use super::states::{Kind, Section, Table};
+use super::HotplugError;
+use crate::runtime::cpumask::CpuId;
+use crate::runtime::rt::Handle;
+
+impl Handle {
+    /// Consumes an injected failure for step `k`, if it targets it.
+    pub(super) fn injected(&self, t: &Table, cpu: CpuId, k: usize) -> bool {
+        let mut f = self.shared.hotplug.cpus[cpu]
+            .fail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if f.as_deref() == Some(t.steps[k].name.as_str()) {
+            *f = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes an injected failure aimed at a step that runs on the CPU itself.
+    pub(super) fn injected_ap(&self, t: &Table, cpu: CpuId, down: bool) -> ApFail {
+        let mut f = self.shared.hotplug.cpus[cpu]
+            .fail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(name) = f.as_deref() else {
+            return ApFail::None;
+        };
+        let hit = if name == "ap:online" {
+            ApFail::ApOnline
+        } else if name == "bringup:cpu" && down {
+            ApFail::Bringup
+        } else if let Some(k) = t.starting().iter().position(|s| s.name == name) {
+            ApFail::Step(k)
+        } else {
+            return ApFail::None;
+        };
+        *f = None;
+        hit
+    }
+
+    pub(super) fn failed(
+        &self,
+        cpu: CpuId,
+        t: &Table,
+        k: usize,
+        up: bool,
+        reason: String,
+    ) -> HotplugError {
+        tracing::warn!(
+            "cpuhp: CPU{cpu} step {} failed on the way {}: {reason}",
+            t.steps[k].name,
+            if up { "up" } else { "down" }
+        );
+        HotplugError::StepFailed {
+            cpu,
+            step: t.steps[k].name.clone(),
+            up,
+            reason,
+        }
+    }
+
+    /// Step 2: startups from `from`; on failure, undo down to `from`.
+    pub(super) fn walk_up(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+        let mut done = from;
+        while done < t.steps.len() {
+            match self.step_up(t, cpu, done, true) {
+                Ok(next) => done = next,
+                Err(e) => {
+                    self.rollback_down(t, cpu, done, from);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 3: teardowns from `from` down to step 0; on failure, redo up to `from`.
+    pub(super) fn walk_down(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+        self.walk_down_to(t, cpu, from, 0)
+    }
+
+    /// Teardowns from `from` down to `to` (`to` steps stay done); on failure, redo up to
+    /// `from`, so the CPU is back where it started.
+    pub(super) fn walk_down_to(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+        to: usize,
+    ) -> Result<(), HotplugError> {
+        let mut done = from;
+        while done > to {
+            match self.step_down(t, cpu, done - 1, true) {
+                Ok(left) => done = left,
+                Err(e) => {
+                    self.rollback_up(t, cpu, done, from);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Teardowns from `done` down to `to` that must not stop halfway (a rollback, or the
+    /// kexec shutdown's last section): a failed step is logged and skipped, as the kernel
+    /// WARNs. Returns the last failure.
+    pub(super) fn teardown_anyway(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        mut done: usize,
+        to: usize,
+        inject: bool,
+    ) -> Result<(), HotplugError> {
+        let mut res = Ok(());
+        while done > to {
+            match self.step_down(t, cpu, done - 1, inject) {
+                Ok(left) => done = left,
+                Err(e) => {
+                    tracing::error!("cpuhp: CPU{cpu} teardown of step {} failed: {e}", done - 1);
+                    res = Err(e);
+                    done -= 1;
+                }
+            }
+        }
+        res
+    }
+
+    pub(super) fn rollback_down(&self, t: &Table, cpu: CpuId, done: usize, to: usize) {
+        let _ = self.teardown_anyway(t, cpu, done, to, false);
+    }
+
+    pub(super) fn rollback_up(&self, t: &Table, cpu: CpuId, mut done: usize, to: usize) {
+        while done < to {
+            match self.step_up(t, cpu, done, false) {
+                Ok(next) => done = next,
+                Err(e) => {
+                    tracing::error!("cpuhp: CPU{cpu} rollback failed: {e}");
+                    done += 1;
+                }
+            }
+        }
+    }
+
+    /// Runs startup of step `k`; returns how many steps are done afterwards.
+    pub(super) fn step_up(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        k: usize,
+        inject: bool,
+    ) -> Result<usize, HotplugError> {
+        let step = &t.steps[k];
+        if inject && step.section != Section::Starting && self.injected(t, cpu, k) {
+            return Err(self.failed(cpu, t, k, true, "injected failure".into()));
+        }
+        let s = &self.shared;
+        let st = &s.cpus[cpu];
+        match &step.kind {
+            Kind::SmpcfdPrepare => {
+                st.kick_pending.store(false, Ordering::Release);
+                st.nmi_pending.store(0, Ordering::Release);
+                Ok(k + 1)
+            }
+            Kind::Bringup => self.bringup(t, cpu, inject),
+            Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
+            Kind::SchedActive => {
+                *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                s.active.set(cpu);
+                Ok(k + 1)
+            }
+            Kind::User { .. } => self
+                .run_user(t, k, cpu, true)
+                .map(|_| k + 1)
+                .map_err(|r| self.failed(cpu, t, k, true, r)),
+        }
+    }
+
+    /// Runs teardown of step `k`; returns how many steps are still done afterwards.
+    pub(super) fn step_down(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        k: usize,
+        inject: bool,
+    ) -> Result<usize, HotplugError> {
+        let step = &t.steps[k];
+        if inject && step.section != Section::Starting && self.injected(t, cpu, k) {
+            return Err(self.failed(cpu, t, k, false, "injected failure".into()));
+        }
+        match &step.kind {
+            Kind::SchedActive => self
+                .deactivate(cpu)
+                .map(|_| k)
+                .map_err(|r| self.failed(cpu, t, k, false, r)),
+            Kind::ApOnline | Kind::Bringup => self.takedown(t, cpu, inject),
+            Kind::SmpcfdPrepare => Ok(k),
+            Kind::User { .. } if step.section == Section::Starting => self.takedown(t, cpu, inject),
+            Kind::User { .. } => self
+                .run_user(t, k, cpu, false)
+                .map(|_| k)
+                .map_err(|r| self.failed(cpu, t, k, false, r)),
+        }
+    }
+
+    /// Runs a user step's startup or teardown for `cpu` in its section's context.
+    pub(super) fn run_user(&self, t: &Table, k: usize, cpu: CpuId, up: bool) -> Result<(), String> {
+        let Kind::User {
+            startup, teardown, ..
+        } = &t.steps[k].kind
+        else {
+            return Ok(());
+        };
+        let Some(f) = (if up { startup } else { teardown }).clone() else {
+            return Ok(());
+        };
+        match t.steps[k].section {
+            // Thread context: a panic is caught and fails the step, which is rolled back.
+            Section::Prepare => catch_step(|| f(cpu)),
+            Section::Starting => {
+                // In IPI context on the CPU, like the kernel's irqs-off STARTING callbacks.
+                let r = Arc::new(std::sync::atomic::AtomicU32::new(0));
+                let r2 = r.clone();
+                let sent = self.call_single(
+                    cpu,
+                    move || {
+                        let c = crate::runtime::context::this_cpu().unwrap_or(usize::MAX);
+                        let ok = crate::ipi::fatal::run(
+                            c,
+                            "hotplug STARTING step",
+                            "setup_state",
+                            || f(c),
+                        )
+                        .is_ok();
+                        r2.store(if ok { 1 } else { 2 }, Ordering::Release);
+                    },
+                    true,
+                );
+                if let Err(e) = sent {
+                    if matches!(e, crate::ipi::IpiError::Timeout { started: true, .. }) {
+                        // The callback still runs and will drop its closure in IPI context:
+                        // keep our reference so that drop is never the last (it would free).
+                        std::mem::forget(r);
+                    }
+                    return Err(e.to_string());
+                }
+                match r.load(Ordering::Acquire) {
+                    1 => Ok(()),
+                    _ => Err("STARTING callback returned an error".into()),
+                }
+            }
+            Section::Online => {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let job = crate::runtime::cpu::Job::new(move || {
+                    let _ = tx.send(catch_step(|| f(cpu)));
+                });
+                self.queue_job_internal(cpu, job)
+                    .map_err(|e| e.to_string())?;
+                match rx.recv_timeout(self.shared.cfg.boot_timeout) {
+                    Ok(r) => r,
+                    Err(_) => Err("ONLINE callback did not finish within the boot timeout".into()),
+                }
+            }
+        }
+    }
+}
+
+/// Runs a PREPARE or ONLINE step (thread context): an error or a panic becomes the step's
+/// failure reason, so the step is rolled back like any failed one.
+fn catch_step(f: impl FnOnce() -> super::StepResult) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(str::to_string),
+        Err(p) => Err(format!(
+            "panicked: {}",
+            p.downcast_ref::<&str>()
+                .copied()
+                .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("non-string payload")
+        )),
+    }
+}

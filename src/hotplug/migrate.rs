@@ -1,0 +1,65 @@
+//! Job migration, the `sched:active` teardown: a CPU going down leaves the active mask, closes
+//! its job gate, hands its queued jobs to other active CPUs and waits for its running job.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::runtime::clock::now_ns;
+use crate::runtime::cpumask::CpuId;
+use crate::runtime::rt::Handle;
+
+impl Handle {
+    /// `sched:active` teardown: leave the active mask, close the job gate, move queued jobs to
+    /// another online CPU, and wait for a running job to finish.
+    pub(super) fn deactivate(&self, cpu: CpuId) -> Result<(), String> {
+        let s = &self.shared;
+        let st = &s.cpus[cpu];
+        s.active.clear(cpu);
+        *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        let reopen = |why: String| {
+            *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            s.active.set(cpu);
+            why
+        };
+        let mut moved = 0;
+        while let Ok(job) = st.job_rx.try_recv() {
+            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+            let mut job = Some(job);
+            for to in s.active.load().iter().filter(|&c| c != cpu) {
+                let Some(j) = job.take() else { break };
+                if let Some(at) = &j.at {
+                    at.store(to, Ordering::SeqCst);
+                }
+                match self.queue_job(to, j) {
+                    Ok(()) => break,
+                    Err((_, back)) => job = Some(back),
+                }
+            }
+            if let Some(at) = job.as_ref().and_then(|j| j.at.as_ref()) {
+                at.store(cpu, Ordering::SeqCst);
+            }
+            if let Some(back) = job {
+                // Nowhere to go: put it back and stay up rather than drop it.
+                let _ = self.queue_job_internal(cpu, back);
+                return Err(reopen(
+                    "no other active CPU would take its queued jobs".into(),
+                ));
+            }
+            moved += 1;
+        }
+        if moved > 0 {
+            tracing::debug!("cpuhp: CPU{cpu}: moved {moved} queued job(s)");
+        }
+        let deadline = now_ns() + s.cfg.boot_timeout.as_nanos() as u64;
+        while st.in_job.load(Ordering::SeqCst) {
+            if now_ns() >= deadline {
+                return Err(reopen(format!(
+                    "a job is still running after {:?}",
+                    s.cfg.boot_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+}
