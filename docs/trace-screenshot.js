@@ -3,7 +3,7 @@
 // window of trace time, with one slice selected so the panel below shows its details.
 //
 // Needs Debian's `chromium` and npm's `puppeteer-core` (no browser download):
-//   node docs/trace-screenshot.js TRACE.html OUT.png WIDTH HEIGHT START_MS END_MS [NAME@CPU@TS_MS]
+//   NODE_PATH=.../node_modules node docs/trace-screenshot.js TRACE.html OUT.png WIDTH HEIGHT START_MS END_MS [NAME@CPU@TS_MS]
 // The exact commands for docs/trace.png are in README.md ("Looking at a trace").
 
 const puppeteer = require('puppeteer-core');
