@@ -1,5 +1,12 @@
-//! Four logical CPUs: one IPI to a subset, one ordinary job, then the counters.
-//! Run with `cargo run --release --example hello`.
+//! Four logical CPUs: one IPI to a subset, one ordinary job, then the counters — the kernel's
+//! `smp_call_function_many(mask, func, info, wait=1)` (kernel/smp.c) and a task pinned to one
+//! CPU (`set_cpus_allowed_ptr`).
+//!
+//! The check: the synchronous `call_many` returned after its callback ran on all three CPUs,
+//! the job ran on the CPU it was sent to, and the runtime lost no call; the example exits 1
+//! otherwise.
+//!
+//! Run: `cargo run --release --example hello`
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,17 +24,24 @@ fn main() -> anyhow::Result<()> {
         true,
     )?;
     // An ordinary job may allocate, block and print.
-    let cpu = rt
-        .run_on(2, || format!("hello from CPU {:?}", usmp::this_cpu()))?
+    let (cpu, msg) = rt
+        .run_on(2, || {
+            let cpu = usmp::this_cpu();
+            (cpu, format!("hello from CPU {cpu:?}"))
+        })?
         .join()?;
-    println!(
-        "{cpu}; call_many ran on {} CPUs",
-        hits.load(Ordering::Relaxed)
-    );
+    let ran = hits.load(Ordering::Relaxed);
+    println!("{msg}; call_many ran on {ran} CPUs");
     let stats = rt.shutdown();
     println!(
         "ipis sent {}, handled {}, lost {}",
         stats.ipis_sent, stats.ipis_handled, stats.lost_calls
     );
+    if ran != 3 || cpu != Some(2) || stats.lost_calls != 0 {
+        anyhow::bail!(
+            "FAILED: call_many ran on {ran} of 3 CPUs, the job ran on {cpu:?}, {} calls lost",
+            stats.lost_calls
+        );
+    }
     Ok(())
 }
