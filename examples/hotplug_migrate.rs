@@ -143,8 +143,7 @@ fn main() -> anyhow::Result<()> {
             Err(e) => break Some(e),
         }
     };
-    // Everything back online. A CPU whose bring-up timed out is in limbo until its thread
-    // reports dead; `cpu_up` refuses it meanwhile, so retry after a short sleep, up to BOUND.
+    // Everything back online (a CPU in limbo is waited for first).
     for cpu in 0..cpus {
         let deadline = Instant::now() + BOUND;
         while !rt.is_online(cpu) {
@@ -153,7 +152,7 @@ fn main() -> anyhow::Result<()> {
                 Err(HotplugError::Limbo { .. } | HotplugError::BootTimeout { .. })
                     if Instant::now() < deadline =>
                 {
-                    std::thread::sleep(Duration::from_millis(1));
+                    rt.wait_limbo_clear(BOUND);
                 }
                 Err(e) => bail!("cannot bring CPU {cpu} back: {e}"),
             }
