@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::runtime::cpumask::CpuId;
+use crate::cpu::mask::CpuId;
 
 /// A deliberately broken protocol, for proving that a checker catches it. Never enable one
 /// outside a test or `usmp stress --broken`.

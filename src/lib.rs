@@ -67,6 +67,8 @@ pub mod fault {
 }
 
 #[cfg(not(loom))]
+pub mod cpu;
+#[cfg(not(loom))]
 pub mod hotplug;
 #[cfg(not(loom))]
 pub mod ipi;
@@ -80,6 +82,10 @@ pub mod stop;
 pub mod stress;
 
 #[cfg(not(loom))]
+pub use cpu::idle::IdlePolicy;
+#[cfg(not(loom))]
+pub use cpu::mask::{CpuId, CpuMask};
+#[cfg(not(loom))]
 pub use hotplug::{HotplugError, Section, StateId, StepFn, StepResult};
 #[cfg(not(loom))]
 pub use ipi::IpiError;
@@ -92,11 +98,7 @@ pub use runtime::context::{cpu_relax, irq_restore, irq_save, irqs_disabled, this
 #[cfg(not(loom))]
 pub use runtime::cpu::CpuRunState;
 #[cfg(not(loom))]
-pub use runtime::cpumask::{CpuId, CpuMask};
-#[cfg(not(loom))]
 pub use runtime::error::RuntimeError;
-#[cfg(not(loom))]
-pub use runtime::idle::IdlePolicy;
 #[cfg(not(loom))]
 pub use runtime::percpu::PerCpu;
 #[cfg(not(loom))]
@@ -121,7 +123,7 @@ mod ipi {
     pub(crate) mod queue;
 }
 #[cfg(loom)]
-mod runtime {
+mod cpu {
     pub(crate) mod idle;
 }
 #[cfg(loom)]

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
 use super::states::{Kind, Step};
+use crate::cpu::events::EventKind;
+use crate::cpu::futex;
 use crate::inject::Broken;
 use crate::runtime::context::{current, irq_restore, irq_save};
 use crate::runtime::cpu::{CpuRunState, CpuState};
-use crate::runtime::events::EventKind;
-use crate::runtime::futex;
 use crate::runtime::rt::Shared;
 
 /// Where an injected failure hits the part of the table that runs on the CPU itself.

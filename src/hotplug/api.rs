@@ -8,9 +8,9 @@ use std::time::Duration;
 use super::handshake::DEAD;
 use super::states::{Section, StateId, StepFn, Table};
 use super::HotplugError;
-use crate::runtime::clock::now_ns;
+use crate::cpu::clock::now_ns;
+use crate::cpu::mask::CpuId;
 use crate::runtime::cpu::CpuRunState;
-use crate::runtime::cpumask::CpuId;
 use crate::runtime::rt::Handle;
 
 /// Brings every present CPU online when an image starts, `first` first.

@@ -10,11 +10,11 @@ use super::ap::{self, ApFail, ApPlan};
 use super::handshake::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED, SHOULD_DIE};
 use super::states::Table;
 use super::HotplugError;
+use crate::cpu::clock::now_ns;
+use crate::cpu::futex;
+use crate::cpu::mask::CpuId;
 use crate::inject::Broken;
-use crate::runtime::clock::now_ns;
 use crate::runtime::cpu::CpuRunState;
-use crate::runtime::cpumask::CpuId;
-use crate::runtime::futex;
 use crate::runtime::rt::Handle;
 
 impl Handle {
@@ -50,8 +50,7 @@ impl Handle {
         st.ipi_vectors.store(0, Ordering::SeqCst);
         st.running_job.store(false, Ordering::SeqCst);
         st.in_job.store(false, Ordering::SeqCst);
-        st.idle
-            .store(crate::runtime::idle::RUNNING, Ordering::SeqCst);
+        st.idle.store(crate::cpu::idle::RUNNING, Ordering::SeqCst);
         st.set_run_state(CpuRunState::Booting);
         if !handshake::kick(&hc.handshake) {
             return Err(HotplugError::Limbo { cpu });
@@ -207,7 +206,7 @@ impl Handle {
         let p2 = plan.clone();
         let r = self.stop_machine(
             move |c| ap::take_cpu_down(&p2, c),
-            &crate::runtime::cpumask::CpuMask::single(cpu),
+            &crate::cpu::mask::CpuMask::single(cpu),
         );
         match r {
             Ok(()) => {}

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use super::ap::ApFail;
 use super::states::{Kind, Section, Table};
 use super::HotplugError;
-use crate::runtime::cpumask::CpuId;
+use crate::cpu::mask::CpuId;
 use crate::runtime::rt::Handle;
 
 impl Handle {

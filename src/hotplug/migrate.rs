@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::runtime::clock::now_ns;
-use crate::runtime::cpumask::CpuId;
+use crate::cpu::clock::now_ns;
+use crate::cpu::mask::CpuId;
 use crate::runtime::rt::Handle;
 
 impl Handle {

@@ -31,7 +31,7 @@ use std::sync::Mutex;
 
 pub use states::{Section, StateId, StepFn, StepResult};
 
-use crate::runtime::cpumask::CpuId;
+use crate::cpu::mask::CpuId;
 use crate::stop::machine::StopMachineError;
 
 /// Why a hotplug operation was refused or failed. A refusal leaves every state unchanged; a

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::ap::{self, ApFail, ApPlan};
 use super::HotplugError;
+use crate::cpu::mask::{CpuId, CpuMask};
 use crate::runtime::cpu::CpuRunState;
-use crate::runtime::cpumask::{CpuId, CpuMask};
 use crate::runtime::rt::Handle;
 
 impl Handle {

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::runtime::cpumask::CpuId;
+use crate::cpu::mask::CpuId;
 
 /// Where a user step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]

@@ -24,12 +24,12 @@ use std::time::Duration;
 use super::csd::DONE;
 use super::nmi::{self, NmiReason};
 use super::IpiError;
-use crate::runtime::clock::now_ns;
+use crate::cpu::clock::now_ns;
+use crate::cpu::events::{EventKind, NO_CPU};
+use crate::cpu::idle::{kick_for_ipi, Kick};
+use crate::cpu::mask::{CpuId, CpuMask};
 use crate::runtime::context::{irq_restore, irq_save, irqs_disabled};
 use crate::runtime::cpu::CpuState;
-use crate::runtime::cpumask::{CpuId, CpuMask};
-use crate::runtime::events::{EventKind, NO_CPU};
-use crate::runtime::idle::{kick_for_ipi, Kick};
 use crate::runtime::rt::{Handle, Shared};
 
 /// The stop vector (x86's `REBOOT_VECTOR`, arm64's `IPI_CPU_STOP`): maskable, taken before
@@ -384,7 +384,7 @@ pub(crate) fn ring(s: &Shared, st: &CpuState) {
             }
         }
         Kick::Wake => {
-            crate::runtime::futex::wake(&st.idle, 1);
+            crate::cpu::futex::wake(&st.idle, 1);
             st.stats.idle_wakes.fetch_add(1, Ordering::Relaxed);
             s.ring_here().record(EventKind::IdleWake, st.id as u64, 0);
         }
@@ -423,7 +423,7 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: u64) -> Result<(), I
             break;
         }
         let nap = (deadline - now).min(1_000_000);
-        crate::runtime::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
+        crate::cpu::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
         if slot.state.load(Ordering::Acquire) != DONE
             && !s.faults.is_broken(Broken::DoorbellNeverRings)
         {

@@ -243,7 +243,7 @@ impl CsdPool {
             s.state.store(DONE, Ordering::SeqCst);
             #[cfg(not(loom))]
             if s.waiter.load(Ordering::SeqCst) != 0 {
-                crate::runtime::futex::wake(&s.state, 1);
+                crate::cpu::futex::wake(&s.state, 1);
             }
             true
         } else {

@@ -36,7 +36,7 @@ pub mod signal;
 pub use csd::CSD_INLINE_BYTES;
 pub use nmi::NmiReason;
 
-use crate::runtime::cpumask::{CpuId, CpuMask};
+use crate::cpu::mask::{CpuId, CpuMask};
 
 /// Why an IPI was not delivered. An IPI is delivered exactly once, or its sender gets one of
 /// these.

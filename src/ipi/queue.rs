@@ -106,7 +106,7 @@ impl CallQueue {
     }
 
     /// Whether anything is queued. An RMW read (not a plain load): the idle CPU's last check
-    /// before sleeping must be ordered against the sender's push (see `runtime::idle`).
+    /// before sleeping must be ordered against the sender's push (see `cpu::idle`).
     pub(crate) fn has_work(&self) -> bool {
         let h = self.head.fetch_or(0, Ordering::AcqRel);
         h != EMPTY && h != CLOSED

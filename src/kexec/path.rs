@@ -27,8 +27,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::record::CrashRecord;
 use super::KexecError;
+use crate::cpu::mask::{CpuId, CpuMask};
 use crate::runtime::cpu::CpuRunState;
-use crate::runtime::cpumask::{CpuId, CpuMask};
 use crate::runtime::rt::{Handle, Runtime};
 
 /// One line of the handoff timeline.

@@ -10,8 +10,8 @@
 //! id checked as it is read, the notes are checked against one bitset, so the largest payload
 //! decodes in milliseconds whatever it holds.
 
+use crate::cpu::mask::CpuMask;
 use crate::runtime::builder::MAX_CPUS;
-use crate::runtime::cpumask::CpuMask;
 use crate::stop::{CrashNote, ParkPolicy};
 
 const MAGIC: &[u8; 8] = b"USMPCRSH";
@@ -321,7 +321,7 @@ mod tests {
             );
         }
         // At the cap on parts, the mask is accepted, still fast.
-        let mask = vec!["0-1023"; crate::runtime::cpumask::MAX_LIST_PARTS].join(",");
+        let mask = vec!["0-1023"; crate::cpu::mask::MAX_LIST_PARTS].join(",");
         let mut r = sample();
         r.cpus = 1024;
         r.lost = mask;

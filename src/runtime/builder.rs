@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::error::RuntimeError;
-use super::idle::IdlePolicy;
 use super::rt::Runtime;
+use crate::cpu::idle::IdlePolicy;
 use crate::ipi::signal::Signals;
 
 /// The most logical CPUs a runtime may have.
@@ -57,7 +57,7 @@ impl Builder {
     /// Defaults: one logical CPU per host core this process may use, signals
     /// `SIGRTMIN()+2`/`+3`, poll-then-sleep idle (50 µs), 5 s call timeout, 10 s boot timeout.
     pub fn new() -> Self {
-        let cores = super::affinity::allowed_cores().len().max(1);
+        let cores = crate::cpu::affinity::allowed_cores().len().max(1);
         Builder {
             cfg: Config {
                 cpus: cores,

@@ -14,9 +14,9 @@ use std::cell::Cell;
 use std::sync::atomic::{compiler_fence, Ordering};
 
 use super::cpu::CpuState;
-use super::cpumask::CpuId;
-use super::events::EventKind;
 use super::rt::Shared;
+use crate::cpu::events::EventKind;
+use crate::cpu::mask::CpuId;
 
 thread_local! {
     static CURRENT: Cell<(*const Shared, usize)> = const { Cell::new((std::ptr::null(), 0)) };
@@ -75,7 +75,7 @@ pub fn irq_save() -> IrqFlags {
             compiler_fence(Ordering::SeqCst);
             if !was && shared.cfg.irq_accounting {
                 cpu.masked_since
-                    .store(super::clock::now_ns(), Ordering::Relaxed);
+                    .store(crate::cpu::clock::now_ns(), Ordering::Relaxed);
                 cpu.ring.record(EventKind::IrqOff, 0, 0);
             }
             IrqFlags { was_masked: was }
@@ -93,8 +93,8 @@ pub fn irq_restore(flags: IrqFlags) {
     }
     if let Some((shared, cpu)) = current() {
         if shared.cfg.irq_accounting {
-            let ns =
-                super::clock::now_ns().saturating_sub(cpu.masked_since.load(Ordering::Relaxed));
+            let ns = crate::cpu::clock::now_ns()
+                .saturating_sub(cpu.masked_since.load(Ordering::Relaxed));
             cpu.stats.masked_ns.fetch_add(ns, Ordering::Relaxed);
             cpu.ring.record(EventKind::IrqOn, ns, 0);
         }

@@ -8,8 +8,8 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::cpumask::CpuId;
-use super::events::EventRing;
+use crate::cpu::events::EventRing;
+use crate::cpu::mask::CpuId;
 use crate::ipi::queue::CallQueue;
 
 /// Where a logical CPU is in its life (read it with [`crate::Handle::cpu_state`]).
@@ -206,7 +206,7 @@ impl CpuState {
             id,
             tid: AtomicI32::new(0),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
-            idle: crate::sync::AtomicU32::new(super::idle::RUNNING),
+            idle: crate::sync::AtomicU32::new(crate::cpu::idle::RUNNING),
             kick_pending: crate::sync::AtomicBool::new(false),
             queue: CallQueue::new_closed(),
             irq_depth: AtomicU32::new(0),
@@ -241,8 +241,8 @@ impl CpuState {
     /// between jobs, so a running job finishes first).
     pub(crate) fn request_exit(&self) {
         self.exit_req.store(true, Ordering::SeqCst);
-        if super::idle::kick_for_job(&self.idle) == super::idle::Kick::Wake {
-            super::futex::wake(&self.idle, 1);
+        if crate::cpu::idle::kick_for_job(&self.idle) == crate::cpu::idle::Kick::Wake {
+            crate::cpu::futex::wake(&self.idle, 1);
         }
     }
 
@@ -261,6 +261,6 @@ impl CpuState {
     pub(crate) fn set_run_state(&self, s: CpuRunState) {
         self.run_state.store(s as u32, Ordering::SeqCst);
         self.ring
-            .record(super::events::EventKind::CpuState, s as u64, 0);
+            .record(crate::cpu::events::EventKind::CpuState, s as u64, 0);
     }
 }

@@ -1,6 +1,6 @@
 //! Errors of the runtime layer (build, jobs, shutdown).
 
-use super::cpumask::CpuId;
+use crate::cpu::mask::CpuId;
 use crate::ipi::IpiError;
 
 /// Why building a runtime or running a job failed.

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use super::cpumask::CpuId;
 use super::rt::Handle;
+use crate::cpu::mask::CpuId;
 use crate::hotplug::HotplugError;
 use crate::inject::{Broken, FaultCounters};
 

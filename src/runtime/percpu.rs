@@ -3,7 +3,7 @@
 use crossbeam_utils::CachePadded;
 
 use super::context::this_cpu;
-use super::cpumask::CpuId;
+use crate::cpu::mask::CpuId;
 
 /// One `T` per logical CPU, each on its own cache line so CPUs do not false-share.
 pub struct PerCpu<T> {

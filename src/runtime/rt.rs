@@ -9,10 +9,10 @@ use crossbeam_utils::CachePadded;
 
 use super::builder::Config;
 use super::cpu::{CpuRunState, CpuState};
-use super::cpumask::{AtomicCpuMask, CpuId, CpuMask};
 use super::error::RuntimeError;
-use super::events::{Event, EventRing};
 use super::logger::Logger;
+use crate::cpu::events::{Event, EventRing};
+use crate::cpu::mask::{AtomicCpuMask, CpuId, CpuMask};
 use crate::ipi::csd::CsdPool;
 
 static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
@@ -102,7 +102,7 @@ impl Shared {
             return;
         }
         let core = self.cores[st.id % self.cores.len()];
-        if super::affinity::pin_current(core) {
+        if crate::cpu::affinity::pin_current(core) {
             st.core.store(core.id as i32, Ordering::Relaxed);
         } else if !self.pin_warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -134,7 +134,7 @@ impl Shared {
             // or IPI context cannot, and is left behind below.
             st.park_word
                 .store(crate::stop::receive::RELEASE, Ordering::SeqCst);
-            super::futex::wake(&st.park_word, 1);
+            crate::cpu::futex::wake(&st.park_word, 1);
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
         for st in self.cpus.iter() {
@@ -181,8 +181,8 @@ impl Shared {
 }
 
 fn kick_wake(st: &CpuState) {
-    if super::idle::kick_for_job(&st.idle) == super::idle::Kick::Wake {
-        super::futex::wake(&st.idle, 1);
+    if crate::cpu::idle::kick_for_job(&st.idle) == crate::cpu::idle::Kick::Wake {
+        crate::cpu::futex::wake(&st.idle, 1);
     }
 }
 
@@ -229,7 +229,7 @@ impl Runtime {
         lost: &CpuMask,
     ) -> Result<Runtime, RuntimeError> {
         crate::ipi::handler::install(&cfg.signals)?;
-        let cores = super::affinity::allowed_cores();
+        let cores = crate::cpu::affinity::allowed_cores();
         let n = cfg.cpus;
         if cfg.pin && n > cores.len().max(1) {
             tracing::info!(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::context::{irq_restore, irq_save, set_current};
 use super::cpu::{CpuRunState, CpuState};
-use super::cpumask::CpuId;
 use super::rt::Shared;
+use crate::cpu::mask::CpuId;
 
 /// Spawns CPU `cpu`'s thread. The caller (hotplug's bring-up) has reset its per-CPU state.
 pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()> {
@@ -72,7 +72,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 break;
             };
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            if super::idle::enter_running(&st.idle) {
+            if crate::cpu::idle::enter_running(&st.idle) {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
                 serve_if_queued(shared, st);
             }
@@ -92,7 +92,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             serve_calls(shared, st);
             continue;
         }
-        super::idle::wait_for_work(
+        crate::cpu::idle::wait_for_work(
             &st.idle,
             shared.cfg.idle,
             || {

@@ -4,7 +4,7 @@
 
 use std::fmt::Debug;
 
-use crate::runtime::cpumask::CpuMask;
+use crate::cpu::mask::CpuMask;
 use crate::runtime::rt::Handle;
 
 /// How a backend reaches the CPUs it is asked to stop.

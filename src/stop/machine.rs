@@ -31,9 +31,9 @@
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::runtime::clock::now_ns;
+use crate::cpu::clock::now_ns;
+use crate::cpu::mask::{CpuId, CpuMask};
 use crate::runtime::context::{irq_restore, irq_save};
-use crate::runtime::cpumask::{CpuId, CpuMask};
 use crate::runtime::rt::Handle;
 
 const PREPARE: u32 = 1;
@@ -93,7 +93,7 @@ impl MultiStop {
     fn set_state(&self, s: u32) {
         self.ack.store(self.num, Ordering::SeqCst);
         self.state.store(s, Ordering::SeqCst);
-        crate::runtime::futex::wake(&self.state, i32::MAX);
+        crate::cpu::futex::wake(&self.state, i32::MAX);
     }
 
     fn ack_state(&self, cur: u32) {
@@ -120,7 +120,7 @@ impl MultiStop {
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 );
-                crate::runtime::futex::wake(&self.state, i32::MAX);
+                crate::cpu::futex::wake(&self.state, i32::MAX);
                 continue;
             }
             if new != cur {
@@ -155,7 +155,7 @@ impl MultiStop {
             if spins < self.spin_limit {
                 std::hint::spin_loop();
             } else {
-                crate::runtime::futex::wait(
+                crate::cpu::futex::wait(
                     &self.state,
                     new,
                     Some(std::time::Duration::from_millis(1)),
@@ -230,7 +230,7 @@ impl Handle {
                 missing_send = failed.clone();
             }
             ms.state.store(ABORT, Ordering::SeqCst);
-            crate::runtime::futex::wake(&ms.state, i32::MAX);
+            crate::cpu::futex::wake(&ms.state, i32::MAX);
         }
         if let Some(me) = me {
             let fl = irq_save();
@@ -241,7 +241,7 @@ impl Handle {
             if s.stop.coord.in_progress() && ms.left.load(Ordering::Acquire) != ms.num {
                 // A system stop may have parked a participant: nobody would ever ack for it.
                 ms.state.store(ABORT, Ordering::SeqCst);
-                crate::runtime::futex::wake(&ms.state, i32::MAX);
+                crate::cpu::futex::wake(&ms.state, i32::MAX);
                 std::mem::forget(ms);
                 return Err(StopMachineError::Stopped);
             }
@@ -252,7 +252,7 @@ impl Handle {
                     .compare_exchange(PREPARE, ABORT, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    crate::runtime::futex::wake(&ms.state, i32::MAX);
+                    crate::cpu::futex::wake(&ms.state, i32::MAX);
                     break;
                 }
                 continue;

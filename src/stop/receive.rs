@@ -12,10 +12,10 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::cpu::events::EventKind;
+use crate::cpu::futex;
 use crate::ipi::signal::SavedRegs;
 use crate::runtime::cpu::{CpuRunState, CpuState};
-use crate::runtime::events::EventKind;
-use crate::runtime::futex;
 use crate::runtime::rt::Shared;
 
 /// `park_word` value that lets a parked CPU go (runtime shutdown).
@@ -113,8 +113,7 @@ fn power_off_now(st: &CpuState, unwind: bool) {
     st.powered_off.store(true, Ordering::SeqCst);
     st.exit_req.store(true, Ordering::SeqCst);
     // A restarted idle futex wait must see a changed word and re-check `exit_req`.
-    st.idle
-        .store(crate::runtime::idle::RUNNING, Ordering::SeqCst);
+    st.idle.store(crate::cpu::idle::RUNNING, Ordering::SeqCst);
     if unwind {
         // Thread context (a job), not a signal handler: unwind the job to the CPU loop, which
         // then exits. The job's handle reports this message. The job's irq flags are never

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use super::backend::{StopBackend, StopSender};
 use super::coord::{Coord, Entered};
 use super::receive::{self, ParkPolicy};
+use crate::cpu::mask::{CpuId, CpuMask};
 use crate::ipi::signal::SavedRegs;
-use crate::runtime::cpumask::{CpuId, CpuMask};
 use crate::runtime::rt::Handle;
 
 /// How CPUs that come online during a stop are caught.
@@ -223,11 +223,10 @@ impl Handle {
                 if upgraded {
                     // A CPU loser may be in IPI context: record, the logger prints it.
                     match me {
-                        Some(_) => s.ring_here().record(
-                            crate::runtime::events::EventKind::StopUpgraded,
-                            0,
-                            0,
-                        ),
+                        Some(_) => {
+                            s.ring_here()
+                                .record(crate::cpu::events::EventKind::StopUpgraded, 0, 0)
+                        }
                         None => tracing::warn!("SMP: stop upgraded to a crash-stop"),
                     }
                 }
