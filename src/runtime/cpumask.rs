@@ -215,6 +215,14 @@ impl fmt::Debug for CpuMask {
     }
 }
 
+/// Serialized as its kernel list string ("0-3,7"; empty is ""), the form the CLI's `--json`
+/// output and the reports use.
+impl serde::Serialize for CpuMask {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Parses the kernel's cpulist format ("0-3,7", whitespace around elements allowed, "" = empty).
 ///
 /// Time is linear in the text plus the mask's width: the ranges are collected first (at most
