@@ -11,6 +11,7 @@ use crate::runtime::context::{current, irq_restore, irq_save};
 use crate::runtime::cpu::{CpuRunState, CpuState};
 use crate::runtime::events::EventKind;
 use crate::runtime::futex;
+use crate::runtime::lock::LockUnpoisoned;
 use crate::runtime::rt::Shared;
 
 /// Where an injected failure hits the part of the table that runs on the CPU itself.
@@ -87,12 +88,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     st.irq_pending.store(false, Ordering::Relaxed);
     st.irq_depth.store(0, Ordering::Relaxed);
     st.nmi_pending.store(0, Ordering::Release);
-    let plan = hc
-        .plan
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_default();
+    let plan = hc.plan.lock_unpoisoned().take().unwrap_or_default();
     let fl = irq_save();
     let n = plan.steps.len();
     for k in 0..=n {
@@ -114,8 +110,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
                     tracing::error!("cpuhp: CPU{} rollback of {} failed: {e}", st.id, done.name);
                 }
             }
-            *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((name, reason.to_string()));
+            *hc.ap_failed.lock_unpoisoned() = Some((name, reason.to_string()));
             irq_restore(fl);
             hc.sync.store(FAILED, Ordering::Release);
             futex::wake(&hc.sync, 1);
@@ -132,7 +127,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     if shared.cfg.stop.mode == crate::stop::StopMode::Deterministic
         && shared.stopping.load(Ordering::SeqCst)
     {
-        *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+        *hc.ap_failed.lock_unpoisoned() = Some((
             "ap:online".into(),
             "a stop is in progress: parked instead of going online".into(),
         ));

@@ -28,6 +28,7 @@ use crate::runtime::clock::now_ns;
 use crate::runtime::cpu::CpuRunState;
 use crate::runtime::cpumask::CpuId;
 use crate::runtime::futex;
+use crate::runtime::lock::LockUnpoisoned;
 use crate::runtime::rt::Handle;
 
 /// Brings every present CPU online when an image starts, `first` first.
@@ -294,10 +295,7 @@ impl Handle {
         if !t.steps.iter().any(|s| s.name == step) {
             return Err(HotplugError::UnknownState(step.into()));
         }
-        *self.shared.hotplug.cpus[cpu]
-            .fail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(step.into());
+        *self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned() = Some(step.into());
         Ok(())
     }
 
@@ -356,11 +354,7 @@ impl Handle {
     }
 
     fn hp_lock(&self) -> Guard<'_> {
-        self.shared
-            .hotplug
-            .lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shared.hotplug.lock.lock_unpoisoned()
     }
 
     fn check_cpu(&self, cpu: CpuId) -> Result<(), HotplugError> {
@@ -376,10 +370,7 @@ impl Handle {
 
     /// Consumes an injected failure for step `k`, if it targets it.
     fn injected(&self, t: &Table, cpu: CpuId, k: usize) -> bool {
-        let mut f = self.shared.hotplug.cpus[cpu]
-            .fail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut f = self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned();
         if f.as_deref() == Some(t.steps[k].name.as_str()) {
             *f = None;
             true
@@ -390,10 +381,7 @@ impl Handle {
 
     /// Takes an injected failure aimed at a step that runs on the CPU itself.
     fn injected_ap(&self, t: &Table, cpu: CpuId, down: bool) -> ApFail {
-        let mut f = self.shared.hotplug.cpus[cpu]
-            .fail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut f = self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned();
         let Some(name) = f.as_deref() else {
             return ApFail::None;
         };
@@ -501,7 +489,7 @@ impl Handle {
             Kind::Bringup => self.bringup(t, cpu, inject),
             Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
             Kind::SchedActive => {
-                *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                *st.job_gate.lock_unpoisoned() = true;
                 s.active.set(cpu);
                 Ok(k + 1)
             }
@@ -606,7 +594,7 @@ impl Handle {
         let st = &s.cpus[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // A previous thread has reported DEAD (checked by the caller): reap it.
-        if let Some(old) = st.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(old) = st.thread.lock_unpoisoned().take() {
             let _ = old.join();
         }
         let fail = if inject {
@@ -614,11 +602,11 @@ impl Handle {
         } else {
             ApFail::None
         };
-        *hc.plan.lock().unwrap_or_else(|e| e.into_inner()) = Some(ApPlan {
+        *hc.plan.lock_unpoisoned() = Some(ApPlan {
             steps: t.starting(),
             fail,
         });
-        *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *hc.ap_failed.lock_unpoisoned() = None;
         st.exit_req.store(false, Ordering::SeqCst);
         // A CPU powered off by a stop can come back (best-effort mode): start it clean.
         st.powered_off.store(false, Ordering::SeqCst);
@@ -685,8 +673,7 @@ impl Handle {
                     self.wait_dead(cpu, None);
                     let (step, reason) = hc
                         .ap_failed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
+                        .lock_unpoisoned()
                         .take()
                         .unwrap_or_else(|| ("bringup:cpu".into(), "AP died".into()));
                     tracing::warn!("cpuhp: CPU{cpu} STARTING step {step} failed: {reason}");
@@ -735,12 +722,7 @@ impl Handle {
             };
             futex::wait(&hc.sync, v, Some(nap));
         }
-        if let Some(h) = s.cpus[cpu]
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(h) = s.cpus[cpu].thread.lock_unpoisoned().take() {
             let _ = h.join();
         }
         true
@@ -804,9 +786,9 @@ impl Handle {
         let s = &self.shared;
         let st = &s.cpus[cpu];
         s.active.clear(cpu);
-        *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *st.job_gate.lock_unpoisoned() = false;
         let reopen = |why: String| {
-            *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            *st.job_gate.lock_unpoisoned() = true;
             s.active.set(cpu);
             why
         };

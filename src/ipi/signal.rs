@@ -20,6 +20,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet};
 use nix::unistd::{sysconf, SysconfVar};
 
 use super::IpiError;
+use crate::runtime::lock::LockUnpoisoned;
 
 /// The two signals a runtime uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +80,7 @@ pub(crate) enum Installed {
 
 /// Puts back the action `install` replaced (undoing a partial install).
 pub(crate) fn uninstall(sig: i32, how: Installed) {
-    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = INSTALL.lock_unpoisoned();
     if let Installed::New(old) = how {
         // Raw libc: nix's `sigaction` takes a `Signal`, which cannot name SIGRTMIN+n.
         // SAFETY: `old` is the action the kernel returned for `sig` in `install`.
@@ -127,7 +128,7 @@ pub(crate) fn install(
     handler: Handler,
     also_block: &[i32],
 ) -> Result<Installed, IpiError> {
-    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = INSTALL.lock_unpoisoned();
     let old = current_action(sig).map_err(|e| IpiError::Sys {
         op: "sigaction(query)",
         errno: e as i32,

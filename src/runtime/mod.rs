@@ -13,6 +13,7 @@
 //! | `percpu.rs` | `PerCpu<T>` |
 //! | `affinity.rs` | the only user of the affinity API |
 //! | `futex.rs`, `clock.rs` | async-signal-safe sleep/wake and time |
+//! | `lock.rs` | `lock_unpoisoned()`: the mutex lock that survives a panicking holder |
 //! | `events.rs`, `logger.rs`, `trace.rs` | the NMI-safe event rings, their drain, Perfetto export |
 //! | `error.rs` | `RuntimeError` |
 //!
@@ -35,6 +36,7 @@ pub mod error;
 pub mod events;
 pub(crate) mod futex;
 pub mod idle;
+pub(crate) mod lock;
 pub(crate) mod logger;
 pub mod percpu;
 pub mod rt;
