@@ -387,6 +387,13 @@ mod tests {
     }
 
     #[test]
+    fn serializes_as_the_list_string() {
+        let m: CpuMask = "0-3,7".parse().unwrap();
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#""0-3,7""#);
+        assert_eq!(serde_json::to_string(&CpuMask::new()).unwrap(), r#""""#);
+    }
+
+    #[test]
     fn bad_lists_are_rejected() {
         assert!(matches!(
             "3-1".parse::<CpuMask>(),
