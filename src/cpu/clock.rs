@@ -8,6 +8,7 @@ pub fn now_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // Raw libc: handler context and hot paths; nix's `clock_gettime` adds a Result to unwrap.
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux, so the
     // call cannot fail and leaves `ts` filled in.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };

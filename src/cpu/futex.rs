@@ -15,6 +15,7 @@ pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
     let tsp = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // Raw libc: nix has no futex wrapper, and this runs in handler context and on the idle path.
     // SAFETY: `word` is a live, aligned 32-bit atomic for the whole call; FUTEX_WAIT only reads
     // it; `tsp` is null or points at a timespec on this frame (relative timeout).
     unsafe {
@@ -30,6 +31,7 @@ pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
 
 /// Wakes up to `n` threads sleeping on `word`. Async-signal-safe.
 pub(crate) fn wake(word: &AtomicU32, n: i32) {
+    // Raw libc: nix has no futex wrapper, and this runs on the IPI and hotplug hot paths.
     // SAFETY: FUTEX_WAKE only uses the address as a key; it does not dereference it.
     unsafe {
         libc::syscall(

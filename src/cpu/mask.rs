@@ -215,6 +215,14 @@ impl fmt::Debug for CpuMask {
     }
 }
 
+/// Serialized as its kernel list string ("0-3,7"; empty is ""), the form the CLI's `--json`
+/// output and the reports use.
+impl serde::Serialize for CpuMask {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Parses the kernel's cpulist format ("0-3,7", whitespace around elements allowed, "" = empty).
 ///
 /// Time is linear in the text plus the mask's width: the ranges are collected first (at most
@@ -376,6 +384,13 @@ mod tests {
         assert_eq!(CpuMask::single(200).to_string(), "200");
         assert_eq!(CpuMask::new().to_list_or_none(), "(none)");
         assert_eq!(m.to_list_or_none(), "0-3,7,9-10");
+    }
+
+    #[test]
+    fn serializes_as_the_list_string() {
+        let m: CpuMask = "0-3,7".parse().unwrap();
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#""0-3,7""#);
+        assert_eq!(serde_json::to_string(&CpuMask::new()).unwrap(), r#""""#);
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! | `events.rs` | the NMI-safe per-CPU event rings |
 //! | `futex.rs`, `clock.rs` | async-signal-safe sleep/wake and time |
 //! | `affinity.rs` | the only user of the affinity API |
+//! | `lock.rs` | `lock_unpoisoned()`: the mutex lock that survives a panicking holder |
 
 pub(crate) mod affinity;
 pub(crate) mod clock;
 pub mod events;
 pub(crate) mod futex;
 pub mod idle;
+pub(crate) mod lock;
 pub mod mask;

@@ -8,6 +8,7 @@ use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
 use super::states::{Kind, Step};
 use crate::cpu::events::EventKind;
 use crate::cpu::futex;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::inject::Broken;
 use crate::runtime::context::{current, irq_restore, irq_save};
 use crate::runtime::cpu::{CpuRunState, CpuState};
@@ -93,12 +94,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     st.irq_pending.store(false, Ordering::Relaxed);
     st.irq_depth.store(0, Ordering::Relaxed);
     st.nmi_pending.store(0, Ordering::Release);
-    let plan = hc
-        .plan
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_default();
+    let plan = hc.plan.lock_unpoisoned().take().unwrap_or_default();
     let fl = irq_save();
     let n = plan.steps.len();
     for k in 0..=n {
@@ -120,8 +116,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
                     tracing::error!("cpuhp: CPU{} rollback of {} failed: {e}", st.id, done.name);
                 }
             }
-            *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((name, reason.to_string()));
+            *hc.ap_failed.lock_unpoisoned() = Some((name, reason.to_string()));
             irq_restore(fl);
             hc.handshake.store(FAILED, Ordering::Release);
             futex::wake(&hc.handshake, 1);
@@ -138,7 +133,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     if shared.cfg.stop.mode == crate::stop::StopMode::Deterministic
         && shared.stopping.load(Ordering::SeqCst)
     {
-        *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+        *hc.ap_failed.lock_unpoisoned() = Some((
             "ap:online".into(),
             "a stop is in progress: parked instead of going online".into(),
         ));

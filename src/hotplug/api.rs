@@ -9,6 +9,7 @@ use super::handshake::DEAD;
 use super::states::{Section, StateId, StepFn, Table};
 use super::HotplugError;
 use crate::cpu::clock::now_ns;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::runtime::cpu::CpuRunState;
 use crate::runtime::rt::Handle;
@@ -183,10 +184,7 @@ impl Handle {
         if !t.steps.iter().any(|s| s.name == step) {
             return Err(HotplugError::UnknownState(step.into()));
         }
-        *self.shared.hotplug.cpus[cpu]
-            .fail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(step.into());
+        *self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned() = Some(step.into());
         Ok(())
     }
 
@@ -242,11 +240,7 @@ impl Handle {
     }
 
     pub(super) fn hp_lock(&self) -> Guard<'_> {
-        self.shared
-            .hotplug
-            .lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shared.hotplug.lock.lock_unpoisoned()
     }
 
     pub(super) fn check_cpu(&self, cpu: CpuId) -> Result<(), HotplugError> {

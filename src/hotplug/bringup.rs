@@ -12,6 +12,7 @@ use super::states::Table;
 use super::HotplugError;
 use crate::cpu::clock::now_ns;
 use crate::cpu::futex;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::inject::Broken;
 use crate::runtime::cpu::CpuRunState;
@@ -29,7 +30,7 @@ impl Handle {
         let st = &s.cpus[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // A previous thread has reported DEAD (checked by the caller): reap it.
-        if let Some(old) = st.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(old) = st.thread.lock_unpoisoned().take() {
             let _ = old.join();
         }
         let fail = if inject {
@@ -37,11 +38,11 @@ impl Handle {
         } else {
             ApFail::None
         };
-        *hc.plan.lock().unwrap_or_else(|e| e.into_inner()) = Some(ApPlan {
+        *hc.plan.lock_unpoisoned() = Some(ApPlan {
             steps: t.starting(),
             fail,
         });
-        *hc.ap_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *hc.ap_failed.lock_unpoisoned() = None;
         st.exit_req.store(false, Ordering::SeqCst);
         // A CPU powered off by a stop can come back (best-effort mode): start it clean.
         st.powered_off.store(false, Ordering::SeqCst);
@@ -120,8 +121,7 @@ impl Handle {
                     self.wait_dead(cpu, None);
                     let (step, reason) = hc
                         .ap_failed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
+                        .lock_unpoisoned()
                         .take()
                         .unwrap_or_else(|| ("bringup:cpu".into(), "AP died".into()));
                     tracing::warn!("cpuhp: CPU{cpu} STARTING step {step} failed: {reason}");
@@ -174,12 +174,7 @@ impl Handle {
             };
             futex::wait(&hc.handshake, v, Some(nap));
         }
-        if let Some(h) = s.cpus[cpu]
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(h) = s.cpus[cpu].thread.lock_unpoisoned().take() {
             let _ = h.join();
         }
         true

@@ -22,16 +22,14 @@ use std::sync::Arc;
 use super::ap::ApFail;
 use super::states::{Kind, Section, Table};
 use super::HotplugError;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::runtime::rt::Handle;
 
 impl Handle {
     /// Consumes an injected failure for step `k`, if it targets it.
     pub(super) fn injected(&self, t: &Table, cpu: CpuId, k: usize) -> bool {
-        let mut f = self.shared.hotplug.cpus[cpu]
-            .fail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut f = self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned();
         if f.as_deref() == Some(t.steps[k].name.as_str()) {
             *f = None;
             true
@@ -42,10 +40,7 @@ impl Handle {
 
     /// Takes an injected failure aimed at a step that runs on the CPU itself.
     pub(super) fn injected_ap(&self, t: &Table, cpu: CpuId, down: bool) -> ApFail {
-        let mut f = self.shared.hotplug.cpus[cpu]
-            .fail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut f = self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned();
         let Some(name) = f.as_deref() else {
             return ApFail::None;
         };
@@ -189,7 +184,7 @@ impl Handle {
             Kind::Bringup => self.bringup(t, cpu, inject),
             Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
             Kind::SchedActive => {
-                *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                *st.job_gate.lock_unpoisoned() = true;
                 s.active.set(cpu);
                 Ok(k + 1)
             }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::cpu::clock::now_ns;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::runtime::rt::Handle;
 
@@ -15,9 +16,9 @@ impl Handle {
         let s = &self.shared;
         let st = &s.cpus[cpu];
         s.active.clear(cpu);
-        *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *st.job_gate.lock_unpoisoned() = false;
         let reopen = |why: String| {
-            *st.job_gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            *st.job_gate.lock_unpoisoned() = true;
             s.active.set(cpu);
             why
         };

@@ -128,6 +128,7 @@ fn die(c: IrqCode, loc: Option<&std::panic::Location<'_>>, msg: Option<&str>) ->
     let _ = l.write_str("; aborting (a panic in IPI context is fatal, as in the kernel)");
     let n = l.len.min(l.buf.len() - 1);
     l.buf[n] = b'\n';
+    // Raw libc: may run in handler context, where std's stderr lock could deadlock.
     // SAFETY: writes our own initialised stack buffer to fd 2; write(2) is async-signal-safe.
     unsafe { libc::write(2, l.buf.as_ptr().cast(), n + 1) };
     std::process::abort()

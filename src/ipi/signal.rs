@@ -5,10 +5,22 @@
 //! real-time signals for itself, so the number is not a constant). A handler is installed once
 //! per process and signal; several runtimes share it, and the handler finds the interrupted CPU
 //! through a thread-local (see `runtime::context`), never through a global runtime.
+//!
+//! nix's `Signal` cannot name `SIGRTMIN()+n`, so everything that takes a signal number
+//! (`sigaction`, `sigaddset`, `tgkill`) stays raw `libc`; nix builds the action, applies the
+//! mask, maps the alternate stack and reads errno.
 
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
 use std::sync::Mutex;
 
+use nix::errno::Errno;
+use nix::sys::mman::{mmap_anonymous, mprotect, munmap, MapFlags, ProtFlags};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet};
+use nix::unistd::{sysconf, SysconfVar};
+
 use super::IpiError;
+use crate::cpu::lock::LockUnpoisoned;
 
 /// The two signals a runtime uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +35,7 @@ impl Signals {
     /// The default pair: `SIGRTMIN()+2` (IPI) and `SIGRTMIN()+3` (NMI). The first two real-time
     /// signals above glibc's reserved ones are left to the application, as many libraries assume.
     pub fn default_pair() -> Self {
+        // Raw libc: nix has no SIGRTMIN.
         let base = libc::SIGRTMIN();
         Signals {
             ipi: base + 2,
@@ -67,21 +80,45 @@ pub(crate) enum Installed {
 
 /// Puts back the action `install` replaced (undoing a partial install).
 pub(crate) fn uninstall(sig: i32, how: Installed) {
-    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = INSTALL.lock_unpoisoned();
     if let Installed::New(old) = how {
+        // Raw libc: nix's `sigaction` takes a `Signal`, which cannot name SIGRTMIN+n.
         // SAFETY: `old` is the action the kernel returned for `sig` in `install`.
         unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
     }
 }
 
+/// The current action of `sig`, changing nothing. Async-signal-safe (sigaction is).
+fn current_action(sig: i32) -> Result<libc::sigaction, Errno> {
+    // SAFETY: an all-zero sigaction is a valid "empty" value for the out-parameter.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // Raw libc: nix's `sigaction` takes a `Signal` (no SIGRTMIN+n) and cannot query only.
+    // SAFETY: querying (null new action) with a valid out-pointer has no side effects.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut cur) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(cur)
+}
+
+/// `sigs` as a `SigSet`. Async-signal-safe.
+fn rt_sigset(sigs: &[i32]) -> SigSet {
+    // SAFETY: a zeroed sigset_t is then initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in sigs {
+        // Raw libc: nix's `SigSet::add` takes a `Signal`, which cannot name SIGRTMIN+n.
+        // SAFETY: as above; `s` was validated as a real-time signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    // SAFETY: `set` was initialised by sigemptyset above.
+    unsafe { SigSet::from_sigset_t_unchecked(set) }
+}
+
 /// Whether `handler` is still the installed handler of `sig` (another library may have
 /// replaced it after `build()`). Async-signal-safe (sigaction is).
 pub(crate) fn is_installed(sig: i32, handler: Handler) -> bool {
-    // SAFETY: zeroed sigaction is valid as an out-parameter.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: query only.
-    unsafe { libc::sigaction(sig, std::ptr::null(), &mut cur) };
-    cur.sa_sigaction == handler as usize
+    current_action(sig).is_ok_and(|cur| cur.sa_sigaction == handler as usize)
 }
 
 /// Installs `handler` for `sig`, blocking `also_block` while it runs. Succeeds if `handler` is
@@ -91,34 +128,26 @@ pub(crate) fn install(
     handler: Handler,
     also_block: &[i32],
 ) -> Result<Installed, IpiError> {
-    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: an all-zero sigaction is a valid "empty" value for the out-parameter.
-    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: querying (null new action) with a valid out-pointer has no side effects.
-    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
-        return Err(IpiError::Sys {
-            op: "sigaction(query)",
-            errno: errno(),
-        });
-    }
+    let _g = INSTALL.lock_unpoisoned();
+    let old = current_action(sig).map_err(|e| IpiError::Sys {
+        op: "sigaction(query)",
+        errno: e as i32,
+    })?;
     if old.sa_sigaction == handler as usize {
         return Ok(Installed::Already);
     }
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
         return Err(IpiError::SignalInUse { sig });
     }
-    // SAFETY: as above, zeroed is a valid initial sigaction.
-    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = handler as usize;
+    // SA_SIGINFO (implied by `SigHandler::SigAction`): the handler gets the ucontext.
     // SA_RESTART: a job blocked in a restartable syscall resumes after the IPI instead of
     // seeing EINTR. SA_ONSTACK: use an alternate stack if the application set one.
-    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-    // SAFETY: `act.sa_mask` is a valid sigset_t owned by this frame.
-    unsafe { libc::sigemptyset(&mut act.sa_mask) };
-    for &s in also_block {
-        // SAFETY: as above; `s` was validated as a real-time signal number.
-        unsafe { libc::sigaddset(&mut act.sa_mask, s) };
-    }
+    let act = libc::sigaction::from(SigAction::new(
+        SigHandler::SigAction(handler),
+        SaFlags::SA_RESTART | SaFlags::SA_ONSTACK,
+        rt_sigset(also_block),
+    ));
+    // Raw libc: nix's `sigaction` takes a `Signal`, which cannot name SIGRTMIN+n.
     // SAFETY: `act` is fully initialised and `handler` is an extern "C" fn that lives for the
     // whole program, so the kernel may call it at any time from now on.
     if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } != 0 {
@@ -132,24 +161,21 @@ pub(crate) fn install(
 
 /// Whether `sig` currently has a handler that is not `SIG_DFL`/`SIG_IGN` (for tests).
 pub fn has_handler(sig: i32) -> bool {
-    // SAFETY: zeroed sigaction is valid as an out-parameter.
-    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: query only.
-    unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
-    old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN
+    current_action(sig)
+        .is_ok_and(|old| old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN)
 }
 
 /// The kernel thread id of the calling thread. Async-signal-safe.
 #[inline]
 pub(crate) fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    unsafe { libc::gettid() }
+    nix::unistd::gettid().as_raw()
 }
 
 /// Sends `sig` to thread `tid` of this process. Async-signal-safe (a raw syscall).
 /// Returns the errno on failure (ESRCH: the thread is gone; EAGAIN: RLIMIT_SIGPENDING hit).
 #[inline]
 pub(crate) fn tgkill(tid: i32, sig: i32) -> Result<(), i32> {
+    // Raw libc: the IPI send path, and nix has no tgkill (its `Signal` cannot name SIGRTMIN+n).
     // SAFETY: tgkill takes plain integers; targeting our own pid means the signal can only reach
     // a thread of this process, whose handler is installed before any CPU thread exists.
     let r = unsafe {
@@ -184,36 +210,25 @@ pub(crate) fn wedge_this_cpu(block: bool) -> bool {
 }
 
 fn set_blocked(sigs: &[i32], block: bool) {
-    // SAFETY: zeroed sigset_t is then initialised by sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame.
-    unsafe { libc::sigemptyset(&mut set) };
-    for &s in sigs {
-        // SAFETY: as above.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    let how = if block {
-        libc::SIG_BLOCK
+    let set = rt_sigset(sigs);
+    // pthread_sigmask cannot fail with a valid `how` and set, so the result is not inspected.
+    let _ = if block {
+        set.thread_block()
     } else {
-        libc::SIG_UNBLOCK
+        set.thread_unblock()
     };
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed. pthread_sigmask returns
-    // an errno (not -1) and cannot fail with a valid `how`, so the result is not inspected.
-    unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
 }
 
-/// The calling thread's errno.
+/// The calling thread's errno. Async-signal-safe.
 #[inline]
 pub(crate) fn errno() -> i32 {
-    // SAFETY: __errno_location always returns this thread's errno slot.
-    unsafe { *libc::__errno_location() }
+    Errno::last_raw()
 }
 
-/// Restores errno (a handler must leave it as it found it).
+/// Restores errno (a handler must leave it as it found it). Async-signal-safe.
 #[inline]
 pub(crate) fn set_errno(v: i32) {
-    // SAFETY: as in `errno`.
-    unsafe { *libc::__errno_location() = v };
+    Errno::set_raw(v)
 }
 
 /// Registers of the interrupted thread, read from the signal's `ucontext` (the user-space
@@ -276,7 +291,7 @@ impl SavedRegs {
 /// process. Installed by the CPU's thread at start; dropping it (on the same thread, outside any
 /// handler) puts the previous alternate stack back and unmaps this one.
 pub(crate) struct AltStack {
-    map: *mut libc::c_void,
+    map: NonNull<libc::c_void>,
     map_len: usize,
     old: libc::stack_t,
 }
@@ -287,12 +302,9 @@ pub const MIN_SIGNAL_STACK: usize = 16 * 1024;
 pub const MAX_SIGNAL_STACK: usize = 64 * 1024 * 1024;
 
 fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as usize
-    } else {
-        4096
+    match sysconf(SysconfVar::PAGE_SIZE) {
+        Ok(Some(p)) if p > 0 => p as usize,
+        _ => 4096,
     }
 }
 
@@ -303,46 +315,45 @@ impl AltStack {
         let page = page_size();
         let size = size.div_ceil(page) * page;
         let map_len = size + page;
-        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let len = NonZeroUsize::new(map_len).expect("the guard page alone is not empty");
+        // SAFETY: an anonymous private mapping with no address hint aliases nothing.
         let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-                -1,
-                0,
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_STACK,
             )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(IpiError::Sys {
-                op: "mmap(signal stack)",
-                errno: errno(),
-            });
         }
-        let unmap = |op| {
-            let e = errno();
+        .map_err(|e| IpiError::Sys {
+            op: "mmap(signal stack)",
+            errno: e as i32,
+        })?;
+        let unmap = |op, e: Errno| {
             // SAFETY: `map` is the mapping made above, not yet shared with anyone.
-            unsafe { libc::munmap(map, map_len) };
-            IpiError::Sys { op, errno: e }
+            let _ = unsafe { munmap(map, map_len) };
+            IpiError::Sys {
+                op,
+                errno: e as i32,
+            }
         };
         // The stack grows down: the guard is the lowest page.
         // SAFETY: the first page of our own fresh mapping.
-        if unsafe { libc::mprotect(map, page, libc::PROT_NONE) } != 0 {
-            return Err(unmap("mprotect(signal stack guard)"));
-        }
+        unsafe { mprotect(map, page, ProtFlags::PROT_NONE) }
+            .map_err(|e| unmap("mprotect(signal stack guard)", e))?;
         let ss = libc::stack_t {
             // SAFETY: `page` is inside the mapping of `map_len > page` bytes.
-            ss_sp: unsafe { map.cast::<u8>().add(page) }.cast(),
+            ss_sp: unsafe { map.cast::<u8>().add(page) }.as_ptr().cast(),
             ss_flags: 0,
             ss_size: size,
         };
         // SAFETY: zeroed stack_t is a valid out-parameter.
         let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
+        // Raw libc: nix has no sigaltstack wrapper.
         // SAFETY: `ss` describes memory that stays mapped until `drop` has switched it out; we
         // are not running on an alternate stack (thread start), so the switch is allowed.
         if unsafe { libc::sigaltstack(&ss, &mut old) } != 0 {
-            return Err(unmap("sigaltstack"));
+            return Err(unmap("sigaltstack", Errno::last()));
         }
         Ok(AltStack { map, map_len, old })
     }
@@ -363,12 +374,13 @@ impl Drop for AltStack {
                 ..self.old
             }
         };
+        // Raw libc: nix has no sigaltstack wrapper.
         // SAFETY: called on the installing thread outside any handler (the CPU thread's exit
         // path), so no frame lives on our stack; `restore` is std's live stack or a disable.
         let r = unsafe { libc::sigaltstack(&restore, std::ptr::null_mut()) };
         if r == 0 {
             // SAFETY: no longer the thread's alternate stack, and nothing else points into it.
-            unsafe { libc::munmap(self.map, self.map_len) };
+            let _ = unsafe { munmap(self.map, self.map_len) };
         }
         // If the switch failed (we are somehow still on it), leak the mapping rather than
         // unmap a stack in use.

@@ -12,14 +12,21 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use super::record::{CrashRecord, RecordError, MAX_FRAME};
 
 /// The seals a crash record must carry: nobody can change its contents or size any more.
-const REQUIRED_SEALS: i32 = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+const REQUIRED_SEALS: SealFlag = SealFlag::F_SEAL_WRITE
+    .union(SealFlag::F_SEAL_SHRINK)
+    .union(SealFlag::F_SEAL_GROW);
 /// Bound on waiting for the fd to be readable (a sealed memfd always is, at once).
 const READ_TIMEOUT: Duration = Duration::from_millis(50);
 
@@ -51,21 +58,16 @@ pub enum ExecRecordError {
 }
 /// Step 1: the record in a sealed memfd that survives `execve`.
 pub fn seal_record(rec: &CrashRecord) -> std::io::Result<OwnedFd> {
-    let name = c"usmp-crash-record";
-    // SAFETY: `name` is a valid NUL-terminated string; the flags are valid for memfd_create.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut f = File::from(owned);
+    // No MFD_CLOEXEC: the fd must survive the execve.
+    let mut f = File::from(memfd_create(
+        c"usmp-crash-record",
+        MFdFlags::MFD_ALLOW_SEALING,
+    )?);
     f.write_all(&rec.encode())?;
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on an fd we own, with a valid command and argument.
-    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    fcntl(
+        f.as_fd(),
+        FcntlArg::F_ADD_SEALS(REQUIRED_SEALS | SealFlag::F_SEAL_SEAL),
+    )?;
     Ok(OwnedFd::from(f))
 }
 
@@ -77,16 +79,12 @@ pub fn seal_record(rec: &CrashRecord) -> std::io::Result<OwnedFd> {
 pub fn read_record(fd: OwnedFd) -> Result<CrashRecord, ExecRecordError> {
     let raw = fd.as_raw_fd();
     let io = |source| ExecRecordError::Io { fd: raw, source };
-    // SAFETY: F_GET_SEALS only queries the open file `fd` refers to; `fd` is open (owned).
-    let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
-    if seals < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EINVAL) => ExecRecordError::NotMemfd { fd: raw },
-            _ => io(e),
-        });
-    }
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+    let seals = match fcntl(fd.as_fd(), FcntlArg::F_GET_SEALS) {
+        Ok(seals) => seals,
+        Err(Errno::EINVAL) => return Err(ExecRecordError::NotMemfd { fd: raw }),
+        Err(e) => return Err(io(e.into())),
+    };
+    if !SealFlag::from_bits_retain(seals).contains(REQUIRED_SEALS) {
         return Err(ExecRecordError::NotSealed { fd: raw, seals });
     }
     let f = File::from(fd);
@@ -100,16 +98,9 @@ pub fn read_record(fd: OwnedFd) -> Result<CrashRecord, ExecRecordError> {
             len: meta.len(),
         });
     }
-    let mut pfd = libc::pollfd {
-        fd: raw,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one valid pollfd on this frame, and the count says one.
-    let ready = unsafe { libc::poll(&mut pfd, 1, READ_TIMEOUT.as_millis() as libc::c_int) };
-    if ready < 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
+    let timeout = PollTimeout::try_from(READ_TIMEOUT).unwrap_or(PollTimeout::MAX);
+    let ready = poll(&mut [PollFd::new(f.as_fd(), PollFlags::POLLIN)], timeout)
+        .map_err(|e| io(e.into()))?;
     if ready == 0 {
         return Err(ExecRecordError::NotReadable { fd: raw });
     }
@@ -121,6 +112,8 @@ pub fn read_record(fd: OwnedFd) -> Result<CrashRecord, ExecRecordError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::FromRawFd;
+
     use super::*;
     use crate::stop::ParkPolicy;
 
@@ -139,12 +132,8 @@ mod tests {
         }
     }
 
-    fn memfd(flags: libc::c_uint) -> File {
-        // SAFETY: a valid NUL-terminated name and valid flags.
-        let fd = unsafe { libc::memfd_create(c"usmp-test".as_ptr(), flags) };
-        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-        File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    fn memfd(flags: MFdFlags) -> File {
+        File::from(memfd_create(c"usmp-test", flags).unwrap())
     }
 
     #[test]
@@ -157,26 +146,25 @@ mod tests {
     fn unsealed_or_non_memfd_fds_are_refused_without_reading() {
         let bytes = record().encode();
         // A memfd that can still be written (no seals at all, or sealing never allowed).
-        for flags in [libc::MFD_ALLOW_SEALING, 0] {
+        for flags in [MFdFlags::MFD_ALLOW_SEALING, MFdFlags::empty()] {
             let mut f = memfd(flags);
             f.write_all(&bytes).unwrap();
             let r = read_record(OwnedFd::from(f));
             assert!(
                 matches!(r, Err(ExecRecordError::NotSealed { .. })),
-                "flags {flags}: {r:?}"
+                "flags {flags:?}: {r:?}"
             );
         }
         // Sealed against writes only: it could still shrink or grow.
-        let mut f = memfd(libc::MFD_ALLOW_SEALING);
+        let mut f = memfd(MFdFlags::MFD_ALLOW_SEALING);
         f.write_all(&bytes).unwrap();
-        // SAFETY: fcntl on an fd this test owns, with a valid command and argument.
-        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
-        assert_eq!(rc, 0);
+        fcntl(f.as_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).unwrap();
         assert!(matches!(
             read_record(OwnedFd::from(f)),
             Err(ExecRecordError::NotSealed { .. })
         ));
         // An eventfd would block a read forever: refused before any read.
+        // Raw libc: test-only, not worth nix's `event` feature in the library build.
         // SAFETY: eventfd with valid flags; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         assert!(efd >= 0);
@@ -198,11 +186,9 @@ mod tests {
 
     #[test]
     fn an_oversized_sealed_memfd_is_refused_before_reading() {
-        let f = memfd(libc::MFD_ALLOW_SEALING);
+        let f = memfd(MFdFlags::MFD_ALLOW_SEALING);
         f.set_len(MAX_FRAME as u64 + 1).unwrap();
-        // SAFETY: fcntl on an fd this test owns, with a valid command and argument.
-        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS) };
-        assert_eq!(rc, 0);
+        fcntl(f.as_fd(), FcntlArg::F_ADD_SEALS(REQUIRED_SEALS)).unwrap();
         assert!(matches!(
             read_record(OwnedFd::from(f)),
             Err(ExecRecordError::TooLarge { .. })

@@ -49,20 +49,14 @@ pub struct KexecReport {
     /// The reboot CPU the next image started on.
     pub reboot_cpu: CpuId,
     /// CPUs online in the next image once the handoff is done.
-    #[serde(serialize_with = "ser_mask")]
     pub handed_over: CpuMask,
     /// CPUs the next image could not use.
-    #[serde(serialize_with = "ser_mask")]
     pub lost: CpuMask,
     /// From the start of the kexec to every handed-over CPU online in the next image.
     pub handoff_us: u64,
     pub timeline: Vec<TimelineEntry>,
     /// The crash record, for `crash_kexec`.
     pub record: Option<CrashRecord>,
-}
-
-fn ser_mask<S: serde::Serializer>(m: &CpuMask, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&m.to_string())
 }
 
 /// What the next image gets.

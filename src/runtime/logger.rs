@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::cpu::CpuRunState;
 use super::rt::Shared;
 use crate::cpu::events::{Event, EventKind, NO_CPU};
+use crate::cpu::lock::LockUnpoisoned;
 
 /// At most this many events are kept for a trace; older runs are truncated, and the trace says
 /// how many were dropped.
@@ -49,7 +50,7 @@ impl Logger {
     }
 
     pub(crate) fn take_trace(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.trace.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.trace.lock_unpoisoned())
     }
 }
 
@@ -72,7 +73,7 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>, trace: Arc<Mutex<Vec<Event>>>) {
             }
         }
         if shared.cfg.collect_trace {
-            let mut t = trace.lock().unwrap_or_else(|e| e.into_inner());
+            let mut t = trace.lock_unpoisoned();
             let room = TRACE_CAP.saturating_sub(t.len());
             t.extend(buf.iter().take(room).copied());
         }

@@ -12,6 +12,7 @@ use super::cpu::{CpuRunState, CpuState};
 use super::error::RuntimeError;
 use super::logger::Logger;
 use crate::cpu::events::{Event, EventRing};
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{AtomicCpuMask, CpuId, CpuMask};
 use crate::ipi::csd::CsdPool;
 
@@ -116,7 +117,7 @@ impl Shared {
     }
 
     pub(crate) fn drain_events(&self) -> Vec<Event> {
-        match &*self.logger.lock().unwrap_or_else(|e| e.into_inner()) {
+        match &*self.logger.lock_unpoisoned() {
             Some(l) => l.take_trace(),
             None => Vec::new(),
         }
@@ -138,7 +139,7 @@ impl Shared {
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
         for st in self.cpus.iter() {
-            let handle = st.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let handle = st.thread.lock_unpoisoned().take();
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
@@ -169,12 +170,7 @@ impl Shared {
                 );
             }
         }
-        if let Some(l) = self
-            .logger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(l) = self.logger.lock_unpoisoned().as_mut() {
             l.stop();
         }
     }
@@ -273,7 +269,7 @@ impl Runtime {
         }
         if shared.cfg.log_events || shared.cfg.collect_trace {
             let l = Logger::start(&shared);
-            *shared.logger.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
+            *shared.logger.lock_unpoisoned() = Some(l);
         }
         let rt = Runtime {
             handle: Handle { shared },
@@ -448,7 +444,7 @@ impl Handle {
             let generation = self.generation();
             return Err((RuntimeError::Retired { generation }, job));
         }
-        let gate = st.job_gate.lock().unwrap_or_else(|e| e.into_inner());
+        let gate = st.job_gate.lock_unpoisoned();
         if !*gate {
             return Err((RuntimeError::Offline { cpu }, job));
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::context::{irq_restore, irq_save, set_current};
 use super::cpu::{CpuRunState, CpuState};
 use super::rt::Shared;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 
 /// Spawns CPU `cpu`'s thread. The caller (hotplug's bring-up) has reset its per-CPU state.
@@ -17,11 +18,7 @@ pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()>
         .name(format!("{}-cpu{}", shared.cfg.name, cpu))
         .spawn(move || cpu_main(s, cpu))?;
     let st = &shared.cpus[cpu];
-    let old = st
-        .thread
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .replace(handle);
+    let old = st.thread.lock_unpoisoned().replace(handle);
     // A previous thread of this CPU has already been joined or reported by whoever took it down.
     drop(old);
     Ok(())
@@ -180,7 +177,7 @@ fn run_job(st: &CpuState, job: super::cpu::Job) {
 /// queued, close the call queue and run what it held, then mark the CPU offline.
 fn finish(shared: &Shared, st: &CpuState) {
     {
-        let mut gate = st.job_gate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gate = st.job_gate.lock_unpoisoned();
         *gate = false;
     }
     if st.powered_off.load(Ordering::SeqCst) {

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::cpu::clock::now_ns;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::runtime::context::{irq_restore, irq_save};
 use crate::runtime::rt::Handle;
@@ -187,7 +188,7 @@ impl Handle {
             return Err(crate::ipi::IpiError::IrqsDisabled { cpu }.into());
         }
         // Unbounded only as long as the running stop_machine takes (module comment).
-        let _serial = s.stop.machine.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = s.stop.machine.lock_unpoisoned();
         let online = s.online.load();
         let me = s.this_cpu_here().filter(|&c| online.contains(c));
         let ms = Arc::new(MultiStop {

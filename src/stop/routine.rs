@@ -101,10 +101,8 @@ pub struct Attempt {
     /// Whether the backend's crash hook was used.
     pub crash: bool,
     /// CPUs targeted (online at the start of the attempt, minus the caller).
-    #[serde(serialize_with = "ser_mask")]
     pub targeted: CpuMask,
     /// Targeted CPUs still online when the attempt's wait ended.
-    #[serde(serialize_with = "ser_mask")]
     pub remaining: CpuMask,
     /// How long the attempt took, in microseconds.
     pub took_us: u64,
@@ -123,10 +121,8 @@ pub struct StopOutcome {
     /// Whether it ended as a crash-stop (it was one, or was upgraded).
     pub crash: bool,
     /// CPUs stopped by this routine (they left the online mask).
-    #[serde(serialize_with = "ser_mask")]
     pub stopped: CpuMask,
     /// CPUs still online after the last attempt (the caller excluded).
-    #[serde(serialize_with = "ser_mask")]
     pub failed: CpuMask,
     /// The attempts, in order.
     pub attempts: Vec<Attempt>,
@@ -134,10 +130,6 @@ pub struct StopOutcome {
     pub notes: Vec<CrashNote>,
     /// The caller, if it is a logical CPU (it keeps running).
     pub caller: Option<CpuId>,
-}
-
-fn ser_mask<S: serde::Serializer>(m: &CpuMask, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&m.to_string())
 }
 
 /// Why a stop call did not run the stop.
