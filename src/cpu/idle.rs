@@ -92,6 +92,65 @@ fn wake_decision(idle: &AtomicU32) -> Kick {
     }
 }
 
+/// One CPU's idle word, also its idle futex word. The protocol above is its only interface:
+/// every access is one of these read-modify-writes, so no other file can store into it.
+#[cfg(not(loom))]
+pub(crate) struct IdleWord(std::sync::atomic::AtomicU32);
+
+#[cfg(not(loom))]
+impl IdleWord {
+    pub(crate) fn new() -> Self {
+        IdleWord(std::sync::atomic::AtomicU32::new(RUNNING))
+    }
+
+    /// Step 2 for an IPI. Async-signal-safe.
+    #[inline]
+    pub(crate) fn kick_for_ipi(&self, kick_pending: &AtomicBool) -> Kick {
+        kick_for_ipi(&self.0, kick_pending)
+    }
+
+    /// Step 2 for a job or an exit request, and the futex wake it may call for. Returns
+    /// whether it woke the CPU. Async-signal-safe.
+    #[inline]
+    pub(crate) fn wake_for_job(&self) -> bool {
+        let wake = kick_for_job(&self.0) == Kick::Wake;
+        if wake {
+            self.wake();
+        }
+        wake
+    }
+
+    /// The futex wake a `Kick::Wake` decision calls for. Async-signal-safe.
+    #[inline]
+    pub(crate) fn wake(&self) {
+        super::futex::wake(&self.0, 1);
+    }
+
+    /// Step 4. See [`enter_running`].
+    #[inline]
+    pub(crate) fn enter_running(&self) -> bool {
+        enter_running(&self.0)
+    }
+
+    /// Forces RUNNING with a swap, outside the idle loop: before a new thread starts for the
+    /// CPU, and when a stop powers it off (a restarted futex wait must see the word change).
+    pub(crate) fn reset_running(&self) {
+        self.0.swap(RUNNING, Ordering::AcqRel);
+    }
+
+    /// Step 3. See [`wait_for_work`].
+    pub(crate) fn wait_for_work(
+        &self,
+        policy: IdlePolicy,
+        peek: impl Fn() -> bool,
+        has_work: impl Fn() -> bool,
+        on_poll_hit: impl Fn(),
+        on_sleep: impl Fn(),
+    ) {
+        wait_for_work(&self.0, policy, peek, has_work, on_poll_hit, on_sleep)
+    }
+}
+
 /// How an idle CPU waits for work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdlePolicy {

@@ -90,10 +90,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
     shared.hotplug.init_mm.fetch_add(1, Ordering::AcqRel);
     hc.has_ref.store(true, Ordering::Release);
-    st.kick_pending.store(false, Ordering::Release);
-    st.irq_pending.store(false, Ordering::Relaxed);
-    st.irq_depth.store(0, Ordering::Relaxed);
-    st.nmi_pending.store(0, Ordering::Release);
+    st.reset_irq_state();
     let plan = hc.plan.lock_unpoisoned().take().unwrap_or_default();
     let fl = irq_save();
     let n = plan.steps.len();

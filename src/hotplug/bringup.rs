@@ -43,16 +43,7 @@ impl Handle {
             fail,
         });
         *hc.ap_failed.lock_unpoisoned() = None;
-        st.exit_req.store(false, Ordering::SeqCst);
-        // A CPU powered off by a stop can come back (best-effort mode): start it clean.
-        st.powered_off.store(false, Ordering::SeqCst);
-        st.crash_saved.store(false, Ordering::SeqCst);
-        st.park_word.store(0, Ordering::SeqCst);
-        st.ipi_vectors.store(0, Ordering::SeqCst);
-        st.running_job.store(false, Ordering::SeqCst);
-        st.in_job.store(false, Ordering::SeqCst);
-        st.idle.store(crate::cpu::idle::RUNNING, Ordering::SeqCst);
-        st.set_run_state(CpuRunState::Booting);
+        st.reset_for_bringup();
         if !handshake::kick(&hc.handshake) {
             return Err(HotplugError::Limbo { cpu });
         }

@@ -26,7 +26,7 @@ use super::nmi::{self, NmiReason};
 use super::IpiError;
 use crate::cpu::clock::now_ns;
 use crate::cpu::events::{EventKind, NO_CPU};
-use crate::cpu::idle::{kick_for_ipi, Kick};
+use crate::cpu::idle::Kick;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::runtime::context::{irq_restore, irq_save, irqs_disabled};
 use crate::runtime::cpu::CpuState;
@@ -364,7 +364,7 @@ pub(crate) fn ring(s: &Shared, st: &CpuState) {
         return;
     }
     s.faults.doorbell_delay();
-    match kick_for_ipi(&st.idle, &st.kick_pending) {
+    match st.idle.kick_for_ipi(&st.kick_pending) {
         Kick::Signal => {
             if s.faults.drop_doorbell() {
                 // Injected loss: as if the kernel dropped the signal. `kick_pending` stays
@@ -384,7 +384,7 @@ pub(crate) fn ring(s: &Shared, st: &CpuState) {
             }
         }
         Kick::Wake => {
-            crate::cpu::futex::wake(&st.idle, 1);
+            st.idle.wake();
             st.stats.idle_wakes.fetch_add(1, Ordering::Relaxed);
             s.ring_here().record(EventKind::IdleWake, st.id as u64, 0);
         }

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::cpu::events::EventRing;
+use crate::cpu::idle::IdleWord;
 use crate::cpu::mask::CpuId;
 use crate::ipi::queue::CallQueue;
 
@@ -102,8 +103,8 @@ pub(crate) struct CpuState {
     pub tid: AtomicI32,
     /// `CpuRunState` as u32.
     pub run_state: AtomicU32,
-    /// Idle state word (`idle::RUNNING` ...), also the idle futex word.
-    pub idle: crate::sync::AtomicU32,
+    /// The idle word (`cpu/idle.rs`), also the idle futex word; RMW-only by construction.
+    pub idle: IdleWord,
     /// Go's `signalPending`: a doorbell is in flight, do not ring again.
     pub kick_pending: crate::sync::AtomicBool,
     /// The call queue (closed while the CPU is offline).
@@ -206,7 +207,7 @@ impl CpuState {
             id,
             tid: AtomicI32::new(0),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
-            idle: crate::sync::AtomicU32::new(crate::cpu::idle::RUNNING),
+            idle: IdleWord::new(),
             kick_pending: crate::sync::AtomicBool::new(false),
             queue: CallQueue::new_closed(),
             irq_depth: AtomicU32::new(0),
@@ -241,9 +242,31 @@ impl CpuState {
     /// between jobs, so a running job finishes first).
     pub(crate) fn request_exit(&self) {
         self.exit_req.store(true, Ordering::SeqCst);
-        if crate::cpu::idle::kick_for_job(&self.idle) == crate::cpu::idle::Kick::Wake {
-            crate::cpu::futex::wake(&self.idle, 1);
-        }
+        self.idle.wake_for_job();
+    }
+
+    /// Before a new thread starts for this CPU (the controller, under the hotplug lock): clear
+    /// what its previous life, or a stop that powered it off, left behind, and mark it booting.
+    pub(crate) fn reset_for_bringup(&self) {
+        self.exit_req.store(false, Ordering::SeqCst);
+        // A CPU powered off by a stop can come back (best-effort mode): start it clean.
+        self.powered_off.store(false, Ordering::SeqCst);
+        self.crash_saved.store(false, Ordering::SeqCst);
+        self.park_word.store(0, Ordering::SeqCst);
+        self.ipi_vectors.store(0, Ordering::SeqCst);
+        self.running_job.store(false, Ordering::SeqCst);
+        self.in_job.store(false, Ordering::SeqCst);
+        self.idle.reset_running();
+        self.set_run_state(CpuRunState::Booting);
+    }
+
+    /// On the CPU's new thread, once committed: irqs unmasked, no doorbell marked in flight,
+    /// nothing pending from its previous life.
+    pub(crate) fn reset_irq_state(&self) {
+        self.kick_pending.store(false, Ordering::Release);
+        self.irq_pending.store(false, Ordering::Relaxed);
+        self.irq_depth.store(0, Ordering::Relaxed);
+        self.nmi_pending.store(0, Ordering::Release);
     }
 
     /// Whether a stop has parked or powered off this CPU.

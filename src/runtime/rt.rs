@@ -177,9 +177,7 @@ impl Shared {
 }
 
 fn kick_wake(st: &CpuState) {
-    if crate::cpu::idle::kick_for_job(&st.idle) == crate::cpu::idle::Kick::Wake {
-        crate::cpu::futex::wake(&st.idle, 1);
-    }
+    st.idle.wake_for_job();
 }
 
 /// A handle to a running runtime: send IPIs, queue jobs, read masks and statistics. Cheap to

@@ -69,7 +69,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 break;
             };
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            if crate::cpu::idle::enter_running(&st.idle) {
+            if st.idle.enter_running() {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
                 serve_if_queued(shared, st);
             }
@@ -89,8 +89,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             serve_calls(shared, st);
             continue;
         }
-        crate::cpu::idle::wait_for_work(
-            &st.idle,
+        st.idle.wait_for_work(
             shared.cfg.idle,
             || {
                 st.queue.peek()

@@ -113,7 +113,7 @@ fn power_off_now(st: &CpuState, unwind: bool) {
     st.powered_off.store(true, Ordering::SeqCst);
     st.exit_req.store(true, Ordering::SeqCst);
     // A restarted idle futex wait must see a changed word and re-check `exit_req`.
-    st.idle.store(crate::cpu::idle::RUNNING, Ordering::SeqCst);
+    st.idle.reset_running();
     if unwind {
         // Thread context (a job), not a signal handler: unwind the job to the CPU loop, which
         // then exits. The job's handle reports this message. The job's irq flags are never
