@@ -34,8 +34,21 @@
 //!
 //! ## Layers
 //!
-//! `kexec -> hotplug -> stop -> ipi -> runtime`: a module may use the ones to its right. Only
-//! [`ipi::signal`] touches signals; only `runtime/affinity.rs` touches CPU affinity.
+//! | layer | modules | what |
+//! |---|---|---|
+//! | 6 | [`runtime`] | composition root: `Builder`, `Runtime`, `Handle`, the CPU thread and its idle loop |
+//! | 5 | [`kexec`] | the handoff to the next image |
+//! | 4 | [`hotplug`] | the step table, the bring-up handshake, `cpu_up`/`cpu_down` |
+//! | 3 | [`stop`] | `send_stop`/`crash_stop`, parking, `stop_machine` |
+//! | 2 | [`ipi`] | call queue, doorbell signal, NMI, signal handlers |
+//! | 1 | [`cpu`], `inject` | per-CPU primitives (masks, idle word, event rings, futex, clock); fault hooks |
+//! | 0 | `sync` | the loom facade the protocol files import their atomics from |
+//!
+//! A module may use its own layer and the ones below, and names the module an item lives in
+//! (never `crate::Item`). `tests/layering.rs` checks every `crate::` path against this table;
+//! the imports that still point up (lower layers that take the runtime's `Shared`/`Handle`
+//! and its per-CPU state) are listed there and may only shrink. Only [`ipi::signal`] touches
+//! signals; only `cpu/affinity.rs` touches CPU affinity.
 //!
 //! ```
 //! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};

@@ -1,7 +1,7 @@
 //! Issue 8, item 1: an IPI must not wait for a job. A CPU asleep in its idle loop is woken for a
 //! job (the job's sender moves its idle word SLEEPING -> WAKING); a call queued right after sees
 //! WAKING and rings nothing. The CPU must serve that call before it starts the job
-//! (`runtime/idle.rs` step 4), or the call waits for the whole job.
+//! (`cpu/idle.rs` step 4), or the call waits for the whole job.
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! Sending calls: `call_single`, `call_single_async`, `call_many`, `call_all_but_self`,
 //! `on_each_cpu`, and NMIs.
 //!
-//! Protocol of one call (see `csd.rs` for the slot, `queue.rs` for the list, `runtime/idle.rs`
+//! Protocol of one call (see `csd.rs` for the slot, `queue.rs` for the list, `cpu/idle.rs`
 //! for the doorbell decision):
 //! 1. Validate the target; a self-call runs at once, locally, with irqs masked.
 //! 2. Take a csd from the pool and store the closure in it (bounded wait if the pool is empty).
