@@ -70,6 +70,22 @@ fn arg(name: &str, default: u64) -> anyhow::Result<u64> {
     }
 }
 
+/// The functions at a saved instruction pointer, innermost first (the function the code was
+/// inlined into last). Reads debug info and allocates: never call it in a handler.
+fn frames_at(ip: u64) -> Vec<String> {
+    let mut names = Vec::new();
+    if ip != 0 {
+        // `resolve` takes a return address and looks up `addr - 1`; a saved ip is the
+        // interrupted instruction itself (or a function's first byte), so add 1.
+        backtrace::resolve((ip as usize + 1) as *mut std::ffi::c_void, |sym| {
+            if let Some(name) = sym.name() {
+                names.push(format!("{name:#}"));
+            }
+        });
+    }
+    names
+}
+
 fn main() -> anyhow::Result<()> {
     let wait = Duration::from_millis(arg("--stop-wait-ms", 100)?);
     let rt = usmp::Builder::new()
@@ -155,20 +171,20 @@ fn main() -> anyhow::Result<()> {
     let mut masked_frames: Vec<String> = Vec::new();
     for n in &rec.notes {
         // Symbolizing reads debug info and allocates: done here, never in the handler.
-        let r = usmp::stress::crash::resolve_note(n.cpu, n.regs.ip, n.regs.sp, n.regs.fp);
+        let frames = frames_at(n.regs.ip);
         println!(
             "  CPU{}: ip={:#x} {} sp={:#x} fp={:#x}",
             n.cpu,
             n.regs.ip,
-            r.symbol.as_deref().unwrap_or("??"),
+            frames.first().map_or("??", String::as_str),
             n.regs.sp,
             n.regs.fp
         );
-        if !r.inlined_into.is_empty() {
-            println!("        inlined into {}", r.inlined_into.join(" <- "));
+        if frames.len() > 1 {
+            println!("        inlined into {}", frames[1..].join(" <- "));
         }
         if n.cpu == MASKED_CPU {
-            masked_frames = r.symbol.into_iter().chain(r.inlined_into).collect();
+            masked_frames = frames;
         }
     }
     let nmi_attempts = rep

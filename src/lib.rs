@@ -91,8 +91,6 @@ pub mod kexec;
 pub mod runtime;
 #[cfg(not(loom))]
 pub mod stop;
-#[cfg(not(loom))]
-pub mod stress;
 
 #[cfg(not(loom))]
 pub use cpu::idle::IdlePolicy;

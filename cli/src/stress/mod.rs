@@ -1,5 +1,5 @@
-//! Workloads that drive a running runtime, for the CLI (`usmp run --workload ...`), examples
-//! and tests.
+//! Workloads that drive a running runtime, for `usmp run --workload ...`. They use only the
+//! library's public API.
 //!
 //! | file | what |
 //! |---|---|
@@ -8,12 +8,12 @@
 //! | `crash.rs` | `crash_demo`: CPU 1 panics and crash-stops a busy runtime; a masked CPU needs the NMI attempt |
 //! | `lifecycle.rs` | `lifecycle`: boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, traffic in the next generation |
 
-pub mod crash;
+mod crash;
 mod demo;
-pub mod hotplug;
-pub mod lifecycle;
+mod hotplug;
+mod lifecycle;
 
-pub use crash::{crash_demo, CrashError, CrashReport};
+pub use crash::{crash_demo, CrashReport};
 pub use demo::{demo, DemoError, DemoReport};
-pub use hotplug::{hotplug_churn, HotplugChurnError, OnOffReport, OnOffStats};
-pub use lifecycle::{lifecycle, LifecycleConfig, LifecycleError, LifecycleReport};
+pub use hotplug::{hotplug_churn, HotplugChurnError, OnOffReport};
+pub use lifecycle::{lifecycle, LifecycleConfig, LifecycleReport};

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{
+use usmp::{
     cpu_relax, irq_restore, irq_save, CpuId, CpuMask, CpuRunState, Handle, RuntimeError, StopError,
     StopOutcome,
 };

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use super::crash::{resolve_note, spin_masked, ResolvedNote, MASKED_CPU, PANIC_CPU};
 use super::{demo, hotplug_churn, DemoError, DemoReport, HotplugChurnError, OnOffReport};
-use crate::{
+use usmp::{
     CpuId, CpuMask, CpuRunState, Handle, IpiError, KexecError, KexecOutcome, KexecReport,
     ParkPolicy, RuntimeError, RuntimeStats, StopError, StopOutcome,
 };
@@ -724,7 +724,7 @@ mod tests {
 
     #[test]
     fn every_phase_runs_and_the_masked_cpu_needs_the_nmi() {
-        let rt = crate::Builder::new()
+        let rt = usmp::Builder::new()
             .cpus(4)
             .stop_waits(Duration::from_millis(20), Duration::from_millis(100))
             .build()
@@ -744,7 +744,7 @@ mod tests {
 
     #[test]
     fn too_few_cpus_is_an_error_before_anything_runs() {
-        let rt = crate::Builder::new().cpus(2).build().unwrap();
+        let rt = usmp::Builder::new().cpus(2).build().unwrap();
         let cfg = LifecycleConfig::split(Duration::from_millis(10));
         let e = lifecycle(&rt, cfg, &AtomicBool::new(false)).unwrap_err();
         assert!(matches!(e, LifecycleError::TooFewCpus(2)), "{e}");

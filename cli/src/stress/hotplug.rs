@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{CpuId, Handle, HotplugError, IpiError};
+use usmp::{CpuId, Handle, HotplugError, IpiError};
 
 /// Bound on bringing CPUs back at the end, on a limbo wait, and on the final quiescence wait.
 const SETTLE: Duration = Duration::from_secs(10);

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{
+use usmp::{
     cpu_relax, irq_restore, irq_save, this_cpu, CpuId, CpuMask, Handle, IpiError, JobHandle,
     RuntimeError,
 };
@@ -134,15 +134,6 @@ fn random_mask(rng: &mut Rng, n: usize) -> CpuMask {
 ///
 /// Call it from a thread outside the runtime. Every call it makes is checked: the first error is
 /// returned after the run has drained, as is a callback count that does not match.
-///
-/// ```
-/// use std::sync::atomic::AtomicBool;
-/// use std::time::Duration;
-/// let rt = usmp::Builder::new().cpus(2).build()?;
-/// let r = usmp::stress::demo(&rt, Duration::from_millis(50), &AtomicBool::new(false))?;
-/// assert_eq!(r.callbacks_run, r.callbacks_expected);
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
 pub fn demo(h: &Handle, duration: Duration, stop: &AtomicBool) -> Result<DemoReport, DemoError> {
     let n = h.cpus();
     let shared = Arc::new(Shared {
@@ -348,4 +339,18 @@ fn masked_job(h: &Handle, d: &Arc<Shared>, seed: u64) -> Result<Tally, DemoError
     t.calls += 1;
     t.expected += 1;
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short run on two CPUs: every callback sent ran exactly once. (Was a doctest while
+    /// this file was in the library; a binary's doctests do not run.)
+    #[test]
+    fn short_run_counts_match() {
+        let rt = usmp::Builder::new().cpus(2).build().unwrap();
+        let r = demo(&rt, Duration::from_millis(50), &AtomicBool::new(false)).unwrap();
+        assert_eq!(r.callbacks_run, r.callbacks_expected);
+    }
 }

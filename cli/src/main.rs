@@ -26,6 +26,7 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
 mod kexec_cmd;
+mod stress;
 use usmp::{Handle, RuntimeStats, MAX_CPUS};
 
 #[derive(Parser)]
@@ -74,14 +75,14 @@ struct RunArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     /// Boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, and traffic in
-    /// the next generation (`usmp::stress::lifecycle`).
+    /// the next generation (`stress::lifecycle`).
     Lifecycle,
-    /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`usmp::stress::demo`).
+    /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`stress::demo`).
     Demo,
-    /// Random CPU online/offline churn while IPIs flow (`usmp::stress::hotplug_churn`).
+    /// Random CPU online/offline churn while IPIs flow (`stress::hotplug_churn`).
     Hotplug,
     /// CPU 1 panics and crash-stops a busy runtime; CPU 2, irqs masked, needs the NMI attempt
-    /// (`usmp::stress::crash`).
+    /// (`stress::crash`).
     Crash,
 }
 
@@ -120,10 +121,10 @@ struct RunPlan {
 
 /// What a workload reported.
 enum Outcome {
-    Lifecycle(usmp::stress::LifecycleReport),
-    Demo(usmp::stress::DemoReport),
-    Hotplug(usmp::stress::OnOffReport),
-    Crash(usmp::stress::CrashReport),
+    Lifecycle(stress::LifecycleReport),
+    Demo(stress::DemoReport),
+    Hotplug(stress::OnOffReport),
+    Crash(stress::CrashReport),
 }
 
 impl Outcome {
@@ -152,13 +153,13 @@ struct RunReport<'a> {
     workload: &'static str,
     duration_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    lifecycle: Option<&'a usmp::stress::LifecycleReport>,
+    lifecycle: Option<&'a stress::LifecycleReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    demo: Option<&'a usmp::stress::DemoReport>,
+    demo: Option<&'a stress::DemoReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    onoff: Option<&'a usmp::stress::OnOffReport>,
+    onoff: Option<&'a stress::OnOffReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    crash: Option<&'a usmp::stress::CrashReport>,
+    crash: Option<&'a stress::CrashReport>,
     #[serde(flatten)]
     stats: &'a RuntimeStats,
 }
@@ -367,18 +368,18 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
     announce("workload");
     let outcome = match p.workload {
         Workload::Lifecycle => {
-            let cfg = usmp::stress::LifecycleConfig::split(p.duration);
-            usmp::stress::lifecycle(&h, cfg, &stop)
+            let cfg = stress::LifecycleConfig::split(p.duration);
+            stress::lifecycle(&h, cfg, &stop)
                 .map(Outcome::Lifecycle)
                 .map_err(anyhow::Error::from)
         }
-        Workload::Demo => usmp::stress::demo(&h, p.duration, &stop)
+        Workload::Demo => stress::demo(&h, p.duration, &stop)
             .map(Outcome::Demo)
             .map_err(anyhow::Error::from),
-        Workload::Hotplug => usmp::stress::hotplug_churn(&h, p.duration, &stop)
+        Workload::Hotplug => stress::hotplug_churn(&h, p.duration, &stop)
             .map(Outcome::Hotplug)
             .map_err(anyhow::Error::from),
-        Workload::Crash => usmp::stress::crash_demo(&h, p.duration, &stop)
+        Workload::Crash => stress::crash_demo(&h, p.duration, &stop)
             .map(Outcome::Crash)
             .map_err(anyhow::Error::from),
     };
@@ -559,7 +560,7 @@ fn print_summary(
 }
 
 /// rcutorture-style onoff accounting, after the usual summary.
-fn print_onoff(out: &mut impl Write, o: &usmp::stress::OnOffReport) -> std::io::Result<()> {
+fn print_onoff(out: &mut impl Write, o: &stress::OnOffReport) -> std::io::Result<()> {
     writeln!(
         out,
         "onoff: {} onlines (min/avg/max {}/{}/{} us), {} offlines (min/avg/max {}/{}/{} us)",
