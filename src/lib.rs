@@ -36,12 +36,12 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | 6 | [`runtime`] | composition root: `Builder`, `Runtime`, `Handle`, the CPU thread and its idle loop |
-//! | 5 | [`kexec`] | the handoff to the next image |
+//! | 6 | [`kexec`] | the handoff from one runtime (image) to the next, which it builds |
+//! | 5 | [`runtime`] | composition root: `Builder`, `Runtime`, `Handle`, the CPU thread and its idle loop |
 //! | 4 | [`hotplug`] | the step table, the bring-up handshake, `cpu_up`/`cpu_down` |
 //! | 3 | [`stop`] | `send_stop`/`crash_stop`, parking, `stop_machine` |
 //! | 2 | [`ipi`] | call queue, doorbell signal, NMI, signal handlers |
-//! | 1 | [`cpu`], `inject` | per-CPU primitives (masks, idle word, event rings, futex, clock); fault hooks |
+//! | 1 | [`cpu`], `inject` | per-CPU state and primitives (masks, call queue, idle word, event rings, futex, clock); fault hooks |
 //! | 0 | `sync` | the loom facade the protocol files import their atomics from |
 //!
 //! A module may use its own layer and the ones below, and names the module an item lives in
@@ -97,6 +97,8 @@ pub use cpu::idle::IdlePolicy;
 #[cfg(not(loom))]
 pub use cpu::mask::{CpuId, CpuMask};
 #[cfg(not(loom))]
+pub use cpu::state::CpuRunState;
+#[cfg(not(loom))]
 pub use hotplug::{HotplugError, Section, StateId, StepFn, StepResult};
 #[cfg(not(loom))]
 pub use ipi::IpiError;
@@ -106,8 +108,6 @@ pub use kexec::{CrashRecord, Handoff, KexecError, KexecOutcome, KexecReport, Rec
 pub use runtime::builder::{Builder, Config, DEFAULT_SIGNAL_STACK, MAX_CPUS};
 #[cfg(not(loom))]
 pub use runtime::context::{cpu_relax, irq_restore, irq_save, irqs_disabled, this_cpu, IrqFlags};
-#[cfg(not(loom))]
-pub use runtime::cpu::CpuRunState;
 #[cfg(not(loom))]
 pub use runtime::error::RuntimeError;
 #[cfg(not(loom))]
@@ -131,10 +131,10 @@ pub struct ReadmeDoctests;
 #[cfg(loom)]
 mod ipi {
     pub(crate) mod csd;
-    pub(crate) mod queue;
 }
 #[cfg(loom)]
 mod cpu {
+    pub(crate) mod call_queue;
     pub(crate) mod idle;
 }
 #[cfg(loom)]

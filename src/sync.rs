@@ -1,7 +1,7 @@
 //! The loom facade: every atomic a protocol relies on is imported from here, so that
 //! `RUSTFLAGS="--cfg loom" cargo test --lib loom_` can model-check the protocols with the same code.
 //!
-//! Only the protocol files (`ipi/queue.rs`, `ipi/csd.rs`, `cpu/idle.rs` doorbell decisions,
+//! Only the protocol files (`cpu/call_queue.rs`, `ipi/csd.rs`, `cpu/idle.rs` doorbell decisions,
 //! `hotplug/handshake.rs`, `stop/coord.rs`) go through here; plumbing that loom cannot model (signals,
 //! threads pinned to cores) uses `std` directly.
 

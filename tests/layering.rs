@@ -15,8 +15,8 @@ const LAYERS: &[&[&str]] = &[
     &["ipi"],
     &["stop"],
     &["hotplug"],
-    &["kexec"],
     &["runtime"],
+    &["kexec"],
 ];
 
 /// Upward imports that remain, as (file, module it reaches up to). Each is a debt: the lower
@@ -38,9 +38,6 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("src/hotplug/engine.rs", "runtime"),
     ("src/hotplug/migrate.rs", "runtime"),
     ("src/hotplug/shutdown.rs", "runtime"),
-    ("src/kexec/mod.rs", "runtime"),
-    ("src/kexec/path.rs", "runtime"),
-    ("src/kexec/record.rs", "runtime"),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

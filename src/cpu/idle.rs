@@ -224,7 +224,7 @@ pub(crate) fn wait_for_work(
 #[cfg(all(test, loom))]
 mod loom_idle {
     use super::*;
-    use crate::ipi::queue::{CallQueue, Links, EMPTY};
+    use crate::cpu::call_queue::{CallQueue, Links, EMPTY};
     use crate::sync::AtomicUsize;
     use loom::sync::Arc;
 

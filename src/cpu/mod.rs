@@ -2,6 +2,8 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; jobs |
+//! | `call_queue.rs` | the per-CPU closable lock-free call queue (the kernel's llist), loom-checked |
 //! | `mask.rs` | `CpuMask`, `AtomicCpuMask` and the kernel's list format |
 //! | `idle.rs` | poll-then-sleep and the doorbell decision (a loom-checked protocol) |
 //! | `events.rs` | the NMI-safe per-CPU event rings |
@@ -10,9 +12,11 @@
 //! | `lock.rs` | `lock_unpoisoned()`: the mutex lock that survives a panicking holder |
 
 pub(crate) mod affinity;
+pub(crate) mod call_queue;
 pub(crate) mod clock;
 pub mod events;
 pub(crate) mod futex;
 pub mod idle;
 pub(crate) mod lock;
 pub mod mask;
+pub(crate) mod state;

@@ -9,9 +9,9 @@ use super::states::{Kind, Step};
 use crate::cpu::events::EventKind;
 use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
+use crate::cpu::state::{CpuRunState, CpuState};
 use crate::inject::Broken;
 use crate::runtime::context::{current, irq_restore, irq_save};
-use crate::runtime::cpu::{CpuRunState, CpuState};
 use crate::runtime::rt::Shared;
 
 /// Where an injected failure hits the part of the table that runs on the CPU itself.

@@ -11,7 +11,7 @@ use super::HotplugError;
 use crate::cpu::clock::now_ns;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
-use crate::runtime::cpu::CpuRunState;
+use crate::cpu::state::CpuRunState;
 use crate::runtime::rt::Handle;
 
 /// Brings every present CPU online when an image starts, `first` first.

@@ -14,8 +14,8 @@ use crate::cpu::clock::now_ns;
 use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
+use crate::cpu::state::CpuRunState;
 use crate::inject::Broken;
-use crate::runtime::cpu::CpuRunState;
 use crate::runtime::rt::Handle;
 
 impl Handle {

@@ -270,7 +270,7 @@ impl Handle {
             }
             Section::Online => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
-                let job = crate::runtime::cpu::Job::new(move || {
+                let job = crate::cpu::state::Job::new(move || {
                     let _ = tx.send(catch_step(|| f(cpu)));
                 });
                 self.queue_job_internal(cpu, job)

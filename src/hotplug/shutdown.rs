@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::ap::{self, ApFail, ApPlan};
 use super::HotplugError;
 use crate::cpu::mask::{CpuId, CpuMask};
-use crate::runtime::cpu::CpuRunState;
+use crate::cpu::state::CpuRunState;
 use crate::runtime::rt::Handle;
 
 impl Handle {

@@ -1,7 +1,7 @@
 //! Sending calls: `call_single`, `call_single_async`, `call_many`, `call_all_but_self`,
 //! `on_each_cpu`, and NMIs.
 //!
-//! Protocol of one call (see `csd.rs` for the slot, `queue.rs` for the list, `cpu/idle.rs`
+//! Protocol of one call (see `csd.rs` for the slot, `cpu/call_queue.rs` for the list, `cpu/idle.rs`
 //! for the doorbell decision):
 //! 1. Validate the target; a self-call runs at once, locally, with irqs masked.
 //! 2. Take a csd from the pool and store the closure in it (bounded wait if the pool is empty).
@@ -28,8 +28,8 @@ use crate::cpu::clock::now_ns;
 use crate::cpu::events::{EventKind, NO_CPU};
 use crate::cpu::idle::Kick;
 use crate::cpu::mask::{CpuId, CpuMask};
+use crate::cpu::state::CpuState;
 use crate::runtime::context::{irq_restore, irq_save, irqs_disabled};
-use crate::runtime::cpu::CpuState;
 use crate::runtime::rt::{Handle, Shared};
 
 /// The stop vector (x86's `REBOOT_VECTOR`, arm64's `IPI_CPU_STOP`): maskable, taken before

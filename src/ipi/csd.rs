@@ -24,7 +24,7 @@
 use std::cell::UnsafeCell;
 use std::mem::{align_of, size_of, MaybeUninit};
 
-use super::queue::{Links, EMPTY};
+use crate::cpu::call_queue::{Links, EMPTY};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Bytes of closure state a csd holds inline. A closure that captures more does not compile

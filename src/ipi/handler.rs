@@ -6,12 +6,12 @@
 
 use std::sync::atomic::{compiler_fence, Ordering};
 
-use super::queue::{Links, EMPTY};
 use super::signal::{self, Signals};
 use super::IpiError;
+use crate::cpu::call_queue::{Links, EMPTY};
 use crate::cpu::events::EventKind;
+use crate::cpu::state::CpuState;
 use crate::runtime::context::current;
-use crate::runtime::cpu::CpuState;
 use crate::runtime::rt::Shared;
 
 /// Installs the IPI and NMI handlers (once per process and signal).

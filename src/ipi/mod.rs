@@ -3,7 +3,6 @@
 //! | file | what |
 //! |---|---|
 //! | `signal.rs` | the only caller of `sigaction`, `tgkill`, `pthread_sigmask`; register capture |
-//! | `queue.rs` | the closable lock-free call queue (llist) |
 //! | `csd.rs` | the preallocated csd pool and the slot lifetime protocol |
 //! | `call.rs` | `call_single`, `call_many`, ...: publish, ring, wait |
 //! | `fatal.rs` | a panic in IPI context aborts with one line (the policy for user code) |
@@ -30,7 +29,6 @@ pub(crate) mod csd;
 pub(crate) mod fatal;
 pub(crate) mod handler;
 pub(crate) mod nmi;
-pub(crate) mod queue;
 pub mod signal;
 
 pub use csd::CSD_INLINE_BYTES;

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::signal::{self, SavedRegs};
 use crate::cpu::events::EventKind;
+use crate::cpu::state::CpuState;
 use crate::runtime::context::current;
-use crate::runtime::cpu::CpuState;
 use crate::runtime::rt::Shared;
 
 /// Why an NMI was sent (bits of the pending word).

@@ -28,7 +28,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use super::record::CrashRecord;
 use super::KexecError;
 use crate::cpu::mask::{CpuId, CpuMask};
-use crate::runtime::cpu::CpuRunState;
+use crate::cpu::state::CpuRunState;
 use crate::runtime::rt::{Handle, Runtime};
 
 /// One line of the handoff timeline.

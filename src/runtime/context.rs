@@ -13,10 +13,10 @@
 use std::cell::Cell;
 use std::sync::atomic::{compiler_fence, Ordering};
 
-use super::cpu::CpuState;
 use super::rt::Shared;
 use crate::cpu::events::EventKind;
 use crate::cpu::mask::CpuId;
+use crate::cpu::state::CpuState;
 
 thread_local! {
     static CURRENT: Cell<(*const Shared, usize)> = const { Cell::new((std::ptr::null(), 0)) };

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::cpu::CpuRunState;
 use super::rt::Shared;
 use crate::cpu::events::{Event, EventKind, NO_CPU};
 use crate::cpu::lock::LockUnpoisoned;
+use crate::cpu::state::CpuRunState;
 
 /// At most this many events are kept for a trace; older runs are truncated, and the trace says
 /// how many were dropped.

@@ -6,7 +6,6 @@
 //! |---|---|
 //! | `builder.rs` | `Builder`, `Config`, defaults and validation |
 //! | `rt.rs` | `Runtime`, `Handle`, `Shared`, statistics, jobs |
-//! | `cpu.rs` | `CpuState`: everything one logical CPU shares with others |
 //! | `thread.rs` | the CPU thread: start, boot hook, idle loop, exit |
 //! | `context.rs` | `this_cpu()`, `irq_save()`/`irq_restore()`, `cpu_relax()` |
 //! | `percpu.rs` | `PerCpu<T>` |
@@ -18,7 +17,6 @@
 
 pub mod builder;
 pub mod context;
-pub(crate) mod cpu;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub(crate) mod faults;

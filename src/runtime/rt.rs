@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 
 use super::builder::Config;
-use super::cpu::{CpuRunState, CpuState};
 use super::error::RuntimeError;
 use super::logger::Logger;
 use crate::cpu::events::{Event, EventRing};
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{AtomicCpuMask, CpuId, CpuMask};
+use crate::cpu::state::{CpuRunState, CpuState};
 use crate::ipi::csd::CsdPool;
 
 static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
@@ -143,7 +143,7 @@ impl Shared {
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
-                st.run_state() == super::cpu::CpuRunState::Parked
+                st.run_state() == crate::cpu::state::CpuRunState::Parked
                     && !st.powered_off.load(Ordering::SeqCst)
             };
             let park_deadline = Instant::now() + Duration::from_millis(50);
@@ -406,7 +406,7 @@ impl Handle {
     {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
-        let mut job = super::cpu::Job::new(move || {
+        let mut job = crate::cpu::state::Job::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             super::thread::job_user_code_done();
             let _ = tx.send(r.map_err(|p| {
@@ -429,8 +429,8 @@ impl Handle {
     pub(crate) fn queue_job(
         &self,
         cpu: CpuId,
-        job: super::cpu::Job,
-    ) -> Result<(), (RuntimeError, super::cpu::Job)> {
+        job: crate::cpu::state::Job,
+    ) -> Result<(), (RuntimeError, crate::cpu::state::Job)> {
         let Some(st) = self.shared.cpu(cpu) else {
             let e = RuntimeError::InvalidCpu {
                 cpu,
@@ -456,7 +456,7 @@ impl Handle {
     pub(crate) fn queue_job_internal(
         &self,
         cpu: CpuId,
-        job: super::cpu::Job,
+        job: crate::cpu::state::Job,
     ) -> Result<(), RuntimeError> {
         self.push_job(cpu, job).map_err(|(e, _)| e)
     }
@@ -464,8 +464,8 @@ impl Handle {
     fn push_job(
         &self,
         cpu: CpuId,
-        job: super::cpu::Job,
-    ) -> Result<(), (RuntimeError, super::cpu::Job)> {
+        job: crate::cpu::state::Job,
+    ) -> Result<(), (RuntimeError, crate::cpu::state::Job)> {
         let st = &self.shared.cpus[cpu];
         // Count before sending, so the counter never underflows when the CPU takes the job.
         st.jobs_queued.fetch_add(1, Ordering::AcqRel);

@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::context::{irq_restore, irq_save, set_current};
-use super::cpu::{CpuRunState, CpuState};
 use super::rt::Shared;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
+use crate::cpu::state::{CpuRunState, CpuState};
 
 /// Spawns CPU `cpu`'s thread. The caller (hotplug's bring-up) has reset its per-CPU state.
 pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()> {
@@ -145,7 +145,7 @@ pub(crate) fn job_user_code_done() {
     }
 }
 
-fn run_job(st: &CpuState, job: super::cpu::Job) {
+fn run_job(st: &CpuState, job: crate::cpu::state::Job) {
     st.in_job.store(true, Ordering::SeqCst);
     st.running_job.store(true, Ordering::SeqCst);
     // A stop that came before `running_job` was set powered the CPU off at a safe point and

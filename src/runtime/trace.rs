@@ -6,8 +6,8 @@ use std::io::Write;
 
 use serde_json::{json, Value};
 
-use super::cpu::CpuRunState;
 use crate::cpu::events::{Event, EventKind, NO_CPU};
+use crate::cpu::state::CpuRunState;
 
 /// Builds the trace JSON for `events` of a runtime with `cpus` CPUs.
 pub fn chrome_trace(events: &[Event], cpus: usize) -> Value {

@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 
 use crate::cpu::events::EventKind;
 use crate::cpu::futex;
+use crate::cpu::state::{CpuRunState, CpuState};
 use crate::ipi::signal::SavedRegs;
-use crate::runtime::cpu::{CpuRunState, CpuState};
 use crate::runtime::rt::Shared;
 
 /// `park_word` value that lets a parked CPU go (runtime shutdown).

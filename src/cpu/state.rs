@@ -8,10 +8,10 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::cpu::call_queue::CallQueue;
 use crate::cpu::events::EventRing;
 use crate::cpu::idle::IdleWord;
 use crate::cpu::mask::CpuId;
-use crate::ipi::queue::CallQueue;
 
 /// Where a logical CPU is in its life (read it with [`crate::Handle::cpu_state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
