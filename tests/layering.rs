@@ -23,7 +23,8 @@ const LAYERS: &[&[&str]] = &[
 /// layer still names the runtime's composition types (`Shared`, `Handle`, `CpuState`, the
 /// thread-local `current()`), or a layer above it that it should reach through a hook.
 const KNOWN_UPWARD: &[(&str, &str)] = &[
-    // Lower layers still take the runtime's `Shared`/`Handle`/`CpuState` and `current()`.
+    // Lower layers still implement their API on the runtime's `Handle`, reach its `Shared`, and
+    // find their CPU with `context::current()` (the thread-local that points at `Shared`).
     ("src/ipi/call.rs", "runtime"),
     ("src/ipi/handler.rs", "runtime"),
     ("src/ipi/nmi.rs", "runtime"),
