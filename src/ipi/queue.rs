@@ -53,7 +53,9 @@ impl CallQueue {
 
     /// Step 1. Returns whether the queue was empty before the push. Async-signal-safe.
     pub(crate) fn push(&self, idx: u32, links: &impl Links) -> Result<bool, Closed> {
-        let mut h = self.head.load(Ordering::Relaxed);
+        // First guess EMPTY instead of loading `head`: the line is usually in the target CPU's
+        // cache, and a load then a CAS would fetch it twice (shared, then exclusive).
+        let mut h = EMPTY;
         loop {
             if h == CLOSED {
                 return Err(Closed);

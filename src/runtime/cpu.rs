@@ -102,12 +102,16 @@ pub(crate) struct CpuState {
     pub tid: AtomicI32,
     /// `CpuRunState` as u32.
     pub run_state: AtomicU32,
-    /// Idle state word (`idle::RUNNING` ...), also the idle futex word.
-    pub idle: crate::sync::AtomicU32,
+    /// Idle state word (`idle::RUNNING` ...), also the idle futex word. On its own cache line:
+    /// every sender RMW-reads it after each push, and a polling CPU does not touch it, so on
+    /// the polling round trip it stays in the sender's cache.
+    pub idle: crossbeam_utils::CachePadded<crate::sync::AtomicU32>,
     /// Go's `signalPending`: a doorbell is in flight, do not ring again.
     pub kick_pending: crate::sync::AtomicBool,
-    /// The call queue (closed while the CPU is offline).
-    pub queue: CallQueue,
+    /// The call queue (closed while the CPU is offline). On its own cache line: senders CAS
+    /// it and the CPU spins on it, and sharing the line with the idle word (senders) or
+    /// `irq_depth` (this CPU) cost two extra line transfers per polled call.
+    pub queue: crossbeam_utils::CachePadded<CallQueue>,
     /// Soft irq mask nesting depth (only this CPU's thread and its handlers touch it).
     pub irq_depth: AtomicU32,
     /// An IPI arrived while masked: replay at `irq_restore`.
@@ -206,9 +210,11 @@ impl CpuState {
             id,
             tid: AtomicI32::new(0),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
-            idle: crate::sync::AtomicU32::new(super::idle::RUNNING),
+            idle: crossbeam_utils::CachePadded::new(crate::sync::AtomicU32::new(
+                super::idle::RUNNING,
+            )),
             kick_pending: crate::sync::AtomicBool::new(false),
-            queue: CallQueue::new_closed(),
+            queue: crossbeam_utils::CachePadded::new(CallQueue::new_closed()),
             irq_depth: AtomicU32::new(0),
             irq_pending: AtomicBool::new(false),
             masked_since: AtomicU64::new(0),
