@@ -318,11 +318,21 @@ where
         return Err(IpiError::Offline { cpu });
     }
     let idx = alloc_slot(s, cpu)?;
-    let id = s.next_call_id.fetch_add(1, Ordering::Relaxed);
-    let slot = s.pool.slot(idx);
-    slot.sender
-        .store(me.map_or(NO_CPU, |c| c as u64), Ordering::Relaxed);
-    slot.id.store(id, Ordering::Relaxed);
+    // The push's CAS comes after the closure is written into the slot: fetch the queue's line
+    // meanwhile (see `prefetch_write`).
+    super::queue::prefetch_write(&*st.queue);
+    // The call id and sender exist for the event log only (every ring records or none does):
+    // without it, skip the shared counter's locked increment on every call.
+    let id = if s.ext_ring.is_enabled() {
+        let id = s.next_call_id.fetch_add(1, Ordering::Relaxed);
+        let slot = s.pool.slot(idx);
+        slot.sender
+            .store(me.map_or(NO_CPU, |c| c as u64), Ordering::Relaxed);
+        slot.id.store(id, Ordering::Relaxed);
+        id
+    } else {
+        0
+    };
     s.pool.arm(idx, f, sync);
     if st.queue.push(idx, &s.pool).is_err() {
         s.pool.disarm_unpublished(idx);
