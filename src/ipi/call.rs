@@ -403,12 +403,7 @@ pub(crate) fn ring(s: &Shared, st: &CpuState) {
 }
 
 /// Step 5. `deadline`: `None` for the call timeout from now (read lazily, see below).
-fn wait_done(
-    s: &Shared,
-    st: &CpuState,
-    idx: u32,
-    deadline: Option<u64>,
-) -> Result<(), IpiError> {
+fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: Option<u64>) -> Result<(), IpiError> {
     let slot = s.pool.slot(idx);
     // Look at the state after every spin hint: a PAUSE costs ~140 cycles on recent x86, so
     // batching hints (this once did 32 per check) adds a microsecond of latency. The clock is

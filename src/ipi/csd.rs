@@ -258,10 +258,8 @@ impl CsdPool {
         }
         s.waiter.store(0, Ordering::Relaxed);
         s.refs.store(1 + sync as u32, Ordering::Relaxed);
-        s.claim.store(
-            if sync { QUEUED | SYNC } else { QUEUED },
-            Ordering::Relaxed,
-        );
+        s.claim
+            .store(if sync { QUEUED | SYNC } else { QUEUED }, Ordering::Relaxed);
         s.state.store(QUEUED, Ordering::Relaxed);
     }
 
@@ -355,7 +353,12 @@ impl CsdPool {
     fn cancel(&self, idx: u32) -> bool {
         let s = &self.slots[idx as usize];
         if s.claim
-            .compare_exchange(QUEUED | SYNC, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                QUEUED | SYNC,
+                CANCELLED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
         {
             // SAFETY: winning QUEUED -> CANCELLED gives the sender back exclusive use of the

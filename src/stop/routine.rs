@@ -326,9 +326,7 @@ impl Handle {
             }
             let t0 = Instant::now();
             // Before the first stop is sent: each acknowledgement counts down from here.
-            s.stop
-                .pending
-                .store(mask.weight() as u32, Ordering::SeqCst);
+            s.stop.pending.store(mask.weight() as u32, Ordering::SeqCst);
             if crash_now {
                 cfg.backend.crash_call(&send, &mask, attempt);
             } else {
