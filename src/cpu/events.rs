@@ -142,6 +142,12 @@ impl EventRing {
         }
     }
 
+    /// Whether `record` records anything (so a caller can skip gathering its arguments).
+    #[inline]
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Records an event. Lock-free, allocation-free: callable from signal-handler context.
     #[inline]
     pub fn record(&self, kind: EventKind, a: u64, b: u64) {

@@ -184,7 +184,11 @@ pub(crate) fn wait_for_work(
 ) {
     if let IdlePolicy::PollThenSleep(window) = policy {
         if !window.is_zero() {
-            idle.swap(POLLING, Ordering::AcqRel);
+            // Back from a poll hit the word is still POLLING (only this CPU moves it away from
+            // POLLING): re-announcing it would pull the line that every sender RMW-reads.
+            if idle.load(Ordering::Relaxed) != POLLING {
+                idle.swap(POLLING, Ordering::AcqRel);
+            }
             let deadline = super::clock::now_ns() + window.as_nanos() as u64;
             let mut i = 0u32;
             loop {

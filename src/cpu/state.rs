@@ -103,12 +103,16 @@ pub(crate) struct CpuState {
     pub tid: AtomicI32,
     /// `CpuRunState` as u32.
     pub run_state: AtomicU32,
-    /// The idle word (`cpu/idle.rs`), also the idle futex word; RMW-only by construction.
-    pub idle: IdleWord,
+    /// The idle word (`cpu/idle.rs`), also the idle futex word; RMW-only by construction. On
+    /// its own cache line: every sender RMW-reads it after each push, and a polling CPU does not
+    /// touch it, so on the polling round trip it stays in the sender's cache.
+    pub idle: crossbeam_utils::CachePadded<IdleWord>,
     /// Go's `signalPending`: a doorbell is in flight, do not ring again.
     pub kick_pending: crate::sync::AtomicBool,
-    /// The call queue (closed while the CPU is offline).
-    pub queue: CallQueue,
+    /// The call queue (closed while the CPU is offline). On its own cache line: senders CAS
+    /// it and the CPU spins on it, and sharing the line with the idle word (senders) or
+    /// `irq_depth` (this CPU) cost two extra line transfers per polled call.
+    pub queue: crossbeam_utils::CachePadded<CallQueue>,
     /// Soft irq mask nesting depth (only this CPU's thread and its handlers touch it).
     pub irq_depth: AtomicU32,
     /// An IPI arrived while masked: replay at `irq_restore`.
@@ -207,9 +211,9 @@ impl CpuState {
             id,
             tid: AtomicI32::new(0),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
-            idle: IdleWord::new(),
+            idle: crossbeam_utils::CachePadded::new(IdleWord::new()),
             kick_pending: crate::sync::AtomicBool::new(false),
-            queue: CallQueue::new_closed(),
+            queue: crossbeam_utils::CachePadded::new(CallQueue::new_closed()),
             irq_depth: AtomicU32::new(0),
             irq_pending: AtomicBool::new(false),
             masked_since: AtomicU64::new(0),

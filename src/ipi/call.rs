@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use crate::inject::Broken;
 use std::time::Duration;
 
-use super::csd::DONE;
+use super::csd::{GiveUp, DONE};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
 use crate::cpu::clock::now_ns;
@@ -192,7 +192,7 @@ impl Handle {
         let idx = publish(s, st, me, f, wait)?;
         ring(s, st);
         if wait {
-            wait_done(s, st, idx, now_ns() + s.cfg.call_timeout.as_nanos() as u64)
+            wait_done(s, st, idx, None)
         } else {
             Ok(())
         }
@@ -266,7 +266,7 @@ impl Handle {
             }
             if wait {
                 for &(cpu, idx) in &batch[..n] {
-                    if let Err(e) = wait_done(s, &s.cpus[cpu], idx, deadline) {
+                    if let Err(e) = wait_done(s, &s.cpus[cpu], idx, Some(deadline)) {
                         fail(cpu, e);
                     }
                 }
@@ -318,11 +318,21 @@ where
         return Err(IpiError::Offline { cpu });
     }
     let idx = alloc_slot(s, cpu)?;
-    let id = s.next_call_id.fetch_add(1, Ordering::Relaxed);
-    let slot = s.pool.slot(idx);
-    slot.sender
-        .store(me.map_or(NO_CPU, |c| c as u64), Ordering::Relaxed);
-    slot.id.store(id, Ordering::Relaxed);
+    // The push's CAS comes after the closure is written into the slot: fetch the queue's line
+    // meanwhile (see `prefetch_write`).
+    crate::cpu::call_queue::prefetch_write(&*st.queue);
+    // The call id and sender exist for the event log only (every ring records or none does):
+    // without it, skip the shared counter's locked increment on every call.
+    let id = if s.ext_ring.is_enabled() {
+        let id = s.next_call_id.fetch_add(1, Ordering::Relaxed);
+        let slot = s.pool.slot(idx);
+        slot.sender
+            .store(me.map_or(NO_CPU, |c| c as u64), Ordering::Relaxed);
+        slot.id.store(id, Ordering::Relaxed);
+        id
+    } else {
+        0
+    };
     s.pool.arm(idx, f, sync);
     if st.queue.push(idx, &s.pool).is_err() {
         s.pool.disarm_unpublished(idx);
@@ -392,30 +402,40 @@ pub(crate) fn ring(s: &Shared, st: &CpuState) {
     }
 }
 
-/// Step 5.
-fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: u64) -> Result<(), IpiError> {
+/// Step 5. `deadline`: `None` for the call timeout from now (read lazily, see below).
+fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: Option<u64>) -> Result<(), IpiError> {
     let slot = s.pool.slot(idx);
-    let start = now_ns();
-    let spin_until = start + SPIN_NS;
     // Look at the state after every spin hint: a PAUSE costs ~140 cycles on recent x86, so
-    // batching hints (this once did 32 per check) adds a microsecond of latency.
+    // batching hints (this once did 32 per check) adds a microsecond of latency. The clock is
+    // first read after 64 hints: a polling target answers before that, and two clock reads
+    // were a tenth of its round trip. So the spin phase and the timeout start a few
+    // microseconds late, which nothing depends on.
+    let mut start = 0u64;
+    let mut spin_until = 0u64;
     let mut i = 0u32;
     loop {
         if slot.state.load(Ordering::Acquire) == DONE {
-            s.pool.put(idx);
+            s.pool.complete(idx);
             return Ok(());
         }
         std::hint::spin_loop();
         i = i.wrapping_add(1);
-        if i % 64 == 0 && now_ns() >= spin_until {
-            break;
+        if i % 64 == 0 {
+            let now = now_ns();
+            if start == 0 {
+                start = now;
+                spin_until = now + SPIN_NS;
+            } else if now >= spin_until {
+                break;
+            }
         }
     }
+    let deadline = deadline.unwrap_or(start + s.cfg.call_timeout.as_nanos() as u64);
     slot.waiter.store(1, Ordering::SeqCst);
     loop {
         let v = slot.state.load(Ordering::SeqCst);
         if v == DONE {
-            s.pool.put(idx);
+            s.pool.complete(idx);
             return Ok(());
         }
         let now = now_ns();
@@ -438,16 +458,14 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: u64) -> Result<(), I
     s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
     s.ring_here()
         .record(EventKind::CsdTimeout, st.id as u64, waited);
-    let started = if s.pool.cancel(idx) {
-        s.totals.cancelled.fetch_add(1, Ordering::Relaxed);
-        false
-    } else if slot.state.load(Ordering::Acquire) == DONE {
-        s.pool.put(idx);
-        return Ok(());
-    } else {
-        true
+    let started = match s.pool.give_up(idx) {
+        GiveUp::Cancelled => {
+            s.totals.cancelled.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        GiveUp::Abandoned => true,
+        GiveUp::Done => return Ok(()),
     };
-    s.pool.put(idx);
     if !started && !super::handler::ipi_handler_installed(&s.cfg.signals) {
         tracing::error!(
             "usmp: signal {} no longer has usmp's handler (replaced after build?): IPIs cannot reach busy CPUs",

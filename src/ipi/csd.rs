@@ -6,20 +6,35 @@
 //! outlive the caller, so the caller can return an error. Slots are preallocated, so sending
 //! and handling allocate nothing.
 //!
-//! Slot lifetime protocol (the kernel's `CSD_FLAG_LOCK`, made explicit):
+//! Slot lifetime protocol (the kernel's `CSD_FLAG_LOCK`, made explicit). A slot has two
+//! words: `claim`, which says who owns the closure, and `state`, the completion word a
+//! synchronous sender waits on (and its futex word).
 //! 1. `alloc` pops a FREE slot from a tagged Treiber stack (the tag defeats ABA).
 //! 2. The sender writes the closure and sets `refs`: 1 for the queue link, +1 if a synchronous
-//!    sender will wait on it. State QUEUED. Publication is the queue push (Release).
-//! 3. The handler CASes QUEUED -> RUNNING, moves the closure out and runs it, stores DONE
-//!    (Release) and wakes a sleeping waiter. If the CAS fails the sender cancelled (CANCELLED):
-//!    the handler only drops the queue's reference.
-//! 4. A waiting sender that times out CASes QUEUED -> CANCELLED: it then owns the closure and
-//!    drops it itself (never in IPI context); the call never runs. If the slot is already
-//!    RUNNING the call has started and cannot be cancelled: the sender returns an error that
-//!    says so.
+//!    sender will wait on it. Claim QUEUED (with `SYNC` for a synchronous call), state QUEUED.
+//!    Publication is the queue push (Release).
+//! 3. The handler swaps the claim to RUNNING. If it was QUEUED it moves the closure out and
+//!    runs it. For an async call it then drops the queue's reference. For a synchronous one it
+//!    CASes the state QUEUED -> DONE (Release) and wakes a sleeping waiter: DONE hands the
+//!    queue's reference to the waiter, so after that CAS the handler touches nothing of the
+//!    slot but its `waiter` flag (a stale read there costs at most a spurious futex wake). The
+//!    waiter, seeing DONE, owns both references and frees the slot itself. If the claim was
+//!    CANCELLED the sender cancelled: the handler only drops the queue's reference.
+//! 4. A waiting sender that times out CASes the claim QUEUED -> CANCELLED: it then owns the
+//!    closure and drops it itself (never in IPI context); the call never runs. If the claim is
+//!    already RUNNING the call has started and cannot be cancelled: the sender CASes the state
+//!    QUEUED -> ABANDONED and returns an error that says so; the handler's QUEUED -> DONE CAS
+//!    then fails and it drops the queue's reference instead (if the sender finds DONE, the
+//!    call finished after all and the sender owns the slot as in step 3).
 //! 5. Each side drops its reference when done with the slot; whoever drops the last one returns
 //!    the slot to the free stack. So a slot is never reused while linked or while its closure
 //!    may still be running.
+//!
+//! Cache lines (the polling round trip is a handful of line transfers, so they are the cost):
+//! a slot is two lines. The first holds what the handler takes over (link, claim, closure);
+//! the second the completion word the sender spins on, which the handler writes once (DONE),
+//! and what only the sender writes (refs, free link, event-log ids). Neither the handler's
+//! claim nor its reads of the closure pull the line the sender is spinning on.
 
 use std::cell::UnsafeCell;
 use std::mem::{align_of, size_of, MaybeUninit};
@@ -36,6 +51,20 @@ pub(crate) const QUEUED: u32 = 1;
 pub(crate) const RUNNING: u32 = 2;
 pub(crate) const DONE: u32 = 3;
 pub(crate) const CANCELLED: u32 = 4;
+pub(crate) const ABANDONED: u32 = 5;
+/// Claim flag: a synchronous sender waits for this call (step 3 hands it the slot with DONE).
+const SYNC: u32 = 0x10;
+
+/// What a timed-out synchronous sender found (step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// The call had not started: it never runs, and its closure is dropped.
+    Cancelled,
+    /// The call is running and will finish without the sender; the handler frees the slot.
+    Abandoned,
+    /// The call finished meanwhile: the sender owns the slot, as after DONE.
+    Done,
+}
 
 struct VTable {
     call: unsafe fn(*mut u8),
@@ -69,26 +98,38 @@ impl<F: FnOnce()> Holder<F> {
     }
 }
 
-/// One slot.
+/// One slot, two cache lines (see the module doc); aligned so no slot shares a line with
+/// another.
+#[repr(C, align(128))]
 pub(crate) struct Csd {
+    // First line: what the handler takes over.
     /// Call-queue link (owned by the queue while linked).
     next: AtomicU32,
-    /// Free-stack link.
-    free_next: AtomicU32,
-    /// FREE / QUEUED / RUNNING / DONE / CANCELLED; also the futex word a sync sender sleeps on.
+    /// QUEUED (| SYNC) / RUNNING / CANCELLED: who owns the closure.
+    claim: AtomicU32,
+    vtable: UnsafeCell<*const VTable>,
+    storage: UnsafeCell<MaybeUninit<[u64; CSD_INLINE_BYTES / 8]>>,
+    // Second line: completion, and the sender's own bookkeeping.
+    /// FREE / QUEUED / DONE / ABANDONED; also the futex word a sync sender sleeps on.
     pub(crate) state: AtomicU32,
     /// 1 while a sync sender is asleep on `state`.
     pub(crate) waiter: AtomicU32,
     refs: AtomicU32,
+    /// Free-stack link.
+    free_next: AtomicU32,
     /// Sender CPU (or `events::NO_CPU`) and call id, for the event log.
     pub(crate) sender: AtomicU64,
     pub(crate) id: AtomicU64,
-    vtable: UnsafeCell<*const VTable>,
-    storage: UnsafeCell<MaybeUninit<[u64; CSD_INLINE_BYTES / 8]>>,
 }
 
+#[cfg(not(loom))]
+const _: () = assert!(
+    std::mem::offset_of!(Csd, state) == 64,
+    "the csd's completion word must start its second cache line"
+);
+
 // SAFETY: vtable/storage are used by one party at a time: the owner before the push (which
-// publishes them, Release), the handler after winning QUEUED->RUNNING, or the sender after
+// publishes them, Release), the handler after winning the claim, or the sender after
 // winning QUEUED->CANCELLED; `name()` only reads the vtable, immutable while a ref is held.
 unsafe impl Sync for Csd {}
 // SAFETY: the closure stored inline is `Send` (enforced by `arm`).
@@ -96,9 +137,17 @@ unsafe impl Send for Csd {}
 
 /// The pool. See the module protocol.
 pub(crate) struct CsdPool {
+    /// Read by every handler on every slot access.
     slots: Box<[Csd]>,
+    /// The free stack and its count, on their own cache line: written by whoever allocates or
+    /// frees (on a synchronous round trip: the sender only), so a handler's reads of `slots`
+    /// above must not share a line with them.
+    free: crossbeam_utils::CachePadded<FreeStack>,
+}
+
+struct FreeStack {
     /// (tag << 32) | index of the first free slot.
-    free: AtomicU64,
+    head: AtomicU64,
     in_use: AtomicU64,
 }
 
@@ -118,6 +167,7 @@ impl CsdPool {
                 state: AtomicU32::new(FREE),
                 waiter: AtomicU32::new(0),
                 refs: AtomicU32::new(0),
+                claim: AtomicU32::new(FREE),
                 sender: AtomicU64::new(0),
                 id: AtomicU64::new(0),
                 vtable: UnsafeCell::new(std::ptr::null()),
@@ -126,8 +176,10 @@ impl CsdPool {
             .collect();
         Self {
             slots,
-            free: AtomicU64::new(0),
-            in_use: AtomicU64::new(0),
+            free: crossbeam_utils::CachePadded::new(FreeStack {
+                head: AtomicU64::new(0),
+                in_use: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -137,7 +189,7 @@ impl CsdPool {
 
     /// Slots currently allocated (linked, running or awaited).
     pub(crate) fn in_use(&self) -> u64 {
-        self.in_use.load(Ordering::Relaxed)
+        self.free.in_use.load(Ordering::Relaxed)
     }
 
     pub(crate) fn slot(&self, idx: u32) -> &Csd {
@@ -146,7 +198,7 @@ impl CsdPool {
 
     /// Step 1. Async-signal-safe.
     pub(crate) fn alloc(&self) -> Option<u32> {
-        let mut cur = self.free.load(Ordering::Acquire);
+        let mut cur = self.free.head.load(Ordering::Acquire);
         loop {
             let idx = cur as u32;
             if idx == EMPTY {
@@ -154,14 +206,14 @@ impl CsdPool {
             }
             let next = self.slots[idx as usize].free_next.load(Ordering::Relaxed);
             let tag = (cur >> 32).wrapping_add(1);
-            match self.free.compare_exchange_weak(
+            match self.free.head.compare_exchange_weak(
                 cur,
                 (tag << 32) | next as u64,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.in_use.fetch_add(1, Ordering::Relaxed);
+                    self.free.in_use.fetch_add(1, Ordering::Relaxed);
                     return Some(idx);
                 }
                 Err(c) => cur = c,
@@ -172,12 +224,12 @@ impl CsdPool {
     fn free(&self, idx: u32) {
         let s = &self.slots[idx as usize];
         s.state.store(FREE, Ordering::Relaxed);
-        self.in_use.fetch_sub(1, Ordering::Relaxed);
-        let mut cur = self.free.load(Ordering::Relaxed);
+        self.free.in_use.fetch_sub(1, Ordering::Relaxed);
+        let mut cur = self.free.head.load(Ordering::Relaxed);
         loop {
             s.free_next.store(cur as u32, Ordering::Relaxed);
             let tag = (cur >> 32).wrapping_add(1);
-            match self.free.compare_exchange_weak(
+            match self.free.head.compare_exchange_weak(
                 cur,
                 (tag << 32) | idx as u64,
                 Ordering::AcqRel,
@@ -206,6 +258,8 @@ impl CsdPool {
         }
         s.waiter.store(0, Ordering::Relaxed);
         s.refs.store(1 + sync as u32, Ordering::Relaxed);
+        s.claim
+            .store(if sync { QUEUED | SYNC } else { QUEUED }, Ordering::Relaxed);
         s.state.store(QUEUED, Ordering::Relaxed);
     }
 
@@ -230,35 +284,81 @@ impl CsdPool {
     /// Async-signal-safe as far as the callback itself is.
     pub(crate) fn run(&self, idx: u32) -> bool {
         let s = &self.slots[idx as usize];
-        let ran = if s
-            .state
-            .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+        // An RMW, so exactly one of this and the sender's cancel CAS wins.
+        let claim = s.claim.swap(RUNNING, Ordering::AcqRel);
+        if claim & !SYNC != QUEUED {
+            // CANCELLED: the sender dropped the closure and its reference.
+            self.put(idx);
+            return false;
+        }
+        // SAFETY: winning the claim gives this thread exclusive use of the closure, published
+        // by the sender before the push (see the `Sync` impl).
+        unsafe { ((**s.vtable.get()).call)(s.storage.get() as *mut u8) };
+        if claim & SYNC == 0 {
+            self.put(idx);
+            return true;
+        }
+        // The callback's effects before DONE (Release); SeqCst so that this RMW and the
+        // `waiter` load below cannot both miss the waiter's SeqCst store-then-load. Success
+        // hands the queue's reference to the waiter (step 3).
+        if s.state
+            .compare_exchange(QUEUED, DONE, Ordering::SeqCst, Ordering::Acquire)
             .is_ok()
         {
-            // SAFETY: winning QUEUED -> RUNNING gives this thread exclusive use of the closure,
-            // published by the sender before the push (see the `Sync` impl).
-            unsafe { ((**s.vtable.get()).call)(s.storage.get() as *mut u8) };
-            // The callback's effects before DONE (Release); SeqCst so that this store and the
-            // `waiter` load below cannot both miss the waiter's SeqCst store-then-load.
-            s.state.store(DONE, Ordering::SeqCst);
+            // The waiter may already have freed (even reused) the slot: a stale 1 here only
+            // wakes a futex waiter spuriously, and every waiter re-checks its word.
             #[cfg(not(loom))]
             if s.waiter.load(Ordering::SeqCst) != 0 {
                 crate::cpu::futex::wake(&s.state, 1);
             }
-            true
         } else {
-            false
-        };
-        self.put(idx);
-        ran
+            // ABANDONED: the sender gave up and dropped its reference (step 4).
+            self.put(idx);
+        }
+        true
+    }
+
+    /// Step 3, by the synchronous sender that saw DONE: it owns both references now.
+    pub(crate) fn complete(&self, idx: u32) {
+        self.free(idx);
+    }
+
+    /// Step 4 in full, by a synchronous sender that timed out: cancel the call if it has not
+    /// started, else abandon it, else (it finished meanwhile) take the slot back. In every
+    /// case the sender is done with the slot afterwards.
+    pub(crate) fn give_up(&self, idx: u32) -> GiveUp {
+        if self.cancel(idx) {
+            self.put(idx);
+            return GiveUp::Cancelled;
+        }
+        let s = &self.slots[idx as usize];
+        match s
+            .state
+            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                self.put(idx);
+                GiveUp::Abandoned
+            }
+            Err(_) => {
+                // DONE: the only other state a queued, uncancelled sync slot can reach.
+                self.complete(idx);
+                GiveUp::Done
+            }
+        }
     }
 
     /// Step 4, by a waiting sender that gave up. Returns true if the call was cancelled before
     /// it started (the closure is dropped here), false if it is already running or done.
-    pub(crate) fn cancel(&self, idx: u32) -> bool {
+    fn cancel(&self, idx: u32) -> bool {
         let s = &self.slots[idx as usize];
-        if s.state
-            .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+        if s.claim
+            .compare_exchange(
+                QUEUED | SYNC,
+                CANCELLED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
         {
             // SAFETY: winning QUEUED -> CANCELLED gives the sender back exclusive use of the
@@ -299,8 +399,8 @@ mod tests {
         );
         assert!(p.run(a));
         assert_eq!(p.slot(a).state.load(Ordering::Acquire), DONE);
-        assert_eq!(p.in_use(), 1, "the waiter still holds its reference");
-        p.put(a);
+        assert_eq!(p.in_use(), 1, "DONE hands the slot to the waiter");
+        p.complete(a);
         assert_eq!(p.in_use(), 0);
         assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -341,8 +441,10 @@ mod loom_csd {
     use super::*;
     use loom::sync::Arc;
 
-    /// A sender's timeout (cancel) racing the handler: the call runs at most once, the sender's
-    /// verdict matches what happened, and the slot is freed exactly once.
+    /// A sender's timeout racing the handler: the waiter either sees DONE and frees the slot
+    /// itself, or gives up (cancel, abandon, or finds DONE after all). The call runs at most
+    /// once, the sender's verdict matches what happened, and the slot is freed exactly once
+    /// (by the handler after a cancel or an abandon, by the sender after DONE).
     #[test]
     fn loom_cancel_races_run() {
         loom::model(|| {
@@ -359,11 +461,30 @@ mod loom_csd {
             );
             let p2 = p.clone();
             let handler = loom::thread::spawn(move || p2.run(idx));
-            let cancelled = p.cancel(idx);
-            p.put(idx);
+            let verdict = if p.slot(idx).state.load(Ordering::Acquire) == DONE {
+                p.complete(idx);
+                GiveUp::Done
+            } else {
+                p.give_up(idx)
+            };
             let did_run = handler.join().unwrap();
-            assert_eq!(did_run, !cancelled);
+            assert_eq!(did_run, verdict != GiveUp::Cancelled);
             assert_eq!(ran.load(Ordering::SeqCst), did_run as u32);
+            assert_eq!(p.in_use(), 0);
+            assert!(p.alloc().is_some());
+        });
+    }
+
+    /// An async call: the handler frees the slot after running it.
+    #[test]
+    fn loom_async_run_frees() {
+        loom::model(|| {
+            let p = Arc::new(CsdPool::new(1));
+            let idx = p.alloc().unwrap();
+            p.arm(idx, || {}, false);
+            let p2 = p.clone();
+            let handler = loom::thread::spawn(move || p2.run(idx));
+            assert!(handler.join().unwrap());
             assert_eq!(p.in_use(), 0);
             assert!(p.alloc().is_some());
         });

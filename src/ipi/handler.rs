@@ -104,9 +104,17 @@ fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> 
     while h != EMPTY {
         // Read the link first: once the callback is done the slot may be freed and reused.
         let next = shared.pool.next(h).load(Ordering::Relaxed);
-        let slot = shared.pool.slot(h);
-        let sender = slot.sender.load(Ordering::Relaxed);
-        let id = slot.id.load(Ordering::Relaxed);
+        // The ids sit on the slot's second line, which the sender spins on: read them only for
+        // the event log, or every polled call pays one more line transfer (csd.rs).
+        let (sender, id) = if warn_offline || cpu.ring.is_enabled() {
+            let slot = shared.pool.slot(h);
+            (
+                slot.sender.load(Ordering::Relaxed),
+                slot.id.load(Ordering::Relaxed),
+            )
+        } else {
+            (0, 0)
+        };
         if warn_offline {
             cpu.offline_name.store(shared.pool.name(h));
             shared.totals.ipi_on_offline.fetch_add(1, Ordering::Relaxed);

@@ -45,6 +45,10 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     if crate::hotplug::ap::ap_boot(&shared, st) {
         idle_loop(&shared, st);
     }
+    if st.powered_off.load(Ordering::SeqCst) {
+        // Powered off by a stop: tear down after it has finished (bounded; see there).
+        shared.stop.wait_for_stop_done();
+    }
     drop(altstack);
     st.tid.store(0, Ordering::SeqCst);
     // SAFETY: clearing the pointer; nothing uses it afterwards on this thread.

@@ -90,6 +90,7 @@ pub(crate) fn park(
     // The acknowledgement: leaving the online mask (after the note, which it publishes).
     shared.active.clear(st.id);
     shared.online.clear(st.id);
+    shared.stop.ack();
     if power_off {
         power_off_now(st, unwind);
         return true;
