@@ -28,10 +28,18 @@ pub enum CpuListError {
     Backwards(usize, usize),
     /// A CPU id is past the limit given to `parse_bounded`.
     #[error("CPU {cpu} is out of range (limit {limit})")]
-    OutOfRange { cpu: usize, limit: usize },
+    OutOfRange {
+        /// The CPU id found in the list.
+        cpu: usize,
+        /// The limit: every id must be below it.
+        limit: usize,
+    },
     /// The list has more than [`MAX_LIST_PARTS`] elements.
     #[error("cpulist has more than {limit} elements")]
-    TooManyParts { limit: usize },
+    TooManyParts {
+        /// The most elements a list may have ([`MAX_LIST_PARTS`]).
+        limit: usize,
+    },
 }
 
 impl CpuMask {

@@ -38,57 +38,130 @@ use crate::stop::machine::StopMachineError;
 /// failed step has been rolled back.
 #[derive(Debug, thiserror::Error)]
 pub enum HotplugError {
+    /// The CPU id is not below the runtime's CPU count; pass an id below `cpus`.
     #[error("cpu_up/down: CPU {cpu} does not exist (runtime has {cpus})")]
-    InvalidCpu { cpu: CpuId, cpus: usize },
+    InvalidCpu {
+        /// The CPU asked for.
+        cpu: CpuId,
+        /// How many CPUs the runtime has.
+        cpus: usize,
+    },
+    /// `cpu_up` on a CPU that is already online; nothing to do.
     #[error("cpu_up: CPU {cpu} is already online")]
-    AlreadyOnline { cpu: CpuId },
+    AlreadyOnline {
+        /// The CPU asked for.
+        cpu: CpuId,
+    },
+    /// `cpu_down` on a CPU that is already offline; nothing to do.
     #[error("cpu_down: CPU {cpu} is already offline")]
-    AlreadyOffline { cpu: CpuId },
+    AlreadyOffline {
+        /// The CPU asked for.
+        cpu: CpuId,
+    },
+    /// `cpu_down` would leave no CPU online; bring another CPU up first.
     #[error("cpu_down: CPU {cpu} is the last online CPU")]
-    LastCpu { cpu: CpuId },
+    LastCpu {
+        /// The last online CPU.
+        cpu: CpuId,
+    },
+    /// Hotplug is disabled (`hotplug_disable`); retry after the matching `hotplug_enable`.
     #[error("CPU {cpu}: hotplug is disabled (busy)")]
-    Disabled { cpu: CpuId },
+    Disabled {
+        /// The CPU asked for.
+        cpu: CpuId,
+    },
+    /// The CPU is the reboot CPU of a kexec in progress and must stay up; retry after the kexec.
     #[error("cpu_down: CPU {cpu} is the reboot CPU of a kexec in progress (busy)")]
-    RebootCpu { cpu: CpuId },
+    RebootCpu {
+        /// The reboot CPU.
+        cpu: CpuId,
+    },
+    /// `cpu_down` was called on the CPU it would take down; call it from another CPU or thread.
     #[error("cpu_down: CPU {cpu} cannot take itself down; call from another CPU or thread")]
-    SelfDown { cpu: CpuId },
+    SelfDown {
+        /// The calling CPU, which is also the target.
+        cpu: CpuId,
+    },
+    /// An earlier bring-up or teardown of the CPU timed out and its thread has not exited yet;
+    /// retry once it has.
     #[error("cpu_up: CPU {cpu} timed out earlier and has not reported dead yet (limbo)")]
-    Limbo { cpu: CpuId },
+    Limbo {
+        /// The CPU in limbo.
+        cpu: CpuId,
+    },
+    /// The CPU was parked by a stop, or lost by the previous image; it cannot come back.
     #[error("cpu_up: CPU {cpu} is parked by a stop (or lost by the previous image) and cannot be brought up")]
-    Parked { cpu: CpuId },
+    Parked {
+        /// The parked CPU.
+        cpu: CpuId,
+    },
+    /// The CPU's thread did not report ALIVE within the boot timeout; the CPU stays offline and
+    /// its thread exits when it gets there.
     #[error(
         "cpu_up: CPU {cpu} did not reach ALIVE within {timeout_ms} ms; it will die on its own"
     )]
-    BootTimeout { cpu: CpuId, timeout_ms: u64 },
+    BootTimeout {
+        /// The CPU being brought up.
+        cpu: CpuId,
+        /// The boot timeout waited, in ms.
+        timeout_ms: u64,
+    },
+    /// The CPU went offline but its thread did not exit within the timeout; it is in limbo until
+    /// it does.
     #[error("cpu_down: CPU {cpu} did not exit within {timeout_ms} ms after going offline")]
-    TeardownTimeout { cpu: CpuId, timeout_ms: u64 },
+    TeardownTimeout {
+        /// The CPU being taken down.
+        cpu: CpuId,
+        /// The time waited for its thread to exit, in ms.
+        timeout_ms: u64,
+    },
+    /// A hotplug state's step failed; the steps already done were rolled back.
     #[error("cpu_{}: step {step} failed on CPU {cpu}: {reason} (rolled back)", if *up { "up" } else { "down" })]
     StepFailed {
+        /// The CPU being brought up or down.
         cpu: CpuId,
+        /// Name of the hotplug state whose step failed.
         step: String,
+        /// `true` for `cpu_up`, `false` for `cpu_down`.
         up: bool,
+        /// What the step reported.
         reason: String,
     },
+    /// The OS refused to start the CPU's thread (see `source`); the CPU stays offline.
     #[error("cpu_up: CPU {cpu}: could not spawn its thread")]
     Spawn {
+        /// The CPU being brought up.
         cpu: CpuId,
+        /// The error from spawning the thread.
         #[source]
         source: std::io::Error,
     },
+    /// No hotplug state has this name or id.
     #[error("no hotplug state {0:?}")]
     UnknownState(String),
+    /// `setup_state`: the startup callback failed on a CPU; it was undone on every CPU and the
+    /// state was not added.
     #[error("setup_state {name}: startup failed on CPU {cpu}: {reason} (undone on all CPUs)")]
     SetupFailed {
+        /// Name of the state being set up.
         name: String,
+        /// The CPU whose startup callback failed.
         cpu: CpuId,
+        /// What the callback reported.
         reason: String,
     },
+    /// This image handed over to the next one (kexec); use the next runtime.
     #[error(
         "generation {generation} has handed over to the next image (kexec): no more hotplug here"
     )]
-    Retired { generation: u64 },
+    Retired {
+        /// Generation of this (retired) image.
+        generation: u64,
+    },
+    /// `hotplug_enable` was called more times than `hotplug_disable`.
     #[error("hotplug_enable without a matching hotplug_disable")]
     UnbalancedEnable,
+    /// The `stop_machine` step of a hotplug operation failed.
     #[error(transparent)]
     StopMachine(#[from] StopMachineError),
 }

@@ -42,46 +42,83 @@ use crate::cpu::mask::{CpuId, CpuMask};
 pub enum IpiError {
     /// The target id is not below the runtime's CPU count.
     #[error("IPI to CPU {cpu}: no such CPU (runtime has {cpus})")]
-    InvalidCpu { cpu: CpuId, cpus: usize },
+    InvalidCpu {
+        /// The target CPU.
+        cpu: CpuId,
+        /// How many CPUs the runtime has.
+        cpus: usize,
+    },
     /// The target is offline or going down (`-ENXIO`); the callback did not run.
     #[error("IPI to CPU {cpu}: CPU is offline")]
-    Offline { cpu: CpuId },
+    Offline {
+        /// The target CPU.
+        cpu: CpuId,
+    },
     /// A synchronous call gave up. `started == false`: the call was cancelled and will never
     /// run. `started == true`: the callback is running and has not finished.
     #[error("IPI to CPU {cpu}: non-responsive CSD lock after {waited_ms} ms (callback {})",
         if *started { "started, not finished" } else { "cancelled, never ran" })]
     Timeout {
+        /// The target CPU.
         cpu: CpuId,
+        /// How long the caller waited, in ms.
         waited_ms: u64,
+        /// Whether the callback had started when the caller gave up.
         started: bool,
     },
     /// No free csd in the pool within the call timeout.
     #[error("IPI to CPU {cpu}: csd pool exhausted")]
-    NoCsd { cpu: CpuId },
+    NoCsd {
+        /// The target CPU.
+        cpu: CpuId,
+    },
     /// A synchronous call from a CPU with irqs soft-masked (or from IPI context) could deadlock.
     #[error("synchronous IPI from CPU {cpu} with irqs disabled")]
-    IrqsDisabled { cpu: CpuId },
+    IrqsDisabled {
+        /// The calling CPU.
+        cpu: CpuId,
+    },
     /// `call_many`: the callback did not run (or did not finish) on `failed`.
     #[error("IPI to CPUs {failed}: {first}")]
     Partial {
+        /// The CPUs where the callback did not run or did not finish.
         failed: CpuMask,
+        /// The first error met.
         first: Box<IpiError>,
     },
     /// The signal number is not a usable real-time signal.
     #[error("signal {sig} is not a usable real-time signal ({min}..={max}, IPI and NMI distinct)")]
-    BadSignal { sig: i32, min: i32, max: i32 },
+    BadSignal {
+        /// The signal number asked for.
+        sig: i32,
+        /// `SIGRTMIN` on this host.
+        min: i32,
+        /// `SIGRTMAX` on this host.
+        max: i32,
+    },
     /// A synchronous call timed out and the IPI signal's handler is no longer usmp's: another
     /// library replaced it after `build()`, so no doorbell reaches a busy CPU any more.
     #[error("IPI to CPU {cpu}: no answer within {waited_ms} ms, and signal {sig} no longer has usmp's handler (another library replaced it); busy CPUs cannot be reached")]
     HandlerReplaced {
+        /// The target CPU.
         cpu: CpuId,
+        /// The IPI signal number.
         sig: i32,
+        /// How long the caller waited, in ms.
         waited_ms: u64,
     },
     /// Another handler already owns the signal; usmp refuses to replace it.
     #[error("signal {sig} already has a handler that is not usmp's")]
-    SignalInUse { sig: i32 },
+    SignalInUse {
+        /// The signal number.
+        sig: i32,
+    },
     /// A system call failed.
     #[error("{op} failed: errno {errno}")]
-    Sys { op: &'static str, errno: i32 },
+    Sys {
+        /// The call that failed, e.g. `"sigaction"`.
+        op: &'static str,
+        /// The `errno` it returned.
+        errno: i32,
+    },
 }

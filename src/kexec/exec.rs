@@ -33,26 +33,46 @@ const READ_TIMEOUT: Duration = Duration::from_millis(50);
 /// Why a record could not be passed or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecRecordError {
+    /// Reading or inspecting the fd failed (see `source`).
     #[error("crash record fd {fd}")]
     Io {
+        /// The fd holding the record.
         fd: i32,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// The fd is not a memfd (`F_GET_SEALS` is refused): a file, pipe, socket, eventfd, ...
     #[error("crash record fd {fd} is not a memfd (only a sealed memfd holds a crash record)")]
-    NotMemfd { fd: i32 },
+    NotMemfd {
+        /// The fd passed.
+        fd: i32,
+    },
     /// The memfd can still be written, grown or shrunk.
     #[error(
         "crash record fd {fd} is not sealed against write, grow and shrink (seals {seals:#x})"
     )]
-    NotSealed { fd: i32, seals: i32 },
+    NotSealed {
+        /// The memfd.
+        fd: i32,
+        /// The seals it has (`F_GET_SEALS`).
+        seals: i32,
+    },
     /// The memfd is larger than any valid record.
     #[error("crash record fd {fd} holds {len} bytes, more than the {MAX_FRAME} a record may have")]
-    TooLarge { fd: i32, len: u64 },
+    TooLarge {
+        /// The memfd.
+        fd: i32,
+        /// Its size, in bytes.
+        len: u64,
+    },
     /// The fd did not become readable in time.
     #[error("crash record fd {fd} is not readable within {} ms", READ_TIMEOUT.as_millis())]
-    NotReadable { fd: i32 },
+    NotReadable {
+        /// The memfd.
+        fd: i32,
+    },
+    /// The record was read but is not valid.
     #[error(transparent)]
     Record(#[from] RecordError),
 }

@@ -31,7 +31,9 @@ pub enum KexecError {
     /// Taking a CPU down failed.
     #[error("kexec: shutting down CPU {cpu}")]
     Shutdown {
+        /// The CPU being taken down.
         cpu: usize,
+        /// Why `cpu_down` failed.
         #[source]
         source: crate::hotplug::HotplugError,
     },
@@ -41,10 +43,18 @@ pub enum KexecError {
     /// Called from a logical CPU that is not the reboot CPU: a running job cannot migrate, and
     /// shutting its CPU down would wait for the caller itself.
     #[error("kexec called on CPU {caller}, reboot CPU is {reboot}: call it on the reboot CPU or from outside the runtime")]
-    WrongCpu { caller: usize, reboot: usize },
+    WrongCpu {
+        /// The calling CPU.
+        caller: usize,
+        /// The reboot CPU.
+        reboot: usize,
+    },
     /// This image already handed over to the next one.
     #[error("kexec: generation {generation} has already handed over to the next image")]
-    Retired { generation: u64 },
+    Retired {
+        /// Generation of this (retired) image.
+        generation: u64,
+    },
     /// No online CPU to reboot on.
     #[error("kexec: no online CPU to run on")]
     NoCpu,

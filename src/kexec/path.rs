@@ -38,6 +38,7 @@ pub struct TimelineEntry {
     pub t_us: u64,
     /// The CPU the step ran on or concerned, if any.
     pub cpu: Option<CpuId>,
+    /// What happened.
     pub what: String,
 }
 
@@ -54,6 +55,7 @@ pub struct KexecReport {
     pub lost: CpuMask,
     /// From the start of the kexec to every handed-over CPU online in the next image.
     pub handoff_us: u64,
+    /// The steps of the kexec, in order.
     pub timeline: Vec<TimelineEntry>,
     /// The crash record, for `crash_kexec`.
     pub record: Option<CrashRecord>,
@@ -62,17 +64,23 @@ pub struct KexecReport {
 /// What the next image gets.
 #[derive(Debug, Clone)]
 pub struct Handoff {
+    /// Generation of the next image.
     pub generation: u64,
+    /// The CPU the next image starts on.
     pub reboot_cpu: CpuId,
     /// CPUs the old image lost (not present in the next one).
     pub lost: CpuMask,
+    /// The crash record, for `crash_kexec`.
     pub record: Option<CrashRecord>,
 }
 
 /// The next image, running, and what its entry returned.
 pub struct KexecOutcome<R> {
+    /// The next image's runtime.
     pub next: Runtime,
+    /// What the kexec did.
     pub report: KexecReport,
+    /// What the next image's entry returned.
     pub value: R,
 }
 

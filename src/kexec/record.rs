@@ -45,24 +45,43 @@ pub struct CrashRecord {
     pub park: ParkPolicy,
     /// Wall-clock time of the crash and of the handoff, ns since the Unix epoch.
     pub crashed_at_ns: u64,
+    /// Wall-clock time of the handoff, ns since the Unix epoch.
     pub handoff_at_ns: u64,
 }
 
 /// Why a record was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
+    /// Fewer bytes than the smallest record.
     #[error("crash record truncated: {got} bytes, need at least {need}")]
-    Truncated { got: usize, need: usize },
+    Truncated {
+        /// Bytes present.
+        got: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// The bytes do not start with the record's magic number: not a crash record.
     #[error("crash record has a bad magic number")]
     BadMagic,
+    /// The record was written in a format version this build does not read.
     #[error("crash record version {0} is not supported (this build reads {RECORD_VERSION})")]
     BadVersion(u32),
+    /// The payload length in the header differs from the bytes after the header, or is over the
+    /// limit.
     #[error("crash record length {len} is invalid (have {have} bytes, limit {MAX_RECORD})")]
-    BadLength { len: u64, have: usize },
+    BadLength {
+        /// The payload length the header gives.
+        len: u64,
+        /// Bytes after the header.
+        have: usize,
+    },
+    /// The checksum does not match: the record is corrupt.
     #[error("crash record checksum mismatch")]
     BadChecksum,
+    /// The payload could not be decoded.
     #[error("crash record payload is malformed: {0}")]
     Malformed(String),
+    /// The payload decoded but its contents contradict each other.
     #[error("crash record is inconsistent: {0}")]
     Invalid(String),
 }

@@ -8,7 +8,12 @@ use crate::ipi::IpiError;
 pub enum RuntimeError {
     /// `cpus` outside `1..=MAX_CPUS`.
     #[error("cpus must be between 1 and {max}, got {got}")]
-    BadCpuCount { got: usize, max: usize },
+    BadCpuCount {
+        /// The CPU count asked for.
+        got: usize,
+        /// `MAX_CPUS`.
+        max: usize,
+    },
     /// A configuration value is unusable.
     #[error("bad configuration: {0}")]
     BadConfig(String),
@@ -18,34 +23,68 @@ pub enum RuntimeError {
     /// The OS refused to start CPU `cpu`'s thread.
     #[error("bring-up of CPU {cpu}: could not spawn its thread")]
     Spawn {
+        /// The CPU being brought up.
         cpu: CpuId,
+        /// The error from spawning the thread.
         #[source]
         source: std::io::Error,
     },
     /// CPU `cpu` did not come up within the boot timeout.
     #[error("bring-up of CPU {cpu}: no response within {timeout_ms} ms")]
-    BootTimeout { cpu: CpuId, timeout_ms: u64 },
+    BootTimeout {
+        /// The CPU being brought up.
+        cpu: CpuId,
+        /// The boot timeout waited, in ms.
+        timeout_ms: u64,
+    },
     /// The CPU id is not below `cpus`.
     #[error("CPU {cpu} does not exist (runtime has {cpus} CPUs)")]
-    InvalidCpu { cpu: CpuId, cpus: usize },
+    InvalidCpu {
+        /// The CPU asked for.
+        cpu: CpuId,
+        /// How many CPUs the runtime has.
+        cpus: usize,
+    },
     /// The CPU is not online (or is going down), so it takes no jobs.
     #[error("CPU {cpu} is offline")]
-    Offline { cpu: CpuId },
+    Offline {
+        /// The CPU asked for.
+        cpu: CpuId,
+    },
     /// The job panicked; the CPU survived.
     #[error("job on CPU {cpu} panicked: {message}")]
-    JobPanicked { cpu: CpuId, message: String },
+    JobPanicked {
+        /// The CPU the job ran on.
+        cpu: CpuId,
+        /// The panic message.
+        message: String,
+    },
     /// The job's CPU went away before running it and it could not be moved.
     #[error("job on CPU {cpu} was dropped unrun")]
-    JobLost { cpu: CpuId },
+    JobLost {
+        /// The CPU the job was sent to.
+        cpu: CpuId,
+    },
     /// A stop parked or powered off the job's CPU before the job finished: it never will.
     #[error("job on CPU {cpu} will not finish: the CPU was stopped")]
-    JobStopped { cpu: CpuId },
+    JobStopped {
+        /// The stopped CPU.
+        cpu: CpuId,
+    },
     /// This image handed over to the next one (kexec): it runs no more jobs.
     #[error(
         "generation {generation} has handed over to the next image (kexec); use the next runtime"
     )]
-    Retired { generation: u64 },
+    Retired {
+        /// Generation of this (retired) image.
+        generation: u64,
+    },
     /// `join_timeout` ran out.
     #[error("job on CPU {cpu} did not finish within {timeout_ms} ms")]
-    JobTimeout { cpu: CpuId, timeout_ms: u64 },
+    JobTimeout {
+        /// The CPU the job runs on.
+        cpu: CpuId,
+        /// The time waited, in ms.
+        timeout_ms: u64,
+    },
 }

@@ -293,7 +293,9 @@ impl Runtime {
 /// One CPU's counters, as the summary table shows them.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CpuStats {
+    /// The CPU.
     pub cpu: CpuId,
+    /// Its run state when the stats were taken.
     pub state: CpuRunState,
     /// Host core it is pinned to, if pinned.
     pub core: Option<usize>,
@@ -328,8 +330,11 @@ pub struct CpuStats {
 /// Runtime-wide statistics (`usmp run --json` prints these).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RuntimeStats {
+    /// Number of logical CPUs.
     pub cpus: usize,
+    /// Number of host cores this process may run on (its affinity mask).
     pub host_cores: usize,
+    /// Generation of this image (0 for the first; each kexec adds one).
     pub generation: u64,
     /// Calls accepted into some CPU's queue.
     pub ipis_sent: u64,
@@ -339,6 +344,7 @@ pub struct RuntimeStats {
     pub ipis_cancelled: u64,
     /// Call API invocations that succeeded / returned an error.
     pub calls_completed: u64,
+    /// Call API invocations that returned an error.
     pub calls_failed: u64,
     /// Accepted calls neither run nor cancelled. Calls in flight count here while the runtime
     /// runs; after shutdown it must be 0.
@@ -347,6 +353,7 @@ pub struct RuntimeStats {
     pub doorbell_signals: u64,
     /// IPIs refused because the target was offline / out of range.
     pub offline_ipis: u64,
+    /// IPIs refused because the target id was out of range.
     pub invalid_ipis: u64,
     /// Calls found on a CPU after it went offline ("IPI on offline CPU"); still run once.
     pub ipi_on_offline: u64,
@@ -354,7 +361,9 @@ pub struct RuntimeStats {
     pub csd_timeouts: u64,
     /// csds allocated now, and the pool size.
     pub csd_in_use: u64,
+    /// Size of the csd pool.
     pub csd_pool: usize,
+    /// Each CPU's counters, by CPU id.
     pub per_cpu: Vec<CpuStats>,
 }
 

@@ -48,16 +48,29 @@ const ABORT: u32 = 100;
 pub enum StopMachineError {
     /// Not every online CPU joined within the call timeout; `f` ran nowhere.
     #[error("stop_machine: CPUs {missing} did not join within {waited_ms} ms; nothing ran")]
-    Timeout { missing: CpuMask, waited_ms: u64 },
+    Timeout {
+        /// The CPUs that did not join.
+        missing: CpuMask,
+        /// How long it waited, in ms.
+        waited_ms: u64,
+    },
     /// `f` returned an error on `cpu` (the first one to fail).
     #[error("stop_machine: function failed on CPU {cpu} with code {code}")]
-    Failed { cpu: CpuId, code: i32 },
+    Failed {
+        /// The first CPU on which `f` failed.
+        cpu: CpuId,
+        /// The error code `f` returned.
+        code: i32,
+    },
     /// A system stop (`send_stop`/`crash_stop`) started meanwhile; the machine is stopping.
     #[error("stop_machine: aborted, the system is being stopped")]
     Stopped,
     /// This image handed over to the next one (kexec).
     #[error("stop_machine: generation {generation} has handed over to the next image")]
-    Retired { generation: u64 },
+    Retired {
+        /// Generation of this (retired) image.
+        generation: u64,
+    },
     /// An IPI could not be sent.
     #[error("stop_machine: {0}")]
     Ipi(#[from] crate::ipi::IpiError),

@@ -170,7 +170,9 @@ pub struct Attempt {
 /// A stopped CPU's crash note.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct CrashNote {
+    /// The stopped CPU.
     pub cpu: CpuId,
+    /// Its registers as saved when it stopped.
     pub regs: SavedRegs,
 }
 
@@ -196,7 +198,10 @@ pub struct StopOutcome {
 pub enum StopError {
     /// Another caller is running the stop (this caller is not a CPU, so it does not park).
     #[error("SMP stop already in progress{}", if *upgraded { " (upgraded to a crash-stop)" } else { "" })]
-    InProgress { upgraded: bool },
+    InProgress {
+        /// Whether this call upgraded the running stop to a crash-stop.
+        upgraded: bool,
+    },
 }
 
 impl Handle {
