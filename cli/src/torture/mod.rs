@@ -33,6 +33,7 @@ mod spinners;
 
 mod ipi_storm;
 mod irqs_off;
+mod late_ipi_offline;
 mod onoff;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +55,7 @@ use watchdog::Monitor;
 pub static SCENARIOS: &[&dyn Scenario] = &[
     &ipi_storm::IpiStorm,
     &onoff::OnOff,
+    &late_ipi_offline::LateIpiOffline,
     &irqs_off::IrqsOff,
     // Scenarios of the second helper go here, one line each.
 ];
