@@ -57,7 +57,12 @@ fn callback(round: &Arc<Round>, tok: &Arc<Token>) -> impl FnOnce() + Send + 'sta
 }
 
 /// Step 2: sends to the victim until `stop`; returns the tokens and what each must see.
-fn send_until(h: &Handle, round: &Arc<Round>, mut rng: Rng, stop: &AtomicBool) -> Vec<(Arc<Token>, Expect)> {
+fn send_until(
+    h: &Handle,
+    round: &Arc<Round>,
+    mut rng: Rng,
+    stop: &AtomicBool,
+) -> Vec<(Arc<Token>, Expect)> {
     let mut filed = Vec::new();
     let t = Instant::now();
     while !stop.load(Ordering::Relaxed) && t.elapsed() < SEND_BOUND {
@@ -129,7 +134,10 @@ impl Scenario for LateIpiOffline {
                 ctx.violation(
                     "lost_calls",
                     None,
-                    format!("{} calls neither ran nor were cancelled at shutdown", fin.lost_calls),
+                    format!(
+                        "{} calls neither ran nor were cancelled at shutdown",
+                        fin.lost_calls
+                    ),
                 );
             }
         }
@@ -150,7 +158,8 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
     // A CPU-to-CPU sender on CPU 0.
     let job = {
         let (hh, r, s, seed) = (h.clone(), round.clone(), stop.clone(), rng.next());
-        h.run_on(0, move || send_until(&hh, &r, Rng::new(seed), &s)).ok()
+        h.run_on(0, move || send_until(&hh, &r, Rng::new(seed), &s))
+            .ok()
     };
     let (down, mut filed) = std::thread::scope(|s| {
         let senders: Vec<_> = (0..2)
@@ -194,7 +203,9 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
             // Still online: its calls may still be running; wait for them (bounded).
             let t = Instant::now();
             while t.elapsed() < SETTLE
-                && filed.iter().any(|(tok, e)| *e == Expect::Once && tok.runs() == 0)
+                && filed
+                    .iter()
+                    .any(|(tok, e)| *e == Expect::Once && tok.runs() == 0)
             {
                 ctx.heartbeat();
                 std::thread::sleep(Duration::from_millis(1));
@@ -209,19 +220,33 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
             Expect::Once => {
                 accepted += 1;
                 match runs {
-                    0 => Some(("lost_calls", "accepted, and not run when cpu_down returned".to_string())),
+                    0 => Some((
+                        "lost_calls",
+                        "accepted, and not run when cpu_down returned".to_string(),
+                    )),
                     1 => None,
                     r => Some(("double_runs", format!("ran {r} times"))),
                 }
             }
             Expect::Never => {
                 refused += 1;
-                (runs > 0).then(|| ("refused_runs", format!("refused as offline, yet ran {runs} time(s)")))
+                (runs > 0).then(|| {
+                    (
+                        "refused_runs",
+                        format!("refused as offline, yet ran {runs} time(s)"),
+                    )
+                })
             }
-            Expect::AtMostOnce => (runs > 1).then(|| ("double_runs", format!("timed out, then ran {runs} times"))),
+            Expect::AtMostOnce => {
+                (runs > 1).then(|| ("double_runs", format!("timed out, then ran {runs} times")))
+            }
         };
         if let Some((counter, msg)) = bad {
-            ctx.violation(counter, Some(victim), format!("call to CPU {victim} (going offline): {msg}"));
+            ctx.violation(
+                counter,
+                Some(victim),
+                format!("call to CPU {victim} (going offline): {msg}"),
+            );
         }
     }
     ctx.count("calls_accepted", accepted);

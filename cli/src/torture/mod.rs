@@ -31,10 +31,12 @@ mod watchdog;
 
 mod spinners;
 
+mod concurrent_stop;
 mod ipi_storm;
 mod irqs_off;
 mod late_ipi_offline;
 mod onoff;
+mod wedged;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,7 +58,9 @@ pub static SCENARIOS: &[&dyn Scenario] = &[
     &ipi_storm::IpiStorm,
     &onoff::OnOff,
     &late_ipi_offline::LateIpiOffline,
+    &concurrent_stop::ConcurrentStop,
     &irqs_off::IrqsOff,
+    &wedged::Wedged,
     // Scenarios of the second helper go here, one line each.
 ];
 
