@@ -179,9 +179,9 @@ fn main() {
         Err(e) => usage_error(e),
     };
     // `usmp stress` provokes the runtime's warnings (stop retries, csd timeouts) on purpose and
-    // reports what matters itself; its log shows errors only unless RUST_LOG says otherwise.
+    // reports what matters itself; its log is off unless RUST_LOG says otherwise.
     let default_level = match cli.cmd {
-        Cmd::Stress(_) => "error",
+        Cmd::Stress(_) => "off",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
