@@ -1,12 +1,13 @@
-//! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did.
+//! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did, or
+//! torture it (`usmp stress`, in `torture/`).
 //!
 //! Exit codes: 0 the run finished (also after Ctrl-C), or stdout was closed by its reader
-//! (a broken pipe ends the output, quietly); 2 bad input (usage errors included), a runtime
-//! that could not start, or a workload that failed (one line on stderr). A second Ctrl-C exits
-//! at once with 130.
+//! (a broken pipe ends the output, quietly); 1 `usmp stress` saw an invariant violated; 2 bad
+//! input (usage errors included), a runtime that could not start, or a workload that failed
+//! (one line on stderr). A second Ctrl-C exits at once with 130.
 //!
-//! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr and
-//! the run goes on.
+//! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr (in
+//! `usmp stress`, of the running scenario's runtime) and the run goes on.
 //!
 //! Signals in `usmp run`: SIGINT and SIGQUIT are blocked in the main thread before anything else
 //! starts, so every thread (each logical CPU included) inherits the block, and one thread takes
@@ -194,7 +195,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Run(args) => start_signal_thread(signals).and_then(|sig| run(plan(args)?, sig)),
         Cmd::Stress(args) => start_signal_thread(signals).and_then(|sig| {
-            if torture::stress(args, sig.stop)? {
+            if torture::stress(args, sig.stop, sig.quit_target)? {
                 let _ = std::io::stdout().flush();
                 std::process::exit(1);
             }

@@ -252,7 +252,11 @@ fn ctrl_c_ends_the_run_with_the_table_so_far() {
     assert!(sent, "no scenario finished: {stderr}");
     assert_eq!(status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("every invariant held"), "{stdout}");
-    assert!(stdout.contains("(interrupted)"), "{stdout}");
+    assert!(stdout.contains("interrupted (Ctrl-C): "), "{stdout}");
+    assert!(
+        stdout.contains("ipi-storm ") && !stdout.contains("wedged "),
+        "{stdout}"
+    );
     // The run was to last 120 s; it ended within the second scenario.
     assert!(
         t.elapsed() < Duration::from_secs(60),

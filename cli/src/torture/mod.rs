@@ -5,13 +5,20 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `mod.rs` | the `Scenario` trait, the registry [`SCENARIOS`], `Ctx` (what a scenario gets), the runner |
-//! | `args.rs` | `usmp stress` arguments and their checks (typed errors, exit 2) |
+//! | `mod.rs` | the `Scenario` trait, the registry [`SCENARIOS`], the [`BROKEN`] table, `Ctx` (what a scenario gets), the runner |
+//! | `args.rs` | `usmp stress` arguments and their checks (typed errors, exit 2), the replay command |
 //! | `check.rs` | `Tally`: counters, violations, progress |
 //! | `watchdog.rs` | `Monitor`: hang detection with every CPU's NMI-sampled IP, the trace window |
 //! | `faults.rs` | `--faults LIST` -> `usmp::fault::Faults` and the scenario-injected faults |
 //! | `report.rs` | progress (indicatif or plain lines), the counters table, `--json`, the failure report |
-//! | one file per scenario | `ipi_storm.rs`, `onoff.rs`, ... (module doc: what it does, its invariants) |
+//! | `calls.rs` | the exactly-once ledger for calls a scenario sends (`lost_calls`, `double_runs`, `refused_runs`) |
+//! | `spinners.rs` | irq-masked and wedged spinner jobs for the stop scenarios |
+//! | `ipi_storm.rs` | `ipi-storm`: every kind of call at once; catches `doorbell-never-rings` |
+//! | `late_ipi_offline.rs` | `late-ipi-offline` (seed 002): calls racing `cpu_down`; catches `skip-dying-flush` |
+//! | `concurrent_stop.rs` | `concurrent-stop` (seed 001): stop and crash-stop callers at once |
+//! | `irqs_off.rs` | `irqs-off`: irq-masked CPUs need the NMI attempt; catches `stop-without-retries` |
+//! | `wedged.rs` | `wedged`: a CPU that not even the NMI reaches; the stop stays bounded |
+//! | `onoff.rs` | `onoff`: random online/offline while IPIs flow (also `usmp run --workload hotplug`) |
 //!
 //! # Adding a scenario
 //!
@@ -39,7 +46,7 @@ mod onoff;
 mod wedged;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use usmp::fault::Broken;
@@ -281,7 +288,12 @@ const TICK: Duration = Duration::from_millis(50);
 
 /// Runs `usmp stress`; returns whether any invariant was violated (exit 1). Bad input and
 /// harness failures are errors (exit 2).
-pub fn stress(a: StressArgs, interrupt: Arc<AtomicBool>) -> anyhow::Result<bool> {
+/// `quit_target` is what SIGQUIT dumps: kept pointing at the running scenario's runtime.
+pub fn stress(
+    a: StressArgs,
+    interrupt: Arc<AtomicBool>,
+    quit_target: Arc<Mutex<Option<Handle>>>,
+) -> anyhow::Result<bool> {
     let plan = args::plan(a)?;
     let flags = Arc::new(Flags {
         interrupt,
@@ -296,7 +308,8 @@ pub fn stress(a: StressArgs, interrupt: Arc<AtomicBool>) -> anyhow::Result<bool>
             break;
         }
         let monitor = Arc::new(Monitor::default());
-        let (res, err) = run_one(*sc, &plan, &flags, &monitor, &mut progress);
+        let (res, err) = run_one(*sc, &plan, &flags, &monitor, &mut progress, &quit_target);
+        *quit_target.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if res.violations > 0 && failure_trace.is_none() {
             failure_trace = monitor.take_failure();
         }
@@ -304,7 +317,12 @@ pub fn stress(a: StressArgs, interrupt: Arc<AtomicBool>) -> anyhow::Result<bool>
         results.push(res);
         if let Some(e) = err {
             progress.finish();
-            report::print(&plan, &results, None)?;
+            report::print(
+                &plan,
+                &results,
+                flags.interrupt.load(Ordering::Relaxed),
+                None,
+            )?;
             return Err(anyhow::Error::new(e).context(format!("scenario {}", sc.name())));
         }
         if stop {
@@ -317,7 +335,8 @@ pub fn stress(a: StressArgs, interrupt: Arc<AtomicBool>) -> anyhow::Result<bool>
         (true, Some(t)) => Some(report::write_trace(&plan, &t)?),
         _ => None,
     };
-    report::print(&plan, &results, trace_path.as_deref())?;
+    let interrupted = flags.interrupt.load(Ordering::Relaxed);
+    report::print(&plan, &results, interrupted, trace_path.as_deref())?;
     if results.iter().any(|r| r.abandoned) {
         // A scenario thread is stuck inside the runtime: do not wait for it on the way out.
         use std::io::Write;
@@ -333,6 +352,7 @@ fn run_one(
     flags: &Arc<Flags>,
     monitor: &Arc<Monitor>,
     progress: &mut report::Progress,
+    quit_target: &Mutex<Option<Handle>>,
 ) -> (ScenarioResult, Option<ScenarioError>) {
     let tally = Arc::new(Tally::new(sc.counters()));
     let broken = plan
@@ -391,6 +411,7 @@ fn run_one(
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             }
             monitor.tick(&tally, false);
+            *quit_target.lock().unwrap_or_else(|e| e.into_inner()) = monitor.handle();
             progress.update(sc.name(), &tally);
             match fired {
                 None if monitor.hung(&tally, plan.hang_timeout) => {

@@ -160,7 +160,12 @@ struct JsonRun<'a> {
 }
 
 /// The table (or JSON) on stdout, then the failure report.
-pub fn print(plan: &Plan, results: &[ScenarioResult], trace: Option<&Path>) -> anyhow::Result<()> {
+pub fn print(
+    plan: &Plan,
+    results: &[ScenarioResult],
+    interrupted: bool,
+    trace: Option<&Path>,
+) -> anyhow::Result<()> {
     let total: u64 = results.iter().map(|r| r.violations).sum();
     let mut out = std::io::stdout().lock();
     if plan.json {
@@ -175,13 +180,18 @@ pub fn print(plan: &Plan, results: &[ScenarioResult], trace: Option<&Path>) -> a
         let mut err = std::io::stderr().lock();
         failures(&mut err, plan, results, trace)?;
     } else {
-        table(&mut out, plan, results)?;
+        table(&mut out, plan, results, interrupted)?;
         failures(&mut out, plan, results, trace)?;
     }
     Ok(())
 }
 
-fn table(out: &mut impl Write, plan: &Plan, results: &[ScenarioResult]) -> std::io::Result<()> {
+fn table(
+    out: &mut impl Write,
+    plan: &Plan,
+    results: &[ScenarioResult],
+    interrupted: bool,
+) -> std::io::Result<()> {
     writeln!(
         out,
         "usmp stress: seed {:#x}, {} CPUs on {} host cores",
@@ -217,6 +227,14 @@ fn table(out: &mut impl Write, plan: &Plan, results: &[ScenarioResult]) -> std::
         }
     }
     let total: u64 = results.iter().map(|r| r.violations).sum();
+    if interrupted {
+        writeln!(
+            out,
+            "interrupted (Ctrl-C): {} of {} scenario(s) ran",
+            results.len(),
+            plan.scenarios.len()
+        )?;
+    }
     writeln!(
         out,
         "{}",
