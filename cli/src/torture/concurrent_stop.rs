@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use usmp::{CpuId, Handle, ParkPolicy, StopError, StopOutcome};
 
 use super::args::mode_name;
-use super::spinners::Spinners;
+use super::spinners::{process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
 use super::{Ctx, Scenario, ScenarioError};
 
 const FIRST_WAIT: Duration = Duration::from_millis(30);
@@ -87,6 +87,8 @@ impl Scenario for ConcurrentStop {
             "upgrades",
             "cpu_callers_parked",
             "cpu_winners",
+            "threads_first",
+            "threads_last",
         ]
     }
 
@@ -101,6 +103,7 @@ impl Scenario for ConcurrentStop {
     fn run(&self, ctx: &Ctx) -> Result<(), ScenarioError> {
         let mut rng = ctx.rng(0);
         let mut round = 0u64;
+        ctx.set("threads_first", process_threads());
         while ctx.running() {
             let mode = ctx.mode(round);
             round += 1;
@@ -111,6 +114,8 @@ impl Scenario for ConcurrentStop {
             };
             let rt = ctx.build(|b| {
                 b.stop_waits(FIRST_WAIT, NMI_WAIT)
+                    .event_ring(STOP_ROUND_RING)
+                    .csd_pool(STOP_ROUND_CSDS)
                     .stop_max_retries(ATTEMPTS)
                     .stop_mode(mode)
                     .park_policy(park)
@@ -229,6 +234,7 @@ impl Scenario for ConcurrentStop {
             ctx.iteration();
             drop(rt);
             ctx.unwatch();
+            ctx.set("threads_last", process_threads());
         }
         Ok(())
     }

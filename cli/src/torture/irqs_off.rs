@@ -2,7 +2,7 @@
 //! cannot reach them; the retry with the NMI must. Catches `--broken stop-without-retries`.
 //!
 //! Each round builds a runtime in the round's stop mode, starts irq-masked spinners on 1 to
-//! half of the CPUs (never CPU 0), waits until they have masked, and stops from outside
+//! 3 CPUs (at most half, never CPU 0), waits until they have masked, and stops from outside
 //! (`send_stop` or `crash_stop`, by the seed). Then:
 //! - every CPU is stopped and `failed` is empty (`failed_to_stop`, per CPU);
 //! - every masked CPU was stopped by an attempt after the first, the NMI one (`nmi_stops`
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use usmp::{CpuId, CpuMask, ParkPolicy};
 
 use super::args::mode_name;
-use super::spinners::Spinners;
+use super::spinners::{process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
 use super::{Ctx, Scenario, ScenarioError};
 
 /// The first (maskable) attempt's wait: the masked CPUs never answer it.
@@ -23,6 +23,8 @@ const FIRST_WAIT: Duration = Duration::from_millis(20);
 const NMI_WAIT: Duration = Duration::from_millis(300);
 /// Spinners must have masked within this.
 const MASK_BOUND: Duration = Duration::from_secs(3);
+/// Masked CPUs per round, at most.
+const MAX_MASKED: usize = 3;
 
 pub struct IrqsOff;
 
@@ -43,6 +45,8 @@ impl Scenario for IrqsOff {
             "stops",
             "crash_stops",
             "masked_cpus",
+            "threads_first",
+            "threads_last",
         ]
     }
 
@@ -57,17 +61,22 @@ impl Scenario for IrqsOff {
     fn run(&self, ctx: &Ctx) -> Result<(), ScenarioError> {
         let mut rng = ctx.rng(0);
         let mut round = 0u64;
+        ctx.set("threads_first", process_threads());
         while ctx.running() {
             let mode = ctx.mode(round);
             round += 1;
             let rt = ctx.build(|b| {
                 b.stop_waits(FIRST_WAIT, NMI_WAIT)
+                    .event_ring(STOP_ROUND_RING)
+                    .csd_pool(STOP_ROUND_CSDS)
                     .stop_mode(mode)
                     .park_policy(ParkPolicy::PowerOff)
             })?;
             let h = rt.handle();
             let n = h.cpus();
-            let k = 1 + rng.below((n / 2).max(1));
+            // At most three: each masked CPU is stopped inside its job and strands its thread
+            // (see spinners.rs), so more per round would only cost memory.
+            let k = 1 + rng.below((n / 2).clamp(1, MAX_MASKED));
             let mut cpus: Vec<CpuId> = Vec::new();
             while cpus.len() < k.min(n - 1) {
                 let c = 1 + rng.below(n - 1);
@@ -133,6 +142,7 @@ impl Scenario for IrqsOff {
             ctx.iteration();
             drop(rt);
             ctx.unwatch();
+            ctx.set("threads_last", process_threads());
         }
         if round > 0
             && ctx.get("nmi_stops") == 0

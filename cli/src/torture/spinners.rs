@@ -76,3 +76,23 @@ impl Spinners {
         drop(self.jobs);
     }
 }
+
+/// A CPU stopped inside a job (every spinner above, and a CPU caller stopped while it waits)
+/// is parked at an unsafe point: by the runtime's design it never leaves, so its thread, and
+/// through it its runtime's memory, outlive the runtime. The stop scenarios build a runtime
+/// per round, so they keep each runtime small: short event rings (a round's trace is short)
+/// and a small csd pool (stops use vectors, not csds).
+pub const STOP_ROUND_RING: usize = 256;
+pub const STOP_ROUND_CSDS: usize = 64;
+
+/// Threads of this process now (`/proc/self/status`), to report stranded CPU threads.
+pub fn process_threads() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use usmp::CpuId;
 
 use super::args::mode_name;
-use super::spinners::Spinners;
+use super::spinners::{process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
 use super::{Ctx, Scenario, ScenarioError};
 
 const FIRST_WAIT: Duration = Duration::from_millis(20);
@@ -42,6 +42,8 @@ impl Scenario for Wedged {
             "stops",
             "nmi_stops",
             "max_stop_ms",
+            "threads_first",
+            "threads_last",
         ]
     }
 
@@ -56,12 +58,15 @@ impl Scenario for Wedged {
     fn run(&self, ctx: &Ctx) -> Result<(), ScenarioError> {
         let mut rng = ctx.rng(0);
         let mut round = 0u64;
+        ctx.set("threads_first", process_threads());
         let bound = FIRST_WAIT + NMI_WAIT * (ATTEMPTS - 1) + SLACK;
         while ctx.running() {
             let mode = ctx.mode(round);
             round += 1;
             let rt = ctx.build(|b| {
                 b.stop_waits(FIRST_WAIT, NMI_WAIT)
+                    .event_ring(STOP_ROUND_RING)
+                    .csd_pool(STOP_ROUND_CSDS)
                     .stop_max_retries(ATTEMPTS)
                     .stop_mode(mode)
             })?;
@@ -141,6 +146,7 @@ impl Scenario for Wedged {
             ctx.iteration();
             drop(rt);
             ctx.unwatch();
+            ctx.set("threads_last", process_threads());
         }
         Ok(())
     }
