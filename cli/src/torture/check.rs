@@ -97,6 +97,12 @@ impl Tally {
 
     /// Counts a violation in `counter` and in the total, keeping the first few with their text.
     pub fn violation(&self, counter: &str, cpu: Option<CpuId>, message: String) {
+        self.violation_at(counter, cpu, message, mono_ns());
+    }
+
+    /// A violation that began at `mono_ns` (a stall: when progress stopped), so the failure
+    /// trace shows what led to it.
+    pub fn violation_at(&self, counter: &str, cpu: Option<CpuId>, message: String, mono_ns: u64) {
         self.add(counter, 1);
         self.violations.fetch_add(1, Ordering::SeqCst);
         let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
@@ -106,7 +112,7 @@ impl Tally {
                 cpu,
                 message,
                 at: self.start.elapsed(),
-                mono_ns: mono_ns(),
+                mono_ns,
             });
         }
     }

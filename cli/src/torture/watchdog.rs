@@ -7,7 +7,8 @@
 //! 2. once a violation happened and the rings have caught up with it, keeps the second before
 //!    it as the failure trace (the first violation only);
 //! 3. when the scenario made no progress for `--hang-timeout`, reports a `hangs` violation with
-//!    every CPU's state and NMI-sampled instruction pointer, and tells the runner to end the run.
+//!    every CPU's state and NMI-sampled instruction pointer (its trace is the second before the
+//!    stall began), and tells the runner to end the run.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -108,13 +109,17 @@ impl Monitor {
             || "no runtime is being watched".to_string(),
             |h| dump_cpus(&h),
         );
-        tally.violation(
+        // The trace is cut at the start of the stall: the window keeps the 2 s before the
+        // newest event, and a stalled runtime logs little more.
+        let began = mono_ns().saturating_sub(stalled.as_nanos() as u64);
+        tally.violation_at(
             "hangs",
             None,
             format!(
                 "watchdog: no progress for {:.1}s (--hang-timeout); {dump}",
                 stalled.as_secs_f64()
             ),
+            began,
         );
         true
     }
