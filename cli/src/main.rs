@@ -1,12 +1,13 @@
-//! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did.
+//! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did, or
+//! torture it (`usmp stress`, in `torture/`).
 //!
 //! Exit codes: 0 the run finished (also after Ctrl-C), or stdout was closed by its reader
-//! (a broken pipe ends the output, quietly); 2 bad input (usage errors included), a runtime
-//! that could not start, or a workload that failed (one line on stderr). A second Ctrl-C exits
-//! at once with 130.
+//! (a broken pipe ends the output, quietly); 1 `usmp stress` saw an invariant violated; 2 bad
+//! input (usage errors included), a runtime that could not start, or a workload that failed
+//! (one line on stderr). A second Ctrl-C exits at once with 130.
 //!
-//! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr and
-//! the run goes on.
+//! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr (in
+//! `usmp stress`, of the running scenario's runtime) and the run goes on.
 //!
 //! Signals in `usmp run`: SIGINT and SIGQUIT are blocked in the main thread before anything else
 //! starts, so every thread (each logical CPU included) inherits the block, and one thread takes
@@ -26,7 +27,9 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
 mod kexec_cmd;
+mod rng;
 mod stress;
+mod torture;
 use usmp::{Handle, RuntimeStats, MAX_CPUS};
 
 #[derive(Parser)]
@@ -46,6 +49,9 @@ enum Cmd {
     Run(RunArgs),
     /// Kexec (orderly or --crash) to the next image; print the handoff timeline.
     Kexec(kexec_cmd::KexecArgs),
+    /// Torture the runtime: scenarios that race IPIs, hotplug, stop and kexec with injected
+    /// faults and check every invariant as they go (exit 1 on a violation).
+    Stress(torture::StressArgs),
 }
 
 #[derive(Args)]
@@ -79,7 +85,8 @@ enum Workload {
     Lifecycle,
     /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`stress::demo`).
     Demo,
-    /// Random CPU online/offline churn while IPIs flow (`stress::hotplug_churn`).
+    /// Random CPU online/offline churn while IPIs flow: the `onoff` stress scenario with a
+    /// fixed seed (`torture::hotplug_churn`).
     Hotplug,
     /// CPU 1 panics and crash-stops a busy runtime; CPU 2, irqs masked, needs the NMI attempt
     /// (`stress::crash`).
@@ -123,7 +130,7 @@ struct RunPlan {
 enum Outcome {
     Lifecycle(stress::LifecycleReport),
     Demo(stress::DemoReport),
-    Hotplug(stress::OnOffReport),
+    Hotplug(torture::OnOffReport),
     Crash(stress::CrashReport),
 }
 
@@ -157,7 +164,7 @@ struct RunReport<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     demo: Option<&'a stress::DemoReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    onoff: Option<&'a stress::OnOffReport>,
+    onoff: Option<&'a torture::OnOffReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     crash: Option<&'a stress::CrashReport>,
     #[serde(flatten)]
@@ -168,19 +175,32 @@ fn main() {
     // First, so a Ctrl-C during start-up (parsing, logger set-up) waits for the signal thread
     // instead of killing the process; only `run` takes it, `kexec` gets the default back.
     let signals = block_run_signals();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
+    // `usmp stress` provokes the runtime's warnings (stop retries, csd timeouts) on purpose and
+    // reports what matters itself; its log is off unless RUST_LOG says otherwise.
+    let default_level = match cli.cmd {
+        Cmd::Stress(_) => "off",
+        _ => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(colour_on_stderr())
         .with_env_filter(filter)
         .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => usage_error(e),
-    };
     let result = match cli.cmd {
         Cmd::Run(args) => start_signal_thread(signals).and_then(|sig| run(plan(args)?, sig)),
+        Cmd::Stress(args) => start_signal_thread(signals).and_then(|sig| {
+            if torture::stress(args, sig.stop, sig.quit_target)? {
+                let _ = std::io::stdout().flush();
+                std::process::exit(1);
+            }
+            Ok(())
+        }),
         Cmd::Kexec(args) => {
             // Pending signals are delivered (with their default action) once unblocked.
             let _ = signals.thread_unblock();
@@ -376,7 +396,7 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
         Workload::Demo => stress::demo(&h, p.duration, &stop)
             .map(Outcome::Demo)
             .map_err(anyhow::Error::from),
-        Workload::Hotplug => stress::hotplug_churn(&h, p.duration, &stop)
+        Workload::Hotplug => torture::hotplug_churn(&h, p.duration, &stop)
             .map(Outcome::Hotplug)
             .map_err(anyhow::Error::from),
         Workload::Crash => stress::crash_demo(&h, p.duration, &stop)
@@ -560,7 +580,7 @@ fn print_summary(
 }
 
 /// rcutorture-style onoff accounting, after the usual summary.
-fn print_onoff(out: &mut impl Write, o: &stress::OnOffReport) -> std::io::Result<()> {
+fn print_onoff(out: &mut impl Write, o: &torture::OnOffReport) -> std::io::Result<()> {
     writeln!(
         out,
         "onoff: {} onlines (min/avg/max {}/{}/{} us), {} offlines (min/avg/max {}/{}/{} us)",

@@ -56,7 +56,6 @@ pub struct CrashReport {
     pub panic_cpu: CpuId,
     pub masked_cpu: CpuId,
     /// CPUs that ran IPI traffic jobs (the panic CPU included, until it panicked).
-    #[serde(serialize_with = "ser_mask")]
     pub traffic_cpus: CpuMask,
     /// When CPU 1 called `crash_stop`, in ms since the workload started.
     pub panic_at_ms: f64,
@@ -74,10 +73,6 @@ pub struct CrashReport {
     pub notes: Vec<ResolvedNote>,
     /// Every CPU's state after the stop.
     pub states: Vec<(CpuId, CpuRunState)>,
-}
-
-fn ser_mask<S: serde::Serializer>(m: &CpuMask, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&m.to_string())
 }
 
 /// Why the crash workload failed.

@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::rng::Rng;
 use usmp::{
-    cpu_relax, irq_restore, irq_save, this_cpu, CpuId, CpuMask, Handle, IpiError, JobHandle,
-    RuntimeError,
+    cpu_relax, irq_restore, irq_save, this_cpu, CpuId, Handle, IpiError, JobHandle, RuntimeError,
 };
 
 /// Jobs in flight per CPU before the caller waits for the oldest.
@@ -92,44 +92,6 @@ struct Tally {
     expected: u64,
 }
 
-/// A tiny xorshift64 (deterministic, no dependency).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// A random non-empty subset of `0..n`.
-fn random_mask(rng: &mut Rng, n: usize) -> CpuMask {
-    let mut m = CpuMask::new();
-    let mut bits = 0;
-    for c in 0..n {
-        if c % 64 == 0 {
-            bits = rng.next();
-        }
-        if bits & (1 << (c % 64)) != 0 {
-            m.set(c);
-        }
-    }
-    if m.is_empty() {
-        m.set(rng.below(n));
-    }
-    m
-}
-
 /// Runs the demo workload on `h` until `stop` is set or `duration` has passed, then drains it.
 ///
 /// Call it from a thread outside the runtime. Every call it makes is checked: the first error is
@@ -177,7 +139,7 @@ pub fn demo(h: &Handle, duration: Duration, stop: &AtomicBool) -> Result<DemoRep
                 }
             }
             4 => {
-                let mask = random_mask(&mut rng, n);
+                let mask = rng.mask(n);
                 let d = shared.clone();
                 match h.call_many(&mask, move || bump(&d), true) {
                     Ok(()) => {
@@ -301,7 +263,7 @@ fn cpu_to_cpu_job(h: &Handle, d: &Arc<Shared>, seed: u64) -> Result<Tally, DemoE
                 .map(|()| 1)
                 .map_err(|e| ipi("CPU-to-CPU call_single_async", e))?,
             _ => {
-                let mask = random_mask(&mut rng, n);
+                let mask = rng.mask(n);
                 // `call_many` skips the calling CPU.
                 let w = mask.weight() as u64 - u64::from(mask.contains(me));
                 h.call_many(&mask, move || bump(&dd), true)

@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::crash::{resolve_note, spin_masked, ResolvedNote, MASKED_CPU, PANIC_CPU};
-use super::{demo, hotplug_churn, DemoError, DemoReport, HotplugChurnError, OnOffReport};
+use super::{demo, DemoError, DemoReport};
+use crate::torture::{hotplug_churn, HotplugChurnError, OnOffReport};
 use usmp::{
     CpuId, CpuMask, CpuRunState, Handle, IpiError, KexecError, KexecOutcome, KexecReport,
     ParkPolicy, RuntimeError, RuntimeStats, StopError, StopOutcome,
@@ -84,7 +85,6 @@ pub struct Phase {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct NextReport {
     pub generation: u64,
-    #[serde(serialize_with = "ser_mask")]
     pub online: CpuMask,
     pub single_sync: u64,
     pub single_async: u64,
@@ -144,10 +144,6 @@ pub enum LifecycleError {
     NextCheck(String),
 }
 
-fn ser_mask<S: serde::Serializer>(m: &CpuMask, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&m.to_string())
-}
-
 fn mask_str(m: &CpuMask) -> String {
     if m.is_empty() {
         "(none)".into()
@@ -193,7 +189,6 @@ type PanicResult = Result<(StopOutcome, Result<KexecOutcome<ImageCheck>, KexecEr
 #[derive(Debug, Clone, serde::Serialize)]
 struct ImageCheck {
     generation: u64,
-    #[serde(serialize_with = "ser_mask")]
     online: CpuMask,
     record_from: Option<u64>,
     record_notes: usize,

@@ -1,0 +1,155 @@
+//! The watchdog and the trace window of one scenario run.
+//!
+//! The runner's thread calls [`Monitor::tick`] every few tens of milliseconds while the
+//! scenario runs on its own thread. A tick:
+//! 1. drains the watched runtime's event rings (`Handle::take_trace`) into a window of the last
+//!    [`WINDOW`], so a long run keeps a bounded trace;
+//! 2. once a violation happened and the rings have caught up with it, keeps the second before
+//!    it as the failure trace (the first violation only);
+//! 3. when the scenario made no progress for `--hang-timeout`, reports a `hangs` violation with
+//!    every CPU's state and NMI-sampled instruction pointer (its trace is the second before the
+//!    stall began), and tells the runner to end the run.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use usmp::cpu::events::Event;
+use usmp::Handle;
+
+use super::check::{mono_ns, Tally};
+
+/// Events older than this (before the newest) are dropped from the window.
+const WINDOW: Duration = Duration::from_secs(2);
+/// The failure trace: this long before the first violation.
+const BEFORE: Duration = Duration::from_secs(1);
+/// The logger drains the rings every 20 ms; cut the failure trace once this much has passed.
+const CATCH_UP: Duration = Duration::from_millis(100);
+/// Each CPU's NMI sample waits at most this long.
+const NMI_SAMPLE: Duration = Duration::from_millis(100);
+
+/// The trace of the second before the first violation, and the runtime's width.
+pub struct FailureTrace {
+    pub events: Vec<Event>,
+    pub cpus: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    handle: Option<Handle>,
+    window: VecDeque<Event>,
+    cpus: usize,
+    failure: Option<FailureTrace>,
+}
+
+/// What the watchdog watches: the scenario's current runtime and its recent events.
+#[derive(Default)]
+pub struct Monitor {
+    inner: Mutex<Inner>,
+}
+
+impl Monitor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches `h` from now on (a scenario that builds a new runtime, or kexecs to a next
+    /// image, hands it over); the previous runtime's last events are drained first.
+    pub fn watch(&self, h: Option<Handle>) {
+        let mut g = self.lock();
+        drain(&mut g);
+        if let Some(h) = &h {
+            g.cpus = h.cpus();
+        }
+        g.handle = h;
+    }
+
+    pub fn handle(&self) -> Option<Handle> {
+        self.lock().handle.clone()
+    }
+
+    /// Steps 1 and 2 of the module doc; `final_` cuts the failure trace whatever the time.
+    pub fn tick(&self, tally: &Tally, final_: bool) {
+        let mut g = self.lock();
+        drain(&mut g);
+        if g.failure.is_some() {
+            return;
+        }
+        let Some(v) = tally.first_violations().into_iter().next() else {
+            return;
+        };
+        if !final_ && mono_ns() < v.mono_ns + CATCH_UP.as_nanos() as u64 {
+            return;
+        }
+        let from = v.mono_ns.saturating_sub(BEFORE.as_nanos() as u64);
+        let events = g
+            .window
+            .iter()
+            .filter(|e| e.ts_ns >= from && e.ts_ns <= v.mono_ns)
+            .copied()
+            .collect();
+        g.failure = Some(FailureTrace {
+            events,
+            cpus: g.cpus,
+        });
+    }
+
+    pub fn take_failure(&self) -> Option<FailureTrace> {
+        self.lock().failure.take()
+    }
+
+    /// Step 3: true (and a `hangs` violation with the dump) when the scenario is stuck.
+    pub fn hung(&self, tally: &Tally, hang_timeout: Duration) -> bool {
+        let stalled = tally.stalled_for();
+        if stalled < hang_timeout {
+            return false;
+        }
+        let dump = self.handle().map_or_else(
+            || "no runtime is being watched".to_string(),
+            |h| dump_cpus(&h),
+        );
+        // The trace is cut at the start of the stall: the window keeps the 2 s before the
+        // newest event, and a stalled runtime logs little more.
+        let began = mono_ns().saturating_sub(stalled.as_nanos() as u64);
+        tally.violation_at(
+            "hangs",
+            None,
+            format!(
+                "watchdog: no progress for {:.1}s (--hang-timeout); {dump}",
+                stalled.as_secs_f64()
+            ),
+            began,
+        );
+        true
+    }
+}
+
+fn drain(g: &mut Inner) {
+    let Some(h) = &g.handle else { return };
+    let new = h.take_trace();
+    g.window.extend(new);
+    let newest = g.window.back().map_or(0, |e| e.ts_ns);
+    let keep_from = newest.saturating_sub(WINDOW.as_nanos() as u64);
+    while g.window.front().is_some_and(|e| e.ts_ns < keep_from) {
+        g.window.pop_front();
+    }
+}
+
+/// Every CPU's run state, online bit and NMI-sampled instruction pointer, on one line.
+pub fn dump_cpus(h: &Handle) -> String {
+    let mut s = format!("online {}:", h.online_mask());
+    for cpu in 0..h.cpus() {
+        let state = h
+            .cpu_state(cpu)
+            .map_or("?".to_string(), |st| format!("{st:?}").to_lowercase());
+        let ip = match h.nmi_backtrace(cpu, NMI_SAMPLE) {
+            Ok(ip) => format!("{ip:#x}"),
+            Err(usmp::IpiError::Offline { .. }) => "-".into(),
+            Err(e) => format!("? ({e})"),
+        };
+        let _ = write!(s, " CPU{cpu} {state} ip={ip};");
+    }
+    s.pop();
+    s
+}
