@@ -35,6 +35,8 @@ mod ipi_storm;
 mod irqs_off;
 mod onoff;
 
+mod bringup_timeout;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +58,7 @@ pub static SCENARIOS: &[&dyn Scenario] = &[
     &onoff::OnOff,
     &irqs_off::IrqsOff,
     // Scenarios of the second helper go here, one line each.
+    &bringup_timeout::BringupTimeout,
 ];
 
 /// The deliberately broken protocol variants: `--broken` name, the library's variant, and the
