@@ -36,6 +36,7 @@ mod irqs_off;
 mod onoff;
 
 mod bringup_timeout;
+mod stop_during_bringup;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub static SCENARIOS: &[&dyn Scenario] = &[
     &irqs_off::IrqsOff,
     // Scenarios of the second helper go here, one line each.
     &bringup_timeout::BringupTimeout,
+    &stop_during_bringup::StopDuringBringup,
 ];
 
 /// The deliberately broken protocol variants: `--broken` name, the library's variant, and the
