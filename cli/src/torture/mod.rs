@@ -36,6 +36,7 @@ mod irqs_off;
 mod onoff;
 
 mod bringup_timeout;
+mod reboot_cpu;
 mod stop_during_bringup;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +62,7 @@ pub static SCENARIOS: &[&dyn Scenario] = &[
     // Scenarios of the second helper go here, one line each.
     &bringup_timeout::BringupTimeout,
     &stop_during_bringup::StopDuringBringup,
+    &reboot_cpu::RebootCpu,
 ];
 
 /// The deliberately broken protocol variants: `--broken` name, the library's variant, and the
