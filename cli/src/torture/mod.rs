@@ -36,6 +36,7 @@ mod irqs_off;
 mod onoff;
 
 mod bringup_timeout;
+mod kexec_cycle;
 mod reboot_cpu;
 mod stop_during_bringup;
 
@@ -63,6 +64,7 @@ pub static SCENARIOS: &[&dyn Scenario] = &[
     &bringup_timeout::BringupTimeout,
     &stop_during_bringup::StopDuringBringup,
     &reboot_cpu::RebootCpu,
+    &kexec_cycle::KexecCycle,
 ];
 
 /// The deliberately broken protocol variants: `--broken` name, the library's variant, and the
