@@ -39,6 +39,7 @@ mod bringup_timeout;
 mod kexec_cycle;
 mod reboot_cpu;
 mod stop_during_bringup;
+mod stop_machine;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -65,6 +66,7 @@ pub static SCENARIOS: &[&dyn Scenario] = &[
     &stop_during_bringup::StopDuringBringup,
     &reboot_cpu::RebootCpu,
     &kexec_cycle::KexecCycle,
+    &stop_machine::StopMachine,
 ];
 
 /// The deliberately broken protocol variants: `--broken` name, the library's variant, and the
