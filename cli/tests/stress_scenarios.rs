@@ -87,8 +87,16 @@ fn stop_during_bringup_runs_each_mode_alone() {
         assert_eq!(r.status.code(), Some(0), "{mode}: {}{}", r.stdout, r.stderr);
         let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
         let counters = &v["scenarios"][0]["counters"];
-        let m = mode.replace('-', "_");
-        assert_eq!(counters[format!("rounds_{m}")], 10, "{}", r.stdout);
+        let (m, other) = match mode {
+            "best-effort" => ("best_effort", "deterministic"),
+            _ => ("deterministic", "best_effort"),
+        };
+        assert!(
+            counters[format!("rounds_{m}")].as_u64() >= Some(1),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(counters[format!("rounds_{other}")], 0, "{}", r.stdout);
     }
 }
 
