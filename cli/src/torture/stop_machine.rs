@@ -173,11 +173,11 @@ fn round(ctx: &Ctx, h: &Handle, rng: &mut Rng) -> Result<(), ScenarioError> {
         }
         // Step 4 and the reports of step 2, while the round runs.
         let start = Instant::now();
-        let mut seen = 0;
+        let mut seen = Seen::default();
         let mut calls = 0;
         while ctx.running() && start.elapsed() < ROUND {
             std::thread::sleep(CHECK_EVERY);
-            report_torn(ctx, &table, &mut seen);
+            report(ctx, &table, &mut seen);
             let c = progress.calls.load(Ordering::Relaxed);
             for _ in calls..c {
                 ctx.iteration();
@@ -188,28 +188,43 @@ fn round(ctx: &Ctx, h: &Handle, rng: &mut Rng) -> Result<(), ScenarioError> {
         for t in threads {
             let _ = t.join();
         }
-        report_torn(ctx, &table, &mut seen);
-        ctx.count("reads_ipi", table.reads_ipi.load(Ordering::Relaxed));
-        ctx.count("reads_job", table.reads_job.load(Ordering::Relaxed));
+        report(ctx, &table, &mut seen);
         Ok(())
     })
 }
 
-fn report_torn(ctx: &Ctx, table: &Table, seen: &mut u64) {
+/// What the scenario thread has reported so far.
+#[derive(Default)]
+struct Seen {
+    torn: u64,
+    reads_ipi: u64,
+    reads_job: u64,
+}
+
+/// Reports new torn reads and the read counts as they grow.
+fn report(ctx: &Ctx, table: &Table, seen: &mut Seen) {
+    for (counter, now, was) in [
+        ("reads_ipi", &table.reads_ipi, &mut seen.reads_ipi),
+        ("reads_job", &table.reads_job, &mut seen.reads_job),
+    ] {
+        let n = now.load(Ordering::Relaxed);
+        ctx.count(counter, n - *was);
+        *was = n;
+    }
     let torn = table.torn.load(Ordering::Relaxed);
-    if torn > *seen {
+    if torn > seen.torn {
         let cpu = table.torn_cpu.load(Ordering::Acquire);
         ctx.violation(
             "torn_reads",
             (cpu != NO_CPU).then_some(cpu),
             format!(
                 "{} torn read(s) of the table; the first on CPU {cpu} saw versions {} and {} at once",
-                torn - *seen,
+                torn - seen.torn,
                 table.torn_a.load(Ordering::Relaxed),
                 table.torn_b.load(Ordering::Relaxed)
             ),
         );
-        *seen = torn;
+        seen.torn = torn;
     }
 }
 
