@@ -155,3 +155,47 @@ fn join_of_a_job_on_a_stopped_cpu_returns_job_stopped() {
     assert!(t0.elapsed() < Duration::from_secs(1));
     spin.store(false, Ordering::Relaxed);
 }
+
+/// A CPU brought up while a stop_machine runs joins the online mask only after it: otherwise
+/// it would run calls and jobs, unstopped, while the function updates what they read (found by
+/// `usmp stress --scenario stop-machine` as torn reads on a CPU that had just come online).
+#[test]
+fn a_cpu_coming_online_waits_for_a_running_stop_machine() {
+    let _g = serial();
+    let rt = rt();
+    rt.cpu_down(2).unwrap();
+    let started = Arc::new(AtomicBool::new(false));
+    let changed = Arc::new(AtomicBool::new(false));
+    let (s, c, h) = (started.clone(), changed.clone(), rt.handle());
+    let up = {
+        let h = rt.handle();
+        let s = started.clone();
+        std::thread::spawn(move || {
+            assert!(wait_until(PATIENCE, || s.load(Ordering::SeqCst)));
+            h.cpu_up(2)
+        })
+    };
+    rt.stop_machine(
+        move |_| {
+            let before = h.online_mask();
+            s.store(true, Ordering::SeqCst);
+            // Long enough for an unhindered bring-up to finish many times over.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(150) {
+                std::hint::spin_loop();
+            }
+            if h.online_mask() != before {
+                c.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        },
+        &"0".parse().unwrap(),
+    )
+    .unwrap();
+    up.join().unwrap().unwrap();
+    assert!(
+        !changed.load(Ordering::SeqCst),
+        "CPU 2 came online while the stop_machine function ran"
+    );
+    assert!(rt.is_online(2));
+}

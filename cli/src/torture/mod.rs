@@ -45,6 +45,12 @@ mod late_ipi_offline;
 mod onoff;
 mod wedged;
 
+mod bringup_timeout;
+mod kexec_cycle;
+mod reboot_cpu;
+mod stop_during_bringup;
+mod stop_machine;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,6 +75,11 @@ pub static SCENARIOS: &[&dyn Scenario] = &[
     &irqs_off::IrqsOff,
     &wedged::Wedged,
     // Scenarios of the second helper go here, one line each.
+    &bringup_timeout::BringupTimeout,
+    &stop_during_bringup::StopDuringBringup,
+    &reboot_cpu::RebootCpu,
+    &kexec_cycle::KexecCycle,
+    &stop_machine::StopMachine,
 ];
 
 /// The deliberately broken protocol variants: `--broken` name, the library's variant, and the
