@@ -87,12 +87,6 @@ impl Handle {
                 Some(Duration::from_nanos(deadline - now)),
             );
         }
-        // A CPU must not join the online mask while a stop_machine runs (the kernel's
-        // stop_machine holds cpus_read_lock): it would run calls and jobs, unstopped, while the
-        // function updates what they read. The AP cannot set its online bit before the commit,
-        // so holding the stop_machine mutex from before the commit until the AP reports keeps
-        // them apart. Lock order: hotplug mutex, then this one (as cpu_down's stop_machine).
-        let _no_stop_machine = s.stop.machine.lock_unpoisoned();
         // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
         let committed = handshake::commit(&hc.handshake);
         debug_assert!(
