@@ -289,7 +289,7 @@ impl SavedRegs {
 /// `SA_ONSTACK`). Without it they would run on whatever alternate stack the thread has: std's
 /// stack-overflow stack of a few KiB, on which a callback using 6 KiB of stack crashed the
 /// process. Installed by the CPU's thread at start; dropping it (on the same thread, outside any
-/// handler) puts the previous alternate stack back and unmaps this one.
+/// handler) puts the previous alternate stack back and returns the mapping to `STACK_POOL`.
 pub(crate) struct AltStack {
     map: NonNull<libc::c_void>,
     map_len: usize,
@@ -308,13 +308,105 @@ fn page_size() -> usize {
     }
 }
 
+/// Mapped alternate stacks (guard page already `PROT_NONE`) not in use by any thread.
+///
+/// A kexec retires every CPU thread of the old image while the next image starts its own, and a
+/// hotplug cycle ends one thread and starts another: without the pool each of those is an
+/// `munmap` + `mmap` + `mprotect`, which serialise on the process's mmap lock against the new
+/// threads' own stack mappings (`clone3`). Bounded: it keeps at most twice the peak number of
+/// live alternate stacks (and at most `POOL_MAX`); a stack beyond that is unmapped.
+struct StackPool {
+    /// `(address, map_len)` of free mappings.
+    free: Vec<(usize, usize)>,
+    live: usize,
+    peak: usize,
+}
+
+static STACK_POOL: Mutex<StackPool> = Mutex::new(StackPool {
+    free: Vec::new(),
+    live: 0,
+    peak: 0,
+});
+
+/// Upper bound on pooled stacks, whatever the peak (a runtime may have thousands of CPUs).
+const POOL_MAX: usize = 256;
+
+impl StackPool {
+    /// A free mapping of exactly `map_len` bytes, counted live.
+    fn take(map_len: usize) -> Option<NonNull<libc::c_void>> {
+        let mut p = STACK_POOL.lock_unpoisoned();
+        let i = p.free.iter().rposition(|&(_, l)| l == map_len)?;
+        let (addr, _) = p.free.swap_remove(i);
+        p.note_live();
+        NonNull::new(addr as *mut libc::c_void)
+    }
+
+    fn note_live(&mut self) {
+        self.live += 1;
+        self.peak = self.peak.max(self.live);
+    }
+
+    /// Counts a freshly mapped stack live.
+    fn mapped() {
+        STACK_POOL.lock_unpoisoned().note_live();
+    }
+
+    /// Takes back a stack no thread uses any more; unmaps it if the pool is full.
+    fn give(map: NonNull<libc::c_void>, map_len: usize) {
+        let keep = {
+            let mut p = STACK_POOL.lock_unpoisoned();
+            p.live = p.live.saturating_sub(1);
+            let cap = (2 * p.peak).min(POOL_MAX);
+            if p.free.len() < cap {
+                p.free.push((map.as_ptr() as usize, map_len));
+                true
+            } else {
+                false
+            }
+        };
+        if !keep {
+            // SAFETY: the caller hands over a mapping of `map_len` bytes that nothing uses.
+            let _ = unsafe { munmap(map, map_len) };
+        }
+    }
+}
+
 impl AltStack {
-    /// Maps `size` bytes (rounded up to whole pages) plus a guard page and makes them the
-    /// calling thread's alternate signal stack.
+    /// Makes a stack of `size` bytes (rounded up to whole pages) above a guard page the calling
+    /// thread's alternate signal stack: a pooled one if there is one of that size, else a new
+    /// mapping.
     pub(crate) fn install(size: usize) -> Result<AltStack, IpiError> {
         let page = page_size();
         let size = size.div_ceil(page) * page;
         let map_len = size + page;
+        let map = match StackPool::take(map_len) {
+            Some(map) => map,
+            None => Self::map(page, map_len)?,
+        };
+        let ss = libc::stack_t {
+            // SAFETY: `page` is inside the mapping of `map_len > page` bytes.
+            ss_sp: unsafe { map.cast::<u8>().add(page) }.as_ptr().cast(),
+            ss_flags: 0,
+            ss_size: size,
+        };
+        // SAFETY: zeroed stack_t is a valid out-parameter.
+        let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
+        // Raw libc: nix has no sigaltstack wrapper.
+        // SAFETY: `ss` describes memory that stays mapped until `drop` has switched it out; we
+        // are not running on an alternate stack (thread start), so the switch is allowed.
+        if unsafe { libc::sigaltstack(&ss, &mut old) } != 0 {
+            let e = Errno::last();
+            StackPool::give(map, map_len);
+            return Err(IpiError::Sys {
+                op: "sigaltstack",
+                errno: e as i32,
+            });
+        }
+        Ok(AltStack { map, map_len, old })
+    }
+
+    /// A new mapping of `map_len` bytes whose lowest `page` is the `PROT_NONE` guard.
+    fn map(page: usize, map_len: usize) -> Result<NonNull<libc::c_void>, IpiError> {
         let len = NonZeroUsize::new(map_len).expect("the guard page alone is not empty");
         // SAFETY: an anonymous private mapping with no address hint aliases nothing.
         let map = unsafe {
@@ -341,21 +433,8 @@ impl AltStack {
         // SAFETY: the first page of our own fresh mapping.
         unsafe { mprotect(map, page, ProtFlags::PROT_NONE) }
             .map_err(|e| unmap("mprotect(signal stack guard)", e))?;
-        let ss = libc::stack_t {
-            // SAFETY: `page` is inside the mapping of `map_len > page` bytes.
-            ss_sp: unsafe { map.cast::<u8>().add(page) }.as_ptr().cast(),
-            ss_flags: 0,
-            ss_size: size,
-        };
-        // SAFETY: zeroed stack_t is a valid out-parameter.
-        let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
-        // Raw libc: nix has no sigaltstack wrapper.
-        // SAFETY: `ss` describes memory that stays mapped until `drop` has switched it out; we
-        // are not running on an alternate stack (thread start), so the switch is allowed.
-        if unsafe { libc::sigaltstack(&ss, &mut old) } != 0 {
-            return Err(unmap("sigaltstack", Errno::last()));
-        }
-        Ok(AltStack { map, map_len, old })
+        StackPool::mapped();
+        Ok(map)
     }
 }
 
@@ -379,8 +458,8 @@ impl Drop for AltStack {
         // path), so no frame lives on our stack; `restore` is std's live stack or a disable.
         let r = unsafe { libc::sigaltstack(&restore, std::ptr::null_mut()) };
         if r == 0 {
-            // SAFETY: no longer the thread's alternate stack, and nothing else points into it.
-            let _ = unsafe { munmap(self.map, self.map_len) };
+            // No longer the thread's alternate stack, and nothing else points into it.
+            StackPool::give(self.map, self.map_len);
         }
         // If the switch failed (we are somehow still on it), leak the mapping rather than
         // unmap a stack in use.
