@@ -109,15 +109,13 @@ impl IdleWord {
         kick_for_ipi(&self.0, kick_pending)
     }
 
-    /// Step 2 for a job or an exit request, and the futex wake it may call for. Returns
-    /// whether it woke the CPU. Async-signal-safe.
+    /// Step 2 for a job or an exit request, and the futex wake it may call for.
+    /// Async-signal-safe.
     #[inline]
-    pub(crate) fn wake_for_job(&self) -> bool {
-        let wake = kick_for_job(&self.0) == Kick::Wake;
-        if wake {
+    pub(crate) fn wake_for_job(&self) {
+        if kick_for_job(&self.0) == Kick::Wake {
             self.wake();
         }
-        wake
     }
 
     /// The futex wake a `Kick::Wake` decision calls for. Async-signal-safe.

@@ -444,9 +444,7 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: Option<u64>) -> Resu
         }
         let nap = (deadline - now).min(1_000_000);
         crate::cpu::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
-        if slot.state.load(Ordering::Acquire) != DONE
-            && !s.faults.is_broken(Broken::DoorbellNeverRings)
-        {
+        if slot.state.load(Ordering::Acquire) != DONE {
             // A merged or lost doorbell costs a millisecond, never the call: ring again even
             // if a doorbell is marked in flight (a lost signal would leave it marked forever).
             st.kick_pending.store(false, Ordering::Release);

@@ -151,7 +151,7 @@ impl Shared {
                 if lost() && Instant::now() >= park_deadline {
                     break;
                 }
-                kick_wake(st);
+                st.idle.wake_for_job();
                 std::thread::sleep(Duration::from_micros(200));
             }
             if h.is_finished() {
@@ -174,10 +174,6 @@ impl Shared {
             l.stop();
         }
     }
-}
-
-fn kick_wake(st: &CpuState) {
-    st.idle.wake_for_job();
 }
 
 /// A handle to a running runtime: send IPIs, queue jobs, read masks and statistics. Cheap to
@@ -482,7 +478,7 @@ impl Handle {
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
             return Err((RuntimeError::Offline { cpu }, e.into_inner()));
         }
-        kick_wake(st);
+        st.idle.wake_for_job();
         Ok(())
     }
 

@@ -355,18 +355,7 @@ impl Scenario for IpiStorm {
         // A broken doorbell leaves calls stranded; shutdown must not wait on them forever.
         h.faults()
             .set_broken(usmp::fault::Broken::DoorbellNeverRings, false);
-        let fin = rt.shutdown();
-        ctx.unwatch();
-        if fin.lost_calls != 0 {
-            ctx.violation(
-                "lost_calls",
-                None,
-                format!(
-                    "{} calls neither ran nor were cancelled at shutdown",
-                    fin.lost_calls
-                ),
-            );
-        }
+        ctx.shutdown_checked(rt);
         Ok(())
     }
 }

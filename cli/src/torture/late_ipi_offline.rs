@@ -128,18 +128,7 @@ impl Scenario for LateIpiOffline {
                 n += 1;
                 ctx.iteration();
             }
-            let fin = rt.shutdown();
-            ctx.unwatch();
-            if fin.lost_calls != 0 {
-                ctx.violation(
-                    "lost_calls",
-                    None,
-                    format!(
-                        "{} calls neither ran nor were cancelled at shutdown",
-                        fin.lost_calls
-                    ),
-                );
-            }
+            ctx.shutdown_checked(rt);
         }
         Ok(())
     }

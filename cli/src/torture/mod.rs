@@ -262,6 +262,23 @@ impl Ctx {
     pub fn unwatch(&self) {
         self.monitor.watch(None);
     }
+
+    /// Shuts `rt` down (unwatched first) and reports every call it lost: one that neither ran
+    /// nor was cancelled by its sender.
+    pub fn shutdown_checked(&self, rt: Runtime) {
+        self.unwatch();
+        let fin = rt.shutdown();
+        if fin.lost_calls != 0 {
+            self.violation(
+                "lost_calls",
+                None,
+                format!(
+                    "{} calls neither ran nor were cancelled at shutdown",
+                    fin.lost_calls
+                ),
+            );
+        }
+    }
 }
 
 /// FNV-1a of a scenario name, so each scenario's generators differ under one seed.

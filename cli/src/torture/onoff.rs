@@ -363,18 +363,7 @@ impl Scenario for OnOff {
                 }
                 Err(e) => ctx.violation("hotplug_errors", None, e.to_string()),
             }
-            let fin = rt.shutdown();
-            ctx.unwatch();
-            if fin.lost_calls != 0 {
-                ctx.violation(
-                    "lost_calls",
-                    None,
-                    format!(
-                        "{} calls neither ran nor were cancelled at shutdown",
-                        fin.lost_calls
-                    ),
-                );
-            }
+            ctx.shutdown_checked(rt);
         }
         Ok(())
     }
