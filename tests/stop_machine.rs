@@ -163,7 +163,6 @@ fn join_of_a_job_on_a_stopped_cpu_returns_job_stopped() {
 /// report) made that scenario hang in about 4 of 10 runs at 8 CPUs, so it was reverted; this
 /// test fails until a fix that does not deadlock lands.
 #[test]
-#[ignore = "open bug: a CPU can come online during a stop_machine (fix reverted, see the issue 11 note)"]
 fn a_cpu_coming_online_waits_for_a_running_stop_machine() {
     let _g = serial();
     let rt = rt();
@@ -202,4 +201,98 @@ fn a_cpu_coming_online_waits_for_a_running_stop_machine() {
         "CPU 2 came online while the stop_machine function ran"
     );
     assert!(rt.is_online(2));
+}
+
+/// Runs `f` on a helper thread and waits for it within `PATIENCE`; a deadlock fails the test
+/// instead of hanging it (the stuck thread is left behind).
+fn within_patience<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(PATIENCE)
+        .unwrap_or_else(|_| panic!("{what} did not return within {PATIENCE:?}: deadlock"))
+}
+
+/// A hotplug step that calls stop_machine runs inside the operation that holds the hotplug
+/// lock: on the controller (PREPARE) and as a job on the CPU the controller waits for
+/// (ONLINE). Neither may wait for the lock its own operation holds.
+#[test]
+fn stop_machine_inside_a_hotplug_step_does_not_deadlock() {
+    let _g = serial();
+    let rt = rt();
+    let ran = Arc::new(AtomicUsize::new(0));
+    for (name, section) in [
+        ("test:sm-prepare", usmp::Section::Prepare),
+        ("test:sm-online", usmp::Section::Online),
+    ] {
+        let (h, r) = (rt.handle(), ran.clone());
+        let step: usmp::StepFn = Arc::new(move |_cpu| {
+            let r = r.clone();
+            h.stop_machine(
+                move |_| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                },
+                &usmp::CpuMask::single(0),
+            )
+            .map_err(|_| "stop_machine failed")
+        });
+        rt.setup_state(name, section, Some(step.clone()), Some(step))
+            .unwrap();
+    }
+    let before = ran.load(Ordering::SeqCst);
+    let h = rt.handle();
+    within_patience(
+        "cpu_down + cpu_up with stop_machine in their steps",
+        move || {
+            h.cpu_down(2).unwrap();
+            h.cpu_up(2).unwrap();
+        },
+    );
+    // Two steps, each torn down and set up once.
+    assert_eq!(ran.load(Ordering::SeqCst) - before, 4);
+    assert!(rt.is_online(2));
+}
+
+/// A job on a CPU that calls stop_machine while `cpu_down` of that CPU holds the hotplug lock
+/// cannot finish before `cpu_down` does, and `cpu_down` waits for the running job: it must give
+/// up at once with a reason (not wait out the boot timeout), and the stop_machine then runs.
+#[test]
+fn cpu_down_gives_up_on_a_job_that_waits_for_the_hotplug_lock() {
+    let _g = serial();
+    let rt = Builder::new()
+        .cpus(3)
+        .log_events(false)
+        .call_timeout(Duration::from_millis(500))
+        .boot_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let (started, go) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (s, g, h) = (started.clone(), go.clone(), rt.handle());
+    let job = rt
+        .run_on(2, move || {
+            s.store(true, Ordering::SeqCst);
+            assert!(wait_until(PATIENCE, || g.load(Ordering::SeqCst)));
+            h.stop_machine(|_| Ok(()), &usmp::CpuMask::single(2))
+        })
+        .unwrap();
+    assert!(wait_until(PATIENCE, || started.load(Ordering::SeqCst)));
+    let h = rt.handle();
+    let down = std::thread::spawn(move || h.cpu_down(2));
+    // `cpu_down` holds the hotplug lock once it has taken CPU 2 out of the active mask.
+    assert!(wait_until(PATIENCE, || !rt.active_mask().contains(2)));
+    go.store(true, Ordering::SeqCst);
+    let e = within_patience("cpu_down", move || down.join().unwrap()).unwrap_err();
+    assert!(
+        matches!(&e, usmp::HotplugError::StepFailed { step, reason, .. }
+            if step == "sched:active" && reason.contains("hotplug lock")),
+        "{e}"
+    );
+    job.join_timeout(PATIENCE).unwrap().unwrap();
+    assert!(rt.is_online(2));
+    assert!(rt.active_mask().contains(2));
 }

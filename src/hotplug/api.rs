@@ -36,7 +36,26 @@ pub(crate) fn boot_all(
     Ok(())
 }
 
-pub(super) type Guard<'a> = std::sync::MutexGuard<'a, Table>;
+/// The hotplug lock held by one operation: the CPU hotplug lock for writing (so no
+/// `stop_machine` runs meanwhile, `cpu/cpus_lock.rs`), then the table's mutex. Fields drop in
+/// order, so the table is released first.
+pub(super) struct Guard<'a> {
+    table: std::sync::MutexGuard<'a, Table>,
+    _cpus: crate::cpu::cpus_lock::WriteGuard<'a>,
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Table;
+    fn deref(&self) -> &Table {
+        &self.table
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Table {
+        &mut self.table
+    }
+}
 
 impl Handle {
     /// Brings `cpu` online through every hotplug step (`cpu_device_up`). On error every step
@@ -240,7 +259,12 @@ impl Handle {
     }
 
     pub(super) fn hp_lock(&self) -> Guard<'_> {
-        self.shared.hotplug.lock.lock_unpoisoned()
+        let s = &self.shared;
+        let cpus = s.cpus_lock.write(s.this_cpu_here());
+        Guard {
+            table: s.hotplug.lock.lock_unpoisoned(),
+            _cpus: cpus,
+        }
     }
 
     pub(super) fn check_cpu(&self, cpu: CpuId) -> Result<(), HotplugError> {

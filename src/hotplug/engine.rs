@@ -270,7 +270,11 @@ impl Handle {
             }
             Section::Online => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
+                let s = self.shared.clone();
                 let job = crate::cpu::state::Job::new(move || {
+                    // The step runs for this operation, which holds the hotplug lock and
+                    // waits for it: a stop_machine in the step must not take it again.
+                    let _acting = s.cpus_lock.delegate();
                     let _ = tx.send(catch_step(|| f(cpu)));
                 });
                 self.queue_job_internal(cpu, job)

@@ -53,6 +53,14 @@ impl Handle {
         }
         let deadline = now_ns() + s.cfg.boot_timeout.as_nanos() as u64;
         while st.in_job.load(Ordering::SeqCst) {
+            if s.cpus_lock.cpu_waits(cpu) {
+                // It waits for the hotplug lock this operation holds: it cannot finish first.
+                return Err(reopen(
+                    "its running job waits for the hotplug lock (a stop_machine, hotplug call \
+                     or kexec in a job on the CPU going down)"
+                        .into(),
+                ));
+            }
             if now_ns() >= deadline {
                 return Err(reopen(format!(
                     "a job is still running after {:?}",

@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub faults: crate::inject::FaultState,
     /// Hotplug's table, lock and per-CPU handshake state (the logic lives in `hotplug/`).
     pub hotplug: crate::hotplug::HotplugState,
+    /// The hotplug read-write lock: hotplug operations write, `stop_machine` reads.
+    pub cpus_lock: crate::cpu::cpus_lock::CpusLock,
     /// The stop routine's coordination word (the logic lives in `stop/`).
     pub stop: crate::stop::routine::StopState,
     /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
@@ -249,6 +251,7 @@ impl Runtime {
             nmi_hooks: crate::ipi::nmi::NmiHooks::new(),
             faults: crate::inject::FaultState::new(n),
             hotplug: crate::hotplug::HotplugState::new(n),
+            cpus_lock: crate::cpu::cpus_lock::CpusLock::new(n),
             stop: crate::stop::routine::StopState::new(),
             stopping: AtomicBool::new(false),
             kexec_in_progress: AtomicBool::new(false),

@@ -21,6 +21,11 @@
 //! If a system stop (`send_stop`/`crash_stop`) parks a participant midway, the others would
 //! wait for its ack forever: the caller aborts as soon as it sees a stop in progress.
 //!
+//! No CPU comes or goes during a call: the caller first takes the CPU hotplug lock for reading
+//! (`cpu/cpus_lock.rs`, the kernel's `cpus_read_lock`), so the online mask of step 1 holds until
+//! every participant has left and a CPU coming up cannot run between two words of an update.
+//! Hotplug's own calls (`take_cpu_down`, steps that call this) hold the lock already and skip it.
+//!
 //! Calls are serialized by one mutex per runtime, as the kernel's `stop_cpus_mutex` does; a
 //! second caller waits for the first to finish (bounded by the first's PREPARE timeout plus
 //! the run time of its `f`). A caller that is itself a CPU keeps taking IPIs while it waits
@@ -200,6 +205,9 @@ impl Handle {
         {
             return Err(crate::ipi::IpiError::IrqsDisabled { cpu }.into());
         }
+        // No CPU comes or goes until this returns (`cpu/cpus_lock.rs`; a no-op inside a hotplug
+        // operation, which holds it already). Bounded by the hotplug operation's own timeouts.
+        let _cpus = s.cpus_lock.read(s.this_cpu_here());
         // Unbounded only as long as the running stop_machine takes (module comment).
         let _serial = s.stop.machine.lock_unpoisoned();
         let online = s.online.load();
