@@ -144,22 +144,29 @@ fn bad_input_is_one_line_and_exit_2() {
 #[test]
 fn json_is_the_documented_object() {
     let _s = serial();
+    let trace = std::env::temp_dir().join(format!("usmp-json-test-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&trace);
     let r = run_bounded(
-        usmp().args([
-            "stress",
-            "--cpus",
-            "4",
-            "--scenario",
-            "irqs-off",
-            "--iterations",
-            "3",
-            "--seed",
-            "42",
-            "--json",
-        ]),
+        usmp()
+            .args([
+                "stress",
+                "--cpus",
+                "4",
+                "--scenario",
+                "irqs-off",
+                "--iterations",
+                "3",
+                "--seed",
+                "42",
+                "--json",
+                "--trace-on-failure",
+            ])
+            .arg(&trace),
         BOUND,
     );
     assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    // The path was checked at start, but a run that passes leaves no trace file behind.
+    assert!(!trace.exists(), "{} left behind", trace.display());
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
     assert_eq!(keys.len(), 3, "{v}");

@@ -248,7 +248,9 @@ pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
     };
     let faults = a.faults.as_deref().map(FaultSet::parse).transpose()?;
     if let Some(p) = &a.trace_on_failure {
-        // Checked now, so a bad path is bad input rather than a lost trace at the end.
+        // Checked now, so a bad path is bad input rather than a lost trace at the end; a file
+        // made only to check is removed again, so a run that passes leaves nothing behind.
+        let existed = p.exists();
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -257,6 +259,9 @@ pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
                 path: p.clone(),
                 source,
             })?;
+        if !existed {
+            let _ = std::fs::remove_file(p);
+        }
     }
     Ok(Plan {
         scenarios,
