@@ -335,7 +335,7 @@ pub fn stress(
         if flags.interrupt.load(Ordering::Relaxed) || flags.abort.load(Ordering::Relaxed) {
             break;
         }
-        let monitor = Arc::new(Monitor::default());
+        let monitor = Arc::new(Monitor::new(plan.hang_timeout));
         let (res, err) = run_one(*sc, &plan, &flags, &monitor, &mut progress, &quit_target);
         *quit_target.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if res.violations > 0 && failure_trace.is_none() {

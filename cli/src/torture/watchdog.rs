@@ -3,7 +3,8 @@
 //! The runner's thread calls [`Monitor::tick`] every few tens of milliseconds while the
 //! scenario runs on its own thread. A tick:
 //! 1. drains the watched runtime's event rings (`Handle::take_trace`) into a window of the last
-//!    [`WINDOW`], so a long run keeps a bounded trace;
+//!    [`WINDOW`] plus the hang timeout, so a long run keeps a bounded trace that still reaches
+//!    back to the start of a stall (CPUs that keep taking IPIs log on through it);
 //! 2. once a violation happened and the rings have caught up with it, keeps the second before
 //!    it as the failure trace (the first violation only);
 //! 3. when the scenario made no progress for `--hang-timeout`, reports a `hangs` violation with
@@ -20,7 +21,7 @@ use usmp::Handle;
 
 use super::check::{mono_ns, Tally};
 
-/// Events older than this (before the newest) are dropped from the window.
+/// Events older than this plus the hang timeout (before the newest) are dropped from the window.
 const WINDOW: Duration = Duration::from_secs(2);
 /// The failure trace: this long before the first violation.
 const BEFORE: Duration = Duration::from_secs(1);
@@ -39,17 +40,28 @@ pub struct FailureTrace {
 struct Inner {
     handle: Option<Handle>,
     window: VecDeque<Event>,
+    /// How far back the window reaches: [`WINDOW`] plus the hang timeout.
+    keep: Duration,
     cpus: usize,
     failure: Option<FailureTrace>,
 }
 
 /// What the watchdog watches: the scenario's current runtime and its recent events.
-#[derive(Default)]
 pub struct Monitor {
     inner: Mutex<Inner>,
 }
 
 impl Monitor {
+    /// A monitor whose window reaches back to the start of a stall of `hang_timeout`.
+    pub fn new(hang_timeout: Duration) -> Monitor {
+        Monitor {
+            inner: Mutex::new(Inner {
+                keep: WINDOW + hang_timeout,
+                ..Inner::default()
+            }),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -109,8 +121,8 @@ impl Monitor {
             || "no runtime is being watched".to_string(),
             |h| dump_cpus(&h),
         );
-        // The trace is cut at the start of the stall: the window keeps the 2 s before the
-        // newest event, and a stalled runtime logs little more.
+        // The trace is cut at the start of the stall: the window reaches back the hang timeout
+        // plus 2 s, even if CPUs went on logging through the stall.
         let began = mono_ns().saturating_sub(stalled.as_nanos() as u64);
         tally.violation_at(
             "hangs",
@@ -130,7 +142,7 @@ fn drain(g: &mut Inner) {
     let new = h.take_trace();
     g.window.extend(new);
     let newest = g.window.back().map_or(0, |e| e.ts_ns);
-    let keep_from = newest.saturating_sub(WINDOW.as_nanos() as u64);
+    let keep_from = newest.saturating_sub(g.keep.as_nanos() as u64);
     while g.window.front().is_some_and(|e| e.ts_ns < keep_from) {
         g.window.pop_front();
     }
