@@ -136,7 +136,12 @@ mod ipi {
 #[cfg(loom)]
 mod cpu {
     pub(crate) mod call_queue;
+    pub(crate) mod cpus_lock;
     pub(crate) mod idle;
+    /// The CPU id type, as in `mask.rs` (the rest of that file is not a protocol).
+    pub(crate) mod mask {
+        pub type CpuId = usize;
+    }
 }
 #[cfg(loom)]
 mod hotplug {
