@@ -122,6 +122,15 @@ impl CallQueue {
         h != EMPTY && h != CLOSED
     }
 
+    /// The queue's state, for a diagnostic.
+    pub(crate) fn state_name(&self) -> &'static str {
+        match self.head.load(Ordering::Acquire) {
+            EMPTY => "empty",
+            CLOSED => "closed",
+            _ => "holds calls",
+        }
+    }
+
     /// Whether the queue is closed.
     #[cfg(any(test, loom))]
     pub(crate) fn is_closed(&self) -> bool {

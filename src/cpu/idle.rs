@@ -130,6 +130,17 @@ impl IdleWord {
         enter_running(&self.0)
     }
 
+    /// The state's name, for a diagnostic (an RMW read, like every access to the word).
+    pub(crate) fn state_name(&self) -> &'static str {
+        match self.0.fetch_or(0, Ordering::AcqRel) {
+            RUNNING => "running",
+            POLLING => "polling",
+            SLEEPING => "sleeping",
+            WAKING => "waking",
+            _ => "?",
+        }
+    }
+
     /// Forces RUNNING with a swap, outside the idle loop: before a new thread starts for the
     /// CPU, and when a stop powers it off (a restarted futex wait must see the word change).
     pub(crate) fn reset_running(&self) {

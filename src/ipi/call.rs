@@ -456,6 +456,23 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: Option<u64>) -> Resu
     s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
     s.ring_here()
         .record(EventKind::CsdTimeout, st.id as u64, waited);
+    // The kernel's CSD_LOCK_WAIT_DEBUG prints the target's state beside the timeout: what a
+    // user needs to tell a starved host core from a stuck CPU or a lost call.
+    tracing::warn!(
+        "csd: non-responsive CSD lock: CPU {} ({:?}, {}online, idle word {}, queue {}, \
+         irq depth {}{}, {}in a job, {} handler(s) active, doorbell {}marked in flight) after {} ms",
+        st.id,
+        st.run_state(),
+        if s.online.contains(st.id) { "" } else { "not " },
+        st.idle.state_name(),
+        st.queue.state_name(),
+        st.irq_depth.load(Ordering::Relaxed),
+        if st.irq_pending.load(Ordering::Relaxed) { " with an IPI deferred" } else { "" },
+        if st.in_job.load(Ordering::Relaxed) { "" } else { "not " },
+        st.in_handler.load(Ordering::Relaxed),
+        if st.kick_pending.load(Ordering::Relaxed) { "" } else { "not " },
+        waited / 1_000_000
+    );
     let started = match s.pool.give_up(idx) {
         GiveUp::Cancelled => {
             s.totals.cancelled.fetch_add(1, Ordering::Relaxed);
