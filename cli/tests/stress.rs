@@ -208,6 +208,11 @@ fn the_watchdog_reports_a_stall_and_ends_the_run() {
         all.contains("CPU0 ") && all.contains("ip="),
         "no per-CPU dump: {all}"
     );
+    // And what the host kernel says of each CPU's thread (state, core, system call).
+    assert!(
+        all.contains(" tid=") && all.contains(" host=") && all.contains(" syscall="),
+        "no host view in the dump: {all}"
+    );
     assert!(
         r.took < Duration::from_secs(30),
         "the run went on after the watchdog fired"

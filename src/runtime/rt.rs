@@ -404,6 +404,16 @@ impl Handle {
         self.shared.cpu(cpu).map(|c| c.run_state())
     }
 
+    /// The OS thread id (`gettid`) of CPU `cpu`'s current thread, or `None` if it has none
+    /// (offline, or not started). For `perf record -t`, `gdb` or `/proc/self/task/<tid>`: the
+    /// thread behind a logical CPU changes at every bring-up.
+    pub fn cpu_tid(&self, cpu: CpuId) -> Option<i32> {
+        self.shared
+            .cpu(cpu)
+            .map(|c| c.tid.load(Ordering::SeqCst))
+            .filter(|&t| t > 0)
+    }
+
     /// Runs `f` as an ordinary job on `cpu` (it may allocate and block). The job runs after
     /// the jobs already queued there; if the CPU is taken down first, the job moves to an online
     /// CPU. Returns a handle to wait for its result.

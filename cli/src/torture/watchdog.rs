@@ -160,8 +160,29 @@ pub fn dump_cpus(h: &Handle) -> String {
             Err(usmp::IpiError::Offline { .. }) => "-".into(),
             Err(e) => format!("? ({e})"),
         };
-        let _ = write!(s, " CPU{cpu} {state} ip={ip};");
+        let _ = write!(s, " CPU{cpu} {state} ip={ip}{};", host_view(h, cpu));
     }
     s.pop();
     s
+}
+
+/// What the host kernel says of a CPU's thread: its scheduler state, the host core it last ran
+/// on, and its system call (`/proc/self/task/<tid>/{stat,syscall}`). It tells a thread the
+/// host never ran (R) from one blocked in the kernel (D) or asleep in a futex (S, syscall 202
+/// on x86_64), which the NMI sample alone cannot.
+fn host_view(h: &Handle, cpu: usize) -> String {
+    let Some(tid) = h.cpu_tid(cpu) else {
+        return String::new();
+    };
+    let dir = format!("/proc/self/task/{tid}");
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, processor 39.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+    let state = rest.first().copied().unwrap_or("?");
+    let core = rest.get(36).copied().unwrap_or("?");
+    let syscall = std::fs::read_to_string(format!("{dir}/syscall")).unwrap_or_default();
+    let syscall = syscall.split_whitespace().next().unwrap_or("?");
+    format!(" tid={tid} host={state}@core{core} syscall={syscall}")
 }
