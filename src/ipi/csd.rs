@@ -37,7 +37,7 @@
 //!    splices the whole chain onto the free stack with one CAS (Release: everything it did with
 //!    the slots before any sender pops one), and subtracts the batch from `in_use` once. So an
 //!    async stream costs the shared free-stack line one transfer per flush, not per call. A
-//!    freed slot waits in the batch at most until its flush ends.
+//!    freed slot waits in the batch until its flush ends or the batch holds 32 slots.
 //!
 //! Cache lines (the polling round trip is a handful of line transfers, so they are the cost):
 //! a slot is two lines. The first holds what the handler takes over (link, claim, closure);
@@ -49,7 +49,7 @@
 use std::cell::UnsafeCell;
 use std::mem::{align_of, size_of, MaybeUninit};
 
-use crate::cpu::call_queue::{Links, EMPTY};
+use crate::cpu::call_queue::{prefetch_write, Links, EMPTY};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Bytes of closure state a csd holds inline. A closure that captures more does not compile
@@ -214,8 +214,11 @@ impl CsdPool {
                 return None;
             }
             // Racy if another thread pops this slot meanwhile (and queues it, rewriting the
-            // link): then the head's tag has moved on and the CAS below fails.
-            let next = self.slots[idx as usize].next.load(Ordering::Relaxed);
+            // link): then the head's tag has moved on and the CAS below fails. The caller
+            // writes this line next (`arm`): fetch it for writing, not shared then again.
+            let link = &self.slots[idx as usize].next;
+            prefetch_write(link);
+            let next = link.load(Ordering::Relaxed);
             let tag = (cur >> 32).wrapping_add(1);
             match self.free.head.compare_exchange_weak(
                 cur,
@@ -224,6 +227,10 @@ impl CsdPool {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
+                    // The next alloc most likely pops `next`: start fetching its line now.
+                    if next != EMPTY {
+                        prefetch_write(&self.slots[next as usize].next);
+                    }
                     self.free.in_use.fetch_add(1, Ordering::Relaxed);
                     return Some(idx);
                 }
@@ -421,8 +428,13 @@ impl CsdPool {
     }
 }
 
+/// Most slots a handler holds freed before it splices them back (step 6): a long flush returns
+/// slots as it goes, so senders waiting for the pool are not held up until it ends.
+const BATCH_MAX: u64 = 32;
+
 /// Slots a handler has freed during one queue flush, linked privately until it drops the
-/// batch (step 6). Async-signal-safe: no allocation, one CAS on drop.
+/// batch or holds `BATCH_MAX` of them (step 6). Async-signal-safe: no allocation, one CAS per
+/// splice.
 pub(crate) struct FreedBatch<'a> {
     pool: &'a CsdPool,
     first: u32,
@@ -442,15 +454,26 @@ impl FreedBatch<'_> {
         }
         self.first = idx;
         self.n += 1;
+        if self.n == BATCH_MAX {
+            self.splice();
+        }
+    }
+
+    /// Returns the held slots to the free stack.
+    fn splice(&mut self) {
+        if self.n != 0 {
+            self.pool.free.in_use.fetch_sub(self.n, Ordering::Relaxed);
+            self.pool.splice(self.first, self.last);
+            self.first = EMPTY;
+            self.last = EMPTY;
+            self.n = 0;
+        }
     }
 }
 
 impl Drop for FreedBatch<'_> {
     fn drop(&mut self) {
-        if self.n != 0 {
-            self.pool.free.in_use.fetch_sub(self.n, Ordering::Relaxed);
-            self.pool.splice(self.first, self.last);
-        }
+        self.splice();
     }
 }
 
