@@ -42,9 +42,10 @@
 //! Cache lines (the polling round trip is a handful of line transfers, so they are the cost):
 //! a slot is two lines. The first holds what the handler takes over (link, claim, closure);
 //! the second the completion word a synchronous sender spins on, which the handler writes
-//! once (DONE), and what only that sender writes (refs, waiter, event-log ids). Neither the
-//! handler's claim nor its reads of the closure pull the line the sender is spinning on, and
-//! an async call (steps 2, 3 and 6) never touches the second line.
+//! once (DONE), the synchronous call's bookkeeping (refs, which the handler also drops on a
+//! cancel or an abandon, and waiter) and the event-log ids. Neither the handler's claim nor
+//! its reads of the closure pull the line the sender is spinning on, and an async call (steps
+//! 2, 3 and 6) touches the second line only for the event log.
 
 use std::cell::UnsafeCell;
 use std::mem::{align_of, size_of, MaybeUninit};
