@@ -101,6 +101,8 @@ pub(crate) fn close_and_flush(shared: &Shared, cpu: &CpuState) -> usize {
 
 fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> usize {
     let mut n = 0;
+    // The slots this flush frees go back to the pool together when it ends (csd.rs step 6).
+    let mut freed = shared.pool.batch();
     while h != EMPTY {
         // Read the link first: once the callback is done the slot may be freed and reused.
         let next = shared.pool.next(h).load(Ordering::Relaxed);
@@ -122,7 +124,7 @@ fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> 
         }
         shared.faults.preempt_point();
         let ran = super::fatal::run(cpu.id, "IPI callback", shared.pool.name(h), || {
-            shared.pool.run(h)
+            shared.pool.run(h, &mut freed)
         });
         if ran {
             n += 1;
