@@ -23,16 +23,8 @@ const LAYERS: &[&[&str]] = &[
 /// layer still names the runtime's composition types (`Shared`, `Handle`, `CpuState`, the
 /// thread-local `current()`), or a layer above it that it should reach through a hook.
 const KNOWN_UPWARD: &[(&str, &str)] = &[
-    // Lower layers still implement their API on the runtime's `Handle`, reach its `Shared`, and
-    // find their CPU with `context::current()` (the thread-local that points at `Shared`).
-    ("src/ipi/call.rs", "runtime"),
-    ("src/ipi/handler.rs", "runtime"),
-    ("src/ipi/nmi.rs", "runtime"),
-    ("src/ipi/signal.rs", "runtime"),
-    ("src/stop/backend.rs", "runtime"),
-    ("src/stop/machine.rs", "runtime"),
-    ("src/stop/receive.rs", "runtime"),
-    ("src/stop/routine.rs", "runtime"),
+    // Hotplug still implements its API on the runtime's `Handle`, reaches its `Shared`, and
+    // spawns CPU threads with the runtime's `thread::spawn_cpu`.
     ("src/hotplug/ap.rs", "runtime"),
     ("src/hotplug/api.rs", "runtime"),
     ("src/hotplug/bringup.rs", "runtime"),

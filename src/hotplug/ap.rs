@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
 use super::states::{Kind, Step};
+use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::events::EventKind;
 use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::inject::Broken;
-use crate::runtime::context::{current, irq_restore, irq_save};
+use crate::ipi::layer::current;
 use crate::runtime::rt::Shared;
 
 /// Where an injected failure hits the part of the table that runs on the CPU itself.
@@ -127,7 +128,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     // Deterministic stop (seed 000): the online bit is set (SeqCst) before the flag is read
     // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
     // targets this CPU or this CPU sees the flag and parks itself.
-    if shared.cfg.stop.mode == crate::stop::StopMode::Deterministic
+    if shared.config.mode == crate::stop::StopMode::Deterministic
         && shared.stopping.load(Ordering::SeqCst)
     {
         *hc.ap_failed.lock_unpoisoned() = Some((

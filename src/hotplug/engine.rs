@@ -243,7 +243,7 @@ impl Handle {
                 let sent = self.call_single(
                     cpu,
                     move || {
-                        let c = crate::runtime::context::this_cpu().unwrap_or(usize::MAX);
+                        let c = crate::cpu::context::this_cpu().unwrap_or(usize::MAX);
                         let ok = crate::ipi::fatal::run(
                             c,
                             "hotplug STARTING step",
@@ -273,7 +273,8 @@ impl Handle {
                 let job = crate::cpu::state::Job::new(move || {
                     let _ = tx.send(catch_step(|| f(cpu)));
                 });
-                self.queue_job_internal(cpu, job)
+                self.shared
+                    .queue_job_internal(cpu, job)
                     .map_err(|e| e.to_string())?;
                 match rx.recv_timeout(self.shared.cfg.boot_timeout) {
                     Ok(r) => r,

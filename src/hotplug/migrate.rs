@@ -31,7 +31,7 @@ impl Handle {
                 if let Some(at) = &j.at {
                     at.store(to, Ordering::SeqCst);
                 }
-                match self.queue_job(to, j) {
+                match self.shared.queue_job(to, j) {
                     Ok(()) => break,
                     Err((_, back)) => job = Some(back),
                 }
@@ -41,7 +41,7 @@ impl Handle {
             }
             if let Some(back) = job {
                 // Nowhere to go: put it back and stay up rather than drop it.
-                let _ = self.queue_job_internal(cpu, back);
+                let _ = self.shared.queue_job_internal(cpu, back);
                 return Err(reopen(
                     "no other active CPU would take its queued jobs".into(),
                 ));

@@ -254,7 +254,7 @@ impl Handle {
         let mut undo = Undo::new(self);
         let crashed_at_ns = wall_ns();
         tl.add(me, format!("crash: {reason}"));
-        let out = match self.stop_outcome_so_far() {
+        let out = match self.shared.stop_outcome_so_far() {
             Some(out) => {
                 tl.add(me, "CPUs already stopped by the panic: not stopping again");
                 out

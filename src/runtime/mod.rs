@@ -15,6 +15,7 @@
 //!
 //! The layers and the imports that still point the wrong way are listed once, in `lib.rs`.
 
+mod api;
 pub mod builder;
 pub mod context;
 pub mod error;
