@@ -2,9 +2,9 @@
 //! ONLINE step, the DYING steps inside stop_machine, and the thread's exit.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
+use super::layer::HotplugLayer;
 use super::states::{Kind, Step};
 use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::events::EventKind;
@@ -13,7 +13,6 @@ use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::inject::Broken;
 use crate::ipi::layer::current;
-use crate::runtime::rt::Shared;
 
 /// Where an injected failure hits the part of the table that runs on the CPU itself.
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -66,7 +65,7 @@ fn teardown(step: &Step, cpu: usize) -> super::StepResult {
 }
 
 /// The AP's boot hook (runs first on the new thread). False: the thread must exit.
-pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
+pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     let hc = &shared.hotplug.cpus[st.id];
     if let Some(delay) = shared.faults.take_boot_delay(st.id) {
         std::thread::sleep(delay); // fault injection: a slow AP
@@ -156,7 +155,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
 }
 
 /// The thread's exit hook, its very last act: drop the init_mm reference, report DEAD.
-pub(crate) fn ap_exit(shared: &Shared, st: &CpuState) {
+pub(crate) fn ap_exit(shared: &HotplugLayer, st: &CpuState) {
     let hc = &shared.hotplug.cpus[st.id];
     if hc.has_ref.swap(false, Ordering::AcqRel) {
         shared.hotplug.init_mm.fetch_sub(1, Ordering::AcqRel);

@@ -7,13 +7,14 @@ use std::time::Duration;
 use crate::cpu::clock::now_ns;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
-use crate::runtime::rt::Handle;
 
-impl Handle {
+use super::layer::HotplugLayer;
+
+impl HotplugLayer {
     /// `sched:active` teardown: leave the active mask, close the job gate, move queued jobs to
     /// another online CPU, and wait for a running job to finish.
     pub(super) fn deactivate(&self, cpu: CpuId) -> Result<(), String> {
-        let s = &self.shared;
+        let s = self;
         let st = &s.cpus[cpu];
         s.active.clear(cpu);
         *st.job_gate.lock_unpoisoned() = false;
@@ -31,7 +32,7 @@ impl Handle {
                 if let Some(at) = &j.at {
                     at.store(to, Ordering::SeqCst);
                 }
-                match self.shared.queue_job(to, j) {
+                match self.queue_job(to, j) {
                     Ok(()) => break,
                     Err((_, back)) => job = Some(back),
                 }
@@ -41,7 +42,7 @@ impl Handle {
             }
             if let Some(back) = job {
                 // Nowhere to go: put it back and stay up rather than drop it.
-                let _ = self.shared.queue_job_internal(cpu, back);
+                let _ = self.queue_job_internal(cpu, back);
                 return Err(reopen(
                     "no other active CPU would take its queued jobs".into(),
                 ));
@@ -51,12 +52,12 @@ impl Handle {
         if moved > 0 {
             tracing::debug!("cpuhp: CPU{cpu}: moved {moved} queued job(s)");
         }
-        let deadline = now_ns() + s.cfg.boot_timeout.as_nanos() as u64;
+        let deadline = now_ns() + s.boot_timeout.as_nanos() as u64;
         while st.in_job.load(Ordering::SeqCst) {
             if now_ns() >= deadline {
                 return Err(reopen(format!(
                     "a job is still running after {:?}",
-                    s.cfg.boot_timeout
+                    s.boot_timeout
                 )));
             }
             std::thread::sleep(Duration::from_micros(100));

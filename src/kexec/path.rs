@@ -324,7 +324,7 @@ impl Handle {
         reboot: CpuId,
     ) -> Vec<(CpuId, Result<(), crate::hotplug::HotplugError>)> {
         let others: Vec<CpuId> = self.online_mask().iter().filter(|&c| c != reboot).collect();
-        self.cpu_down_many_for_kexec(&others)
+        self.shared.cpu_down_many_for_kexec(&others)
     }
 
     fn kexec_check_not_retired(&self) -> Result<(), KexecError> {

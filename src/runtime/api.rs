@@ -1,11 +1,12 @@
 //! The public API of the layers below, on [`Handle`]: each method forwards to the layer that
-//! implements it (`ipi/call.rs`, `stop/routine.rs`, `stop/machine.rs`), so `Handle` stays the
+//! implements it (`ipi/call.rs`, `stop/routine.rs`, `stop/machine.rs`, `hotplug/api.rs`), so `Handle` stays the
 //! one place users look while every layer keeps its code and state to itself.
 
 use std::time::Duration;
 
 use super::rt::Handle;
 use crate::cpu::mask::{CpuId, CpuMask};
+use crate::hotplug::{HotplugError, Section, StateId, StepFn};
 use crate::ipi::IpiError;
 use crate::stop::{CrashNote, ParkPolicy, StopError, StopMachineError, StopOutcome};
 
@@ -116,5 +117,68 @@ impl Handle {
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
         self.shared.stop_machine(f, cpus)
+    }
+}
+
+/// CPU hotplug (`hotplug/api.rs`).
+impl Handle {
+    /// Brings `cpu` online through every hotplug step (`cpu_device_up`). On error every step
+    /// done is undone and the CPU is offline — or, after a bring-up timeout, in limbo: its
+    /// thread will exit without touching shared state, and it cannot be brought up until then.
+    pub fn cpu_up(&self, cpu: CpuId) -> Result<(), HotplugError> {
+        self.shared.cpu_up(cpu)
+    }
+
+    /// Takes `cpu` offline through every hotplug step in reverse (`cpu_device_down`). Queued
+    /// calls run before it goes (none is lost or run twice); queued jobs move to another online
+    /// CPU; a job running there finishes first (bounded by the boot timeout).
+    pub fn cpu_down(&self, cpu: CpuId) -> Result<(), HotplugError> {
+        self.shared.cpu_down(cpu)
+    }
+
+    /// `cpu_hotplug_disable`: while the count is non-zero, `cpu_up`/`cpu_down` fail with
+    /// `Disabled`. Waits for an operation in progress to finish.
+    pub fn hotplug_disable(&self) {
+        self.shared.hotplug_disable()
+    }
+
+    /// `cpu_hotplug_enable`. An enable without a matching disable is reported and ignored (the
+    /// count never underflows).
+    pub fn hotplug_enable(&self) -> Result<(), HotplugError> {
+        self.shared.hotplug_enable()
+    }
+
+    /// Adds a named step to the table and runs `startup` on every online CPU in its section's
+    /// context (`cpuhp_setup_state`). If it fails on one CPU it is undone on the others and
+    /// not added.
+    pub fn setup_state(
+        &self,
+        name: &str,
+        section: Section,
+        startup: Option<StepFn>,
+        teardown: Option<StepFn>,
+    ) -> Result<StateId, HotplugError> {
+        self.shared.setup_state(name, section, startup, teardown)
+    }
+
+    /// Runs the state's teardown on every online CPU and removes it (`cpuhp_remove_state`).
+    pub fn remove_state(&self, id: StateId) -> Result<(), HotplugError> {
+        self.shared.remove_state(id)
+    }
+
+    /// The step names, in order (OFFLINE -> ONLINE).
+    pub fn hotplug_steps(&self) -> Vec<String> {
+        self.shared.hotplug_steps()
+    }
+
+    /// The `init_mm.mm_count` stand-in: references held by committed CPU threads. Equals the
+    /// number of CPU threads past their handshake; never leaked, never dropped twice.
+    pub fn init_mm_refs(&self) -> u64 {
+        self.shared.init_mm_refs()
+    }
+
+    /// Waits until no CPU is in limbo (every timed-out AP has reported dead), up to `timeout`.
+    pub fn wait_limbo_clear(&self, timeout: Duration) -> bool {
+        self.shared.wait_limbo_clear(timeout)
     }
 }

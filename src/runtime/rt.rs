@@ -2,7 +2,7 @@
 //! and other threads use), and `Shared`, the state every thread of one runtime points at.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::builder::Config;
@@ -13,6 +13,8 @@ use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::machine::Machine;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::cpu::state::{CpuRunState, CpuState};
+use crate::hotplug::layer::{HotplugLayer, SpawnCpu};
+use crate::hotplug::HotplugError;
 use crate::ipi::layer::IpiLayer;
 use crate::stop::layer::StopLayer;
 
@@ -22,20 +24,18 @@ static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 /// part; the layers' parts are below it (`Deref` to the hotplug layer's, which derefs to the
 /// stop layer's, and so on down to the `Machine`).
 pub(crate) struct Shared {
-    lower: StopLayer,
+    lower: HotplugLayer,
     pub cfg: Config,
     pin_warned: AtomicBool,
     shut: AtomicBool,
     logger: Mutex<Option<Logger>>,
-    /// Hotplug's table, lock and per-CPU handshake state (the logic lives in `hotplug/`).
-    pub hotplug: crate::hotplug::HotplugState,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
     pub kexec_in_progress: AtomicBool,
 }
 
 impl std::ops::Deref for Shared {
-    type Target = StopLayer;
-    fn deref(&self) -> &StopLayer {
+    type Target = HotplugLayer;
+    fn deref(&self) -> &HotplugLayer {
         &self.lower
     }
 }
@@ -181,14 +181,23 @@ impl Runtime {
         );
         let ipi = IpiLayer::new(machine, cfg.csd_pool, cfg.signals, cfg.call_timeout);
         let stop = StopLayer::new(ipi, cfg.park, cfg.stop.clone());
-        let shared = Arc::new(Shared {
-            lower: stop,
-            pin_warned: AtomicBool::new(false),
-            shut: AtomicBool::new(false),
-            logger: Mutex::new(None),
-            hotplug: crate::hotplug::HotplugState::new(n),
-            kexec_in_progress: AtomicBool::new(false),
-            cfg,
+        let shared = Arc::new_cyclic(|me: &Weak<Shared>| {
+            // Hotplug's bring-up starts CPU threads through this hook: the thread's body (the
+            // idle loop) is this layer's. A weak reference, or the runtime would own itself;
+            // whoever brings a CPU up holds a `Handle`, so the upgrade succeeds.
+            let me = me.clone();
+            let spawn: SpawnCpu = Box::new(move |cpu| match me.upgrade() {
+                Some(shared) => super::thread::spawn_cpu(&shared, cpu),
+                None => Err(std::io::Error::other("the runtime is being dropped")),
+            });
+            Shared {
+                lower: HotplugLayer::new(stop, cfg.boot_timeout, spawn),
+                pin_warned: AtomicBool::new(false),
+                shut: AtomicBool::new(false),
+                logger: Mutex::new(None),
+                kexec_in_progress: AtomicBool::new(false),
+                cfg,
+            }
         });
         for c in 0..n {
             shared.possible.set(c);
@@ -203,7 +212,13 @@ impl Runtime {
         let rt = Runtime {
             handle: Handle { shared },
         };
-        crate::hotplug::boot_all(&rt.handle, first)?;
+        crate::hotplug::boot_all(&rt.handle.shared, first).map_err(|e| match e {
+            HotplugError::BootTimeout { cpu, timeout_ms } => {
+                RuntimeError::BootTimeout { cpu, timeout_ms }
+            }
+            HotplugError::Spawn { cpu, source } => RuntimeError::Spawn { cpu, source },
+            other => RuntimeError::BadConfig(other.to_string()),
+        })?;
         Ok(rt)
     }
 
