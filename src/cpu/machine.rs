@@ -60,7 +60,7 @@ pub(crate) struct Machine {
     /// Generation of this image (0 for the first; each kexec adds one).
     pub generation: u64,
     /// Whether `irq_save`/`irq_restore` account the time spent masked.
-    pub irq_accounting: bool,
+    pub(super) irq_accounting: bool,
     irq_replay: Option<IrqReplay>,
 }
 

@@ -127,9 +127,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     // Deterministic stop (seed 000): the online bit is set (SeqCst) before the flag is read
     // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
     // targets this CPU or this CPU sees the flag and parks itself.
-    if shared.config.mode == crate::stop::StopMode::Deterministic
-        && shared.stopping.load(Ordering::SeqCst)
-    {
+    if shared.must_park_coming_online() {
         *hc.ap_failed.lock_unpoisoned() = Some((
             "ap:online".into(),
             "a stop is in progress: parked instead of going online".into(),

@@ -19,7 +19,7 @@ pub(crate) struct HotplugLayer {
     /// Hotplug's table, lock and per-CPU handshake state.
     pub hotplug: HotplugState,
     /// How long bring-up waits for a CPU (and teardown for its thread).
-    pub boot_timeout: Duration,
+    pub(super) boot_timeout: Duration,
     spawn: SpawnCpu,
 }
 

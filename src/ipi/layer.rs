@@ -44,10 +44,10 @@ pub(crate) struct IpiLayer {
     lower: Machine,
     pub pool: CsdPool,
     pub totals: Totals,
-    pub next_call_id: AtomicU64,
-    pub nmi_hooks: NmiHooks,
+    pub(super) next_call_id: AtomicU64,
+    pub(super) nmi_hooks: NmiHooks,
     /// The IPI and NMI signal numbers.
-    pub signals: Signals,
+    pub(super) signals: Signals,
     /// How long a synchronous call waits.
     pub call_timeout: Duration,
 }
@@ -77,6 +77,13 @@ impl IpiLayer {
             signals,
             call_timeout,
         }
+    }
+}
+
+impl IpiLayer {
+    /// Registers the stop receiver an upper layer provides (see [`NmiHooks::set_stop`]).
+    pub(crate) fn set_stop_hook(&self, hook: super::nmi::NmiHook) {
+        self.nmi_hooks.set_stop(hook);
     }
 }
 

@@ -18,11 +18,11 @@ pub(crate) struct StopLayer {
     pub stop: StopState,
     /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
     /// online mask, read by a CPU right after it joins the online mask.
-    pub stopping: AtomicBool,
+    pub(super) stopping: AtomicBool,
     /// What a stopped CPU does.
-    pub park: ParkPolicy,
+    pub(super) park: ParkPolicy,
     /// Retries, waits, mode and backend.
-    pub config: StopConfig,
+    pub(super) config: StopConfig,
 }
 
 impl std::ops::Deref for StopLayer {
@@ -35,7 +35,7 @@ impl std::ops::Deref for StopLayer {
 impl StopLayer {
     /// The stop layer over `ipi`; registers the stop receiver for the stop vector and the NMI.
     pub(crate) fn new(ipi: IpiLayer, park: ParkPolicy, config: StopConfig) -> Self {
-        ipi.nmi_hooks.set_stop(super::receive::stop_this_cpu);
+        ipi.set_stop_hook(super::receive::stop_this_cpu);
         StopLayer {
             lower: ipi,
             stop: StopState::new(),
@@ -43,6 +43,16 @@ impl StopLayer {
             park,
             config,
         }
+    }
+}
+
+impl StopLayer {
+    /// Called by a CPU right after it joined the online mask (SeqCst): whether a deterministic
+    /// stop is running, so the CPU must park itself instead of going online (seed 000; see the
+    /// protocol comment in `routine.rs`). The flag is read SeqCst, after the online bit.
+    pub(crate) fn must_park_coming_online(&self) -> bool {
+        self.config.mode == super::StopMode::Deterministic
+            && self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
