@@ -25,6 +25,7 @@ pub(crate) struct HotplugLayer {
 
 impl std::ops::Deref for HotplugLayer {
     type Target = StopLayer;
+    #[inline]
     fn deref(&self) -> &StopLayer {
         &self.lower
     }

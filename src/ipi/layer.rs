@@ -54,6 +54,7 @@ pub(crate) struct IpiLayer {
 
 impl std::ops::Deref for IpiLayer {
     type Target = Machine;
+    #[inline]
     fn deref(&self) -> &Machine {
         &self.lower
     }

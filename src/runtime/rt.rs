@@ -35,6 +35,7 @@ pub(crate) struct Shared {
 
 impl std::ops::Deref for Shared {
     type Target = HotplugLayer;
+    #[inline]
     fn deref(&self) -> &HotplugLayer {
         &self.lower
     }

@@ -27,6 +27,7 @@ pub(crate) struct StopLayer {
 
 impl std::ops::Deref for StopLayer {
     type Target = IpiLayer;
+    #[inline]
     fn deref(&self) -> &IpiLayer {
         &self.lower
     }
