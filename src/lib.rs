@@ -41,14 +41,18 @@
 //! | 4 | [`hotplug`] | the step table, the bring-up handshake, `cpu_up`/`cpu_down` |
 //! | 3 | [`stop`] | `send_stop`/`crash_stop`, parking, `stop_machine` |
 //! | 2 | [`ipi`] | call queue, doorbell signal, NMI, signal handlers |
-//! | 1 | [`cpu`], `inject` | per-CPU state and primitives (masks, call queue, idle word, event rings, futex, clock); fault hooks |
+//! | 1 | [`cpu`], `inject` | per-CPU state and primitives (masks, call queue, idle word, event rings, futex, clock, the thread-local CPU and soft irq mask); fault hooks |
 //! | 0 | `sync` | the loom facade the protocol files import their atomics from |
 //!
 //! A module may use its own layer and the ones below, and names the module an item lives in
-//! (never `crate::Item`). `tests/layering.rs` checks every `crate::` path against this table;
-//! the imports that still point up (lower layers that take the runtime's `Shared`/`Handle`
-//! and its per-CPU state) are listed there and may only shrink. Only [`ipi::signal`] touches
-//! signals; only `cpu/affinity.rs` touches CPU affinity.
+//! (never `crate::Item`); `tests/layering.rs` checks every `crate::` path against this table,
+//! and no import points up. Each layer's state embeds the one below and derefs to it: the
+//! `cpu` layer's `Machine` (CPUs, masks, jobs) in the `ipi` layer's `IpiLayer` (csd pool, NMI
+//! hooks), in `stop`'s `StopLayer`, in `hotplug`'s `HotplugLayer`, in the runtime's `Shared`,
+//! which [`Handle`] points at and forwards to. A lower layer that must act above it calls a
+//! hook registered at build: `irq_restore`'s replay (`cpu` -> `ipi`), the stop receiver
+//! (`ipi`'s handlers -> `stop`), the start of a CPU thread (`hotplug` -> `runtime`). Only
+//! [`ipi::signal`] touches signals; only `cpu/affinity.rs` touches CPU affinity.
 //!
 //! ```
 //! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};

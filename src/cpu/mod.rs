@@ -2,7 +2,9 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `machine.rs` | `Machine`: the CPUs of one runtime, their masks, job queueing (every layer's base) |
 //! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; jobs |
+//! | `context.rs` | `this_cpu()`, `irq_save()`/`irq_restore()`, `cpu_relax()`: the thread-local CPU |
 //! | `call_queue.rs` | the per-CPU closable lock-free call queue (the kernel's llist), loom-checked |
 //! | `mask.rs` | `CpuMask`, `AtomicCpuMask` and the kernel's list format |
 //! | `idle.rs` | poll-then-sleep and the doorbell decision (a loom-checked protocol) |
@@ -15,10 +17,12 @@
 pub(crate) mod affinity;
 pub(crate) mod call_queue;
 pub(crate) mod clock;
+pub(crate) mod context;
 pub(crate) mod cpus_lock;
 pub mod events;
 pub(crate) mod futex;
 pub mod idle;
 pub(crate) mod lock;
+pub(crate) mod machine;
 pub mod mask;
 pub(crate) mod state;

@@ -2,17 +2,17 @@
 //! ONLINE step, the DYING steps inside stop_machine, and the thread's exit.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
+use super::layer::HotplugLayer;
 use super::states::{Kind, Step};
+use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::events::EventKind;
 use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::inject::Broken;
-use crate::runtime::context::{current, irq_restore, irq_save};
-use crate::runtime::rt::Shared;
+use crate::ipi::layer::current;
 
 /// Where an injected failure hits the part of the table that runs on the CPU itself.
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -65,7 +65,7 @@ fn teardown(step: &Step, cpu: usize) -> super::StepResult {
 }
 
 /// The AP's boot hook (runs first on the new thread). False: the thread must exit.
-pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
+pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     let hc = &shared.hotplug.cpus[st.id];
     if let Some(delay) = shared.faults.take_boot_delay(st.id) {
         std::thread::sleep(delay); // fault injection: a slow AP
@@ -127,9 +127,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
     // Deterministic stop (seed 000): the online bit is set (SeqCst) before the flag is read
     // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
     // targets this CPU or this CPU sees the flag and parks itself.
-    if shared.cfg.stop.mode == crate::stop::StopMode::Deterministic
-        && shared.stopping.load(Ordering::SeqCst)
-    {
+    if shared.must_park_coming_online() {
         *hc.ap_failed.lock_unpoisoned() = Some((
             "ap:online".into(),
             "a stop is in progress: parked instead of going online".into(),
@@ -155,7 +153,7 @@ pub(crate) fn ap_boot(shared: &Arc<Shared>, st: &CpuState) -> bool {
 }
 
 /// The thread's exit hook, its very last act: drop the init_mm reference, report DEAD.
-pub(crate) fn ap_exit(shared: &Shared, st: &CpuState) {
+pub(crate) fn ap_exit(shared: &HotplugLayer, st: &CpuState) {
     let hc = &shared.hotplug.cpus[st.id];
     if hc.has_ref.swap(false, Ordering::AcqRel) {
         shared.hotplug.init_mm.fetch_sub(1, Ordering::AcqRel);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::ap::{self, ApFail, ApPlan};
 use super::handshake::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED, SHOULD_DIE};
+use super::layer::HotplugLayer;
 use super::states::Table;
 use super::HotplugError;
 use crate::cpu::clock::now_ns;
@@ -16,9 +17,8 @@ use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::CpuRunState;
 use crate::inject::Broken;
-use crate::runtime::rt::Handle;
 
-impl Handle {
+impl HotplugLayer {
     /// `bringup:cpu` (with the STARTING steps and `ap:online`, run by the AP).
     pub(super) fn bringup(
         &self,
@@ -26,7 +26,7 @@ impl Handle {
         cpu: CpuId,
         inject: bool,
     ) -> Result<usize, HotplugError> {
-        let s = &self.shared;
+        let s = self;
         let st = &s.cpus[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // A previous thread has reported DEAD (checked by the caller): reap it.
@@ -47,13 +47,13 @@ impl Handle {
         if !handshake::kick(&hc.handshake) {
             return Err(HotplugError::Limbo { cpu });
         }
-        if let Err(source) = crate::runtime::thread::spawn_cpu(s, cpu) {
+        if let Err(source) = s.spawn_cpu(cpu) {
             hc.handshake.store(DEAD, Ordering::Release);
             st.set_run_state(CpuRunState::Offline);
             return Err(HotplugError::Spawn { cpu, source });
         }
         // Wait for ALIVE, bounded by the boot timeout.
-        let timeout = s.cfg.boot_timeout;
+        let timeout = s.boot_timeout;
         let deadline = now_ns() + timeout.as_nanos() as u64;
         loop {
             if hc.handshake.load(Ordering::Acquire) != KICKED {
@@ -145,7 +145,7 @@ impl Handle {
 
     /// Waits until the CPU's thread reports DEAD (bounded if `timeout` is given), then reaps it.
     pub(super) fn wait_dead(&self, cpu: CpuId, timeout: Option<Duration>) -> bool {
-        let s = &self.shared;
+        let s = self;
         let hc = &s.hotplug.cpus[cpu];
         let deadline = timeout.map(|d| now_ns() + d.as_nanos() as u64);
         loop {
@@ -179,7 +179,7 @@ impl Handle {
         cpu: CpuId,
         inject: bool,
     ) -> Result<usize, HotplugError> {
-        let s = &self.shared;
+        let s = self;
         let fail = if inject {
             self.injected_ap(t, cpu, true)
         } else {
@@ -216,7 +216,7 @@ impl Handle {
         }
         let st = &s.cpus[cpu];
         st.request_exit();
-        let timeout = s.cfg.boot_timeout;
+        let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {
             st.set_run_state(CpuRunState::Limbo);
             return Err(HotplugError::TeardownTimeout {

@@ -20,16 +20,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::ap::ApFail;
+use super::layer::HotplugLayer;
 use super::states::{Kind, Section, Table};
 use super::HotplugError;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
-use crate::runtime::rt::Handle;
 
-impl Handle {
+impl HotplugLayer {
     /// Consumes an injected failure for step `k`, if it targets it.
     pub(super) fn injected(&self, t: &Table, cpu: CpuId, k: usize) -> bool {
-        let mut f = self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned();
+        let mut f = self.hotplug.cpus[cpu].fail.lock_unpoisoned();
         if f.as_deref() == Some(t.steps[k].name.as_str()) {
             *f = None;
             true
@@ -40,7 +40,7 @@ impl Handle {
 
     /// Takes an injected failure aimed at a step that runs on the CPU itself.
     pub(super) fn injected_ap(&self, t: &Table, cpu: CpuId, down: bool) -> ApFail {
-        let mut f = self.shared.hotplug.cpus[cpu].fail.lock_unpoisoned();
+        let mut f = self.hotplug.cpus[cpu].fail.lock_unpoisoned();
         let Some(name) = f.as_deref() else {
             return ApFail::None;
         };
@@ -173,7 +173,7 @@ impl Handle {
         if inject && step.section != Section::Starting && self.injected(t, cpu, k) {
             return Err(self.failed(cpu, t, k, true, "injected failure".into()));
         }
-        let s = &self.shared;
+        let s = self;
         let st = &s.cpus[cpu];
         match &step.kind {
             Kind::SmpcfdPrepare => {
@@ -243,7 +243,7 @@ impl Handle {
                 let sent = self.call_single(
                     cpu,
                     move || {
-                        let c = crate::runtime::context::this_cpu().unwrap_or(usize::MAX);
+                        let c = crate::cpu::context::this_cpu().unwrap_or(usize::MAX);
                         let ok = crate::ipi::fatal::run(
                             c,
                             "hotplug STARTING step",
@@ -270,16 +270,16 @@ impl Handle {
             }
             Section::Online => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
-                let s = self.shared.clone();
                 let job = crate::cpu::state::Job::new(move || {
                     // The step runs for this operation, which holds the hotplug lock and
-                    // waits for it: a stop_machine in the step must not take it again.
-                    let _acting = s.cpus_lock.delegate();
+                    // waits for it: a stop_machine in the step must not take it again. (A job
+                    // runs on a CPU of this runtime, whose stop layer the thread-local names.)
+                    let _acting = crate::stop::layer::current().map(|l| l.cpus_lock.delegate());
                     let _ = tx.send(catch_step(|| f(cpu)));
                 });
                 self.queue_job_internal(cpu, job)
                     .map_err(|e| e.to_string())?;
-                match rx.recv_timeout(self.shared.cfg.boot_timeout) {
+                match rx.recv_timeout(self.boot_timeout) {
                     Ok(r) => r,
                     Err(_) => Err("ONLINE callback did not finish within the boot timeout".into()),
                 }

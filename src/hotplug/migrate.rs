@@ -7,13 +7,14 @@ use std::time::Duration;
 use crate::cpu::clock::now_ns;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
-use crate::runtime::rt::Handle;
 
-impl Handle {
+use super::layer::HotplugLayer;
+
+impl HotplugLayer {
     /// `sched:active` teardown: leave the active mask, close the job gate, move queued jobs to
     /// another online CPU, and wait for a running job to finish.
     pub(super) fn deactivate(&self, cpu: CpuId) -> Result<(), String> {
-        let s = &self.shared;
+        let s = self;
         let st = &s.cpus[cpu];
         s.active.clear(cpu);
         *st.job_gate.lock_unpoisoned() = false;
@@ -51,7 +52,7 @@ impl Handle {
         if moved > 0 {
             tracing::debug!("cpuhp: CPU{cpu}: moved {moved} queued job(s)");
         }
-        let deadline = now_ns() + s.cfg.boot_timeout.as_nanos() as u64;
+        let deadline = now_ns() + s.boot_timeout.as_nanos() as u64;
         while st.in_job.load(Ordering::SeqCst) {
             if s.cpus_lock.cpu_waits(cpu) {
                 // It waits for the hotplug lock this operation holds: it cannot finish first.
@@ -64,7 +65,7 @@ impl Handle {
             if now_ns() >= deadline {
                 return Err(reopen(format!(
                     "a job is still running after {:?}",
-                    s.cfg.boot_timeout
+                    s.boot_timeout
                 )));
             }
             std::thread::sleep(Duration::from_micros(100));

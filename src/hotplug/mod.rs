@@ -3,6 +3,7 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `layer.rs` | `HotplugLayer`: this layer's state over the stop layer, and the CPU-thread spawn hook |
 //! | `api.rs` | the public API: `cpu_up`, `cpu_down`, `setup_state`, disable/enable, probes |
 //! | `states.rs` | the step table and `Section` (`cpuhp_hp_states[]`) |
 //! | `engine.rs` | the step engine: walk the table up or down, roll back a failed walk |
@@ -22,6 +23,7 @@ mod api;
 mod bringup;
 mod engine;
 pub(crate) mod handshake;
+pub(crate) mod layer;
 mod migrate;
 mod shutdown;
 pub mod states;
@@ -180,7 +182,7 @@ pub(crate) struct HpCpu {
     pub ap_failed: Mutex<Option<(String, String)>>,
 }
 
-/// Runtime-wide hotplug state (lives in the runtime's shared block).
+/// Runtime-wide hotplug state (lives in the hotplug layer, `layer.rs`).
 pub(crate) struct HotplugState {
     /// The hotplug mutex (`cpu_maps_update_begin`), guarding the table.
     pub lock: Mutex<states::Table>,

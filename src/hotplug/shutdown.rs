@@ -7,9 +7,10 @@ use super::ap::{self, ApFail, ApPlan};
 use super::HotplugError;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::cpu::state::CpuRunState;
-use crate::runtime::rt::Handle;
 
-impl Handle {
+use super::layer::HotplugLayer;
+
+impl HotplugLayer {
     /// The kexec path's `cpu_down` of every non-boot CPU (`smp_shutdown_nonboot_cpus`): under
     /// the hotplug mutex, ignoring the disable count that `migrate_to_reboot_cpu` raised (only
     /// this path may). The same steps as `cpu_down`, but the `ap:online` teardown of all the
@@ -21,7 +22,7 @@ impl Handle {
         cpus: &[CpuId],
     ) -> Vec<(CpuId, Result<(), HotplugError>)> {
         let t = self.hp_lock();
-        let s = &self.shared;
+        let s = self;
         let top = t.steps.len();
         let apo = t.ap_online();
         let mut out = Vec::new();
@@ -64,7 +65,7 @@ impl Handle {
         for &cpu in &going {
             s.cpus[cpu].request_exit();
         }
-        let timeout = s.cfg.boot_timeout;
+        let timeout = s.boot_timeout;
         for &cpu in &going {
             let st = &s.cpus[cpu];
             if !self.wait_dead(cpu, Some(timeout)) {

@@ -25,19 +25,20 @@ use super::csd::{GiveUp, DONE};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
 use crate::cpu::clock::now_ns;
+use crate::cpu::context::{irq_restore, irq_save, irqs_disabled};
 use crate::cpu::events::{EventKind, NO_CPU};
 use crate::cpu::idle::Kick;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::cpu::state::CpuState;
-use crate::runtime::context::{irq_restore, irq_save, irqs_disabled};
-use crate::runtime::rt::{Handle, Shared};
+
+use super::layer::IpiLayer;
 
 /// The stop vector (x86's `REBOOT_VECTOR`, arm64's `IPI_CPU_STOP`): maskable, taken before
 /// the call queue, carrying no csd.
 pub(crate) const VECTOR_STOP: u64 = 1;
 
 /// Raises a dedicated vector on `cpu` and rings it. Async-signal-safe.
-pub(crate) fn send_vector(s: &Shared, cpu: CpuId, v: u64) {
+pub(crate) fn send_vector(s: &IpiLayer, cpu: CpuId, v: u64) {
     if let Some(st) = s.cpu(cpu) {
         st.ipi_vectors.fetch_or(v, Ordering::AcqRel);
         ring(s, st);
@@ -49,21 +50,9 @@ const SPIN_NS: u64 = 20_000;
 /// Targets handled per batch by `call_many` (a stack array, so the path does not allocate).
 const BATCH: usize = 64;
 
-impl Handle {
-    /// Runs `f` on `cpu` in IPI context (`smp_call_function_single`). With `wait`, returns when
-    /// `f` has finished there; without, once it is queued. `f` obeys the IPI-context rules of
-    /// [`crate::ipi`]. A call to the calling CPU itself runs at once with irqs masked.
-    ///
-    /// ```
-    /// use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
-    /// let rt = usmp::Builder::new().cpus(2).build().unwrap();
-    /// let hits = Arc::new(AtomicUsize::new(0));
-    /// let h = hits.clone();
-    /// rt.call_single(1, move || { h.fetch_add(1, Ordering::Relaxed); }, true).unwrap();
-    /// assert_eq!(hits.load(Ordering::Relaxed), 1);
-    /// assert!(matches!(rt.call_single(7, || {}, true), Err(usmp::IpiError::InvalidCpu { cpu: 7, .. })));
-    /// ```
-    pub fn call_single<F>(&self, cpu: CpuId, f: F, wait: bool) -> Result<(), IpiError>
+impl IpiLayer {
+    /// Implements [`Handle::call_single`](crate::Handle::call_single).
+    pub(crate) fn call_single<F>(&self, cpu: CpuId, f: F, wait: bool) -> Result<(), IpiError>
     where
         F: FnOnce() + Send + 'static,
     {
@@ -72,22 +61,16 @@ impl Handle {
         r
     }
 
-    /// Queues `f` on `cpu` and returns at once (`smp_call_function_single_async`). The csd
-    /// comes from the pool, so unlike the kernel there is no caller-owned csd to keep locked.
-    pub fn call_single_async<F>(&self, cpu: CpuId, f: F) -> Result<(), IpiError>
+    /// Implements [`Handle::call_single_async`](crate::Handle::call_single_async).
+    pub(crate) fn call_single_async<F>(&self, cpu: CpuId, f: F) -> Result<(), IpiError>
     where
         F: FnOnce() + Send + 'static,
     {
         self.call_single(cpu, f, false)
     }
 
-    /// Runs a copy of `f` on every online CPU of `mask` except the calling one
-    /// (`smp_call_function_many`). Offline CPUs in `mask` are skipped, as the kernel does; a
-    /// CPU that goes offline while the call is being sent is reported in
-    /// [`IpiError::Partial`]. An id past the CPU count is an error before anything is sent.
-    /// Called in IPI context (from a callback, or with irqs masked), an error names only the
-    /// first CPU that failed, without `Partial`'s mask: building one would allocate there.
-    pub fn call_many<F>(&self, mask: &CpuMask, f: F, wait: bool) -> Result<(), IpiError>
+    /// Implements [`Handle::call_many`](crate::Handle::call_many).
+    pub(crate) fn call_many<F>(&self, mask: &CpuMask, f: F, wait: bool) -> Result<(), IpiError>
     where
         F: FnOnce() + Clone + Send + 'static,
     {
@@ -96,8 +79,8 @@ impl Handle {
         r
     }
 
-    /// `call_many` to every online CPU but the caller (`smp_call_function`).
-    pub fn call_all_but_self<F>(&self, f: F, wait: bool) -> Result<(), IpiError>
+    /// Implements [`Handle::call_all_but_self`](crate::Handle::call_all_but_self).
+    pub(crate) fn call_all_but_self<F>(&self, f: F, wait: bool) -> Result<(), IpiError>
     where
         F: FnOnce() + Clone + Send + 'static,
     {
@@ -106,8 +89,8 @@ impl Handle {
         r
     }
 
-    /// Runs `f` on every online CPU, the caller included (`on_each_cpu`).
-    pub fn on_each_cpu<F>(&self, f: F, wait: bool) -> Result<(), IpiError>
+    /// Implements [`Handle::on_each_cpu`](crate::Handle::on_each_cpu).
+    pub(crate) fn on_each_cpu<F>(&self, f: F, wait: bool) -> Result<(), IpiError>
     where
         F: FnOnce() + Clone + Send + 'static,
     {
@@ -116,11 +99,9 @@ impl Handle {
         r
     }
 
-    /// Sends an NMI asking `cpu` to sample its instruction pointer, waits up to `timeout` for
-    /// it, and returns the sample (`trigger_single_cpu_backtrace`). Works on a CPU with irqs
-    /// masked; fails on one that blocks the NMI signal too.
-    pub fn nmi_backtrace(&self, cpu: CpuId, timeout: Duration) -> Result<u64, IpiError> {
-        let s = &self.shared;
+    /// Implements [`Handle::nmi_backtrace`](crate::Handle::nmi_backtrace).
+    pub(crate) fn nmi_backtrace(&self, cpu: CpuId, timeout: Duration) -> Result<u64, IpiError> {
+        let s = self;
         let st = self.target(cpu)?;
         let before = st.stats.nmis.load(Ordering::Acquire);
         st.last_ip.store(0, Ordering::Release);
@@ -150,7 +131,7 @@ impl Handle {
     }
 
     fn account(&self, r: &Result<(), IpiError>) {
-        let t = &self.shared.totals;
+        let t = &self.totals;
         match r {
             Ok(()) => t.api_ok.fetch_add(1, Ordering::Relaxed),
             Err(_) => t.api_err.fetch_add(1, Ordering::Relaxed),
@@ -158,16 +139,13 @@ impl Handle {
     }
 
     fn target(&self, cpu: CpuId) -> Result<&CpuState, IpiError> {
-        match self.shared.cpu(cpu) {
+        match self.cpu(cpu) {
             Some(st) => Ok(st),
             None => {
-                self.shared
-                    .totals
-                    .invalid_ipis
-                    .fetch_add(1, Ordering::Relaxed);
+                self.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
                 Err(IpiError::InvalidCpu {
                     cpu,
-                    cpus: self.cpus(),
+                    cpus: self.cpus.len(),
                 })
             }
         }
@@ -177,7 +155,7 @@ impl Handle {
     where
         F: FnOnce() + Send + 'static,
     {
-        let s = &*self.shared;
+        let s = self;
         let st = self.target(cpu)?;
         let me = s.this_cpu_here();
         if me == Some(cpu) {
@@ -210,7 +188,7 @@ impl Handle {
     where
         F: FnOnce() + Clone + Send + 'static,
     {
-        let s = &*self.shared;
+        let s = self;
         if let Some(bad) = mask.and_then(|m| m.iter().find(|&c| c >= s.cpus.len())) {
             s.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
             return Err(IpiError::InvalidCpu {
@@ -224,7 +202,7 @@ impl Handle {
                 cpu: me.unwrap_or(0),
             });
         }
-        let deadline = now_ns() + s.cfg.call_timeout.as_nanos() as u64;
+        let deadline = now_ns() + s.call_timeout.as_nanos() as u64;
         // In IPI context an error must not allocate (a mask and a box would): the other targets
         // still get the call, and the error is the first failing CPU's own, not `Partial`.
         let atomic = irqs_disabled();
@@ -291,7 +269,7 @@ impl Handle {
 }
 
 /// Step 1 for a self-call: run now with irqs masked, counted like a delivered IPI.
-fn run_local<F: FnOnce()>(s: &Shared, st: &CpuState, f: F) {
+fn run_local<F: FnOnce()>(s: &IpiLayer, st: &CpuState, f: F) {
     let fl = irq_save();
     super::fatal::run(st.id, "IPI callback", std::any::type_name::<F>(), f);
     irq_restore(fl);
@@ -303,7 +281,7 @@ fn run_local<F: FnOnce()>(s: &Shared, st: &CpuState, f: F) {
 
 /// Steps 2 and 3. Returns the queued slot.
 fn publish<F>(
-    s: &Shared,
+    s: &IpiLayer,
     st: &CpuState,
     me: Option<CpuId>,
     f: F,
@@ -351,14 +329,14 @@ where
 /// A free csd, waiting (yielding) up to the call timeout if the pool is empty. In IPI context
 /// (or with irqs masked) it fails at once: a handler must not wait for other CPUs to free
 /// slots, and the CPU it interrupted may be the one holding them.
-fn alloc_slot(s: &Shared, cpu: CpuId) -> Result<u32, IpiError> {
+fn alloc_slot(s: &IpiLayer, cpu: CpuId) -> Result<u32, IpiError> {
     if let Some(i) = s.pool.alloc() {
         return Ok(i);
     }
     if irqs_disabled() {
         return Err(IpiError::NoCsd { cpu });
     }
-    let deadline = now_ns() + s.cfg.call_timeout.as_nanos() as u64;
+    let deadline = now_ns() + s.call_timeout.as_nanos() as u64;
     while now_ns() < deadline {
         std::thread::yield_now();
         if let Some(i) = s.pool.alloc() {
@@ -369,7 +347,7 @@ fn alloc_slot(s: &Shared, cpu: CpuId) -> Result<u32, IpiError> {
 }
 
 /// Step 4. Async-signal-safe.
-pub(crate) fn ring(s: &Shared, st: &CpuState) {
+pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
     if s.faults.is_broken(Broken::DoorbellNeverRings) {
         return;
     }
@@ -383,7 +361,7 @@ pub(crate) fn ring(s: &Shared, st: &CpuState) {
                 return;
             }
             let tid = st.tid.load(Ordering::SeqCst);
-            if tid != 0 && super::signal::tgkill(tid, s.cfg.signals.ipi).is_ok() {
+            if tid != 0 && super::signal::tgkill(tid, s.signals.ipi).is_ok() {
                 s.totals.signals.fetch_add(1, Ordering::Relaxed);
                 st.stats.doorbells.fetch_add(1, Ordering::Relaxed);
                 s.ring_here().record(EventKind::Doorbell, st.id as u64, 0);
@@ -403,7 +381,7 @@ pub(crate) fn ring(s: &Shared, st: &CpuState) {
 }
 
 /// Step 5. `deadline`: `None` for the call timeout from now (read lazily, see below).
-fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: Option<u64>) -> Result<(), IpiError> {
+fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Result<(), IpiError> {
     let slot = s.pool.slot(idx);
     // Look at the state after every spin hint: a PAUSE costs ~140 cycles on recent x86, so
     // batching hints (this once did 32 per check) adds a microsecond of latency. The clock is
@@ -430,7 +408,7 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: Option<u64>) -> Resu
             }
         }
     }
-    let deadline = deadline.unwrap_or(start + s.cfg.call_timeout.as_nanos() as u64);
+    let deadline = deadline.unwrap_or(start + s.call_timeout.as_nanos() as u64);
     slot.waiter.store(1, Ordering::SeqCst);
     loop {
         let v = slot.state.load(Ordering::SeqCst);
@@ -481,14 +459,14 @@ fn wait_done(s: &Shared, st: &CpuState, idx: u32, deadline: Option<u64>) -> Resu
         GiveUp::Abandoned => true,
         GiveUp::Done => return Ok(()),
     };
-    if !started && !super::handler::ipi_handler_installed(&s.cfg.signals) {
+    if !started && !super::handler::ipi_handler_installed(&s.signals) {
         tracing::error!(
             "usmp: signal {} no longer has usmp's handler (replaced after build?): IPIs cannot reach busy CPUs",
-            s.cfg.signals.ipi
+            s.signals.ipi
         );
         return Err(IpiError::HandlerReplaced {
             cpu: st.id,
-            sig: s.cfg.signals.ipi,
+            sig: s.signals.ipi,
             waited_ms: waited / 1_000_000,
         });
     }

@@ -11,8 +11,8 @@ use super::IpiError;
 use crate::cpu::call_queue::{Links, EMPTY};
 use crate::cpu::events::EventKind;
 use crate::cpu::state::CpuState;
-use crate::runtime::context::current;
-use crate::runtime::rt::Shared;
+
+use super::layer::{current, IpiLayer};
 
 /// Installs the IPI and NMI handlers (once per process and signal).
 pub(crate) fn install(sigs: &Signals) -> Result<(), IpiError> {
@@ -64,7 +64,7 @@ extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *m
 /// is the idle loop, which a powered-off CPU may return to and leave for good.
 /// Async-signal-safe.
 pub(crate) fn take_vectors(
-    shared: &Shared,
+    shared: &IpiLayer,
     cpu: &CpuState,
     uc: *const libc::c_void,
     safe: bool,
@@ -74,15 +74,28 @@ pub(crate) fn take_vectors(
     }
     let v = cpu.ipi_vectors.swap(0, Ordering::AcqRel);
     if v & super::call::VECTOR_STOP != 0 {
-        return shared.nmi_hooks.call_stop(shared, cpu, uc, safe);
+        return shared.nmi_hooks.call_stop(cpu, uc, safe);
     }
     false
+}
+
+/// The soft irq mask's replay (`cpu::machine::IrqReplay`, registered at build): on the calling
+/// CPU, irqs masked, take the vectors and then the queue, as the handler does. `None`: the CPU
+/// is now stopped. Async-signal-safe as far as the callbacks are.
+pub(crate) fn replay_deferred(cpu: &CpuState, safe: bool) -> Option<usize> {
+    let Some((shared, _)) = current() else {
+        return Some(0);
+    };
+    if take_vectors(shared, cpu, std::ptr::null(), safe) {
+        return None;
+    }
+    Some(flush_queue(shared, cpu))
 }
 
 /// Runs every call queued on `cpu` (the caller is that CPU, irqs masked). A call found on a CPU
 /// that is not online is reported as "IPI on offline CPU" (seed 002) and still run exactly once.
 /// Returns how many callbacks ran.
-pub(crate) fn flush_queue(shared: &Shared, cpu: &CpuState) -> usize {
+pub(crate) fn flush_queue(shared: &IpiLayer, cpu: &CpuState) -> usize {
     let h = cpu.queue.take_all(&shared.pool);
     if h == EMPTY {
         return 0;
@@ -94,12 +107,12 @@ pub(crate) fn flush_queue(shared: &Shared, cpu: &CpuState) -> usize {
 /// The dying step (`smpcfd_dying_cpu`): close the queue so no sender can add to it, and run
 /// everything it held, whether or not its doorbell has arrived. No offline warning: the caller
 /// knows the CPU is going away.
-pub(crate) fn close_and_flush(shared: &Shared, cpu: &CpuState) -> usize {
+pub(crate) fn close_and_flush(shared: &IpiLayer, cpu: &CpuState) -> usize {
     let h = cpu.queue.close(&shared.pool);
     run_list(shared, cpu, h, false)
 }
 
-fn run_list(shared: &Shared, cpu: &CpuState, mut h: u32, warn_offline: bool) -> usize {
+fn run_list(shared: &IpiLayer, cpu: &CpuState, mut h: u32, warn_offline: bool) -> usize {
     let mut n = 0;
     // The slots this flush frees go back to the pool together when it ends (csd.rs step 6).
     let mut freed = shared.pool.batch();

@@ -2,6 +2,7 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `layer.rs` | `IpiLayer`: this layer's state over the machine, and the handlers' thread-local |
 //! | `signal.rs` | the only caller of `sigaction`, `tgkill`, `pthread_sigmask`; register capture |
 //! | `csd.rs` | the preallocated csd pool and the slot lifetime protocol |
 //! | `call.rs` | `call_single`, `call_many`, ...: publish, ring, wait |
@@ -28,6 +29,7 @@ pub(crate) mod call;
 pub(crate) mod csd;
 pub(crate) mod fatal;
 pub(crate) mod handler;
+pub(crate) mod layer;
 pub(crate) mod nmi;
 pub mod signal;
 

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::signal::{self, SavedRegs};
 use crate::cpu::events::EventKind;
 use crate::cpu::state::CpuState;
-use crate::runtime::context::current;
-use crate::runtime::rt::Shared;
+
+use super::layer::{current, IpiLayer};
 
 /// Why an NMI was sent (bits of the pending word).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,11 +22,12 @@ pub enum NmiReason {
     Stop = 2,
 }
 
-/// The stop receiver an upper layer registers. Runs in IPI or NMI (signal-handler) context with
-/// the interrupted thread's `ucontext` (null when not interrupted by a signal) and whether the
-/// interrupted point is safe to leave for good (the idle loop: not in a job, irqs not masked).
-/// Returns true if the CPU is now stopped: the caller must not run anything more.
-pub(crate) type NmiHook = fn(&Shared, &CpuState, *const libc::c_void, bool) -> bool;
+/// The stop receiver an upper layer registers. Runs on the CPU's own thread, in IPI or NMI
+/// (signal-handler) context, with the interrupted thread's `ucontext` (null when not
+/// interrupted by a signal) and whether the interrupted point is safe to leave for good (the
+/// idle loop: not in a job, irqs not masked). It finds its own layer's state through its own
+/// thread-local. Returns true if the CPU is now stopped: the caller must not run anything more.
+pub(crate) type NmiHook = fn(&CpuState, *const libc::c_void, bool) -> bool;
 
 /// Hooks per reason (function pointers stored as usize; 0 = none).
 pub(crate) struct NmiHooks {
@@ -46,32 +47,26 @@ impl NmiHooks {
     }
 
     /// Calls the stop receiver, if registered. Async-signal-safe.
-    pub(crate) fn call_stop(
-        &self,
-        shared: &Shared,
-        cpu: &CpuState,
-        uc: *const libc::c_void,
-        safe: bool,
-    ) -> bool {
+    pub(crate) fn call_stop(&self, cpu: &CpuState, uc: *const libc::c_void, safe: bool) -> bool {
         let h = self.stop.load(Ordering::Acquire);
         if h == 0 {
             return false;
         }
         // SAFETY: the only values stored are 0 or an `NmiHook` (see `set_stop`).
         let hook: NmiHook = unsafe { std::mem::transmute::<usize, NmiHook>(h) };
-        hook(shared, cpu, uc, safe)
+        hook(cpu, uc, safe)
     }
 }
 
 /// Sets `reason` on `cpu` and signals it (unless an NMI is already pending there).
 /// Async-signal-safe. Returns false if the CPU has no thread to signal.
-pub(crate) fn send(shared: &Shared, cpu: &CpuState, reason: NmiReason) -> bool {
+pub(crate) fn send(shared: &IpiLayer, cpu: &CpuState, reason: NmiReason) -> bool {
     let prev = cpu.nmi_pending.fetch_or(reason as u64, Ordering::AcqRel);
     if prev != 0 {
         return true; // coalesced with an NMI in flight
     }
     let tid = cpu.tid.load(Ordering::SeqCst);
-    if tid == 0 || signal::tgkill(tid, shared.cfg.signals.nmi).is_err() {
+    if tid == 0 || signal::tgkill(tid, shared.signals.nmi).is_err() {
         // Nothing will take the bit: clear it, or every later NMI would think one is in flight.
         cpu.nmi_pending
             .fetch_and(!(reason as u64), Ordering::AcqRel);
@@ -99,7 +94,7 @@ pub(crate) extern "C" fn nmi_handler(
         if bits & NmiReason::Stop as u64 != 0 {
             let safe = !cpu.running_job.load(Ordering::Relaxed)
                 && cpu.irq_depth.load(Ordering::Relaxed) == 0;
-            shared.nmi_hooks.call_stop(shared, cpu, uc, safe);
+            shared.nmi_hooks.call_stop(cpu, uc, safe);
         }
         cpu.in_handler.fetch_sub(1, Ordering::Relaxed);
     }

@@ -4,7 +4,7 @@
 //! Signal numbers are computed at run time from `SIGRTMIN()` (glibc reserves the first few
 //! real-time signals for itself, so the number is not a constant). A handler is installed once
 //! per process and signal; several runtimes share it, and the handler finds the interrupted CPU
-//! through a thread-local (see `runtime::context`), never through a global runtime.
+//! through a thread-local (see `ipi/layer.rs`), never through a global runtime.
 //!
 //! nix's `Signal` cannot name `SIGRTMIN()+n`, so everything that takes a signal number
 //! (`sigaction`, `sigaddset`, `tgkill`) stays raw `libc`; nix builds the action, applies the
@@ -199,9 +199,9 @@ pub(crate) fn tgkill(tid: i32, sig: i32) -> Result<(), i32> {
 /// returns if the CPU is to work normally again.
 #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 pub(crate) fn wedge_this_cpu(block: bool) -> bool {
-    match crate::runtime::context::current() {
+    match super::layer::current() {
         Some((shared, _)) => {
-            let s = shared.cfg.signals;
+            let s = shared.signals;
             set_blocked(&[s.ipi, s.nmi], block);
             true
         }

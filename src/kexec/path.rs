@@ -254,7 +254,7 @@ impl Handle {
         let mut undo = Undo::new(self);
         let crashed_at_ns = wall_ns();
         tl.add(me, format!("crash: {reason}"));
-        let out = match self.stop_outcome_so_far() {
+        let out = match self.shared.stop_outcome_so_far() {
             Some(out) => {
                 tl.add(me, "CPUs already stopped by the panic: not stopping again");
                 out
@@ -324,7 +324,7 @@ impl Handle {
         reboot: CpuId,
     ) -> Vec<(CpuId, Result<(), crate::hotplug::HotplugError>)> {
         let others: Vec<CpuId> = self.online_mask().iter().filter(|&c| c != reboot).collect();
-        self.cpu_down_many_for_kexec(&others)
+        self.shared.cpu_down_many_for_kexec(&others)
     }
 
     fn kexec_check_not_retired(&self) -> Result<(), KexecError> {

@@ -1,5 +1,6 @@
 //! Errors of the runtime layer (build, jobs, shutdown).
 
+use crate::cpu::machine::JobRefused;
 use crate::cpu::mask::CpuId;
 use crate::ipi::IpiError;
 
@@ -87,4 +88,14 @@ pub enum RuntimeError {
         /// The time waited, in ms.
         timeout_ms: u64,
     },
+}
+
+impl From<JobRefused> for RuntimeError {
+    fn from(e: JobRefused) -> Self {
+        match e {
+            JobRefused::InvalidCpu { cpu, cpus } => RuntimeError::InvalidCpu { cpu, cpus },
+            JobRefused::Retired { generation } => RuntimeError::Retired { generation },
+            JobRefused::Offline { cpu } => RuntimeError::Offline { cpu },
+        }
+    }
 }

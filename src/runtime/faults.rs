@@ -64,13 +64,13 @@ impl Faults<'_> {
 
     /// The next bring-up of `cpu` sleeps `delay` before its ALIVE step: a slow AP (seed 003).
     pub fn set_boot_delay(&self, cpu: CpuId, delay: Duration) -> Result<(), HotplugError> {
-        self.h.inject_boot_delay(cpu, delay)
+        self.h.shared.inject_boot_delay(cpu, delay)
     }
 
     /// The kernel's `st->fail`: the next time hotplug step `step` runs on `cpu`, in either
     /// direction, it fails instead (and is rolled back). See [`Handle::hotplug_steps`].
     pub fn fail_step(&self, cpu: CpuId, step: &str) -> Result<(), HotplugError> {
-        self.h.inject_step_failure(cpu, step)
+        self.h.shared.inject_step_failure(cpu, step)
     }
 
     /// Switches protocol variant `b` to its broken form (`true`) or back.

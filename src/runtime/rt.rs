@@ -2,102 +2,46 @@
 //! and other threads use), and `Shared`, the state every thread of one runtime points at.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-
-use crossbeam_utils::CachePadded;
 
 use super::builder::Config;
 use super::error::RuntimeError;
 use super::logger::Logger;
-use crate::cpu::events::{Event, EventRing};
+use crate::cpu::events::Event;
 use crate::cpu::lock::LockUnpoisoned;
-use crate::cpu::mask::{AtomicCpuMask, CpuId, CpuMask};
+use crate::cpu::machine::Machine;
+use crate::cpu::mask::{CpuId, CpuMask};
 use crate::cpu::state::{CpuRunState, CpuState};
-use crate::ipi::csd::CsdPool;
+use crate::hotplug::layer::{HotplugLayer, SpawnCpu};
+use crate::hotplug::HotplugError;
+use crate::ipi::layer::IpiLayer;
+use crate::stop::layer::StopLayer;
 
 static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Runtime-wide counters (Relaxed: statistics).
-#[derive(Default)]
-pub(crate) struct Totals {
-    /// Calls accepted into a queue (written by senders; padded away from `handled`, which
-    /// the targets write, so the two sides do not bounce one cache line per call).
-    pub queued: CachePadded<AtomicU64>,
-    /// Callbacks run.
-    pub handled: CachePadded<AtomicU64>,
-    /// Calls cancelled by a sender that timed out before they ran.
-    pub cancelled: AtomicU64,
-    /// API calls that returned Ok / Err.
-    pub api_ok: AtomicU64,
-    pub api_err: AtomicU64,
-    /// IPIs refused because the target was offline / out of range.
-    pub offline_ipis: AtomicU64,
-    pub invalid_ipis: AtomicU64,
-    /// Calls found queued on a CPU that was no longer online (seed 002), run by the flush.
-    pub ipi_on_offline: AtomicU64,
-    /// Doorbell signals actually sent.
-    pub signals: AtomicU64,
-    /// Synchronous calls that timed out ("non-responsive CSD lock").
-    pub csd_timeouts: AtomicU64,
-}
-
-/// State shared by all threads of one runtime. Lives as long as any of them.
+/// State shared by all threads of one runtime. Lives as long as any of them. The runtime's own
+/// part; the layers' parts are below it (`Deref` to the hotplug layer's, which derefs to the
+/// stop layer's, and so on down to the `Machine`).
 pub(crate) struct Shared {
-    pub id: u64,
+    lower: HotplugLayer,
     pub cfg: Config,
-    pub cpus: Box<[CachePadded<CpuState>]>,
-    pub possible: AtomicCpuMask,
-    pub present: AtomicCpuMask,
-    pub online: AtomicCpuMask,
-    pub active: AtomicCpuMask,
-    pub pool: CsdPool,
-    /// Events written by threads outside the runtime.
-    pub ext_ring: EventRing,
-    pub totals: Totals,
-    pub next_call_id: AtomicU64,
-    pub cores: Vec<core_affinity::CoreId>,
     pin_warned: AtomicBool,
     shut: AtomicBool,
     logger: Mutex<Option<Logger>>,
-    pub nmi_hooks: crate::ipi::nmi::NmiHooks,
-    /// Fault-injection switches (inert without the `fault-injection` feature).
-    pub faults: crate::inject::FaultState,
-    /// Hotplug's table, lock and per-CPU handshake state (the logic lives in `hotplug/`).
-    pub hotplug: crate::hotplug::HotplugState,
-    /// The hotplug read-write lock: hotplug operations write, `stop_machine` reads.
-    pub cpus_lock: crate::cpu::cpus_lock::CpusLock,
-    /// The stop routine's coordination word (the logic lives in `stop/`).
-    pub stop: crate::stop::routine::StopState,
-    /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
-    /// online mask, read by a CPU right after it joins the online mask.
-    pub stopping: AtomicBool,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
     pub kexec_in_progress: AtomicBool,
-    /// This image has handed over to the next one: it runs nothing and changes nothing any
-    /// more; every mutating call fails with a typed `Retired` error.
-    pub retired: AtomicBool,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = HotplugLayer;
+    #[inline]
+    fn deref(&self) -> &HotplugLayer {
+        &self.lower
+    }
 }
 
 impl Shared {
-    /// The event ring of the calling thread: its CPU's, or the external one.
-    #[inline]
-    pub(crate) fn ring_here(&self) -> &EventRing {
-        match super::context::current() {
-            Some((s, c)) if s.id == self.id => &c.ring,
-            _ => &self.ext_ring,
-        }
-    }
-
-    /// The calling thread's CPU id if it is a CPU of *this* runtime.
-    #[inline]
-    pub(crate) fn this_cpu_here(&self) -> Option<CpuId> {
-        match super::context::current() {
-            Some((s, c)) if s.id == self.id => Some(c.id),
-            _ => None,
-        }
-    }
-
     /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
     /// unpinned if the host refuses.
     pub(crate) fn pin_current(&self, st: &CpuState) {
@@ -112,10 +56,6 @@ impl Shared {
                 "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
             );
         }
-    }
-
-    pub(crate) fn cpu(&self, cpu: CpuId) -> Option<&CpuState> {
-        self.cpus.get(cpu).map(|c| &**c)
     }
 
     pub(crate) fn drain_events(&self) -> Vec<Event> {
@@ -231,32 +171,34 @@ impl Runtime {
             );
         }
         let log = cfg.log_events || cfg.collect_trace;
-        let shared = Arc::new(Shared {
-            id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
-            cpus: (0..n)
-                .map(|c| CachePadded::new(CpuState::new(c, cfg.event_ring, log)))
-                .collect(),
-            possible: AtomicCpuMask::new(n),
-            present: AtomicCpuMask::new(n),
-            online: AtomicCpuMask::new(n),
-            active: AtomicCpuMask::new(n),
-            pool: CsdPool::new(cfg.csd_pool),
-            ext_ring: EventRing::with_enabled(cfg.event_ring, log),
-            totals: Totals::default(),
-            next_call_id: AtomicU64::new(1),
+        let machine = Machine::new(
+            NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            n,
+            cfg.event_ring,
+            log,
             cores,
-            pin_warned: AtomicBool::new(false),
-            shut: AtomicBool::new(false),
-            logger: Mutex::new(None),
-            nmi_hooks: crate::ipi::nmi::NmiHooks::new(),
-            faults: crate::inject::FaultState::new(n),
-            hotplug: crate::hotplug::HotplugState::new(n),
-            cpus_lock: crate::cpu::cpus_lock::CpusLock::new(n),
-            stop: crate::stop::routine::StopState::new(),
-            stopping: AtomicBool::new(false),
-            kexec_in_progress: AtomicBool::new(false),
-            retired: AtomicBool::new(false),
-            cfg,
+            cfg.generation,
+            cfg.irq_accounting,
+        );
+        let ipi = IpiLayer::new(machine, cfg.csd_pool, cfg.signals, cfg.call_timeout);
+        let stop = StopLayer::new(ipi, cfg.park, cfg.stop.clone());
+        let shared = Arc::new_cyclic(|me: &Weak<Shared>| {
+            // Hotplug's bring-up starts CPU threads through this hook: the thread's body (the
+            // idle loop) is this layer's. A weak reference, or the runtime would own itself;
+            // whoever brings a CPU up holds a `Handle`, so the upgrade succeeds.
+            let me = me.clone();
+            let spawn: SpawnCpu = Box::new(move |cpu| match me.upgrade() {
+                Some(shared) => super::thread::spawn_cpu(&shared, cpu),
+                None => Err(std::io::Error::other("the runtime is being dropped")),
+            });
+            Shared {
+                lower: HotplugLayer::new(stop, cfg.boot_timeout, spawn),
+                pin_warned: AtomicBool::new(false),
+                shut: AtomicBool::new(false),
+                logger: Mutex::new(None),
+                kexec_in_progress: AtomicBool::new(false),
+                cfg,
+            }
         });
         for c in 0..n {
             shared.possible.set(c);
@@ -271,7 +213,13 @@ impl Runtime {
         let rt = Runtime {
             handle: Handle { shared },
         };
-        crate::hotplug::boot_all(&rt.handle, first)?;
+        crate::hotplug::boot_all(&rt.handle.shared, first).map_err(|e| match e {
+            HotplugError::BootTimeout { cpu, timeout_ms } => {
+                RuntimeError::BootTimeout { cpu, timeout_ms }
+            }
+            HotplugError::Spawn { cpu, source } => RuntimeError::Spawn { cpu, source },
+            other => RuntimeError::BadConfig(other.to_string()),
+        })?;
         Ok(rt)
     }
 
@@ -435,64 +383,14 @@ impl Handle {
             }));
         });
         job.at = Some(at.clone());
-        self.queue_job(cpu, job).map_err(|(e, _)| e)?;
+        self.shared
+            .queue_job(cpu, job)
+            .map_err(|(e, _)| RuntimeError::from(e))?;
         Ok(JobHandle {
             at,
             rx,
             shared: self.shared.clone(),
         })
-    }
-
-    /// Queues a job on an active CPU; on refusal the job is handed back, never dropped.
-    pub(crate) fn queue_job(
-        &self,
-        cpu: CpuId,
-        job: crate::cpu::state::Job,
-    ) -> Result<(), (RuntimeError, crate::cpu::state::Job)> {
-        let Some(st) = self.shared.cpu(cpu) else {
-            let e = RuntimeError::InvalidCpu {
-                cpu,
-                cpus: self.cpus(),
-            };
-            return Err((e, job));
-        };
-        if self.shared.retired.load(Ordering::SeqCst) {
-            let generation = self.generation();
-            return Err((RuntimeError::Retired { generation }, job));
-        }
-        let gate = st.job_gate.lock_unpoisoned();
-        if !*gate {
-            return Err((RuntimeError::Offline { cpu }, job));
-        }
-        let r = self.push_job(cpu, job);
-        drop(gate);
-        r
-    }
-
-    /// Queues a job whatever the gate says: hotplug's ONLINE steps run on a CPU that is not
-    /// (or no longer) active.
-    pub(crate) fn queue_job_internal(
-        &self,
-        cpu: CpuId,
-        job: crate::cpu::state::Job,
-    ) -> Result<(), RuntimeError> {
-        self.push_job(cpu, job).map_err(|(e, _)| e)
-    }
-
-    fn push_job(
-        &self,
-        cpu: CpuId,
-        job: crate::cpu::state::Job,
-    ) -> Result<(), (RuntimeError, crate::cpu::state::Job)> {
-        let st = &self.shared.cpus[cpu];
-        // Count before sending, so the counter never underflows when the CPU takes the job.
-        st.jobs_queued.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = st.job_tx.send(job) {
-            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            return Err((RuntimeError::Offline { cpu }, e.into_inner()));
-        }
-        st.idle.wake_for_job();
-        Ok(())
     }
 
     /// Snapshot of every counter.

@@ -5,8 +5,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::context::{irq_restore, irq_save, set_current};
 use super::rt::Shared;
+use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::{CpuRunState, CpuState};
@@ -27,8 +27,10 @@ pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()>
 /// The thread of a logical CPU (`secondary_start_kernel` + `cpu_startup_entry`): the AP side of
 /// the bring-up handshake, the idle loop, and the exit report that hotplug waits for.
 fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
-    // SAFETY: this frame holds an Arc to `shared` until after the pointer is cleared below.
-    unsafe { set_current(Arc::as_ptr(&shared), cpu) };
+    let layers: &crate::stop::layer::StopLayer = &shared;
+    // SAFETY: this frame holds an Arc to `shared`, which contains `layers`, until after the
+    // pointers are cleared below.
+    unsafe { crate::stop::layer::set_current(Some(layers), cpu) };
     let st = &shared.cpus[cpu];
     st.tid.store(crate::ipi::signal::gettid(), Ordering::SeqCst);
     shared.pin_current(st);
@@ -51,8 +53,8 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     }
     drop(altstack);
     st.tid.store(0, Ordering::SeqCst);
-    // SAFETY: clearing the pointer; nothing uses it afterwards on this thread.
-    unsafe { set_current(std::ptr::null(), 0) };
+    // SAFETY: clearing the pointers; nothing uses them afterwards on this thread.
+    unsafe { crate::stop::layer::set_current(None, 0) };
     // Last: DEAD. A controller that sees it may start a new thread for this CPU.
     crate::hotplug::ap::ap_exit(&shared, st);
 }
@@ -144,7 +146,7 @@ fn serve_calls(shared: &Shared, st: &CpuState) {
 /// crash-kexeced could catch the CPU "inside" a job that had already finished, and the CPU was
 /// parked and lost (tests/kexec_resources.rs, about one cycle in a thousand).
 pub(crate) fn job_user_code_done() {
-    if let Some((_, st)) = super::context::current() {
+    if let Some((_, st)) = crate::cpu::context::current() {
         st.running_job.store(false, Ordering::SeqCst);
     }
 }
@@ -165,7 +167,7 @@ fn run_job(st: &CpuState, job: crate::cpu::state::Job) {
     // A job that unwound (or returned) between irq_save and irq_restore must not leave every
     // later job and IPI of this CPU masked; the kernel warns likewise when a softirq or
     // workqueue item returns with irqs disabled.
-    if super::context::irq_unmask_after_job() {
+    if crate::cpu::context::irq_unmask_after_job() {
         st.stats.irq_leaks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             "usmp: CPU{}: a job ended with irqs masked (it panicked or forgot irq_restore); unmasked",

@@ -5,11 +5,11 @@
 use std::fmt::Debug;
 
 use crate::cpu::mask::CpuMask;
-use crate::runtime::rt::Handle;
+use crate::ipi::layer::IpiLayer;
 
 /// How a backend reaches the CPUs it is asked to stop.
 pub struct StopSender<'a> {
-    pub(crate) h: &'a Handle,
+    pub(crate) ipi: &'a IpiLayer,
 }
 
 impl StopSender<'_> {
@@ -17,7 +17,7 @@ impl StopSender<'_> {
     /// only at `irq_restore`).
     pub fn ipi(&self, mask: &CpuMask) {
         for cpu in mask.iter() {
-            crate::ipi::call::send_vector(&self.h.shared, cpu, crate::ipi::call::VECTOR_STOP);
+            crate::ipi::call::send_vector(self.ipi, cpu, crate::ipi::call::VECTOR_STOP);
         }
     }
 
@@ -25,8 +25,8 @@ impl StopSender<'_> {
     /// signal itself).
     pub fn nmi(&self, mask: &CpuMask) {
         for cpu in mask.iter() {
-            if let Some(st) = self.h.shared.cpu(cpu) {
-                crate::ipi::nmi::send(&self.h.shared, st, crate::ipi::NmiReason::Stop);
+            if let Some(st) = self.ipi.cpu(cpu) {
+                crate::ipi::nmi::send(self.ipi, st, crate::ipi::NmiReason::Stop);
             }
         }
     }

@@ -37,10 +37,11 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::cpu::clock::now_ns;
+use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{CpuId, CpuMask};
-use crate::runtime::context::{irq_restore, irq_save};
-use crate::runtime::rt::Handle;
+
+use super::layer::StopLayer;
 
 const PREPARE: u32 = 1;
 const RUN: u32 = 3;
@@ -185,23 +186,21 @@ impl MultiStop {
     }
 }
 
-impl Handle {
-    /// Runs `f` on every CPU of `cpus` while all online CPUs spin with irqs masked, and returns
-    /// when all have left (`stop_machine`). `f` runs in IPI context. Fails without running `f`
-    /// if some online CPU does not join within the call timeout.
-    pub fn stop_machine<F>(&self, f: F, cpus: &CpuMask) -> Result<(), StopMachineError>
+impl StopLayer {
+    /// Implements [`Handle::stop_machine`](crate::Handle::stop_machine).
+    pub(crate) fn stop_machine<F>(&self, f: F, cpus: &CpuMask) -> Result<(), StopMachineError>
     where
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
-        let s = &self.shared;
+        let s = self;
         if s.retired.load(Ordering::SeqCst) {
             return Err(StopMachineError::Retired {
-                generation: s.cfg.generation,
+                generation: s.generation,
             });
         }
         if let Some(cpu) = s
             .this_cpu_here()
-            .filter(|_| crate::runtime::context::irqs_disabled())
+            .filter(|_| crate::cpu::context::irqs_disabled())
         {
             return Err(crate::ipi::IpiError::IrqsDisabled { cpu }.into());
         }
@@ -231,13 +230,13 @@ impl Handle {
         });
         ms.set_state(PREPARE);
         let start = now_ns();
-        let deadline = start + s.cfg.call_timeout.as_nanos() as u64;
+        let deadline = start + s.call_timeout.as_nanos() as u64;
         let block = BlockPtr(Arc::as_ptr(&ms));
         let sent = self.call_many(
             &online,
             move || {
                 let block = block;
-                if let Some(c) = crate::runtime::context::this_cpu() {
+                if let Some(c) = crate::cpu::context::this_cpu() {
                     // SAFETY: the caller keeps the block alive until every participant has
                     // done its last access (`left`), or leaks it (module comment).
                     unsafe { &*block.0 }.run(c, None)

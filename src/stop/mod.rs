@@ -3,6 +3,7 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `layer.rs` | `StopLayer`: this layer's state over the IPI layer, and the receiver's thread-local |
 //! | `machine.rs` | `stop_machine` / `multi_cpu_stop` |
 //! | `coord.rs` | first caller wins, crash upgrades (loom-checked) |
 //! | `routine.rs` | `send_stop` / `crash_stop`: the retry loop and its outcome |
@@ -11,6 +12,7 @@
 
 pub mod backend;
 pub(crate) mod coord;
+pub(crate) mod layer;
 pub mod machine;
 pub(crate) mod receive;
 pub mod routine;

@@ -16,7 +16,8 @@ use crate::cpu::events::EventKind;
 use crate::cpu::futex;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::ipi::signal::SavedRegs;
-use crate::runtime::rt::Shared;
+
+use super::layer::StopLayer;
 
 /// `park_word` value that lets a parked CPU go (runtime shutdown).
 pub(crate) const RELEASE: u32 = 1;
@@ -31,19 +32,17 @@ pub enum ParkPolicy {
     PowerOff,
 }
 
-/// The stop receiver (registered as the NMI/vector stop hook). Async-signal-safe.
-/// `uc`: the interrupted context (null if not interrupted by a signal); `safe`: the interrupted
-/// point is the idle loop. Returns true (the CPU is stopped) unless it was not a CPU of a
-/// stopping runtime.
-pub(crate) fn stop_this_cpu(
-    shared: &Shared,
-    st: &CpuState,
-    uc: *const libc::c_void,
-    safe: bool,
-) -> bool {
+/// The stop receiver (registered as the NMI/vector stop hook, `ipi::nmi::NmiHook`), on `st`'s
+/// own thread. Async-signal-safe. `uc`: the interrupted context (null if not interrupted by a
+/// signal); `safe`: the interrupted point is the idle loop. Returns true (the CPU is stopped)
+/// unless it was not a CPU of a stopping runtime.
+pub(crate) fn stop_this_cpu(st: &CpuState, uc: *const libc::c_void, safe: bool) -> bool {
     if st.is_stopped() {
         return true;
     }
+    let Some(shared) = super::layer::current() else {
+        return false;
+    };
     let crash = shared.stop.coord.is_crash();
     let here = 0u8;
     let regs = if !crash {
@@ -67,7 +66,7 @@ pub(crate) fn stop_this_cpu(
 /// that called `send_stop`/`crash_stop` and lost), powering off unwinds the job instead of
 /// returning into it.
 pub(crate) fn park(
-    shared: &Shared,
+    shared: &StopLayer,
     st: &CpuState,
     crash: bool,
     regs: SavedRegs,
@@ -80,7 +79,7 @@ pub(crate) fn park(
         st.crash_fp.store(regs.fp, Ordering::Relaxed);
         st.crash_saved.store(true, Ordering::Release);
     }
-    let power_off = shared.cfg.park == ParkPolicy::PowerOff && safe;
+    let power_off = shared.park == ParkPolicy::PowerOff && safe;
     st.set_run_state(if power_off {
         CpuRunState::PoweredOff
     } else {

@@ -1,6 +1,7 @@
-//! The common stop / crash-stop routine behind [`Handle::send_stop`] and
-//! [`Handle::crash_stop`] (seeds 000 and 001: one routine, small backend hooks, retries that
-//! tell the backend the attempt number, and a deterministic catch of starting CPUs).
+//! The common stop / crash-stop routine behind [`Handle::send_stop`](crate::Handle::send_stop)
+//! and [`Handle::crash_stop`](crate::Handle::crash_stop) (seeds 000 and 001: one routine, small
+//! backend hooks, retries that tell the backend the attempt number, and a deterministic catch of
+//! starting CPUs).
 //!
 //! Protocol:
 //! 1. Coordination (`coord.rs`): the first caller wins; a crash-stop upgrades a running plain
@@ -30,7 +31,8 @@ use super::coord::{Coord, Entered};
 use super::receive::{self, ParkPolicy};
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::ipi::signal::SavedRegs;
-use crate::runtime::rt::Handle;
+
+use super::layer::StopLayer;
 
 /// How CPUs that come online during a stop are caught.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -204,18 +206,14 @@ pub enum StopError {
     },
 }
 
-impl Handle {
-    /// Stops every other online CPU (`smp_send_stop`): they leave the online mask and park by
-    /// the runtime's policy. Callable from a logical CPU (which keeps running) or from any
-    /// thread. Never waits forever unless `StopConfig::wait_forever` is set.
-    pub fn send_stop(&self) -> Result<StopOutcome, StopError> {
+impl StopLayer {
+    /// Implements [`Handle::send_stop`](crate::Handle::send_stop).
+    pub(crate) fn send_stop(&self) -> Result<StopOutcome, StopError> {
         self.smp_stop(false)
     }
 
-    /// Like [`Handle::send_stop`], but each stopped CPU first saves the registers of the code it
-    /// interrupted into its crash note (`crash_smp_send_stop`). Upgrades a plain stop already
-    /// running.
-    pub fn crash_stop(&self) -> Result<StopOutcome, StopError> {
+    /// Implements [`Handle::crash_stop`](crate::Handle::crash_stop).
+    pub(crate) fn crash_stop(&self) -> Result<StopOutcome, StopError> {
         self.smp_stop(true)
     }
 
@@ -223,12 +221,12 @@ impl Handle {
     /// `cpus_stopped` guard): the outcome as the CPUs stand, without stopping again. `None` if
     /// no stop has finished in this image.
     pub(crate) fn stop_outcome_so_far(&self) -> Option<StopOutcome> {
-        let s = &self.shared;
+        let s = self;
         if !s.stop.done.load(Ordering::SeqCst) {
             return None;
         }
         let me = s.this_cpu_here();
-        let stopped: CpuMask = (0..self.cpus())
+        let stopped: CpuMask = (0..self.cpus.len())
             .filter(|&c| s.cpus[c].is_stopped())
             .collect();
         let mut failed = s.online.load();
@@ -245,14 +243,14 @@ impl Handle {
         })
     }
 
-    /// Whether a stop has started in this runtime (it is terminal: a stopped image stays so).
-    pub fn stop_in_progress(&self) -> bool {
-        self.shared.stop.coord.in_progress()
+    /// Implements [`Handle::stop_in_progress`](crate::Handle::stop_in_progress).
+    pub(crate) fn stop_in_progress(&self) -> bool {
+        self.stop.coord.in_progress()
     }
 
-    /// CPU `cpu`'s crash note, if a crash-stop saved one.
-    pub fn crash_note(&self, cpu: CpuId) -> Option<CrashNote> {
-        let st = self.shared.cpu(cpu)?;
+    /// Implements [`Handle::crash_note`](crate::Handle::crash_note).
+    pub(crate) fn crash_note(&self, cpu: CpuId) -> Option<CrashNote> {
+        let st = self.cpu(cpu)?;
         st.crash_saved.load(Ordering::Acquire).then(|| CrashNote {
             cpu,
             regs: SavedRegs {
@@ -263,15 +261,14 @@ impl Handle {
         })
     }
 
-    /// The park policy this runtime uses.
-    pub fn park_policy(&self) -> ParkPolicy {
-        self.shared.cfg.park
+    /// Implements [`Handle::park_policy`](crate::Handle::park_policy).
+    pub(crate) fn park_policy(&self) -> ParkPolicy {
+        self.park
     }
 
     fn smp_stop(&self, crash: bool) -> Result<StopOutcome, StopError> {
-        let s = &self.shared;
+        let s = self;
         let me = s.this_cpu_here();
-        s.nmi_hooks.set_stop(receive::stop_this_cpu);
         // Step 1.
         match s.stop.coord.enter(crash) {
             Entered::Winner => {}
@@ -295,8 +292,8 @@ impl Handle {
         // Step 2.
         s.stopping.store(true, Ordering::SeqCst);
         tracing::warn!("SMP: stopping secondary CPUs");
-        let cfg = &s.cfg.stop;
-        let send = StopSender { h: self };
+        let cfg = &s.config;
+        let send = StopSender { ipi: s };
         let mut attempts = Vec::new();
         let mut stopped = CpuMask::new();
         // Step 3.
@@ -394,7 +391,7 @@ impl Handle {
     /// A losing caller that is a logical CPU parks itself (after its upgrade, if any). From a
     /// job it unwinds the job when it powers off; from IPI context it can only park for good.
     fn park_self(&self, me: CpuId) {
-        let s = &self.shared;
+        let s = self;
         let st = &s.cpus[me];
         let in_job = st.running_job.load(Ordering::Relaxed);
         let here = 0u8;

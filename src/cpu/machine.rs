@@ -1,0 +1,172 @@
+//! `Machine`: the bottom of a runtime's state, what every layer reads about its CPUs — the
+//! per-CPU states, the possible / present / online / active masks, the event ring for threads
+//! outside the runtime, the fault injector, the job queues, and the "retired" flag of an image
+//! that has handed over (kexec).
+//!
+//! Each layer above embeds the one below and derefs to it (`ipi::layer::IpiLayer` holds a
+//! `Machine`, `stop::layer::StopLayer` an `IpiLayer`, and so on up to the runtime's `Shared`),
+//! so a layer's code takes its own part and reaches everything below it, never above.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+use super::events::EventRing;
+use super::lock::LockUnpoisoned;
+use super::mask::{AtomicCpuMask, CpuId};
+use super::state::{CpuState, Job};
+
+/// The soft irq mask's replay hook, registered by the IPI layer (`irq_restore` calls it, see
+/// `cpu/context.rs`): take the pending vectors and run the queued calls of `cpu`, the calling
+/// CPU, with irqs masked. `safe`: the interrupted point may be left for good. Returns how many
+/// calls ran, or `None` if the CPU is now stopped and must run nothing more.
+pub(crate) type IrqReplay = fn(cpu: &CpuState, safe: bool) -> Option<usize>;
+
+/// Why a job was not queued (the runtime turns it into its `RuntimeError`, with the same
+/// message).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JobRefused {
+    /// The CPU id is not below the CPU count.
+    #[error("CPU {cpu} does not exist (runtime has {cpus} CPUs)")]
+    InvalidCpu { cpu: CpuId, cpus: usize },
+    /// The image has handed over to the next one.
+    #[error(
+        "generation {generation} has handed over to the next image (kexec); use the next runtime"
+    )]
+    Retired { generation: u64 },
+    /// The CPU takes no jobs.
+    #[error("CPU {cpu} is offline")]
+    Offline { cpu: CpuId },
+}
+
+/// The CPUs of one runtime. Lives as long as any thread of the runtime.
+pub(crate) struct Machine {
+    /// Tells runtimes apart (a thread of one never acts as a CPU of another).
+    pub id: u64,
+    pub cpus: Box<[CachePadded<CpuState>]>,
+    pub possible: AtomicCpuMask,
+    pub present: AtomicCpuMask,
+    pub online: AtomicCpuMask,
+    pub active: AtomicCpuMask,
+    /// Events written by threads outside the runtime.
+    pub ext_ring: EventRing,
+    /// The host cores CPU threads may be pinned to.
+    pub cores: Vec<core_affinity::CoreId>,
+    /// Fault-injection switches (inert without the `fault-injection` feature).
+    pub faults: crate::inject::FaultState,
+    /// This image has handed over to the next one: it runs nothing and changes nothing any
+    /// more; every mutating call fails with a typed `Retired` error.
+    pub retired: AtomicBool,
+    /// Generation of this image (0 for the first; each kexec adds one).
+    pub generation: u64,
+    /// Whether `irq_save`/`irq_restore` account the time spent masked.
+    pub(super) irq_accounting: bool,
+    irq_replay: Option<IrqReplay>,
+}
+
+impl Machine {
+    /// `n` CPUs, all offline, with empty masks.
+    pub(crate) fn new(
+        id: u64,
+        n: usize,
+        ring_cap: usize,
+        log: bool,
+        cores: Vec<core_affinity::CoreId>,
+        generation: u64,
+        irq_accounting: bool,
+    ) -> Self {
+        Machine {
+            id,
+            cpus: (0..n)
+                .map(|c| CachePadded::new(CpuState::new(c, ring_cap, log)))
+                .collect(),
+            possible: AtomicCpuMask::new(n),
+            present: AtomicCpuMask::new(n),
+            online: AtomicCpuMask::new(n),
+            active: AtomicCpuMask::new(n),
+            ext_ring: EventRing::with_enabled(ring_cap, log),
+            cores,
+            faults: crate::inject::FaultState::new(n),
+            retired: AtomicBool::new(false),
+            generation,
+            irq_accounting,
+            irq_replay: None,
+        }
+    }
+
+    /// Registers the replay hook (at build, by the IPI layer, before any CPU runs).
+    pub(crate) fn set_irq_replay(&mut self, hook: IrqReplay) {
+        self.irq_replay = Some(hook);
+    }
+
+    /// Calls the replay hook (see [`IrqReplay`]). Async-signal-safe as far as the callbacks are.
+    #[inline]
+    pub(crate) fn irq_replay(&self, cpu: &CpuState, safe: bool) -> Option<usize> {
+        match self.irq_replay {
+            Some(hook) => hook(cpu, safe),
+            None => Some(0),
+        }
+    }
+
+    /// The event ring of the calling thread: its CPU's, or the external one.
+    #[inline]
+    pub(crate) fn ring_here(&self) -> &EventRing {
+        match super::context::current() {
+            Some((m, c)) if m.id == self.id => &c.ring,
+            _ => &self.ext_ring,
+        }
+    }
+
+    /// The calling thread's CPU id if it is a CPU of *this* runtime.
+    #[inline]
+    pub(crate) fn this_cpu_here(&self) -> Option<CpuId> {
+        match super::context::current() {
+            Some((m, c)) if m.id == self.id => Some(c.id),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn cpu(&self, cpu: CpuId) -> Option<&CpuState> {
+        self.cpus.get(cpu).map(|c| &**c)
+    }
+
+    /// Queues a job on an active CPU; on refusal the job is handed back, never dropped.
+    pub(crate) fn queue_job(&self, cpu: CpuId, job: Job) -> Result<(), (JobRefused, Job)> {
+        let Some(st) = self.cpu(cpu) else {
+            let e = JobRefused::InvalidCpu {
+                cpu,
+                cpus: self.cpus.len(),
+            };
+            return Err((e, job));
+        };
+        if self.retired.load(Ordering::SeqCst) {
+            let generation = self.generation;
+            return Err((JobRefused::Retired { generation }, job));
+        }
+        let gate = st.job_gate.lock_unpoisoned();
+        if !*gate {
+            return Err((JobRefused::Offline { cpu }, job));
+        }
+        let r = self.push_job(cpu, job);
+        drop(gate);
+        r
+    }
+
+    /// Queues a job whatever the gate says: hotplug's ONLINE steps run on a CPU that is not
+    /// (or no longer) active.
+    pub(crate) fn queue_job_internal(&self, cpu: CpuId, job: Job) -> Result<(), JobRefused> {
+        self.push_job(cpu, job).map_err(|(e, _)| e)
+    }
+
+    fn push_job(&self, cpu: CpuId, job: Job) -> Result<(), (JobRefused, Job)> {
+        let st = &self.cpus[cpu];
+        // Count before sending, so the counter never underflows when the CPU takes the job.
+        st.jobs_queued.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = st.job_tx.send(job) {
+            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+            return Err((JobRefused::Offline { cpu }, e.into_inner()));
+        }
+        st.idle.wake_for_job();
+        Ok(())
+    }
+}

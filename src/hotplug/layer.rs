@@ -1,0 +1,50 @@
+//! `HotplugLayer`: the hotplug layer's part of a runtime — the step table and its lock, the
+//! disable count, the per-CPU handshake words, the boot timeout, and the hook that starts a
+//! CPU's thread — on top of the [`StopLayer`] it embeds and derefs to.
+
+use std::time::Duration;
+
+use super::HotplugState;
+use crate::cpu::mask::CpuId;
+use crate::stop::layer::StopLayer;
+
+/// Starts CPU `cpu`'s thread (the runtime's CPU thread, which runs `ap::ap_boot` first and
+/// `ap::ap_exit` last). Registered by the runtime at build: the thread's body is the runtime's
+/// idle loop, a layer above this one. The caller has reset the CPU's state.
+pub(crate) type SpawnCpu = Box<dyn Fn(CpuId) -> std::io::Result<()> + Send + Sync>;
+
+/// The hotplug layer's state of one runtime, over its stop layer.
+pub(crate) struct HotplugLayer {
+    lower: StopLayer,
+    /// Hotplug's table, lock and per-CPU handshake state.
+    pub hotplug: HotplugState,
+    /// How long bring-up waits for a CPU (and teardown for its thread).
+    pub(super) boot_timeout: Duration,
+    spawn: SpawnCpu,
+}
+
+impl std::ops::Deref for HotplugLayer {
+    type Target = StopLayer;
+    #[inline]
+    fn deref(&self) -> &StopLayer {
+        &self.lower
+    }
+}
+
+impl HotplugLayer {
+    /// The hotplug layer over `stop`, starting CPU threads with `spawn`.
+    pub(crate) fn new(stop: StopLayer, boot_timeout: Duration, spawn: SpawnCpu) -> Self {
+        let n = stop.cpus.len();
+        HotplugLayer {
+            lower: stop,
+            hotplug: HotplugState::new(n),
+            boot_timeout,
+            spawn,
+        }
+    }
+
+    /// Starts CPU `cpu`'s thread through the runtime's hook.
+    pub(super) fn spawn_cpu(&self, cpu: CpuId) -> std::io::Result<()> {
+        (self.spawn)(cpu)
+    }
+}

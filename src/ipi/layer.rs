@@ -1,0 +1,121 @@
+//! `IpiLayer`: the IPI layer's part of a runtime — the csd pool, the call counters, the NMI
+//! hooks, the signal numbers and the call timeout — on top of the [`Machine`] it embeds and
+//! derefs to. And the thread-local that lets the signal handlers find it.
+
+use std::cell::Cell;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+
+use super::csd::CsdPool;
+use super::nmi::NmiHooks;
+use super::signal::Signals;
+use crate::cpu::machine::Machine;
+use crate::cpu::mask::CpuId;
+use crate::cpu::state::CpuState;
+
+/// Runtime-wide counters (Relaxed: statistics).
+#[derive(Default)]
+pub(crate) struct Totals {
+    /// Calls accepted into a queue (written by senders; padded away from `handled`, which
+    /// the targets write, so the two sides do not bounce one cache line per call).
+    pub queued: CachePadded<AtomicU64>,
+    /// Callbacks run.
+    pub handled: CachePadded<AtomicU64>,
+    /// Calls cancelled by a sender that timed out before they ran.
+    pub cancelled: AtomicU64,
+    /// API calls that returned Ok / Err.
+    pub api_ok: AtomicU64,
+    pub api_err: AtomicU64,
+    /// IPIs refused because the target was offline / out of range.
+    pub offline_ipis: AtomicU64,
+    pub invalid_ipis: AtomicU64,
+    /// Calls found queued on a CPU that was no longer online (seed 002), run by the flush.
+    pub ipi_on_offline: AtomicU64,
+    /// Doorbell signals actually sent.
+    pub signals: AtomicU64,
+    /// Synchronous calls that timed out ("non-responsive CSD lock").
+    pub csd_timeouts: AtomicU64,
+}
+
+/// The IPI layer's state of one runtime, over its machine.
+pub(crate) struct IpiLayer {
+    lower: Machine,
+    pub pool: CsdPool,
+    pub totals: Totals,
+    pub(super) next_call_id: AtomicU64,
+    pub(super) nmi_hooks: NmiHooks,
+    /// The IPI and NMI signal numbers.
+    pub(super) signals: Signals,
+    /// How long a synchronous call waits.
+    pub call_timeout: Duration,
+}
+
+impl std::ops::Deref for IpiLayer {
+    type Target = Machine;
+    #[inline]
+    fn deref(&self) -> &Machine {
+        &self.lower
+    }
+}
+
+impl IpiLayer {
+    /// The IPI layer over `machine`; registers the soft irq mask's replay hook with it.
+    pub(crate) fn new(
+        mut machine: Machine,
+        csd_pool: usize,
+        signals: Signals,
+        call_timeout: Duration,
+    ) -> Self {
+        machine.set_irq_replay(super::handler::replay_deferred);
+        IpiLayer {
+            lower: machine,
+            pool: CsdPool::new(csd_pool),
+            totals: Totals::default(),
+            next_call_id: AtomicU64::new(1),
+            nmi_hooks: NmiHooks::new(),
+            signals,
+            call_timeout,
+        }
+    }
+}
+
+impl IpiLayer {
+    /// Registers the stop receiver an upper layer provides (see [`NmiHooks::set_stop`]).
+    pub(crate) fn set_stop_hook(&self, hook: super::nmi::NmiHook) {
+        self.nmi_hooks.set_stop(hook);
+    }
+}
+
+thread_local! {
+    static CURRENT: Cell<(*const IpiLayer, usize)> = const { Cell::new((std::ptr::null(), 0)) };
+}
+
+/// Marks the calling thread as logical CPU `cpu` of `ipi` (`None` to clear), here and in the
+/// layer below (`cpu::context`).
+///
+/// # Safety
+/// Until it is cleared, `ipi` must stay alive (the CPU thread holds an `Arc` to the runtime
+/// that contains it).
+pub(crate) unsafe fn set_current(ipi: Option<&IpiLayer>, cpu: CpuId) {
+    let p = ipi.map_or(std::ptr::null(), |i| i as *const IpiLayer);
+    CURRENT.with(|c| c.set((p, cpu)));
+    // SAFETY: the same contract, for the machine `ipi` contains.
+    unsafe { crate::cpu::context::set_current(ipi.map(|i| &i.lower), cpu) };
+}
+
+/// The calling thread's IPI layer and CPU, if it is a logical CPU. Async-signal-safe: one
+/// plain TLS load.
+#[inline]
+pub(crate) fn current() -> Option<(&'static IpiLayer, &'static CpuState)> {
+    let (p, cpu) = CURRENT.with(|c| c.get());
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `set_current`'s contract keeps the layer alive while the pointer is set, and the
+    // pointer is cleared before the thread drops its Arc. The 'static lifetime never escapes the
+    // thread: callers use it within the current call.
+    let ipi: &'static IpiLayer = unsafe { &*p };
+    Some((ipi, &ipi.cpus[cpu]))
+}

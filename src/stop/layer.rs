@@ -1,0 +1,90 @@
+//! `StopLayer`: the stop layer's part of a runtime — the stop routine's state, the
+//! deterministic-stop "stopping" flag, the park policy and the stop settings — on top of the
+//! [`IpiLayer`] it embeds and derefs to. And the thread-local that lets the stop receiver,
+//! called from the IPI layer's handlers through a hook, find it.
+
+use std::cell::Cell;
+use std::sync::atomic::AtomicBool;
+
+use super::receive::ParkPolicy;
+use super::routine::{StopConfig, StopState};
+use crate::cpu::mask::CpuId;
+use crate::ipi::layer::IpiLayer;
+
+/// The stop layer's state of one runtime, over its IPI layer.
+pub(crate) struct StopLayer {
+    lower: IpiLayer,
+    /// The stop routine's coordination word and acknowledgement count (`routine.rs`).
+    pub stop: StopState,
+    /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
+    /// online mask, read by a CPU right after it joins the online mask.
+    pub(super) stopping: AtomicBool,
+    /// What a stopped CPU does.
+    pub(super) park: ParkPolicy,
+    /// Retries, waits, mode and backend.
+    pub(super) config: StopConfig,
+    /// The CPU hotplug lock: `stop_machine` reads it, hotplug (the layer above) writes it.
+    pub(crate) cpus_lock: crate::cpu::cpus_lock::CpusLock,
+}
+
+impl std::ops::Deref for StopLayer {
+    type Target = IpiLayer;
+    #[inline]
+    fn deref(&self) -> &IpiLayer {
+        &self.lower
+    }
+}
+
+impl StopLayer {
+    /// The stop layer over `ipi`; registers the stop receiver for the stop vector and the NMI.
+    pub(crate) fn new(ipi: IpiLayer, park: ParkPolicy, config: StopConfig) -> Self {
+        ipi.set_stop_hook(super::receive::stop_this_cpu);
+        let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.cpus.len());
+        StopLayer {
+            cpus_lock,
+            lower: ipi,
+            stop: StopState::new(),
+            stopping: AtomicBool::new(false),
+            park,
+            config,
+        }
+    }
+}
+
+impl StopLayer {
+    /// Called by a CPU right after it joined the online mask (SeqCst): whether a deterministic
+    /// stop is running, so the CPU must park itself instead of going online (seed 000; see the
+    /// protocol comment in `routine.rs`). The flag is read SeqCst, after the online bit.
+    pub(crate) fn must_park_coming_online(&self) -> bool {
+        self.config.mode == super::StopMode::Deterministic
+            && self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+thread_local! {
+    static CURRENT: Cell<*const StopLayer> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Marks the calling thread as logical CPU `cpu` of `stop` (`None` to clear), here and in the
+/// layers below.
+///
+/// # Safety
+/// Until it is cleared, `stop` must stay alive (the CPU thread holds an `Arc` to the runtime
+/// that contains it).
+pub(crate) unsafe fn set_current(stop: Option<&StopLayer>, cpu: CpuId) {
+    let p = stop.map_or(std::ptr::null(), |s| s as *const StopLayer);
+    CURRENT.with(|c| c.set(p));
+    // SAFETY: the same contract, for the IPI layer `stop` contains.
+    unsafe { crate::ipi::layer::set_current(stop.map(|s| &s.lower), cpu) };
+}
+
+/// The calling thread's stop layer, if it is a logical CPU. Async-signal-safe: one plain TLS
+/// load.
+#[inline]
+pub(crate) fn current() -> Option<&'static StopLayer> {
+    let p = CURRENT.with(|c| c.get());
+    // SAFETY: `set_current`'s contract keeps the layer alive while the pointer is set, and the
+    // pointer is cleared before the thread drops its Arc. The 'static lifetime never escapes the
+    // thread: callers use it within the current call.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
