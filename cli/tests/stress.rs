@@ -276,3 +276,42 @@ fn ctrl_c_ends_the_run_with_the_table_so_far() {
         t.elapsed()
     );
 }
+
+/// A synchronous call that times out logs its target's state at warn, and says how long the
+/// call waited: for every target of a `call_many`, the whole call timeout (the later targets
+/// share the first one's deadline; they once said "after 0 ms").
+#[test]
+fn a_csd_timeout_logs_the_target_state_and_the_whole_wait() {
+    let _s = serial();
+    let r = run_bounded(
+        usmp()
+            .args([
+                "stress",
+                "--cpus",
+                "4",
+                "--seed",
+                "0x5eed",
+                "--broken",
+                "doorbell-never-rings",
+            ])
+            .env("RUST_LOG", "usmp::ipi::call=warn"),
+        BOUND,
+    );
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    let lines: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("non-responsive CSD lock: CPU"))
+        .collect();
+    assert!(!lines.is_empty(), "no CSD timeout logged:\n{}", r.stderr);
+    for l in &lines {
+        assert!(l.contains("idle word") && l.contains("queue "), "{l}");
+        let ms: u64 = l
+            .rsplit_once("after ")
+            .and_then(|(_, t)| t.trim_end().strip_suffix(" ms"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no wait in {l}"));
+        // ipi-storm's call timeout is 2 s.
+        assert!(ms >= 1_500, "a timed-out call says it waited {ms} ms: {l}");
+    }
+}

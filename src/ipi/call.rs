@@ -408,7 +408,11 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             }
         }
     }
-    let deadline = deadline.unwrap_or(start + s.call_timeout.as_nanos() as u64);
+    let timeout_ns = s.call_timeout.as_nanos() as u64;
+    let deadline = deadline.unwrap_or(start + timeout_ns);
+    // When the call began: a `call_many`'s later targets share the first one's deadline, so
+    // their own spin start says nothing of how long the call has waited.
+    let begun = deadline.saturating_sub(timeout_ns);
     slot.waiter.store(1, Ordering::SeqCst);
     loop {
         let v = slot.state.load(Ordering::SeqCst);
@@ -430,7 +434,7 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
         }
     }
     // Timed out: "csd: Detected non-responsive CSD lock".
-    let waited = now_ns() - start;
+    let waited = now_ns().saturating_sub(begun);
     s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
     s.ring_here()
         .record(EventKind::CsdTimeout, st.id as u64, waited);
