@@ -246,9 +246,6 @@ pub const GUARD_OVERRIDES: &[(&str, f64)] = &[
     // Recorded 1.08x-1.21x by p50 after the stop's wake chain (issue 13), 2.5x-5.7x before;
     // 4x leaves the loaded machine's noise room and still catches a return of the old path.
     ("send_stop_slope", 4.0),
-    // Recorded 4.7x-4.9x by p50 in full runs (issue 13, after the signal-stack pool), 8.8x
-    // once on a loaded machine before it; twice the worst full-run figure.
-    ("crash_kexec", 10.0),
 ];
 
 /// The guard's limit for `t`: twice its target, or its `GUARD_OVERRIDES` entry; `None` for a

@@ -14,16 +14,68 @@ use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::CpuRunState;
 
-/// Brings every present CPU online when an image starts, `first` first.
+/// Brings every present CPU that is not online up when an image starts, `first` first, the way the kernel's
+/// parallel bring-up does (`cpuhp_bringup_cpus_parallel`):
+///
+/// 1. Under one hold of the hotplug lock, each CPU in turn runs its PREPARE steps and is kicked
+///    (its thread started) without waiting, so the threads start while the next are spawned.
+///    The first error ends the kicking: that CPU is rolled back, later ones are not tried.
+/// 2. Each kicked CPU, in the same order, is committed once it reports ALIVE (its boot
+///    timeout counted from its kick), so all run their STARTING steps at once.
+/// 3. Each committed CPU, in the same order, is waited for until ONLINE and runs its ONLINE
+///    steps. A kicked CPU is always finished or rolled back, even after an error, so no thread
+///    is left waiting for a commit.
+///
+/// Returns the first error; every CPU is then online or rolled back to offline.
 pub(crate) fn boot_all(h: &HotplugLayer, first: CpuId) -> Result<(), HotplugError> {
     let present = h.present.load();
-    let order = std::iter::once(first)
+    let order: Vec<CpuId> = std::iter::once(first)
         .chain(present.iter().filter(|&c| c != first))
-        .filter(|&c| present.contains(c));
-    for cpu in order {
-        h.cpu_up(cpu)?;
+        .filter(|&c| present.contains(c) && h.cpus[c].run_state() != CpuRunState::Online)
+        .collect();
+    let t = h.hp_lock();
+    let b = t.bringup();
+    let mut res = Ok(());
+    let mut kicked = Vec::with_capacity(order.len());
+    for &cpu in &order {
+        let kick = h.check_up(cpu).and_then(|()| {
+            h.walk_up_span(&t, cpu, 0, b, 0)?;
+            h.bringup_kick(&t, cpu, true)
+                .inspect_err(|_| h.rollback_down(&t, cpu, b, 0))
+        });
+        match kick {
+            Ok(at) => kicked.push((cpu, at)),
+            Err(e) => {
+                res = Err(e);
+                break;
+            }
+        }
     }
-    Ok(())
+    let mut committed = Vec::with_capacity(kicked.len());
+    for (cpu, at) in kicked {
+        match h.bringup_commit(cpu, at) {
+            Ok(()) => committed.push(cpu),
+            Err(e) => {
+                h.rollback_down(&t, cpu, b, 0);
+                if res.is_ok() {
+                    res = Err(e);
+                }
+            }
+        }
+    }
+    for cpu in committed {
+        let up = match h.bringup_online(&t, cpu) {
+            Ok(next) => h.walk_up_span(&t, cpu, next, t.steps.len(), 0),
+            Err(e) => {
+                h.rollback_down(&t, cpu, b, 0);
+                Err(e)
+            }
+        };
+        if res.is_ok() {
+            res = up;
+        }
+    }
+    res
 }
 
 /// The hotplug lock held by one operation: the CPU hotplug lock for writing (so no
@@ -51,6 +103,12 @@ impl HotplugLayer {
     /// Implements [`Handle::cpu_up`](crate::Handle::cpu_up).
     pub(crate) fn cpu_up(&self, cpu: CpuId) -> Result<(), HotplugError> {
         let t = self.hp_lock();
+        self.check_up(cpu)?;
+        self.walk_up(&t, cpu, 0)
+    }
+
+    /// Step 1 of `cpu_up` (under the hotplug lock): may `cpu` start coming up?
+    fn check_up(&self, cpu: CpuId) -> Result<(), HotplugError> {
         self.check_cpu(cpu)?;
         let hp = &self.hotplug;
         if hp.disabled.load(Ordering::SeqCst) > 0 {
@@ -67,7 +125,7 @@ impl HotplugLayer {
         if hp.cpus[cpu].handshake.load(Ordering::Acquire) != DEAD {
             return Err(HotplugError::Limbo { cpu });
         }
-        self.walk_up(&t, cpu, 0)
+        Ok(())
     }
 
     /// Implements [`Handle::cpu_down`](crate::Handle::cpu_down).

@@ -19,13 +19,29 @@ use crate::cpu::state::CpuRunState;
 use crate::inject::Broken;
 
 impl HotplugLayer {
-    /// `bringup:cpu` (with the STARTING steps and `ap:online`, run by the AP).
+    /// `bringup:cpu` (with the STARTING steps and `ap:online`, run by the AP): the kick, then
+    /// the rest of the handshake.
     pub(super) fn bringup(
         &self,
         t: &Table,
         cpu: CpuId,
         inject: bool,
     ) -> Result<usize, HotplugError> {
+        let kicked_at = self.bringup_kick(t, cpu, inject)?;
+        self.bringup_commit(cpu, kicked_at)?;
+        self.bringup_online(t, cpu)
+    }
+
+    /// The first half of `bringup:cpu` (the kernel's `CPUHP_BP_KICK_AP`): handshake step 1 and
+    /// the thread's start, without waiting for it. Returns when the CPU was kicked, which
+    /// starts its boot timeout. On an error nothing is left behind: the CPU is DEAD (or, for
+    /// `Limbo`, was never touched).
+    pub(super) fn bringup_kick(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        inject: bool,
+    ) -> Result<u64, HotplugError> {
         let s = self;
         let st = &s.cpus[cpu];
         let hc = &s.hotplug.cpus[cpu];
@@ -52,9 +68,19 @@ impl HotplugLayer {
             st.set_run_state(CpuRunState::Offline);
             return Err(HotplugError::Spawn { cpu, source });
         }
+        Ok(now_ns())
+    }
+
+    /// The second part of `bringup:cpu` (the kernel's `CPUHP_BRINGUP_CPU` after a parallel
+    /// kick): wait for ALIVE until the boot timeout counted from `kicked_at`, then commit. On
+    /// success the AP runs its STARTING steps and goes online on its own.
+    pub(super) fn bringup_commit(&self, cpu: CpuId, kicked_at: u64) -> Result<(), HotplugError> {
+        let s = self;
+        let st = &s.cpus[cpu];
+        let hc = &s.hotplug.cpus[cpu];
         // Wait for ALIVE, bounded by the boot timeout.
         let timeout = s.boot_timeout;
-        let deadline = now_ns() + timeout.as_nanos() as u64;
+        let deadline = kicked_at + timeout.as_nanos() as u64;
         loop {
             if hc.handshake.load(Ordering::Acquire) != KICKED {
                 break;
@@ -94,6 +120,16 @@ impl HotplugLayer {
             "an AP past KICKED must be ALIVE"
         );
         futex::wake(&hc.handshake, 1);
+        Ok(())
+    }
+
+    /// The last part of `bringup:cpu`: wait for the committed AP's ONLINE report. Returns how
+    /// many steps are done.
+    pub(super) fn bringup_online(&self, t: &Table, cpu: CpuId) -> Result<usize, HotplugError> {
+        let s = self;
+        let st = &s.cpus[cpu];
+        let hc = &s.hotplug.cpus[cpu];
+        let timeout = s.boot_timeout;
         // After the commit the AP runs only STARTING steps, which must not block; this wait is
         // therefore unbounded by design, with a warning each boot timeout.
         loop {

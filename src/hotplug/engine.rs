@@ -6,9 +6,10 @@
 //! 1. Take the hotplug mutex; refuse (state unchanged) if disabled, invalid, already there,
 //!    the last online CPU, a kexec's reboot CPU, or in limbo.
 //! 2. Up: run startups from step 0. PREPARE steps on this thread; `bringup:cpu` spawns the
-//!    thread and does the handshake (`sync.rs`), during which the AP runs the STARTING steps and
-//!    goes online in one step; ONLINE steps run on the CPU as jobs; `sched:active` opens the
-//!    CPU to jobs.
+//!    thread and does the handshake (`handshake.rs`), during which the AP runs the STARTING
+//!    steps and goes online in one step; ONLINE steps run on the CPU as jobs; `sched:active`
+//!    opens the CPU to jobs. An image's start walks every CPU in two spans, kicking all before
+//!    waiting for any (`boot_all` in `api.rs`).
 //! 3. Down: run teardowns from the top. `sched:active` closes the job gate, moves queued jobs to
 //!    another online CPU and waits for the running one; ONLINE teardowns run on the CPU;
 //!    `ap:online` runs `take_cpu_down` under stop_machine (DYING steps, offline, queue flush),
@@ -80,12 +81,25 @@ impl HotplugLayer {
 
     /// Step 2: startups from `from`; on failure, undo down to `from`.
     pub(super) fn walk_up(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+        self.walk_up_span(t, cpu, from, t.steps.len(), from)
+    }
+
+    /// Startups from `from` until at least `to` steps are done; on failure, undo down to
+    /// `base` (at most `from`), so an operation that walks in spans rolls back as one.
+    pub(super) fn walk_up_span(
+        &self,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+        to: usize,
+        base: usize,
+    ) -> Result<(), HotplugError> {
         let mut done = from;
-        while done < t.steps.len() {
+        while done < to {
             match self.step_up(t, cpu, done, true) {
                 Ok(next) => done = next,
                 Err(e) => {
-                    self.rollback_down(t, cpu, done, from);
+                    self.rollback_down(t, cpu, done, base);
                     return Err(e);
                 }
             }

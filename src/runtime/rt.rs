@@ -511,3 +511,117 @@ impl<R> JobHandle<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod boot_all_tests {
+    //! The parallel bring-up of `hotplug::boot_all` (an image's start), with an error in each
+    //! of its two phases: the CPUs kicked before the error still come up, none is left half up
+    //! or in limbo, and a second call finishes the job.
+
+    use std::time::Duration;
+
+    use crate::cpu::mask::CpuMask;
+    use crate::hotplug::HotplugError;
+    use crate::Builder;
+
+    fn rt_with_offline(n: usize, down: &[usize]) -> super::Runtime {
+        let rt = Builder::new().cpus(n).log_events(false).build().unwrap();
+        for &c in down {
+            rt.cpu_down(c).unwrap();
+        }
+        rt
+    }
+
+    fn fail(rt: &super::Runtime, cpu: usize, step: &str) {
+        *rt.handle.shared.hotplug.cpus[cpu].fail.lock().unwrap() = Some(step.into());
+    }
+
+    fn all_dead_or_online(rt: &super::Runtime) {
+        for c in 0..rt.cpus() {
+            let hs = rt.handle.shared.hotplug.cpus[c]
+                .handshake
+                .load(std::sync::atomic::Ordering::Acquire);
+            assert!(
+                rt.is_online(c) || hs == crate::hotplug::handshake::DEAD,
+                "CPU{c} neither online nor dead (handshake {hs})"
+            );
+        }
+    }
+
+    #[test]
+    fn a_kick_phase_error_stops_the_kicking_and_finishes_the_kicked() {
+        let rt = rt_with_offline(6, &[2, 3, 4, 5]);
+        fail(&rt, 4, "smpcfd:prepare");
+        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+            Err(HotplugError::StepFailed {
+                cpu: 4,
+                step,
+                up: true,
+                ..
+            }) => {
+                assert_eq!(step, "smpcfd:prepare")
+            }
+            other => panic!("boot_all with CPU4's PREPARE failing: {other:?}"),
+        }
+        // 2 and 3 were kicked before the error and came up; 5 was never tried.
+        assert_eq!(rt.online_mask(), "0-3".parse::<CpuMask>().unwrap());
+        all_dead_or_online(&rt);
+        crate::hotplug::boot_all(&rt.handle.shared, 0).unwrap();
+        assert_eq!(rt.online_mask().weight(), 6);
+        rt.call_many(&rt.online_mask(), || {}, true).unwrap();
+    }
+
+    #[test]
+    fn a_sync_phase_error_rolls_back_that_cpu_only() {
+        let rt = rt_with_offline(6, &[2, 3, 4, 5]);
+        // CPU2 fails on the AP after the commit, CPU3 in an ONLINE-section step after the
+        // handshake: both roll back to offline, and the CPUs kicked after them still come up.
+        fail(&rt, 2, "ap:online");
+        fail(&rt, 3, "sched:active");
+        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+            Err(HotplugError::StepFailed {
+                cpu: 2, up: true, ..
+            }) => {}
+            other => panic!("boot_all with CPU2's ap:online failing: {other:?}"),
+        }
+        assert_eq!(rt.online_mask(), "0-1,4-5".parse::<CpuMask>().unwrap());
+        all_dead_or_online(&rt);
+        crate::hotplug::boot_all(&rt.handle.shared, 0).unwrap();
+        assert_eq!(rt.online_mask().weight(), 6);
+        rt.call_many(&rt.online_mask(), || {}, true).unwrap();
+    }
+
+    #[test]
+    fn a_slow_ap_times_out_and_the_cpus_kicked_after_it_come_up() {
+        let rt = Builder::new()
+            .cpus(5)
+            .log_events(false)
+            .boot_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        for c in 1..5 {
+            rt.cpu_down(c).unwrap();
+        }
+        rt.handle
+            .shared
+            .faults
+            .set_boot_delay(2, Duration::from_millis(400));
+        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+            Err(HotplugError::BootTimeout { cpu: 2, .. }) => {}
+            other => panic!("boot_all with CPU2 booting too slowly: {other:?}"),
+        }
+        assert_eq!(rt.online_mask(), "0-1,3-4".parse::<CpuMask>().unwrap());
+        // CPU2 is in limbo until its thread wakes and leaves; then it can come up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match rt.cpu_up(2) {
+                Ok(()) => break,
+                Err(HotplugError::Limbo { cpu: 2 }) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now()
+                }
+                other => panic!("cpu_up(2) after its timeout: {other:?}"),
+            }
+        }
+        assert_eq!(rt.online_mask().weight(), 5);
+    }
+}
