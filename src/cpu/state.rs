@@ -119,8 +119,6 @@ pub(crate) struct CpuState {
     pub irq_pending: AtomicBool,
     /// When the outermost mask started (ns), when accounting is on.
     pub masked_since: AtomicU64,
-    /// NMI reasons pending (bits, see `ipi::nmi`).
-    pub nmi_pending: AtomicU64,
     /// The thread should leave its idle loop (offline / shutdown).
     pub exit_req: crate::sync::AtomicBool,
     /// Jobs queued and not yet started (an RMW-read counter, see `idle`).
@@ -141,21 +139,6 @@ pub(crate) struct CpuState {
     pub core: AtomicI32,
     pub ring: EventRing,
     pub stats: CpuCounters,
-    /// Instruction pointer sampled by the last backtrace NMI.
-    pub last_ip: AtomicU64,
-    /// Dedicated IPI vectors pending (bits, see `ipi::call::VECTOR_*`), taken before the queue.
-    pub ipi_vectors: AtomicU64,
-    /// The crash note (`crash_save_cpu`): registers saved by a crash-stop receiver.
-    pub crash_ip: AtomicU64,
-    pub crash_sp: AtomicU64,
-    pub crash_fp: AtomicU64,
-    pub crash_saved: AtomicBool,
-    /// A parked CPU sleeps on this word until the runtime releases it.
-    pub park_word: AtomicU32,
-    /// Stopped with the power-off policy at a safe point: its thread ends.
-    pub powered_off: AtomicBool,
-    /// Signal handlers of ours running on this CPU right now (IPI and NMI nesting).
-    pub in_handler: AtomicU32,
     /// The name of the last callback found on this CPU after it went offline, copied in by the
     /// handler (atomics only) for the logger's "IPI on offline CPU" message.
     pub offline_name: OfflineName,
@@ -217,7 +200,6 @@ impl CpuState {
             irq_depth: AtomicU32::new(0),
             irq_pending: AtomicBool::new(false),
             masked_since: AtomicU64::new(0),
-            nmi_pending: AtomicU64::new(0),
             exit_req: crate::sync::AtomicBool::new(false),
             jobs_queued: crate::sync::AtomicUsize::new(0),
             running_job: AtomicBool::new(false),
@@ -229,15 +211,6 @@ impl CpuState {
             core: AtomicI32::new(-1),
             ring: EventRing::with_enabled(ring_cap, log),
             stats: CpuCounters::default(),
-            last_ip: AtomicU64::new(0),
-            ipi_vectors: AtomicU64::new(0),
-            crash_ip: AtomicU64::new(0),
-            crash_sp: AtomicU64::new(0),
-            crash_fp: AtomicU64::new(0),
-            crash_saved: AtomicBool::new(false),
-            park_word: AtomicU32::new(0),
-            powered_off: AtomicBool::new(false),
-            in_handler: AtomicU32::new(0),
             offline_name: OfflineName::new(),
         }
     }
@@ -253,11 +226,6 @@ impl CpuState {
     /// what its previous life, or a stop that powered it off, left behind, and mark it booting.
     pub(crate) fn reset_for_bringup(&self) {
         self.exit_req.store(false, Ordering::SeqCst);
-        // A CPU powered off by a stop can come back (best-effort mode): start it clean.
-        self.powered_off.store(false, Ordering::SeqCst);
-        self.crash_saved.store(false, Ordering::SeqCst);
-        self.park_word.store(0, Ordering::SeqCst);
-        self.ipi_vectors.store(0, Ordering::SeqCst);
         self.running_job.store(false, Ordering::SeqCst);
         self.in_job.store(false, Ordering::SeqCst);
         self.idle.reset_running();
@@ -270,7 +238,11 @@ impl CpuState {
         self.kick_pending.store(false, Ordering::Release);
         self.irq_pending.store(false, Ordering::Relaxed);
         self.irq_depth.store(0, Ordering::Relaxed);
-        self.nmi_pending.store(0, Ordering::Release);
+    }
+
+    /// The `smpcfd:prepare` step's part: no doorbell marked in flight.
+    pub(crate) fn clear_kick_pending(&self) {
+        self.kick_pending.store(false, Ordering::Release);
     }
 
     /// Whether a stop has parked or powered off this CPU.

@@ -90,7 +90,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
     shared.hotplug.init_mm.fetch_add(1, Ordering::AcqRel);
     hc.has_ref.store(true, Ordering::Release);
-    st.reset_irq_state();
+    shared.reset_cpu_irq_state(st.id);
     let plan = hc.plan.lock_unpoisoned().take().unwrap_or_default();
     let fl = irq_save();
     let n = plan.steps.len();

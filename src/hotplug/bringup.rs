@@ -59,7 +59,7 @@ impl HotplugLayer {
             fail,
         });
         *hc.ap_failed.lock_unpoisoned() = None;
-        st.reset_for_bringup();
+        self.reset_cpu_for_bringup(cpu);
         if !handshake::kick(&hc.handshake) {
             return Err(HotplugError::Limbo { cpu });
         }

@@ -191,8 +191,7 @@ impl HotplugLayer {
         let st = &s.cpus[cpu];
         match &step.kind {
             Kind::SmpcfdPrepare => {
-                st.kick_pending.store(false, Ordering::Release);
-                st.nmi_pending.store(0, Ordering::Release);
+                self.smpcfd_prepare(cpu);
                 Ok(k + 1)
             }
             Kind::Bringup => self.bringup(t, cpu, inject),

@@ -40,7 +40,7 @@ pub(crate) const VECTOR_STOP: u64 = 1;
 /// Raises a dedicated vector on `cpu` and rings it. Async-signal-safe.
 pub(crate) fn send_vector(s: &IpiLayer, cpu: CpuId, v: u64) {
     if let Some(st) = s.cpu(cpu) {
-        st.ipi_vectors.fetch_or(v, Ordering::AcqRel);
+        s.ipi_cpu(cpu).post_vector(v);
         ring(s, st);
     }
 }
@@ -104,7 +104,8 @@ impl IpiLayer {
         let s = self;
         let st = self.target(cpu)?;
         let before = st.stats.nmis.load(Ordering::Acquire);
-        st.last_ip.store(0, Ordering::Release);
+        let me = s.ipi_cpu(cpu);
+        me.set_last_ip(0);
         if !nmi::send(s, st, NmiReason::Backtrace) {
             return Err(IpiError::Offline { cpu });
         }
@@ -113,7 +114,7 @@ impl IpiLayer {
         // see a sample that arrived meanwhile.
         loop {
             if st.stats.nmis.load(Ordering::Acquire) != before {
-                let ip = st.last_ip.load(Ordering::Acquire);
+                let ip = me.last_ip();
                 if ip != 0 {
                     return Ok(ip);
                 }
@@ -451,7 +452,7 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
         st.irq_depth.load(Ordering::Relaxed),
         if st.irq_pending.load(Ordering::Relaxed) { " with an IPI deferred" } else { "" },
         if st.in_job.load(Ordering::Relaxed) { "" } else { "not " },
-        st.in_handler.load(Ordering::Relaxed),
+        s.ipi_cpu(st.id).handlers_active(),
         if st.kick_pending.load(Ordering::Relaxed) { "" } else { "not " },
         waited / 1_000_000
     );

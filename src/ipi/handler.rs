@@ -36,7 +36,8 @@ pub(crate) fn ipi_handler_installed(sigs: &Signals) -> bool {
 extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let saved = signal::errno();
     if let Some((shared, cpu)) = current() {
-        cpu.in_handler.fetch_add(1, Ordering::Relaxed);
+        let me = shared.ipi_cpu(cpu.id);
+        me.enter_handler();
         // Clear before draining: a sender that sets it after this sees its request drained or
         // rings again (idle.rs protocol step 2).
         cpu.kick_pending.swap(false, Ordering::AcqRel);
@@ -54,7 +55,7 @@ extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *m
             compiler_fence(Ordering::SeqCst);
             cpu.irq_depth.store(0, Ordering::Relaxed);
         }
-        cpu.in_handler.fetch_sub(1, Ordering::Relaxed);
+        me.leave_handler();
     }
     signal::set_errno(saved);
 }
@@ -72,7 +73,7 @@ pub(crate) fn take_vectors(
     if cpu.is_stopped() {
         return true;
     }
-    let v = cpu.ipi_vectors.swap(0, Ordering::AcqRel);
+    let v = shared.ipi_cpu(cpu.id).take_vectors();
     if v & super::call::VECTOR_STOP != 0 {
         return shared.nmi_hooks.call_stop(cpu, uc, safe);
     }

@@ -10,6 +10,7 @@ use crossbeam_utils::CachePadded;
 
 use super::csd::CsdPool;
 use super::nmi::NmiHooks;
+use super::percpu::IpiCpu;
 use super::signal::Signals;
 use crate::cpu::machine::Machine;
 use crate::cpu::mask::CpuId;
@@ -50,6 +51,8 @@ pub(crate) struct IpiLayer {
     pub(super) signals: Signals,
     /// How long a synchronous call waits.
     pub call_timeout: Duration,
+    /// Each CPU's NMI reasons, vectors, backtrace sample and handler count (`percpu.rs`).
+    percpu: Box<[IpiCpu]>,
 }
 
 impl std::ops::Deref for IpiLayer {
@@ -70,6 +73,7 @@ impl IpiLayer {
     ) -> Self {
         machine.set_irq_replay(super::handler::replay_deferred);
         IpiLayer {
+            percpu: (0..machine.cpus.len()).map(|_| IpiCpu::new()).collect(),
             lower: machine,
             pool: CsdPool::new(csd_pool),
             totals: Totals::default(),
@@ -82,6 +86,32 @@ impl IpiLayer {
 }
 
 impl IpiLayer {
+    /// CPU `cpu`'s IPI state. Panics on an invalid CPU, as indexing `cpus` does.
+    #[inline]
+    pub(crate) fn ipi_cpu(&self, cpu: CpuId) -> &IpiCpu {
+        &self.percpu[cpu]
+    }
+
+    /// Before a new thread starts for `cpu` (the controller, under the hotplug lock): nothing
+    /// pending from its previous life, here and in the CPU's own state.
+    pub(crate) fn reset_cpu_for_bringup(&self, cpu: CpuId) {
+        self.percpu[cpu].reset();
+        self.cpus[cpu].reset_for_bringup();
+    }
+
+    /// The `smpcfd:prepare` step: no doorbell marked in flight, no stale NMI reason.
+    pub(crate) fn smpcfd_prepare(&self, cpu: CpuId) {
+        self.cpus[cpu].clear_kick_pending();
+        self.percpu[cpu].clear_nmi();
+    }
+
+    /// On the CPU's new thread, once committed: irqs unmasked, no doorbell in flight, nothing
+    /// pending.
+    pub(crate) fn reset_cpu_irq_state(&self, cpu: CpuId) {
+        self.percpu[cpu].clear_nmi();
+        self.cpus[cpu].reset_irq_state();
+    }
+
     /// Registers the stop receiver an upper layer provides (see [`NmiHooks::set_stop`]).
     pub(crate) fn set_stop_hook(&self, hook: super::nmi::NmiHook) {
         self.nmi_hooks.set_stop(hook);

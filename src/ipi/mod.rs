@@ -31,6 +31,7 @@ pub(crate) mod fatal;
 pub(crate) mod handler;
 pub(crate) mod layer;
 pub(crate) mod nmi;
+pub(crate) mod percpu;
 pub mod signal;
 
 pub use csd::CSD_INLINE_BYTES;

@@ -61,15 +61,15 @@ impl NmiHooks {
 /// Sets `reason` on `cpu` and signals it (unless an NMI is already pending there).
 /// Async-signal-safe. Returns false if the CPU has no thread to signal.
 pub(crate) fn send(shared: &IpiLayer, cpu: &CpuState, reason: NmiReason) -> bool {
-    let prev = cpu.nmi_pending.fetch_or(reason as u64, Ordering::AcqRel);
+    let me = shared.ipi_cpu(cpu.id);
+    let prev = me.post_nmi(reason as u64);
     if prev != 0 {
         return true; // coalesced with an NMI in flight
     }
     let tid = cpu.tid.load(Ordering::SeqCst);
     if tid == 0 || signal::tgkill(tid, shared.signals.nmi).is_err() {
         // Nothing will take the bit: clear it, or every later NMI would think one is in flight.
-        cpu.nmi_pending
-            .fetch_and(!(reason as u64), Ordering::AcqRel);
+        me.withdraw_nmi(reason as u64);
         return false;
     }
     true
@@ -82,21 +82,22 @@ pub(crate) extern "C" fn nmi_handler(
 ) {
     let saved = signal::errno();
     if let Some((shared, cpu)) = current() {
-        cpu.in_handler.fetch_add(1, Ordering::Relaxed);
-        let bits = cpu.nmi_pending.swap(0, Ordering::AcqRel);
+        let me = shared.ipi_cpu(cpu.id);
+        me.enter_handler();
+        let bits = me.take_nmi();
         cpu.stats.nmis.fetch_add(1, Ordering::Relaxed);
         cpu.ring.record(EventKind::Nmi, bits, 0);
         if bits & NmiReason::Backtrace as u64 != 0 {
             // SAFETY: `uc` is the ucontext the kernel passed to this SA_SIGINFO handler.
             let regs = unsafe { SavedRegs::from_ucontext(uc) };
-            cpu.last_ip.store(regs.ip, Ordering::Release);
+            me.set_last_ip(regs.ip);
         }
         if bits & NmiReason::Stop as u64 != 0 {
             let safe = !cpu.running_job.load(Ordering::Relaxed)
                 && cpu.irq_depth.load(Ordering::Relaxed) == 0;
             shared.nmi_hooks.call_stop(cpu, uc, safe);
         }
-        cpu.in_handler.fetch_sub(1, Ordering::Relaxed);
+        me.leave_handler();
     }
     signal::set_errno(saved);
 }

@@ -75,9 +75,7 @@ impl Shared {
             st.request_exit();
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
-            st.park_word
-                .store(crate::stop::receive::RELEASE, Ordering::SeqCst);
-            crate::cpu::futex::wake(&st.park_word, 1);
+            self.stop_cpu(st.id).release();
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
         for st in self.cpus.iter() {
@@ -86,7 +84,7 @@ impl Shared {
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
                 st.run_state() == crate::cpu::state::CpuRunState::Parked
-                    && !st.powered_off.load(Ordering::SeqCst)
+                    && !self.stop_cpu(st.id).is_powered_off()
             };
             let park_deadline = Instant::now() + Duration::from_millis(50);
             while !h.is_finished() && Instant::now() < deadline {

@@ -47,7 +47,7 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     if crate::hotplug::ap::ap_boot(&shared, st) {
         idle_loop(&shared, st);
     }
-    if st.powered_off.load(Ordering::SeqCst) {
+    if shared.stop_cpu(st.id).is_powered_off() {
         // Powered off by a stop: tear down after it has finished (bounded; see there).
         shared.stop.wait_for_stop_done();
     }
@@ -79,19 +79,19 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
                 serve_if_queued(shared, st);
             }
-            if st.powered_off.load(Ordering::SeqCst) {
+            if shared.stop_cpu(st.id).is_powered_off() {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
                 // reports `JobLost`); nothing of this image runs here any more.
                 drop(job);
                 st.in_job.store(false, Ordering::SeqCst);
                 break;
             }
-            run_job(st, job);
+            run_job(shared, st, job);
             if st.exit_req.load(Ordering::SeqCst) {
                 break;
             }
         }
-        if st.queue.peek() || st.ipi_vectors.load(Ordering::Relaxed) != 0 {
+        if st.queue.peek() || shared.ipi_cpu(st.id).vectors_pending() {
             serve_calls(shared, st);
             continue;
         }
@@ -100,13 +100,13 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             || {
                 st.queue.peek()
                     || st.jobs_queued.load(Ordering::Relaxed) > 0
-                    || st.ipi_vectors.load(Ordering::Relaxed) != 0
+                    || shared.ipi_cpu(st.id).vectors_pending()
                     || st.exit_req.load(Ordering::Relaxed)
             },
             || {
                 st.queue.has_work()
                     || st.jobs_queued.fetch_add(0, Ordering::AcqRel) > 0
-                    || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0
+                    || shared.ipi_cpu(st.id).vectors_pending_rmw()
                     || st.exit_req.fetch_or(false, Ordering::AcqRel)
             },
             || {
@@ -125,7 +125,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
 
 /// Serves the queue and vectors if an RMW read finds anything (idle.rs step 4).
 fn serve_if_queued(shared: &Shared, st: &CpuState) {
-    if st.queue.has_work() || st.ipi_vectors.fetch_or(0, Ordering::AcqRel) != 0 {
+    if st.queue.has_work() || shared.ipi_cpu(st.id).vectors_pending_rmw() {
         serve_calls(shared, st);
     }
 }
@@ -151,12 +151,12 @@ pub(crate) fn job_user_code_done() {
     }
 }
 
-fn run_job(st: &CpuState, job: crate::cpu::state::Job) {
+fn run_job(shared: &Shared, st: &CpuState, job: crate::cpu::state::Job) {
     st.in_job.store(true, Ordering::SeqCst);
     st.running_job.store(true, Ordering::SeqCst);
     // A stop that came before `running_job` was set powered the CPU off at a safe point and
     // returned here: the job must not start. One that comes after it parks the CPU in the job.
-    if st.powered_off.load(Ordering::SeqCst) {
+    if shared.stop_cpu(st.id).is_powered_off() {
         st.running_job.store(false, Ordering::SeqCst);
         return;
     }
@@ -185,7 +185,7 @@ fn finish(shared: &Shared, st: &CpuState) {
         let mut gate = st.job_gate.lock_unpoisoned();
         *gate = false;
     }
-    if st.powered_off.load(Ordering::SeqCst) {
+    if shared.stop_cpu(st.id).is_powered_off() {
         // Stopped and powered off: nothing of this image may run here any more. Queued jobs
         // are dropped, so their handles report `JobLost`; queued calls stay unrun (their
         // synchronous senders time out).
@@ -196,12 +196,12 @@ fn finish(shared: &Shared, st: &CpuState) {
     }
     while let Ok(job) = st.job_rx.try_recv() {
         st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-        run_job(st, job);
+        run_job(shared, st, job);
     }
     let f = irq_save();
     // Re-checked with irqs masked: a stop that powered the CPU off after the check at the top
     // returned here, and nothing of this image may run any more.
-    if !st.powered_off.load(Ordering::SeqCst)
+    if !shared.stop_cpu(st.id).is_powered_off()
         && !shared
             .faults
             .is_broken(crate::inject::Broken::SkipDyingFlush)

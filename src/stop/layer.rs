@@ -6,6 +6,7 @@
 use std::cell::Cell;
 use std::sync::atomic::AtomicBool;
 
+use super::percpu::StopCpu;
 use super::receive::ParkPolicy;
 use super::routine::{StopConfig, StopState};
 use crate::cpu::mask::CpuId;
@@ -25,6 +26,8 @@ pub(crate) struct StopLayer {
     pub(super) config: StopConfig,
     /// The CPU hotplug lock: `stop_machine` reads it, hotplug (the layer above) writes it.
     pub(crate) cpus_lock: crate::cpu::cpus_lock::CpusLock,
+    /// Each CPU's crash note, park word and power-off mark (`percpu.rs`).
+    percpu: Box<[StopCpu]>,
 }
 
 impl std::ops::Deref for StopLayer {
@@ -42,6 +45,7 @@ impl StopLayer {
         let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.cpus.len());
         StopLayer {
             cpus_lock,
+            percpu: (0..ipi.cpus.len()).map(|_| StopCpu::new()).collect(),
             lower: ipi,
             stop: StopState::new(),
             stopping: AtomicBool::new(false),
@@ -52,6 +56,19 @@ impl StopLayer {
 }
 
 impl StopLayer {
+    /// CPU `cpu`'s stop state. Panics on an invalid CPU, as indexing `cpus` does.
+    #[inline]
+    pub(crate) fn stop_cpu(&self, cpu: CpuId) -> &StopCpu {
+        &self.percpu[cpu]
+    }
+
+    /// Before a new thread starts for `cpu` (the controller, under the hotplug lock): clears
+    /// this layer's per-CPU state and the layers' below.
+    pub(crate) fn reset_cpu_for_bringup(&self, cpu: CpuId) {
+        self.percpu[cpu].reset();
+        self.lower.reset_cpu_for_bringup(cpu);
+    }
+
     /// Called by a CPU right after it joined the online mask (SeqCst): whether a deterministic
     /// stop is running, so the CPU must park itself instead of going online (seed 000; see the
     /// protocol comment in `routine.rs`). The flag is read SeqCst, after the online bit.

@@ -14,6 +14,7 @@ pub mod backend;
 pub(crate) mod coord;
 pub(crate) mod layer;
 pub mod machine;
+pub(crate) mod percpu;
 pub(crate) mod receive;
 pub mod routine;
 

@@ -13,14 +13,10 @@
 use std::sync::atomic::Ordering;
 
 use crate::cpu::events::EventKind;
-use crate::cpu::futex;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::ipi::signal::SavedRegs;
 
 use super::layer::StopLayer;
-
-/// `park_word` value that lets a parked CPU go (runtime shutdown).
-pub(crate) const RELEASE: u32 = 1;
 
 /// How a stopped CPU parks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -73,11 +69,9 @@ pub(crate) fn park(
     safe: bool,
     unwind: bool,
 ) -> bool {
+    let me = shared.stop_cpu(st.id);
     if crash {
-        st.crash_ip.store(regs.ip, Ordering::Relaxed);
-        st.crash_sp.store(regs.sp, Ordering::Relaxed);
-        st.crash_fp.store(regs.fp, Ordering::Relaxed);
-        st.crash_saved.store(true, Ordering::Release);
+        me.save_crash_regs(regs);
     }
     let power_off = shared.park == ParkPolicy::PowerOff && safe;
     st.set_run_state(if power_off {
@@ -91,26 +85,21 @@ pub(crate) fn park(
     shared.online.clear(st.id);
     shared.stop.ack();
     if power_off {
-        power_off_now(st, unwind);
+        power_off_now(shared, st, unwind);
         return true;
     }
     // Parked, irqs masked, asleep. Unbounded by design: a parked CPU never runs again in this
     // image; only the runtime's teardown releases it, and only a safe one can then leave.
     let depth = st.irq_depth.swap(1, Ordering::Relaxed);
-    loop {
-        let w = st.park_word.load(Ordering::Acquire);
-        if w == RELEASE && safe {
-            st.irq_depth.store(depth, Ordering::Relaxed);
-            st.set_run_state(CpuRunState::PoweredOff);
-            power_off_now(st, unwind);
-            return true;
-        }
-        futex::wait(&st.park_word, w, None);
-    }
+    me.wait_for_release(safe);
+    st.irq_depth.store(depth, Ordering::Relaxed);
+    st.set_run_state(CpuRunState::PoweredOff);
+    power_off_now(shared, st, unwind);
+    true
 }
 
-fn power_off_now(st: &CpuState, unwind: bool) {
-    st.powered_off.store(true, Ordering::SeqCst);
+fn power_off_now(shared: &StopLayer, st: &CpuState, unwind: bool) {
+    shared.stop_cpu(st.id).set_powered_off();
     st.exit_req.store(true, Ordering::SeqCst);
     // A restarted idle futex wait must see a changed word and re-check `exit_req`.
     st.idle.reset_running();

@@ -250,15 +250,9 @@ impl StopLayer {
 
     /// Implements [`Handle::crash_note`](crate::Handle::crash_note).
     pub(crate) fn crash_note(&self, cpu: CpuId) -> Option<CrashNote> {
-        let st = self.cpu(cpu)?;
-        st.crash_saved.load(Ordering::Acquire).then(|| CrashNote {
-            cpu,
-            regs: SavedRegs {
-                ip: st.crash_ip.load(Ordering::Relaxed),
-                sp: st.crash_sp.load(Ordering::Relaxed),
-                fp: st.crash_fp.load(Ordering::Relaxed),
-            },
-        })
+        self.cpu(cpu)?;
+        let regs = self.stop_cpu(cpu).crash_regs()?;
+        Some(CrashNote { cpu, regs })
     }
 
     /// Implements [`Handle::park_policy`](crate::Handle::park_policy).
@@ -402,7 +396,7 @@ impl StopLayer {
         };
         let crash = s.stop.coord.is_crash();
         // A job (even with irqs soft-masked) can be unwound; a signal handler cannot.
-        let unwindable = in_job && st.in_handler.load(Ordering::Relaxed) == 0;
+        let unwindable = in_job && self.ipi_cpu(st.id).handlers_active() == 0;
         receive::park(s, st, crash, regs, unwindable, unwindable);
     }
 }
