@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::cpu::call_queue::CallQueue;
 use crate::cpu::events::EventRing;
 use crate::cpu::idle::IdleWord;
+use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 
 /// Where a logical CPU is in its life (read it with [`crate::Handle::cpu_state`]).
@@ -96,52 +97,54 @@ pub(crate) struct CpuCounters {
     pub irq_leaks: AtomicU64,
 }
 
-/// One logical CPU.
+/// One logical CPU. The fields are private to the `cpu` layer: the layers above use the
+/// methods, which carry the protocols (the idle word and the call queue through their own
+/// types' read-modify-write methods, the job hand-off, the soft irq mask's handler side).
 pub(crate) struct CpuState {
-    pub id: CpuId,
+    pub(super) id: CpuId,
     /// Kernel tid of the CPU's current thread, 0 when it has none.
-    pub tid: AtomicI32,
+    pub(super) tid: AtomicI32,
     /// `CpuRunState` as u32.
-    pub run_state: AtomicU32,
+    pub(super) run_state: AtomicU32,
     /// The idle word (`cpu/idle.rs`), also the idle futex word; RMW-only by construction. On
     /// its own cache line: every sender RMW-reads it after each push, and a polling CPU does not
     /// touch it, so on the polling round trip it stays in the sender's cache.
-    pub idle: crossbeam_utils::CachePadded<IdleWord>,
+    pub(super) idle: crossbeam_utils::CachePadded<IdleWord>,
     /// Go's `signalPending`: a doorbell is in flight, do not ring again.
-    pub kick_pending: crate::sync::AtomicBool,
+    pub(super) kick_pending: crate::sync::AtomicBool,
     /// The call queue (closed while the CPU is offline). On its own cache line: senders CAS
     /// it and the CPU spins on it, and sharing the line with the idle word (senders) or
     /// `irq_depth` (this CPU) cost two extra line transfers per polled call.
-    pub queue: crossbeam_utils::CachePadded<CallQueue>,
+    pub(super) queue: crossbeam_utils::CachePadded<CallQueue>,
     /// Soft irq mask nesting depth (only this CPU's thread and its handlers touch it).
-    pub irq_depth: AtomicU32,
+    pub(super) irq_depth: AtomicU32,
     /// An IPI arrived while masked: replay at `irq_restore`.
-    pub irq_pending: AtomicBool,
+    pub(super) irq_pending: AtomicBool,
     /// When the outermost mask started (ns), when accounting is on.
-    pub masked_since: AtomicU64,
+    pub(super) masked_since: AtomicU64,
     /// The thread should leave its idle loop (offline / shutdown).
-    pub exit_req: crate::sync::AtomicBool,
+    pub(super) exit_req: crate::sync::AtomicBool,
     /// Jobs queued and not yet started (an RMW-read counter, see `idle`).
-    pub jobs_queued: crate::sync::AtomicUsize,
+    pub(super) jobs_queued: crate::sync::AtomicUsize,
     /// Whether the thread is executing a job's code right now (set only around the call). A
     /// stop that interrupts such a CPU cannot power it off: see `stop/receive.rs`.
-    pub running_job: AtomicBool,
+    pub(super) running_job: AtomicBool,
     /// Whether the thread holds a job (set before it takes one from its queue, so hotplug's
     /// drain never sees it idle while it holds a job it just took).
-    pub in_job: AtomicBool,
+    pub(super) in_job: AtomicBool,
     /// Open while the CPU takes jobs; submit and migration hold this lock, so a job is either
     /// queued before the gate closes (and run or moved) or refused.
-    pub job_gate: Mutex<bool>,
-    pub job_tx: Sender<Job>,
-    pub job_rx: Receiver<Job>,
-    pub thread: Mutex<Option<JoinHandle<()>>>,
+    pub(super) job_gate: Mutex<bool>,
+    pub(super) job_tx: Sender<Job>,
+    pub(super) job_rx: Receiver<Job>,
+    pub(super) thread: Mutex<Option<JoinHandle<()>>>,
     /// Host core this CPU is pinned to, or -1.
-    pub core: AtomicI32,
-    pub ring: EventRing,
-    pub stats: CpuCounters,
+    pub(super) core: AtomicI32,
+    pub(super) ring: EventRing,
+    pub(super) stats: CpuCounters,
     /// The name of the last callback found on this CPU after it went offline, copied in by the
     /// handler (atomics only) for the logger's "IPI on offline CPU" message.
-    pub offline_name: OfflineName,
+    pub(super) offline_name: OfflineName,
 }
 
 /// A fixed buffer of atomics holding a callback's type name (truncated to 128 bytes).
@@ -240,9 +243,216 @@ impl CpuState {
         self.irq_depth.store(0, Ordering::Relaxed);
     }
 
-    /// The `smpcfd:prepare` step's part: no doorbell marked in flight.
+    /// This CPU's number.
+    #[inline]
+    pub(crate) fn id(&self) -> CpuId {
+        self.id
+    }
+
+    /// Kernel tid of the CPU's current thread, 0 when it has none.
+    #[inline]
+    pub(crate) fn tid(&self) -> i32 {
+        self.tid.load(Ordering::SeqCst)
+    }
+
+    /// On the CPU's thread: its tid when it starts, 0 when it ends.
+    pub(crate) fn set_tid(&self, tid: i32) {
+        self.tid.store(tid, Ordering::SeqCst);
+    }
+
+    /// Host core this CPU is pinned to, if any.
+    pub(crate) fn core(&self) -> Option<usize> {
+        usize::try_from(self.core.load(Ordering::Relaxed)).ok()
+    }
+
+    pub(crate) fn set_core(&self, core: usize) {
+        self.core.store(core as i32, Ordering::Relaxed);
+    }
+
+    /// Keeps the handle of the CPU's new thread; returns the previous one, if any.
+    pub(crate) fn set_thread(&self, h: JoinHandle<()>) -> Option<JoinHandle<()>> {
+        self.thread.lock_unpoisoned().replace(h)
+    }
+
+    /// Takes the handle of the CPU's thread, to join or abandon it.
+    pub(crate) fn take_thread(&self) -> Option<JoinHandle<()>> {
+        self.thread.lock_unpoisoned().take()
+    }
+
+    /// The idle word (`idle.rs`): read-modify-write methods only.
+    #[inline]
+    pub(crate) fn idle(&self) -> &IdleWord {
+        &self.idle
+    }
+
+    /// The call queue (`call_queue.rs`).
+    #[inline]
+    pub(crate) fn queue(&self) -> &CallQueue {
+        &self.queue
+    }
+
+    /// This CPU's event ring.
+    #[inline]
+    pub(crate) fn ring(&self) -> &EventRing {
+        &self.ring
+    }
+
+    /// This CPU's counters (Relaxed statistics).
+    #[inline]
+    pub(crate) fn stats(&self) -> &CpuCounters {
+        &self.stats
+    }
+
+    /// The last callback name found after the CPU went offline (handler writes, logger reads).
+    pub(crate) fn offline_name(&self) -> &OfflineName {
+        &self.offline_name
+    }
+
+    // The doorbell (`idle.rs` step 2): `kick_pending` is Go's `signalPending`.
+
+    /// Sender: the idle word's decision for an IPI, marking a doorbell in flight if it rings.
+    #[inline]
+    pub(crate) fn kick_for_ipi(&self) -> crate::cpu::idle::Kick {
+        self.idle.kick_for_ipi(&self.kick_pending)
+    }
+
+    /// The doorbell was not sent after all (or the CPU is being prepared): none in flight.
     pub(crate) fn clear_kick_pending(&self) {
         self.kick_pending.store(false, Ordering::Release);
+    }
+
+    /// The IPI handler, before it drains: a sender that marks one after this rings again.
+    #[inline]
+    pub(crate) fn take_kick_pending(&self) {
+        self.kick_pending.swap(false, Ordering::AcqRel);
+    }
+
+    /// For a report: whether a doorbell is marked in flight.
+    pub(crate) fn kick_pending(&self) -> bool {
+        self.kick_pending.load(Ordering::Relaxed)
+    }
+
+    // The soft irq mask's handler side (`context.rs` holds the thread side). Only this CPU's
+    // thread and its handlers touch these, so Relaxed suffices.
+
+    /// Whether irqs are soft-masked on this CPU.
+    #[inline]
+    pub(crate) fn irqs_masked(&self) -> bool {
+        self.irq_depth.load(Ordering::Relaxed) != 0
+    }
+
+    /// The IPI handler found irqs masked: the IPI is replayed at `irq_restore`.
+    #[inline]
+    pub(crate) fn defer_irq(&self) {
+        self.irq_pending.store(true, Ordering::Relaxed);
+        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handler masks irqs while it runs callbacks (irqs were unmasked).
+    #[inline]
+    pub(crate) fn mask_in_handler(&self) {
+        self.irq_depth.store(1, Ordering::Relaxed);
+    }
+
+    /// A handler's callbacks are done: irqs unmasked again.
+    #[inline]
+    pub(crate) fn unmask_in_handler(&self) {
+        self.irq_depth.store(0, Ordering::Relaxed);
+    }
+
+    /// A parking CPU masks irqs; returns the depth to restore if it is ever released.
+    pub(crate) fn mask_for_park(&self) -> u32 {
+        self.irq_depth.swap(1, Ordering::Relaxed)
+    }
+
+    /// Restores the depth `mask_for_park` returned.
+    pub(crate) fn restore_irq_depth(&self, depth: u32) {
+        self.irq_depth.store(depth, Ordering::Relaxed);
+    }
+
+    /// For a report: the mask's nesting depth and whether an IPI waits for the unmask.
+    pub(crate) fn irq_report(&self) -> (u32, bool) {
+        (
+            self.irq_depth.load(Ordering::Relaxed),
+            self.irq_pending.load(Ordering::Relaxed),
+        )
+    }
+
+    // Leaving the idle loop.
+
+    /// Whether the thread was asked to leave its idle loop.
+    #[inline]
+    pub(crate) fn exit_requested(&self) -> bool {
+        self.exit_req.load(Ordering::SeqCst)
+    }
+
+    /// Asks the thread to leave without waking it (it is the caller, in a stop receiver).
+    pub(crate) fn mark_exit(&self) {
+        self.exit_req.store(true, Ordering::SeqCst);
+    }
+
+    /// The idle loop's poll: a job queued or an exit asked (plain loads).
+    #[inline]
+    pub(crate) fn jobs_or_exit_hint(&self) -> bool {
+        self.jobs_queued.load(Ordering::Relaxed) > 0 || self.exit_req.load(Ordering::Relaxed)
+    }
+
+    /// The idle loop's last check before it sleeps (`idle.rs` step 3): the same, read with
+    /// read-modify-writes so they are ordered with the senders' RMWs on the idle word.
+    #[inline]
+    pub(crate) fn jobs_or_exit_rmw(&self) -> bool {
+        self.jobs_queued.fetch_add(0, Ordering::AcqRel) > 0
+            || self.exit_req.fetch_or(false, Ordering::AcqRel)
+    }
+
+    // The job hand-off: `machine.rs` queues behind the gate; the CPU's idle loop takes.
+
+    /// The CPU takes its next job. `in_job` is set before it looks, so a CPU being deactivated
+    /// is never seen idle while it holds a job it just took (`sched:active` teardown).
+    pub(crate) fn take_job(&self) -> Option<Job> {
+        self.in_job.store(true, Ordering::SeqCst);
+        match self.job_rx.try_recv() {
+            Ok(job) => {
+                self.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+                Some(job)
+            }
+            Err(_) => {
+                self.in_job.store(false, Ordering::SeqCst);
+                None
+            }
+        }
+    }
+
+    /// Takes a queued job without holding it as running (to drop it, or move it elsewhere).
+    pub(crate) fn drain_job(&self) -> Option<Job> {
+        let job = self.job_rx.try_recv().ok()?;
+        self.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+        Some(job)
+    }
+
+    /// Opens or closes the job gate (`sched:active`; `finish`).
+    pub(crate) fn set_job_gate(&self, open: bool) {
+        *self.job_gate.lock_unpoisoned() = open;
+    }
+
+    /// Whether the thread holds a job.
+    pub(crate) fn in_job(&self) -> bool {
+        self.in_job.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_in_job(&self, on: bool) {
+        self.in_job.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the thread is executing a job's code right now (a stop there cannot power the
+    /// CPU off). Relaxed: read on this CPU, by its own handlers.
+    #[inline]
+    pub(crate) fn running_job(&self) -> bool {
+        self.running_job.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_running_job(&self, on: bool) {
+        self.running_job.store(on, Ordering::SeqCst);
     }
 
     /// Whether a stop has parked or powered off this CPU.

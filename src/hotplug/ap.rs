@@ -66,8 +66,8 @@ fn teardown(step: &Step, cpu: usize) -> super::StepResult {
 
 /// The AP's boot hook (runs first on the new thread). False: the thread must exit.
 pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
-    let hc = &shared.hotplug.cpus[st.id];
-    if let Some(delay) = shared.faults.take_boot_delay(st.id) {
+    let hc = &shared.hotplug.cpus[st.id()];
+    if let Some(delay) = shared.faults.take_boot_delay(st.id()) {
         std::thread::sleep(delay); // fault injection: a slow AP
     }
     if shared.faults.is_broken(Broken::BringupWithoutCas) {
@@ -90,7 +90,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
     shared.hotplug.init_mm.fetch_add(1, Ordering::AcqRel);
     hc.has_ref.store(true, Ordering::Release);
-    shared.reset_cpu_irq_state(st.id);
+    shared.reset_cpu_irq_state(st.id());
     let plan = hc.plan.lock_unpoisoned().take().unwrap_or_default();
     let fl = irq_save();
     let n = plan.steps.len();
@@ -101,7 +101,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         } else if k == n {
             Ok(())
         } else {
-            startup(&plan.steps[k], st.id)
+            startup(&plan.steps[k], st.id())
         };
         if let Err(reason) = r {
             let name = plan
@@ -109,8 +109,12 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
                 .get(k)
                 .map_or_else(|| "ap:online".to_string(), |s| s.name.clone());
             for done in plan.steps[..k].iter().rev() {
-                if let Err(e) = teardown(done, st.id) {
-                    tracing::error!("cpuhp: CPU{} rollback of {} failed: {e}", st.id, done.name);
+                if let Err(e) = teardown(done, st.id()) {
+                    tracing::error!(
+                        "cpuhp: CPU{} rollback of {} failed: {e}",
+                        st.id(),
+                        done.name
+                    );
                 }
             }
             *hc.ap_failed.lock_unpoisoned() = Some((name, reason.to_string()));
@@ -119,11 +123,11 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
             futex::wake(&hc.handshake, 1);
             return false;
         }
-        st.ring.record(EventKind::HotplugStep, k as u64, 1);
+        st.ring().record(EventKind::HotplugStep, k as u64, 1);
     }
     // ap:online, one step: open the queue, join the online mask, tell the controller.
-    st.queue.reopen();
-    shared.online.set(st.id);
+    st.queue().reopen();
+    shared.online.set(st.id());
     // Deterministic stop (seed 000): the online bit is set (SeqCst) before the flag is read
     // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
     // targets this CPU or this CPU sees the flag and parks itself.
@@ -134,7 +138,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         ));
         // Leave the online mask before telling the controller, so that nobody who hears
         // "parked" can still see this CPU online.
-        shared.online.clear(st.id);
+        shared.online.clear(st.id());
         st.set_run_state(CpuRunState::Parked);
         hc.handshake.store(PARKED, Ordering::Release);
         futex::wake(&hc.handshake, 1);
@@ -154,7 +158,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
 
 /// The thread's exit hook, its very last act: drop the init_mm reference, report DEAD.
 pub(crate) fn ap_exit(shared: &HotplugLayer, st: &CpuState) {
-    let hc = &shared.hotplug.cpus[st.id];
+    let hc = &shared.hotplug.cpus[st.id()];
     if hc.has_ref.swap(false, Ordering::AcqRel) {
         shared.hotplug.init_mm.fetch_sub(1, Ordering::AcqRel);
     }
@@ -191,7 +195,7 @@ pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
             }
             return Err(k as i32);
         }
-        st.ring.record(EventKind::HotplugStep, k as u64, 0);
+        st.ring().record(EventKind::HotplugStep, k as u64, 0);
     }
     if plan.fail == ApFail::Bringup {
         for again in &plan.steps {

@@ -273,7 +273,7 @@ impl HotplugLayer {
             let busy = self.cpus.iter().any(|c| {
                 c.run_state() == CpuRunState::Limbo
                     || (c.run_state() == CpuRunState::Offline
-                        && self.hotplug.cpus[c.id].handshake.load(Ordering::Acquire) != DEAD)
+                        && self.hotplug.cpus[c.id()].handshake.load(Ordering::Acquire) != DEAD)
             });
             if !busy {
                 return true;

@@ -46,7 +46,7 @@ impl HotplugLayer {
         let st = &s.cpus[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // A previous thread has reported DEAD (checked by the caller): reap it.
-        if let Some(old) = st.thread.lock_unpoisoned().take() {
+        if let Some(old) = st.take_thread() {
             let _ = old.join();
         }
         let fail = if inject {
@@ -201,7 +201,7 @@ impl HotplugLayer {
             };
             futex::wait(&hc.handshake, v, Some(nap));
         }
-        if let Some(h) = s.cpus[cpu].thread.lock_unpoisoned().take() {
+        if let Some(h) = s.cpus[cpu].take_thread() {
             let _ = h.join();
         }
         true

@@ -197,7 +197,7 @@ impl HotplugLayer {
             Kind::Bringup => self.bringup(t, cpu, inject),
             Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
             Kind::SchedActive => {
-                *st.job_gate.lock_unpoisoned() = true;
+                st.set_job_gate(true);
                 s.active.set(cpu);
                 Ok(k + 1)
             }

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::cpu::clock::now_ns;
-use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 
 use super::layer::HotplugLayer;
@@ -17,15 +16,14 @@ impl HotplugLayer {
         let s = self;
         let st = &s.cpus[cpu];
         s.active.clear(cpu);
-        *st.job_gate.lock_unpoisoned() = false;
+        st.set_job_gate(false);
         let reopen = |why: String| {
-            *st.job_gate.lock_unpoisoned() = true;
+            st.set_job_gate(true);
             s.active.set(cpu);
             why
         };
         let mut moved = 0;
-        while let Ok(job) = st.job_rx.try_recv() {
-            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+        while let Some(job) = st.drain_job() {
             let mut job = Some(job);
             for to in s.active.load().iter().filter(|&c| c != cpu) {
                 let Some(j) = job.take() else { break };
@@ -53,7 +51,7 @@ impl HotplugLayer {
             tracing::debug!("cpuhp: CPU{cpu}: moved {moved} queued job(s)");
         }
         let deadline = now_ns() + s.boot_timeout.as_nanos() as u64;
-        while st.in_job.load(Ordering::SeqCst) {
+        while st.in_job() {
             if s.cpus_lock.cpu_waits(cpu) {
                 // It waits for the hotplug lock this operation holds: it cannot finish first.
                 return Err(reopen(

@@ -103,7 +103,7 @@ impl IpiLayer {
     pub(crate) fn nmi_backtrace(&self, cpu: CpuId, timeout: Duration) -> Result<u64, IpiError> {
         let s = self;
         let st = self.target(cpu)?;
-        let before = st.stats.nmis.load(Ordering::Acquire);
+        let before = st.stats().nmis.load(Ordering::Acquire);
         let me = s.ipi_cpu(cpu);
         me.set_last_ip(0);
         if !nmi::send(s, st, NmiReason::Backtrace) {
@@ -113,7 +113,7 @@ impl IpiLayer {
         // Check before the deadline test: a caller descheduled past the deadline must still
         // see a sample that arrived meanwhile.
         loop {
-            if st.stats.nmis.load(Ordering::Acquire) != before {
+            if st.stats().nmis.load(Ordering::Acquire) != before {
                 let ip = me.last_ip();
                 if ip != 0 {
                     return Ok(ip);
@@ -272,12 +272,12 @@ impl IpiLayer {
 /// Step 1 for a self-call: run now with irqs masked, counted like a delivered IPI.
 fn run_local<F: FnOnce()>(s: &IpiLayer, st: &CpuState, f: F) {
     let fl = irq_save();
-    super::fatal::run(st.id, "IPI callback", std::any::type_name::<F>(), f);
+    super::fatal::run(st.id(), "IPI callback", std::any::type_name::<F>(), f);
     irq_restore(fl);
     s.totals.queued.fetch_add(1, Ordering::Relaxed);
     s.totals.handled.fetch_add(1, Ordering::Relaxed);
-    st.stats.calls_queued.fetch_add(1, Ordering::Relaxed);
-    st.stats.calls_handled.fetch_add(1, Ordering::Relaxed);
+    st.stats().calls_queued.fetch_add(1, Ordering::Relaxed);
+    st.stats().calls_handled.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Steps 2 and 3. Returns the queued slot.
@@ -291,7 +291,7 @@ fn publish<F>(
 where
     F: FnOnce() + Send + 'static,
 {
-    let cpu = st.id;
+    let cpu = st.id();
     if !s.online.contains(cpu) {
         s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
         return Err(IpiError::Offline { cpu });
@@ -299,7 +299,7 @@ where
     let idx = alloc_slot(s, cpu)?;
     // The push's CAS comes after the closure is written into the slot: fetch the queue's line
     // meanwhile (see `prefetch_write`).
-    crate::cpu::call_queue::prefetch_write(&*st.queue);
+    crate::cpu::call_queue::prefetch_write(st.queue());
     // The call id and sender exist for the event log only (every ring records or none does):
     // without it, skip the shared counter's locked increment on every call.
     let id = if s.ext_ring.is_enabled() {
@@ -313,15 +313,18 @@ where
         0
     };
     s.pool.arm(idx, f, sync);
-    if st.queue.push(idx, &s.pool).is_err() {
+    if st.queue().push(idx, &s.pool).is_err() {
         s.pool.disarm_unpublished(idx);
         s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
         return Err(IpiError::Offline { cpu });
     }
     s.totals.queued.fetch_add(1, Ordering::Relaxed);
-    st.stats.calls_queued.fetch_add(1, Ordering::Relaxed);
+    st.stats().calls_queued.fetch_add(1, Ordering::Relaxed);
     if let Some(me) = me {
-        s.cpus[me].stats.calls_sent.fetch_add(1, Ordering::Relaxed);
+        s.cpus[me]
+            .stats()
+            .calls_sent
+            .fetch_add(1, Ordering::Relaxed);
     }
     s.ring_here().record(EventKind::IpiSend, cpu as u64, id);
     Ok(idx)
@@ -353,7 +356,7 @@ pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
         return;
     }
     s.faults.doorbell_delay();
-    match st.idle.kick_for_ipi(&st.kick_pending) {
+    match st.kick_for_ipi() {
         Kick::Signal => {
             if s.faults.drop_doorbell() {
                 // Injected loss: as if the kernel dropped the signal. `kick_pending` stays
@@ -361,21 +364,21 @@ pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
                 // idle loop gets the call served.
                 return;
             }
-            let tid = st.tid.load(Ordering::SeqCst);
+            let tid = st.tid();
             if tid != 0 && super::signal::tgkill(tid, s.signals.ipi).is_ok() {
                 s.totals.signals.fetch_add(1, Ordering::Relaxed);
-                st.stats.doorbells.fetch_add(1, Ordering::Relaxed);
-                s.ring_here().record(EventKind::Doorbell, st.id as u64, 0);
+                st.stats().doorbells.fetch_add(1, Ordering::Relaxed);
+                s.ring_here().record(EventKind::Doorbell, st.id() as u64, 0);
             } else {
                 // No thread to signal (it is exiting; its dying flush runs the call) or the
                 // signal was refused: let the next sender ring again.
-                st.kick_pending.store(false, Ordering::Release);
+                st.clear_kick_pending();
             }
         }
         Kick::Wake => {
-            st.idle.wake();
-            st.stats.idle_wakes.fetch_add(1, Ordering::Relaxed);
-            s.ring_here().record(EventKind::IdleWake, st.id as u64, 0);
+            st.idle().wake();
+            st.stats().idle_wakes.fetch_add(1, Ordering::Relaxed);
+            s.ring_here().record(EventKind::IdleWake, st.id() as u64, 0);
         }
         Kick::None | Kick::Coalesced => {}
     }
@@ -430,7 +433,7 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
         if slot.state.load(Ordering::Acquire) != DONE {
             // A merged or lost doorbell costs a millisecond, never the call: ring again even
             // if a doorbell is marked in flight (a lost signal would leave it marked forever).
-            st.kick_pending.store(false, Ordering::Release);
+            st.clear_kick_pending();
             ring(s, st);
         }
     }
@@ -438,22 +441,23 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
     let waited = now_ns().saturating_sub(begun);
     s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
     s.ring_here()
-        .record(EventKind::CsdTimeout, st.id as u64, waited);
+        .record(EventKind::CsdTimeout, st.id() as u64, waited);
     // The kernel's CSD_LOCK_WAIT_DEBUG prints the target's state beside the timeout: what a
     // user needs to tell a starved host core from a stuck CPU or a lost call.
+    let (irq_depth, irq_pending) = st.irq_report();
     tracing::warn!(
         "csd: non-responsive CSD lock: CPU {} ({:?}, {}online, idle word {}, queue {}, \
          irq depth {}{}, {}in a job, {} handler(s) active, doorbell {}marked in flight) after {} ms",
-        st.id,
+        st.id(),
         st.run_state(),
-        if s.online.contains(st.id) { "" } else { "not " },
-        st.idle.state_name(),
-        st.queue.state_name(),
-        st.irq_depth.load(Ordering::Relaxed),
-        if st.irq_pending.load(Ordering::Relaxed) { " with an IPI deferred" } else { "" },
-        if st.in_job.load(Ordering::Relaxed) { "" } else { "not " },
-        s.ipi_cpu(st.id).handlers_active(),
-        if st.kick_pending.load(Ordering::Relaxed) { "" } else { "not " },
+        if s.online.contains(st.id()) { "" } else { "not " },
+        st.idle().state_name(),
+        st.queue().state_name(),
+        irq_depth,
+        if irq_pending { " with an IPI deferred" } else { "" },
+        if st.in_job() { "" } else { "not " },
+        s.ipi_cpu(st.id()).handlers_active(),
+        if st.kick_pending() { "" } else { "not " },
         waited / 1_000_000
     );
     let started = match s.pool.give_up(idx) {
@@ -470,13 +474,13 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             s.signals.ipi
         );
         return Err(IpiError::HandlerReplaced {
-            cpu: st.id,
+            cpu: st.id(),
             sig: s.signals.ipi,
             waited_ms: waited / 1_000_000,
         });
     }
     Err(IpiError::Timeout {
-        cpu: st.id,
+        cpu: st.id(),
         waited_ms: waited / 1_000_000,
         started,
     })

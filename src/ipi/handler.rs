@@ -36,24 +36,23 @@ pub(crate) fn ipi_handler_installed(sigs: &Signals) -> bool {
 extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let saved = signal::errno();
     if let Some((shared, cpu)) = current() {
-        let me = shared.ipi_cpu(cpu.id);
+        let me = shared.ipi_cpu(cpu.id());
         me.enter_handler();
         // Clear before draining: a sender that sets it after this sees its request drained or
         // rings again (idle.rs protocol step 2).
-        cpu.kick_pending.swap(false, Ordering::AcqRel);
-        cpu.stats.irqs.fetch_add(1, Ordering::Relaxed);
-        if cpu.irq_depth.load(Ordering::Relaxed) != 0 {
-            cpu.irq_pending.store(true, Ordering::Relaxed);
-            cpu.stats.deferred.fetch_add(1, Ordering::Relaxed);
+        cpu.take_kick_pending();
+        cpu.stats().irqs.fetch_add(1, Ordering::Relaxed);
+        if cpu.irqs_masked() {
+            cpu.defer_irq();
         } else {
-            let safe = !cpu.running_job.load(Ordering::Relaxed);
-            cpu.irq_depth.store(1, Ordering::Relaxed);
+            let safe = !cpu.running_job();
+            cpu.mask_in_handler();
             compiler_fence(Ordering::SeqCst);
             if !take_vectors(shared, cpu, uc, safe) {
                 flush_queue(shared, cpu);
             }
             compiler_fence(Ordering::SeqCst);
-            cpu.irq_depth.store(0, Ordering::Relaxed);
+            cpu.unmask_in_handler();
         }
         me.leave_handler();
     }
@@ -73,7 +72,7 @@ pub(crate) fn take_vectors(
     if cpu.is_stopped() {
         return true;
     }
-    let v = shared.ipi_cpu(cpu.id).take_vectors();
+    let v = shared.ipi_cpu(cpu.id()).take_vectors();
     if v & super::call::VECTOR_STOP != 0 {
         return shared.nmi_hooks.call_stop(cpu, uc, safe);
     }
@@ -97,11 +96,11 @@ pub(crate) fn replay_deferred(cpu: &CpuState, safe: bool) -> Option<usize> {
 /// that is not online is reported as "IPI on offline CPU" (seed 002) and still run exactly once.
 /// Returns how many callbacks ran.
 pub(crate) fn flush_queue(shared: &IpiLayer, cpu: &CpuState) -> usize {
-    let h = cpu.queue.take_all(&shared.pool);
+    let h = cpu.queue().take_all(&shared.pool);
     if h == EMPTY {
         return 0;
     }
-    let offline = !shared.online.contains(cpu.id);
+    let offline = !shared.online.contains(cpu.id());
     run_list(shared, cpu, h, offline)
 }
 
@@ -109,7 +108,7 @@ pub(crate) fn flush_queue(shared: &IpiLayer, cpu: &CpuState) -> usize {
 /// everything it held, whether or not its doorbell has arrived. No offline warning: the caller
 /// knows the CPU is going away.
 pub(crate) fn close_and_flush(shared: &IpiLayer, cpu: &CpuState) -> usize {
-    let h = cpu.queue.close(&shared.pool);
+    let h = cpu.queue().close(&shared.pool);
     run_list(shared, cpu, h, false)
 }
 
@@ -122,7 +121,7 @@ fn run_list(shared: &IpiLayer, cpu: &CpuState, mut h: u32, warn_offline: bool) -
         let next = shared.pool.next(h).load(Ordering::Relaxed);
         // The ids sit on the slot's second line, which the sender spins on: read them only for
         // the event log, or every polled call pays one more line transfer (csd.rs).
-        let (sender, id) = if warn_offline || cpu.ring.is_enabled() {
+        let (sender, id) = if warn_offline || cpu.ring().is_enabled() {
             let slot = shared.pool.slot(h);
             (
                 slot.sender.load(Ordering::Relaxed),
@@ -132,19 +131,19 @@ fn run_list(shared: &IpiLayer, cpu: &CpuState, mut h: u32, warn_offline: bool) -
             (0, 0)
         };
         if warn_offline {
-            cpu.offline_name.store(shared.pool.name(h));
+            cpu.offline_name().store(shared.pool.name(h));
             shared.totals.ipi_on_offline.fetch_add(1, Ordering::Relaxed);
-            cpu.ring.record(EventKind::OfflineIpi, id, 0);
+            cpu.ring().record(EventKind::OfflineIpi, id, 0);
         }
         shared.faults.preempt_point();
-        let ran = super::fatal::run(cpu.id, "IPI callback", shared.pool.name(h), || {
+        let ran = super::fatal::run(cpu.id(), "IPI callback", shared.pool.name(h), || {
             shared.pool.run(h, &mut freed)
         });
         if ran {
             n += 1;
-            cpu.stats.calls_handled.fetch_add(1, Ordering::Relaxed);
+            cpu.stats().calls_handled.fetch_add(1, Ordering::Relaxed);
             shared.totals.handled.fetch_add(1, Ordering::Relaxed);
-            cpu.ring.record(EventKind::IpiHandle, sender, id);
+            cpu.ring().record(EventKind::IpiHandle, sender, id);
         }
         h = next;
     }

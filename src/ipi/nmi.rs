@@ -61,12 +61,12 @@ impl NmiHooks {
 /// Sets `reason` on `cpu` and signals it (unless an NMI is already pending there).
 /// Async-signal-safe. Returns false if the CPU has no thread to signal.
 pub(crate) fn send(shared: &IpiLayer, cpu: &CpuState, reason: NmiReason) -> bool {
-    let me = shared.ipi_cpu(cpu.id);
+    let me = shared.ipi_cpu(cpu.id());
     let prev = me.post_nmi(reason as u64);
     if prev != 0 {
         return true; // coalesced with an NMI in flight
     }
-    let tid = cpu.tid.load(Ordering::SeqCst);
+    let tid = cpu.tid();
     if tid == 0 || signal::tgkill(tid, shared.signals.nmi).is_err() {
         // Nothing will take the bit: clear it, or every later NMI would think one is in flight.
         me.withdraw_nmi(reason as u64);
@@ -82,19 +82,18 @@ pub(crate) extern "C" fn nmi_handler(
 ) {
     let saved = signal::errno();
     if let Some((shared, cpu)) = current() {
-        let me = shared.ipi_cpu(cpu.id);
+        let me = shared.ipi_cpu(cpu.id());
         me.enter_handler();
         let bits = me.take_nmi();
-        cpu.stats.nmis.fetch_add(1, Ordering::Relaxed);
-        cpu.ring.record(EventKind::Nmi, bits, 0);
+        cpu.stats().nmis.fetch_add(1, Ordering::Relaxed);
+        cpu.ring().record(EventKind::Nmi, bits, 0);
         if bits & NmiReason::Backtrace as u64 != 0 {
             // SAFETY: `uc` is the ucontext the kernel passed to this SA_SIGINFO handler.
             let regs = unsafe { SavedRegs::from_ucontext(uc) };
             me.set_last_ip(regs.ip);
         }
         if bits & NmiReason::Stop as u64 != 0 {
-            let safe = !cpu.running_job.load(Ordering::Relaxed)
-                && cpu.irq_depth.load(Ordering::Relaxed) == 0;
+            let safe = !cpu.running_job() && !cpu.irqs_masked();
             shared.nmi_hooks.call_stop(cpu, uc, safe);
         }
         me.leave_handler();

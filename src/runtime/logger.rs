@@ -63,7 +63,7 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>, trace: Arc<Mutex<Vec<Event>>>) {
         );
         buf.clear();
         for (i, c) in shared.cpus.iter().enumerate() {
-            c.ring.drain(i as u32, &mut buf);
+            c.ring().drain(i as u32, &mut buf);
         }
         shared.ext_ring.drain(shared.cpus.len() as u32, &mut buf);
         buf.sort_by_key(|e| e.ts_ns);
@@ -118,7 +118,7 @@ fn emit(shared: &Shared, e: &Event) {
             let name = shared
                 .cpus
                 .get(e.ring as usize)
-                .map_or_else(String::new, |c| c.offline_name.load());
+                .map_or_else(String::new, |c| c.offline_name().load());
             tracing::warn!(
                 "IPI on offline {w}: IPI callback {name} sent to offline CPU (call #{})",
                 e.a

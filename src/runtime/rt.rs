@@ -48,9 +48,9 @@ impl Shared {
         if !self.cfg.pin || self.cores.is_empty() {
             return;
         }
-        let core = self.cores[st.id % self.cores.len()];
+        let core = self.cores[st.id() % self.cores.len()];
         if crate::cpu::affinity::pin_current(core) {
-            st.core.store(core.id as i32, Ordering::Relaxed);
+            st.set_core(core.id);
         } else if !self.pin_warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
@@ -75,23 +75,23 @@ impl Shared {
             st.request_exit();
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
-            self.stop_cpu(st.id).release();
+            self.stop_cpu(st.id()).release();
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
         for st in self.cpus.iter() {
-            let handle = st.thread.lock_unpoisoned().take();
+            let handle = st.take_thread();
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
                 st.run_state() == crate::cpu::state::CpuRunState::Parked
-                    && !self.stop_cpu(st.id).is_powered_off()
+                    && !self.stop_cpu(st.id()).is_powered_off()
             };
             let park_deadline = Instant::now() + Duration::from_millis(50);
             while !h.is_finished() && Instant::now() < deadline {
                 if lost() && Instant::now() >= park_deadline {
                     break;
                 }
-                st.idle.wake_for_job();
+                st.idle().wake_for_job();
                 std::thread::sleep(Duration::from_micros(200));
             }
             if h.is_finished() {
@@ -99,12 +99,12 @@ impl Shared {
             } else if lost() {
                 tracing::debug!(
                     "usmp: CPU{} stays parked in this image (stopped inside a job or with irqs masked); its thread is left behind",
-                    st.id
+                    st.id()
                 );
             } else {
                 tracing::error!(
                     "usmp: CPU{} did not stop within {:?} (state {:?}); its thread is left detached",
-                    st.id,
+                    st.id(),
                     self.cfg.shutdown_timeout,
                     st.run_state()
                 );
@@ -354,10 +354,7 @@ impl Handle {
     /// (offline, or not started). For `perf record -t`, `gdb` or `/proc/self/task/<tid>`: the
     /// thread behind a logical CPU changes at every bring-up.
     pub fn cpu_tid(&self, cpu: CpuId) -> Option<i32> {
-        self.shared
-            .cpu(cpu)
-            .map(|c| c.tid.load(Ordering::SeqCst))
-            .filter(|&t| t > 0)
+        self.shared.cpu(cpu).map(|c| c.tid()).filter(|&t| t > 0)
     }
 
     /// Runs `f` as an ordinary job on `cpu` (it may allocate and block). The job runs after
@@ -399,12 +396,11 @@ impl Handle {
             .cpus
             .iter()
             .map(|c| {
-                let st = &c.stats;
-                let core = c.core.load(Ordering::Relaxed);
+                let st = &c.stats();
                 CpuStats {
-                    cpu: c.id,
+                    cpu: c.id(),
                     state: c.run_state(),
-                    core: (core >= 0).then_some(core as usize),
+                    core: c.core(),
                     calls_queued: st.calls_queued.load(Ordering::Relaxed),
                     calls_handled: st.calls_handled.load(Ordering::Relaxed),
                     calls_sent: st.calls_sent.load(Ordering::Relaxed),

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::rt::Shared;
 use crate::cpu::context::{irq_restore, irq_save};
-use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::{CpuRunState, CpuState};
 
@@ -18,7 +17,7 @@ pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()>
         .name(format!("{}-cpu{}", shared.cfg.name, cpu))
         .spawn(move || cpu_main(s, cpu))?;
     let st = &shared.cpus[cpu];
-    let old = st.thread.lock_unpoisoned().replace(handle);
+    let old = st.set_thread(handle);
     // A previous thread of this CPU has already been joined or reported by whoever took it down.
     drop(old);
     Ok(())
@@ -32,7 +31,7 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     // pointers are cleared below.
     unsafe { crate::stop::layer::set_current(Some(layers), cpu) };
     let st = &shared.cpus[cpu];
-    st.tid.store(crate::ipi::signal::gettid(), Ordering::SeqCst);
+    st.set_tid(crate::ipi::signal::gettid());
     shared.pin_current(st);
     // Before anything can signal this thread: IPI callbacks run on this stack.
     let altstack = match crate::ipi::signal::AltStack::install(shared.cfg.signal_stack) {
@@ -47,12 +46,12 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     if crate::hotplug::ap::ap_boot(&shared, st) {
         idle_loop(&shared, st);
     }
-    if shared.stop_cpu(st.id).is_powered_off() {
+    if shared.stop_cpu(st.id()).is_powered_off() {
         // Powered off by a stop: tear down after it has finished (bounded; see there).
         shared.stop.wait_for_stop_done();
     }
     drop(altstack);
-    st.tid.store(0, Ordering::SeqCst);
+    st.set_tid(0);
     // SAFETY: clearing the pointers; nothing uses them afterwards on this thread.
     unsafe { crate::stop::layer::set_current(None, 0) };
     // Last: DEAD. A controller that sees it may start a new thread for this CPU.
@@ -62,58 +61,50 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
 fn idle_loop(shared: &Shared, st: &CpuState) {
     loop {
         shared.faults.preempt_point();
-        if st.exit_req.load(Ordering::SeqCst) {
+        if st.exit_requested() {
             finish(shared, st);
             return;
         }
-        // `in_job` is set before taking a job, so a CPU being deactivated is never seen idle
-        // while it holds a job it just took (hotplug's `sched:active` teardown relies on it).
-        loop {
-            st.in_job.store(true, Ordering::SeqCst);
-            let Ok(job) = st.job_rx.try_recv() else {
-                st.in_job.store(false, Ordering::SeqCst);
-                break;
-            };
-            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            if st.idle.enter_running() {
+        // `take_job` marks the CPU as holding a job before it looks, so a CPU being
+        // deactivated is never seen idle while it holds a job it just took.
+        while let Some(job) = st.take_job() {
+            if st.idle().enter_running() {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
                 serve_if_queued(shared, st);
             }
-            if shared.stop_cpu(st.id).is_powered_off() {
+            if shared.stop_cpu(st.id()).is_powered_off() {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
                 // reports `JobLost`); nothing of this image runs here any more.
                 drop(job);
-                st.in_job.store(false, Ordering::SeqCst);
+                st.set_in_job(false);
                 break;
             }
             run_job(shared, st, job);
-            if st.exit_req.load(Ordering::SeqCst) {
+            if st.exit_requested() {
                 break;
             }
         }
-        if st.queue.peek() || shared.ipi_cpu(st.id).vectors_pending() {
+        if st.queue().peek() || shared.ipi_cpu(st.id()).vectors_pending() {
             serve_calls(shared, st);
             continue;
         }
-        st.idle.wait_for_work(
+        st.idle().wait_for_work(
             shared.cfg.idle,
             || {
-                st.queue.peek()
-                    || st.jobs_queued.load(Ordering::Relaxed) > 0
-                    || shared.ipi_cpu(st.id).vectors_pending()
-                    || st.exit_req.load(Ordering::Relaxed)
+                st.queue().peek()
+                    || st.jobs_or_exit_hint()
+                    || shared.ipi_cpu(st.id()).vectors_pending()
             },
             || {
-                st.queue.has_work()
-                    || st.jobs_queued.fetch_add(0, Ordering::AcqRel) > 0
-                    || shared.ipi_cpu(st.id).vectors_pending_rmw()
-                    || st.exit_req.fetch_or(false, Ordering::AcqRel)
+                st.queue().has_work()
+                    || st.jobs_or_exit_rmw()
+                    || shared.ipi_cpu(st.id()).vectors_pending_rmw()
             },
             || {
-                st.stats.polled.fetch_add(1, Ordering::Relaxed);
+                st.stats().polled.fetch_add(1, Ordering::Relaxed);
             },
             || {
-                st.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+                st.stats().sleeps.fetch_add(1, Ordering::Relaxed);
             },
         );
         // idle.rs step 4: a sleep ended in RUNNING, and a sender that saw SLEEPING or WAKING
@@ -125,7 +116,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
 
 /// Serves the queue and vectors if an RMW read finds anything (idle.rs step 4).
 fn serve_if_queued(shared: &Shared, st: &CpuState) {
-    if st.queue.has_work() || shared.ipi_cpu(st.id).vectors_pending_rmw() {
+    if st.queue().has_work() || shared.ipi_cpu(st.id()).vectors_pending_rmw() {
         serve_calls(shared, st);
     }
 }
@@ -147,61 +138,55 @@ fn serve_calls(shared: &Shared, st: &CpuState) {
 /// parked and lost (tests/kexec_resources.rs, about one cycle in a thousand).
 pub(crate) fn job_user_code_done() {
     if let Some((_, st)) = crate::cpu::context::current() {
-        st.running_job.store(false, Ordering::SeqCst);
+        st.set_running_job(false);
     }
 }
 
 fn run_job(shared: &Shared, st: &CpuState, job: crate::cpu::state::Job) {
-    st.in_job.store(true, Ordering::SeqCst);
-    st.running_job.store(true, Ordering::SeqCst);
+    st.set_in_job(true);
+    st.set_running_job(true);
     // A stop that came before `running_job` was set powered the CPU off at a safe point and
     // returned here: the job must not start. One that comes after it parks the CPU in the job.
-    if shared.stop_cpu(st.id).is_powered_off() {
-        st.running_job.store(false, Ordering::SeqCst);
+    if shared.stop_cpu(st.id()).is_powered_off() {
+        st.set_running_job(false);
         return;
     }
     // Job wrappers report panics to their handles; this catch keeps the CPU alive whatever a
     // job does (ipi/fatal.rs states the policy).
     let _ = catch_unwind(AssertUnwindSafe(job.run));
-    st.running_job.store(false, Ordering::SeqCst);
+    st.set_running_job(false);
     // A job that unwound (or returned) between irq_save and irq_restore must not leave every
     // later job and IPI of this CPU masked; the kernel warns likewise when a softirq or
     // workqueue item returns with irqs disabled.
     if crate::cpu::context::irq_unmask_after_job() {
-        st.stats.irq_leaks.fetch_add(1, Ordering::Relaxed);
+        st.stats().irq_leaks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             "usmp: CPU{}: a job ended with irqs masked (it panicked or forgot irq_restore); unmasked",
-            st.id
+            st.id()
         );
     }
-    st.in_job.store(false, Ordering::SeqCst);
-    st.stats.jobs.fetch_add(1, Ordering::Relaxed);
+    st.set_in_job(false);
+    st.stats().jobs.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Leaving the idle loop (shutdown, or after the dying steps of `cpu_down`): run the jobs still
 /// queued, close the call queue and run what it held, then mark the CPU offline.
 fn finish(shared: &Shared, st: &CpuState) {
-    {
-        let mut gate = st.job_gate.lock_unpoisoned();
-        *gate = false;
-    }
-    if shared.stop_cpu(st.id).is_powered_off() {
+    st.set_job_gate(false);
+    if shared.stop_cpu(st.id()).is_powered_off() {
         // Stopped and powered off: nothing of this image may run here any more. Queued jobs
         // are dropped, so their handles report `JobLost`; queued calls stay unrun (their
         // synchronous senders time out).
-        while st.job_rx.try_recv().is_ok() {
-            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-        }
+        while st.drain_job().is_some() {}
         return;
     }
-    while let Ok(job) = st.job_rx.try_recv() {
-        st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
+    while let Some(job) = st.drain_job() {
         run_job(shared, st, job);
     }
     let f = irq_save();
     // Re-checked with irqs masked: a stop that powered the CPU off after the check at the top
     // returned here, and nothing of this image may run any more.
-    if !shared.stop_cpu(st.id).is_powered_off()
+    if !shared.stop_cpu(st.id()).is_powered_off()
         && !shared
             .faults
             .is_broken(crate::inject::Broken::SkipDyingFlush)
@@ -209,8 +194,8 @@ fn finish(shared: &Shared, st: &CpuState) {
         crate::ipi::handler::close_and_flush(shared, st);
     }
     irq_restore(f);
-    shared.online.clear(st.id);
-    shared.active.clear(st.id);
+    shared.online.clear(st.id());
+    shared.active.clear(st.id());
     if !matches!(
         st.run_state(),
         CpuRunState::Offline | CpuRunState::PoweredOff | CpuRunState::Parked

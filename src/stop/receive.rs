@@ -10,8 +10,6 @@
 //!   leave the interrupted code without running it (unwinding out of a signal handler is not
 //!   sound), so it parks as with `Spin` and is reported lost.
 
-use std::sync::atomic::Ordering;
-
 use crate::cpu::events::EventKind;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::ipi::signal::SavedRegs;
@@ -69,7 +67,7 @@ pub(crate) fn park(
     safe: bool,
     unwind: bool,
 ) -> bool {
-    let me = shared.stop_cpu(st.id);
+    let me = shared.stop_cpu(st.id());
     if crash {
         me.save_crash_regs(regs);
     }
@@ -79,10 +77,10 @@ pub(crate) fn park(
     } else {
         CpuRunState::Parked
     });
-    st.ring.record(EventKind::Stopped, crash as u64, regs.ip);
+    st.ring().record(EventKind::Stopped, crash as u64, regs.ip);
     // The acknowledgement: leaving the online mask (after the note, which it publishes).
-    shared.active.clear(st.id);
-    shared.online.clear(st.id);
+    shared.active.clear(st.id());
+    shared.online.clear(st.id());
     shared.stop.ack();
     if power_off {
         power_off_now(shared, st, unwind);
@@ -90,24 +88,24 @@ pub(crate) fn park(
     }
     // Parked, irqs masked, asleep. Unbounded by design: a parked CPU never runs again in this
     // image; only the runtime's teardown releases it, and only a safe one can then leave.
-    let depth = st.irq_depth.swap(1, Ordering::Relaxed);
+    let depth = st.mask_for_park();
     me.wait_for_release(safe);
-    st.irq_depth.store(depth, Ordering::Relaxed);
+    st.restore_irq_depth(depth);
     st.set_run_state(CpuRunState::PoweredOff);
     power_off_now(shared, st, unwind);
     true
 }
 
 fn power_off_now(shared: &StopLayer, st: &CpuState, unwind: bool) {
-    shared.stop_cpu(st.id).set_powered_off();
-    st.exit_req.store(true, Ordering::SeqCst);
+    shared.stop_cpu(st.id()).set_powered_off();
+    st.mark_exit();
     // A restarted idle futex wait must see a changed word and re-check `exit_req`.
-    st.idle.reset_running();
+    st.idle().reset_running();
     if unwind {
         // Thread context (a job), not a signal handler: unwind the job to the CPU loop, which
         // then exits. The job's handle reports this message. The job's irq flags are never
         // restored, so unmask here for the loop's exit path.
-        st.irq_depth.store(0, Ordering::Relaxed);
+        st.restore_irq_depth(0);
         std::panic::resume_unwind(Box::new("CPU parked: another CPU is stopping the system"));
     }
 }

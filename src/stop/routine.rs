@@ -387,7 +387,7 @@ impl StopLayer {
     fn park_self(&self, me: CpuId) {
         let s = self;
         let st = &s.cpus[me];
-        let in_job = st.running_job.load(Ordering::Relaxed);
+        let in_job = st.running_job();
         let here = 0u8;
         let regs = SavedRegs {
             ip: park_marker as *const () as u64,
@@ -396,7 +396,7 @@ impl StopLayer {
         };
         let crash = s.stop.coord.is_crash();
         // A job (even with irqs soft-masked) can be unwound; a signal handler cannot.
-        let unwindable = in_job && self.ipi_cpu(st.id).handlers_active() == 0;
+        let unwindable = in_job && self.ipi_cpu(st.id()).handlers_active() == 0;
         receive::park(s, st, crash, regs, unwindable, unwindable);
     }
 }
