@@ -142,7 +142,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         st.set_run_state(CpuRunState::Parked);
         hc.handshake.store(PARKED, Ordering::Release);
         futex::wake(&hc.handshake, 1);
-        let crash = shared.stop.coord.is_crash();
+        let crash = shared.stop_is_crash();
         let regs = crate::ipi::signal::SavedRegs::default();
         // Thread context, not in a job: a safe point, so power-off returns here and we exit.
         crate::stop::receive::park(shared, st, crash, regs, true, false);

@@ -122,7 +122,7 @@ impl HotplugLayer {
             CpuRunState::Parked => return Err(HotplugError::Parked { cpu }),
             _ => {}
         }
-        if hp.cpus[cpu].handshake.load(Ordering::Acquire) != DEAD {
+        if !self.handshake_dead(cpu) {
             return Err(HotplugError::Limbo { cpu });
         }
         Ok(())

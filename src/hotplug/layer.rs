@@ -17,10 +17,36 @@ pub(crate) type SpawnCpu = Box<dyn Fn(CpuId) -> std::io::Result<()> + Send + Syn
 pub(crate) struct HotplugLayer {
     lower: StopLayer,
     /// Hotplug's table, lock and per-CPU handshake state.
-    pub hotplug: HotplugState,
+    pub(super) hotplug: HotplugState,
     /// How long bring-up waits for a CPU (and teardown for its thread).
     pub(super) boot_timeout: Duration,
     spawn: SpawnCpu,
+}
+
+impl HotplugLayer {
+    /// A kexec pins its reboot CPU (`cpu_down` refuses it) or, with `None`, unpins it.
+    pub(crate) fn pin_reboot_cpu(&self, cpu: Option<CpuId>) {
+        self.hotplug.reboot_cpu.store(
+            cpu.unwrap_or(usize::MAX),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Whether `cpu`'s bring-up handshake is at rest (DEAD): no thread of it runs or is
+    /// coming, so it may be brought up.
+    pub(crate) fn handshake_dead(&self, cpu: CpuId) -> bool {
+        self.hotplug.cpus[cpu]
+            .handshake
+            .load(std::sync::atomic::Ordering::Acquire)
+            == super::handshake::DEAD
+    }
+
+    /// The next time step `step` runs on `cpu`, it fails (the kernel's `st->fail`), without
+    /// checking the name: for the crate's own tests.
+    #[cfg(test)]
+    pub(crate) fn fail_next_step(&self, cpu: CpuId, step: &str) {
+        *self.hotplug.cpus[cpu].fail.lock().unwrap() = Some(step.into());
+    }
 }
 
 impl std::ops::Deref for HotplugLayer {

@@ -171,28 +171,28 @@ pub enum HotplugError {
 /// Per-CPU hotplug bookkeeping.
 pub(crate) struct HpCpu {
     /// The handshake word (`handshake.rs`).
-    pub handshake: crate::sync::AtomicU32,
+    pub(super) handshake: crate::sync::AtomicU32,
     /// Whether this CPU's thread holds an `init_mm` reference.
-    pub has_ref: AtomicBool,
+    pub(super) has_ref: AtomicBool,
     /// Fault injection: the step that fails next (one-shot, either direction).
-    pub fail: Mutex<Option<String>>,
+    pub(super) fail: Mutex<Option<String>>,
     /// What the AP runs during bring-up, prepared by the controller.
-    pub plan: Mutex<Option<ap::ApPlan>>,
+    pub(super) plan: Mutex<Option<ap::ApPlan>>,
     /// A STARTING step the AP reported as failed: (step, reason).
-    pub ap_failed: Mutex<Option<(String, String)>>,
+    pub(super) ap_failed: Mutex<Option<(String, String)>>,
 }
 
 /// Runtime-wide hotplug state (lives in the hotplug layer, `layer.rs`).
 pub(crate) struct HotplugState {
     /// The hotplug mutex (`cpu_maps_update_begin`), guarding the table.
-    pub lock: Mutex<states::Table>,
+    pub(super) lock: Mutex<states::Table>,
     /// `cpu_hotplug_disable` depth.
-    pub disabled: AtomicU32,
+    pub(super) disabled: AtomicU32,
     /// The `init_mm.mm_count` stand-in: one reference per committed CPU thread.
-    pub init_mm: AtomicU64,
+    pub(super) init_mm: AtomicU64,
     /// A kexec's reboot CPU, which `cpu_down` refuses (`usize::MAX` = none).
-    pub reboot_cpu: std::sync::atomic::AtomicUsize,
-    pub cpus: Box<[HpCpu]>,
+    pub(super) reboot_cpu: std::sync::atomic::AtomicUsize,
+    pub(super) cpus: Box<[HpCpu]>,
 }
 
 impl HotplugState {

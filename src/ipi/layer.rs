@@ -43,14 +43,14 @@ pub(crate) struct Totals {
 /// The IPI layer's state of one runtime, over its machine.
 pub(crate) struct IpiLayer {
     lower: Machine,
-    pub pool: CsdPool,
-    pub totals: Totals,
+    pub(super) pool: CsdPool,
+    pub(super) totals: Totals,
     pub(super) next_call_id: AtomicU64,
     pub(super) nmi_hooks: NmiHooks,
     /// The IPI and NMI signal numbers.
     pub(super) signals: Signals,
     /// How long a synchronous call waits.
-    pub call_timeout: Duration,
+    pub(super) call_timeout: Duration,
     /// Each CPU's NMI reasons, vectors, backtrace sample and handler count (`percpu.rs`).
     percpu: Box<[IpiCpu]>,
 }
@@ -86,6 +86,21 @@ impl IpiLayer {
 }
 
 impl IpiLayer {
+    /// How long a synchronous call waits.
+    pub(crate) fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    /// The runtime-wide call counters (Relaxed statistics).
+    pub(crate) fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// The csd pool's slots in use and its capacity.
+    pub(crate) fn csd_usage(&self) -> (u64, usize) {
+        (self.pool.in_use(), self.pool.capacity())
+    }
+
     /// CPU `cpu`'s IPI state. Panics on an invalid CPU, as indexing `cpus` does.
     #[inline]
     pub(crate) fn ipi_cpu(&self, cpu: CpuId) -> &IpiCpu {

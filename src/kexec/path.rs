@@ -138,7 +138,7 @@ impl Drop for Undo<'_> {
         }
         let s = &self.h.shared;
         if self.reboot_pinned {
-            s.hotplug.reboot_cpu.store(usize::MAX, Ordering::SeqCst);
+            s.pin_reboot_cpu(None);
         }
         if self.hotplug_disabled {
             let _ = self.h.hotplug_enable();
@@ -148,7 +148,7 @@ impl Drop for Undo<'_> {
                 tracing::error!("kexec: undo: could not bring CPU{cpu} back up: {e}");
             }
         }
-        s.kexec_in_progress.store(false, Ordering::SeqCst);
+        s.end_kexec();
         tracing::info!("kexec: failed before the handover; every step undone");
     }
 }
@@ -179,7 +179,7 @@ impl Handle {
         };
         // Step 1.
         self.kexec_check_not_retired()?;
-        if s.kexec_in_progress.swap(true, Ordering::SeqCst) {
+        if !s.begin_kexec() {
             return Err(KexecError::InProgress);
         }
         let mut undo = Undo::new(self);
@@ -196,7 +196,7 @@ impl Handle {
         if let Some(me) = s.this_cpu_here().filter(|&c| c != reboot) {
             return Err(KexecError::WrongCpu { caller: me, reboot });
         }
-        s.hotplug.reboot_cpu.store(reboot, Ordering::SeqCst);
+        s.pin_reboot_cpu(Some(reboot));
         undo.reboot_pinned = true;
         tl.add(
             Some(reboot),
@@ -246,7 +246,7 @@ impl Handle {
         };
         let me = s.this_cpu_here();
         self.kexec_check_not_retired()?;
-        if s.kexec_in_progress.swap(true, Ordering::SeqCst) {
+        if !s.begin_kexec() {
             // Exactly one proceeds. A losing caller that is a CPU gets stopped by the winner.
             return Err(KexecError::InProgress);
         }
@@ -305,7 +305,7 @@ impl Handle {
             notes: out.notes.clone(),
             failed: out.failed.to_string(),
             lost: lost.to_string(),
-            park: s.cfg.park,
+            park: s.config().park,
             crashed_at_ns,
             handoff_at_ns: wall_ns(),
         };
@@ -358,8 +358,8 @@ impl Handle {
             s.cpus[c].request_exit();
         }
         tl.add(Some(reboot), "old image retired");
-        let generation = s.cfg.generation + 1;
-        let mut cfg = s.cfg.clone();
+        let generation = s.config().generation + 1;
+        let mut cfg = s.config().clone();
         cfg.generation = generation;
         let next = Runtime::start_image(cfg, reboot, &lost)?;
         tl.add(

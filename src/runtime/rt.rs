@@ -25,12 +25,29 @@ static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 /// stop layer's, and so on down to the `Machine`).
 pub(crate) struct Shared {
     lower: HotplugLayer,
-    pub cfg: Config,
+    pub(super) cfg: Config,
     pin_warned: AtomicBool,
     shut: AtomicBool,
     logger: Mutex<Option<Logger>>,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
-    pub kexec_in_progress: AtomicBool,
+    kexec_in_progress: AtomicBool,
+}
+
+impl Shared {
+    /// The configuration this image was built with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// A kexec starts: true for exactly one caller per image, until `end_kexec`.
+    pub(crate) fn begin_kexec(&self) -> bool {
+        !self.kexec_in_progress.swap(true, Ordering::SeqCst)
+    }
+
+    /// A kexec failed before its handover and was undone: another may start.
+    pub(crate) fn end_kexec(&self) {
+        self.kexec_in_progress.store(false, Ordering::SeqCst);
+    }
 }
 
 impl std::ops::Deref for Shared {
@@ -391,7 +408,8 @@ impl Handle {
     /// Snapshot of every counter.
     pub fn stats(&self) -> RuntimeStats {
         let s = &self.shared;
-        let t = &s.totals;
+        let t = s.totals();
+        let (csd_in_use, csd_pool) = s.csd_usage();
         let per_cpu = s
             .cpus
             .iter()
@@ -435,8 +453,8 @@ impl Handle {
             invalid_ipis: t.invalid_ipis.load(Ordering::Relaxed),
             ipi_on_offline: t.ipi_on_offline.load(Ordering::Relaxed),
             csd_timeouts: t.csd_timeouts.load(Ordering::Relaxed),
-            csd_in_use: s.pool.in_use(),
-            csd_pool: s.pool.capacity(),
+            csd_in_use,
+            csd_pool,
             per_cpu,
         }
     }
@@ -527,17 +545,14 @@ mod boot_all_tests {
     }
 
     fn fail(rt: &super::Runtime, cpu: usize, step: &str) {
-        *rt.handle.shared.hotplug.cpus[cpu].fail.lock().unwrap() = Some(step.into());
+        rt.handle.shared.fail_next_step(cpu, step);
     }
 
     fn all_dead_or_online(rt: &super::Runtime) {
         for c in 0..rt.cpus() {
-            let hs = rt.handle.shared.hotplug.cpus[c]
-                .handshake
-                .load(std::sync::atomic::Ordering::Acquire);
             assert!(
-                rt.is_online(c) || hs == crate::hotplug::handshake::DEAD,
-                "CPU{c} neither online nor dead (handshake {hs})"
+                rt.is_online(c) || rt.handle.shared.handshake_dead(c),
+                "CPU{c} neither online nor dead"
             );
         }
     }

@@ -48,7 +48,7 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     }
     if shared.stop_cpu(st.id()).is_powered_off() {
         // Powered off by a stop: tear down after it has finished (bounded; see there).
-        shared.stop.wait_for_stop_done();
+        shared.wait_for_stop_done();
     }
     drop(altstack);
     st.set_tid(0);

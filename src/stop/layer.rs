@@ -16,7 +16,7 @@ use crate::ipi::layer::IpiLayer;
 pub(crate) struct StopLayer {
     lower: IpiLayer,
     /// The stop routine's coordination word and acknowledgement count (`routine.rs`).
-    pub stop: StopState,
+    pub(super) stop: StopState,
     /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
     /// online mask, read by a CPU right after it joins the online mask.
     pub(super) stopping: AtomicBool,
@@ -56,6 +56,17 @@ impl StopLayer {
 }
 
 impl StopLayer {
+    /// A powered-off CPU's thread, before it tears down: waits until the stop that powered it
+    /// off has finished (bounded; see `StopState::wait_for_stop_done`).
+    pub(crate) fn wait_for_stop_done(&self) {
+        self.stop.wait_for_stop_done();
+    }
+
+    /// Whether the stop in progress is a crash stop (its receivers save a crash note).
+    pub(crate) fn stop_is_crash(&self) -> bool {
+        self.stop.coord.is_crash()
+    }
+
     /// CPU `cpu`'s stop state. Panics on an invalid CPU, as indexing `cpus` does.
     #[inline]
     pub(crate) fn stop_cpu(&self, cpu: CpuId) -> &StopCpu {

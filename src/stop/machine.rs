@@ -230,7 +230,7 @@ impl StopLayer {
         });
         ms.set_state(PREPARE);
         let start = now_ns();
-        let deadline = start + s.call_timeout.as_nanos() as u64;
+        let deadline = start + s.call_timeout().as_nanos() as u64;
         let block = BlockPtr(Arc::as_ptr(&ms));
         let sent = self.call_many(
             &online,
