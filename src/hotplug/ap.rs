@@ -84,7 +84,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         // Step 5: wait for the controller's commit. Unbounded by design: a controller that
         // sees ALIVE commits at once (sync.rs step 3), and it cannot give up on an ALIVE AP.
         while !handshake::ap_committed(&hc.handshake) {
-            futex::wait(&hc.handshake, ALIVE, None);
+            futex::spin_then_wait(&hc.handshake, ALIVE, shared.handshake_spin(), None);
         }
     }
     // Committed: only now does the AP touch shared state (seed 003's mm_count).

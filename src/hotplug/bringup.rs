@@ -107,9 +107,10 @@ impl HotplugLayer {
                     GiveUp::Alive => break,
                 }
             }
-            futex::wait(
+            futex::spin_then_wait(
                 &hc.handshake,
                 KICKED,
+                s.handshake_spin(),
                 Some(Duration::from_nanos(deadline - now)),
             );
         }
@@ -166,9 +167,10 @@ impl HotplugLayer {
                     return Err(HotplugError::Parked { cpu });
                 }
                 v => {
-                    futex::wait(
+                    futex::spin_then_wait(
                         &hc.handshake,
                         v,
+                        s.handshake_spin(),
                         Some(Duration::from_millis(10).min(timeout)),
                     );
                     if hc.handshake.load(Ordering::Acquire) == v {
@@ -199,6 +201,7 @@ impl HotplugLayer {
                 }
                 None => Duration::from_millis(10),
             };
+            // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
             futex::wait(&hc.handshake, v, Some(nap));
         }
         if let Some(h) = s.cpus[cpu].take_thread() {
