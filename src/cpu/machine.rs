@@ -42,26 +42,93 @@ pub(crate) enum JobRefused {
 /// The CPUs of one runtime. Lives as long as any thread of the runtime.
 pub(crate) struct Machine {
     /// Tells runtimes apart (a thread of one never acts as a CPU of another).
-    pub id: u64,
-    pub cpus: Box<[CachePadded<CpuState>]>,
-    pub possible: AtomicCpuMask,
-    pub present: AtomicCpuMask,
-    pub online: AtomicCpuMask,
-    pub active: AtomicCpuMask,
+    pub(super) id: u64,
+    pub(super) cpus: Box<[CachePadded<CpuState>]>,
+    pub(super) possible: AtomicCpuMask,
+    pub(super) present: AtomicCpuMask,
+    pub(super) online: AtomicCpuMask,
+    pub(super) active: AtomicCpuMask,
     /// Events written by threads outside the runtime.
-    pub ext_ring: EventRing,
+    pub(super) ext_ring: EventRing,
     /// The host cores CPU threads may be pinned to.
-    pub cores: Vec<core_affinity::CoreId>,
+    pub(super) cores: Vec<core_affinity::CoreId>,
     /// Fault-injection switches (inert without the `fault-injection` feature).
-    pub faults: crate::inject::FaultState,
+    pub(super) faults: crate::inject::FaultState,
     /// This image has handed over to the next one: it runs nothing and changes nothing any
     /// more; every mutating call fails with a typed `Retired` error.
-    pub retired: AtomicBool,
+    pub(super) retired: AtomicBool,
     /// Generation of this image (0 for the first; each kexec adds one).
-    pub generation: u64,
+    pub(super) generation: u64,
     /// Whether `irq_save`/`irq_restore` account the time spent masked.
     pub(super) irq_accounting: bool,
     irq_replay: Option<IrqReplay>,
+}
+
+impl Machine {
+    /// Every possible CPU's state, indexed by CPU number.
+    #[inline]
+    pub(crate) fn cpus(&self) -> &[CachePadded<CpuState>] {
+        &self.cpus
+    }
+
+    /// The CPUs that exist (`cpu_possible_mask`).
+    #[inline]
+    pub(crate) fn possible(&self) -> &AtomicCpuMask {
+        &self.possible
+    }
+
+    /// The CPUs that may be brought up (`cpu_present_mask`).
+    #[inline]
+    pub(crate) fn present(&self) -> &AtomicCpuMask {
+        &self.present
+    }
+
+    /// The CPUs that take IPIs (`cpu_online_mask`).
+    #[inline]
+    pub(crate) fn online(&self) -> &AtomicCpuMask {
+        &self.online
+    }
+
+    /// The CPUs that take jobs (`cpu_active_mask`).
+    #[inline]
+    pub(crate) fn active(&self) -> &AtomicCpuMask {
+        &self.active
+    }
+
+    /// Events written by threads outside the runtime.
+    #[inline]
+    pub(crate) fn ext_ring(&self) -> &EventRing {
+        &self.ext_ring
+    }
+
+    /// The host cores CPU threads may be pinned to.
+    #[inline]
+    pub(crate) fn cores(&self) -> &[core_affinity::CoreId] {
+        &self.cores
+    }
+
+    /// The fault-injection switches (inert without the `fault-injection` feature).
+    #[inline]
+    pub(crate) fn faults(&self) -> &crate::inject::FaultState {
+        &self.faults
+    }
+
+    /// Whether this image has handed over to the next one.
+    #[inline]
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// The image hands over: from now on it runs nothing and changes nothing.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Generation of this image (0 for the first; each kexec adds one).
+    #[inline]
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
 }
 
 impl Machine {

@@ -67,10 +67,10 @@ fn teardown(step: &Step, cpu: usize) -> super::StepResult {
 /// The AP's boot hook (runs first on the new thread). False: the thread must exit.
 pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     let hc = &shared.hotplug.cpus[st.id()];
-    if let Some(delay) = shared.faults.take_boot_delay(st.id()) {
+    if let Some(delay) = shared.faults().take_boot_delay(st.id()) {
         std::thread::sleep(delay); // fault injection: a slow AP
     }
-    if shared.faults.is_broken(Broken::BringupWithoutCas) {
+    if shared.faults().is_broken(Broken::BringupWithoutCas) {
         // Seed 003 before the fix: the AP announces itself with a plain store, whatever the
         // controller decided, and goes on without waiting for a commit.
         hc.handshake.store(ALIVE, Ordering::Release);
@@ -127,7 +127,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     }
     // ap:online, one step: open the queue, join the online mask, tell the controller.
     st.queue().reopen();
-    shared.online.set(st.id());
+    shared.online().set(st.id());
     // Deterministic stop (seed 000): the online bit is set (SeqCst) before the flag is read
     // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
     // targets this CPU or this CPU sees the flag and parks itself.
@@ -138,7 +138,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         ));
         // Leave the online mask before telling the controller, so that nobody who hears
         // "parked" can still see this CPU online.
-        shared.online.clear(st.id());
+        shared.online().clear(st.id());
         st.set_run_state(CpuRunState::Parked);
         hc.handshake.store(PARKED, Ordering::Release);
         futex::wake(&hc.handshake, 1);
@@ -204,10 +204,10 @@ pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
         return Err(plan.fail.code());
     }
     // ap:online teardown: __cpu_disable, then smpcfd_dying_cpu.
-    shared.online.clear(cpu);
-    shared.active.clear(cpu);
+    shared.online().clear(cpu);
+    shared.active().clear(cpu);
     st.set_run_state(CpuRunState::Dying);
-    if !shared.faults.is_broken(Broken::SkipDyingFlush) {
+    if !shared.faults().is_broken(Broken::SkipDyingFlush) {
         crate::ipi::handler::close_and_flush(shared, st);
     }
     Ok(())

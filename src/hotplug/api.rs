@@ -28,10 +28,10 @@ use crate::cpu::state::CpuRunState;
 ///
 /// Returns the first error; every CPU is then online or rolled back to offline.
 pub(crate) fn boot_all(h: &HotplugLayer, first: CpuId) -> Result<(), HotplugError> {
-    let present = h.present.load();
+    let present = h.present().load();
     let order: Vec<CpuId> = std::iter::once(first)
         .chain(present.iter().filter(|&c| c != first))
-        .filter(|&c| present.contains(c) && h.cpus[c].run_state() != CpuRunState::Online)
+        .filter(|&c| present.contains(c) && h.cpus()[c].run_state() != CpuRunState::Online)
         .collect();
     let t = h.hp_lock();
     let b = t.bringup();
@@ -114,10 +114,10 @@ impl HotplugLayer {
         if hp.disabled.load(Ordering::SeqCst) > 0 {
             return Err(HotplugError::Disabled { cpu });
         }
-        if !self.present.contains(cpu) {
+        if !self.present().contains(cpu) {
             return Err(HotplugError::Parked { cpu });
         }
-        match self.cpus[cpu].run_state() {
+        match self.cpus()[cpu].run_state() {
             CpuRunState::Online => return Err(HotplugError::AlreadyOnline { cpu }),
             CpuRunState::Parked => return Err(HotplugError::Parked { cpu }),
             _ => {}
@@ -144,10 +144,10 @@ impl HotplugLayer {
         if s.hotplug.disabled.load(Ordering::SeqCst) > 0 {
             return Err(HotplugError::Disabled { cpu });
         }
-        if s.cpus[cpu].run_state() != CpuRunState::Online {
+        if s.cpus()[cpu].run_state() != CpuRunState::Online {
             return Err(HotplugError::AlreadyOffline { cpu });
         }
-        if s.online.weight() <= 1 {
+        if s.online().weight() <= 1 {
             return Err(HotplugError::LastCpu { cpu });
         }
         if s.this_cpu_here() == Some(cpu) {
@@ -185,7 +185,7 @@ impl HotplugLayer {
         let mut t = self.hp_lock();
         self.check_not_retired()?;
         let (id, at) = t.insert(name, section, startup, teardown);
-        let online: Vec<CpuId> = self.online.load().iter().collect();
+        let online: Vec<CpuId> = self.online().load().iter().collect();
         for (n, &cpu) in online.iter().enumerate() {
             if let Err(reason) = self.run_user(&t, at, cpu, true) {
                 for &undo in online[..n].iter().rev() {
@@ -212,7 +212,7 @@ impl HotplugLayer {
             .find(id)
             .ok_or_else(|| HotplugError::UnknownState(format!("{id:?}")))?;
         for cpu in self
-            .online
+            .online()
             .load()
             .iter()
             .collect::<Vec<_>>()
@@ -257,7 +257,7 @@ impl HotplugLayer {
         delay: Duration,
     ) -> Result<(), HotplugError> {
         self.check_cpu(cpu)?;
-        self.faults.set_boot_delay(cpu, delay);
+        self.faults().set_boot_delay(cpu, delay);
         Ok(())
     }
 
@@ -270,7 +270,7 @@ impl HotplugLayer {
     pub(crate) fn wait_limbo_clear(&self, timeout: Duration) -> bool {
         let deadline = now_ns() + timeout.as_nanos() as u64;
         loop {
-            let busy = self.cpus.iter().any(|c| {
+            let busy = self.cpus().iter().any(|c| {
                 c.run_state() == CpuRunState::Limbo
                     || (c.run_state() == CpuRunState::Offline
                         && self.hotplug.cpus[c.id()].handshake.load(Ordering::Acquire) != DEAD)
@@ -287,9 +287,9 @@ impl HotplugLayer {
 
     /// After a handoff nothing may change this image (its CPU ids belong to the next one).
     pub(super) fn check_not_retired(&self) -> Result<(), HotplugError> {
-        if self.retired.load(Ordering::SeqCst) {
+        if self.is_retired() {
             return Err(HotplugError::Retired {
-                generation: self.generation,
+                generation: self.generation(),
             });
         }
         Ok(())
@@ -305,10 +305,10 @@ impl HotplugLayer {
 
     pub(super) fn check_cpu(&self, cpu: CpuId) -> Result<(), HotplugError> {
         self.check_not_retired()?;
-        if cpu >= self.cpus.len() {
+        if cpu >= self.cpus().len() {
             return Err(HotplugError::InvalidCpu {
                 cpu,
-                cpus: self.cpus.len(),
+                cpus: self.cpus().len(),
             });
         }
         Ok(())

@@ -43,7 +43,7 @@ impl HotplugLayer {
         inject: bool,
     ) -> Result<u64, HotplugError> {
         let s = self;
-        let st = &s.cpus[cpu];
+        let st = &s.cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // A previous thread has reported DEAD (checked by the caller): reap it.
         if let Some(old) = st.take_thread() {
@@ -76,7 +76,7 @@ impl HotplugLayer {
     /// success the AP runs its STARTING steps and goes online on its own.
     pub(super) fn bringup_commit(&self, cpu: CpuId, kicked_at: u64) -> Result<(), HotplugError> {
         let s = self;
-        let st = &s.cpus[cpu];
+        let st = &s.cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // Wait for ALIVE, bounded by the boot timeout.
         let timeout = s.boot_timeout;
@@ -87,7 +87,7 @@ impl HotplugLayer {
             }
             let now = now_ns();
             if now >= deadline {
-                let verdict = if s.faults.is_broken(Broken::BringupWithoutCas) {
+                let verdict = if s.faults().is_broken(Broken::BringupWithoutCas) {
                     hc.handshake.store(SHOULD_DIE, Ordering::Release); // blind: seed 003's bug
                     GiveUp::WillDie
                 } else {
@@ -117,7 +117,7 @@ impl HotplugLayer {
         // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
         let committed = handshake::commit(&hc.handshake);
         debug_assert!(
-            committed || s.faults.is_broken(Broken::BringupWithoutCas),
+            committed || s.faults().is_broken(Broken::BringupWithoutCas),
             "an AP past KICKED must be ALIVE"
         );
         futex::wake(&hc.handshake, 1);
@@ -128,7 +128,7 @@ impl HotplugLayer {
     /// many steps are done.
     pub(super) fn bringup_online(&self, t: &Table, cpu: CpuId) -> Result<usize, HotplugError> {
         let s = self;
-        let st = &s.cpus[cpu];
+        let st = &s.cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         let timeout = s.boot_timeout;
         // After the commit the AP runs only STARTING steps, which must not block; this wait is
@@ -204,7 +204,7 @@ impl HotplugLayer {
             // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
             futex::wait(&hc.handshake, v, Some(nap));
         }
-        if let Some(h) = s.cpus[cpu].take_thread() {
+        if let Some(h) = s.cpus()[cpu].take_thread() {
             let _ = h.join();
         }
         true
@@ -253,7 +253,7 @@ impl HotplugLayer {
             }
             Err(e) => return Err(e.into()),
         }
-        let st = &s.cpus[cpu];
+        let st = &s.cpus()[cpu];
         st.request_exit();
         let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {

@@ -188,7 +188,7 @@ impl HotplugLayer {
             return Err(self.failed(cpu, t, k, true, "injected failure".into()));
         }
         let s = self;
-        let st = &s.cpus[cpu];
+        let st = &s.cpus()[cpu];
         match &step.kind {
             Kind::SmpcfdPrepare => {
                 self.smpcfd_prepare(cpu);
@@ -198,7 +198,7 @@ impl HotplugLayer {
             Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
             Kind::SchedActive => {
                 st.set_job_gate(true);
-                s.active.set(cpu);
+                s.active().set(cpu);
                 Ok(k + 1)
             }
             Kind::User { .. } => self

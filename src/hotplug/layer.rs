@@ -48,7 +48,7 @@ impl HotplugLayer {
     ///
     /// [`futex::HANDSHAKE_SPIN`]: crate::cpu::futex::HANDSHAKE_SPIN
     pub(crate) fn handshake_spin(&self) -> Duration {
-        if self.cpus.len() <= self.cores.len().max(1) {
+        if self.cpus().len() <= self.cores().len().max(1) {
             crate::cpu::futex::HANDSHAKE_SPIN
         } else {
             Duration::ZERO
@@ -74,7 +74,7 @@ impl std::ops::Deref for HotplugLayer {
 impl HotplugLayer {
     /// The hotplug layer over `stop`, starting CPU threads with `spawn`.
     pub(crate) fn new(stop: StopLayer, boot_timeout: Duration, spawn: SpawnCpu) -> Self {
-        let n = stop.cpus.len();
+        let n = stop.cpus().len();
         HotplugLayer {
             lower: stop,
             hotplug: HotplugState::new(n),

@@ -14,18 +14,18 @@ impl HotplugLayer {
     /// another online CPU, and wait for a running job to finish.
     pub(super) fn deactivate(&self, cpu: CpuId) -> Result<(), String> {
         let s = self;
-        let st = &s.cpus[cpu];
-        s.active.clear(cpu);
+        let st = &s.cpus()[cpu];
+        s.active().clear(cpu);
         st.set_job_gate(false);
         let reopen = |why: String| {
             st.set_job_gate(true);
-            s.active.set(cpu);
+            s.active().set(cpu);
             why
         };
         let mut moved = 0;
         while let Some(job) = st.drain_job() {
             let mut job = Some(job);
-            for to in s.active.load().iter().filter(|&c| c != cpu) {
+            for to in s.active().load().iter().filter(|&c| c != cpu) {
                 let Some(j) = job.take() else { break };
                 if let Some(at) = &j.at {
                     at.store(to, Ordering::SeqCst);

@@ -29,7 +29,7 @@ impl HotplugLayer {
         let mut going = Vec::new();
         // ONLINE-section teardowns (sched:active first), per CPU, as `walk_down` does.
         for &cpu in cpus {
-            if s.cpus[cpu].run_state() != CpuRunState::Online {
+            if s.cpus()[cpu].run_state() != CpuRunState::Online {
                 out.push((cpu, Err(HotplugError::AlreadyOffline { cpu })));
                 continue;
             }
@@ -50,7 +50,7 @@ impl HotplugLayer {
         let mask: CpuMask = going.iter().copied().collect();
         let r = self.stop_machine(move |c| ap::take_cpu_down(&p2, c), &mask);
         going.retain(|&cpu| {
-            if !s.online.contains(cpu) {
+            if !s.online().contains(cpu) {
                 return true;
             }
             // Its take_cpu_down failed (or never ran) and it stayed up: restore its ONLINE steps.
@@ -63,11 +63,11 @@ impl HotplugLayer {
             false
         });
         for &cpu in &going {
-            s.cpus[cpu].request_exit();
+            s.cpus()[cpu].request_exit();
         }
         let timeout = s.boot_timeout;
         for &cpu in &going {
-            let st = &s.cpus[cpu];
+            let st = &s.cpus()[cpu];
             if !self.wait_dead(cpu, Some(timeout)) {
                 st.set_run_state(CpuRunState::Limbo);
                 let timeout_ms = timeout.as_millis() as u64;

@@ -146,7 +146,7 @@ impl IpiLayer {
                 self.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
                 Err(IpiError::InvalidCpu {
                     cpu,
-                    cpus: self.cpus.len(),
+                    cpus: self.cpus().len(),
                 })
             }
         }
@@ -190,11 +190,11 @@ impl IpiLayer {
         F: FnOnce() + Clone + Send + 'static,
     {
         let s = self;
-        if let Some(bad) = mask.and_then(|m| m.iter().find(|&c| c >= s.cpus.len())) {
+        if let Some(bad) = mask.and_then(|m| m.iter().find(|&c| c >= s.cpus().len())) {
             s.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
             return Err(IpiError::InvalidCpu {
                 cpu: bad,
-                cpus: s.cpus.len(),
+                cpus: s.cpus().len(),
             });
         }
         let me = s.this_cpu_here();
@@ -220,15 +220,15 @@ impl IpiLayer {
             }
         };
         let in_mask = |c: CpuId| mask.map_or(true, |m| m.contains(c));
-        let mut targets = (0..s.cpus.len())
-            .filter(|&c| in_mask(c) && Some(c) != me && s.online.contains(c))
+        let mut targets = (0..s.cpus().len())
+            .filter(|&c| in_mask(c) && Some(c) != me && s.online().contains(c))
             .peekable();
         // Batches of queued (cpu, slot): push a batch, ring it, then wait for it.
         while targets.peek().is_some() {
             let mut batch = [(0usize, 0u32); BATCH];
             let mut n = 0;
             for cpu in targets.by_ref() {
-                let st = &s.cpus[cpu];
+                let st = &s.cpus()[cpu];
                 match publish(s, st, me, f.clone(), wait) {
                     Ok(idx) => {
                         batch[n] = (cpu, idx);
@@ -241,11 +241,11 @@ impl IpiLayer {
                 }
             }
             for &(cpu, _) in &batch[..n] {
-                ring(s, &s.cpus[cpu]);
+                ring(s, &s.cpus()[cpu]);
             }
             if wait {
                 for &(cpu, idx) in &batch[..n] {
-                    if let Err(e) = wait_done(s, &s.cpus[cpu], idx, Some(deadline)) {
+                    if let Err(e) = wait_done(s, &s.cpus()[cpu], idx, Some(deadline)) {
                         fail(cpu, e);
                     }
                 }
@@ -253,7 +253,7 @@ impl IpiLayer {
         }
         if incl_self {
             if let Some(me) = me.filter(|&c| in_mask(c)) {
-                run_local(s, &s.cpus[me], f);
+                run_local(s, &s.cpus()[me], f);
             }
         }
         if let Some(e) = first_atomic {
@@ -292,7 +292,7 @@ where
     F: FnOnce() + Send + 'static,
 {
     let cpu = st.id();
-    if !s.online.contains(cpu) {
+    if !s.online().contains(cpu) {
         s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
         return Err(IpiError::Offline { cpu });
     }
@@ -302,7 +302,7 @@ where
     crate::cpu::call_queue::prefetch_write(st.queue());
     // The call id and sender exist for the event log only (every ring records or none does):
     // without it, skip the shared counter's locked increment on every call.
-    let id = if s.ext_ring.is_enabled() {
+    let id = if s.ext_ring().is_enabled() {
         let id = s.next_call_id.fetch_add(1, Ordering::Relaxed);
         let slot = s.pool.slot(idx);
         slot.sender
@@ -321,7 +321,7 @@ where
     s.totals.queued.fetch_add(1, Ordering::Relaxed);
     st.stats().calls_queued.fetch_add(1, Ordering::Relaxed);
     if let Some(me) = me {
-        s.cpus[me]
+        s.cpus()[me]
             .stats()
             .calls_sent
             .fetch_add(1, Ordering::Relaxed);
@@ -352,13 +352,13 @@ fn alloc_slot(s: &IpiLayer, cpu: CpuId) -> Result<u32, IpiError> {
 
 /// Step 4. Async-signal-safe.
 pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
-    if s.faults.is_broken(Broken::DoorbellNeverRings) {
+    if s.faults().is_broken(Broken::DoorbellNeverRings) {
         return;
     }
-    s.faults.doorbell_delay();
+    s.faults().doorbell_delay();
     match st.kick_for_ipi() {
         Kick::Signal => {
-            if s.faults.drop_doorbell() {
+            if s.faults().drop_doorbell() {
                 // Injected loss: as if the kernel dropped the signal. `kick_pending` stays
                 // set, so only a waiting sender's forced re-ring (step 5) or the CPU's own
                 // idle loop gets the call served.
@@ -450,7 +450,7 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
          irq depth {}{}, {}in a job, {} handler(s) active, doorbell {}marked in flight) after {} ms",
         st.id(),
         st.run_state(),
-        if s.online.contains(st.id()) { "" } else { "not " },
+        if s.online().contains(st.id()) { "" } else { "not " },
         st.idle().state_name(),
         st.queue().state_name(),
         irq_depth,

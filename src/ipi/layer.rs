@@ -73,7 +73,7 @@ impl IpiLayer {
     ) -> Self {
         machine.set_irq_replay(super::handler::replay_deferred);
         IpiLayer {
-            percpu: (0..machine.cpus.len()).map(|_| IpiCpu::new()).collect(),
+            percpu: (0..machine.cpus().len()).map(|_| IpiCpu::new()).collect(),
             lower: machine,
             pool: CsdPool::new(csd_pool),
             totals: Totals::default(),
@@ -111,12 +111,12 @@ impl IpiLayer {
     /// pending from its previous life, here and in the CPU's own state.
     pub(crate) fn reset_cpu_for_bringup(&self, cpu: CpuId) {
         self.percpu[cpu].reset();
-        self.cpus[cpu].reset_for_bringup();
+        self.cpus()[cpu].reset_for_bringup();
     }
 
     /// The `smpcfd:prepare` step: no doorbell marked in flight, no stale NMI reason.
     pub(crate) fn smpcfd_prepare(&self, cpu: CpuId) {
-        self.cpus[cpu].clear_kick_pending();
+        self.cpus()[cpu].clear_kick_pending();
         self.percpu[cpu].clear_nmi();
     }
 
@@ -124,7 +124,7 @@ impl IpiLayer {
     /// pending.
     pub(crate) fn reset_cpu_irq_state(&self, cpu: CpuId) {
         self.percpu[cpu].clear_nmi();
-        self.cpus[cpu].reset_irq_state();
+        self.cpus()[cpu].reset_irq_state();
     }
 
     /// Registers the stop receiver an upper layer provides (see [`NmiHooks::set_stop`]).
@@ -162,5 +162,5 @@ pub(crate) fn current() -> Option<(&'static IpiLayer, &'static CpuState)> {
     // pointer is cleared before the thread drops its Arc. The 'static lifetime never escapes the
     // thread: callers use it within the current call.
     let ipi: &'static IpiLayer = unsafe { &*p };
-    Some((ipi, &ipi.cpus[cpu]))
+    Some((ipi, &ipi.cpus()[cpu]))
 }

@@ -22,7 +22,6 @@
 //! to stop are lost, and their old threads are never given code of the new image (the new
 //! image never starts a thread for their ids).
 
-use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::record::CrashRecord;
@@ -277,7 +276,7 @@ impl Handle {
         // Lost: CPUs still online (failed to stop) and CPUs parked instead of powered off.
         let mut lost = out.failed.clone();
         for c in 0..self.cpus() {
-            if Some(c) != me && s.cpus[c].run_state() == CpuRunState::Parked {
+            if Some(c) != me && s.cpus()[c].run_state() == CpuRunState::Parked {
                 lost.set(c);
             }
         }
@@ -328,7 +327,7 @@ impl Handle {
     }
 
     fn kexec_check_not_retired(&self) -> Result<(), KexecError> {
-        if self.shared.retired.load(Ordering::SeqCst) {
+        if self.shared.is_retired() {
             return Err(KexecError::Retired {
                 generation: self.generation(),
             });
@@ -349,13 +348,13 @@ impl Handle {
         R: Send + 'static,
     {
         let s = &self.shared;
-        s.retired.store(true, Ordering::SeqCst);
+        s.retire();
         // The old image ends: whatever is still online leaves (the reboot CPU's thread exits
         // once the job running this path returns; nothing is joined from here).
-        for c in s.online.load().iter() {
-            s.active.clear(c);
-            s.online.clear(c);
-            s.cpus[c].request_exit();
+        for c in s.online().load().iter() {
+            s.active().clear(c);
+            s.online().clear(c);
+            s.cpus()[c].request_exit();
         }
         tl.add(Some(reboot), "old image retired");
         let generation = s.config().generation + 1;

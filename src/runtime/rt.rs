@@ -62,10 +62,10 @@ impl Shared {
     /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
     /// unpinned if the host refuses.
     pub(crate) fn pin_current(&self, st: &CpuState) {
-        if !self.cfg.pin || self.cores.is_empty() {
+        if !self.cfg.pin || self.cores().is_empty() {
             return;
         }
-        let core = self.cores[st.id() % self.cores.len()];
+        let core = self.cores()[st.id() % self.cores().len()];
         if crate::cpu::affinity::pin_current(core) {
             st.set_core(core.id);
         } else if !self.pin_warned.swap(true, Ordering::Relaxed) {
@@ -88,14 +88,14 @@ impl Shared {
         if self.shut.swap(true, Ordering::SeqCst) {
             return;
         }
-        for st in self.cpus.iter() {
+        for st in self.cpus().iter() {
             st.request_exit();
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
             self.stop_cpu(st.id()).release();
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
-        for st in self.cpus.iter() {
+        for st in self.cpus().iter() {
             let handle = st.take_thread();
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
@@ -216,9 +216,9 @@ impl Runtime {
             }
         });
         for c in 0..n {
-            shared.possible.set(c);
+            shared.possible().set(c);
             if !lost.contains(c) {
-                shared.present.set(c);
+                shared.present().set(c);
             }
         }
         if shared.cfg.log_events || shared.cfg.collect_trace {
@@ -332,7 +332,7 @@ pub struct RuntimeStats {
 impl Handle {
     /// Number of logical CPUs (possible).
     pub fn cpus(&self) -> usize {
-        self.shared.cpus.len()
+        self.shared.cpus().len()
     }
 
     /// This runtime's generation (0 for the first image, +1 per kexec).
@@ -342,24 +342,24 @@ impl Handle {
 
     /// `cpu_possible_mask`.
     pub fn possible_mask(&self) -> CpuMask {
-        self.shared.possible.load()
+        self.shared.possible().load()
     }
     /// `cpu_present_mask`.
     pub fn present_mask(&self) -> CpuMask {
-        self.shared.present.load()
+        self.shared.present().load()
     }
     /// `cpu_online_mask`.
     pub fn online_mask(&self) -> CpuMask {
-        self.shared.online.load()
+        self.shared.online().load()
     }
     /// `cpu_active_mask`.
     pub fn active_mask(&self) -> CpuMask {
-        self.shared.active.load()
+        self.shared.active().load()
     }
 
     /// Whether `cpu` is online.
     pub fn is_online(&self, cpu: CpuId) -> bool {
-        self.shared.online.contains(cpu)
+        self.shared.online().contains(cpu)
     }
 
     /// Where CPU `cpu` is in its life, or `None` if it does not exist.
@@ -411,7 +411,7 @@ impl Handle {
         let t = s.totals();
         let (csd_in_use, csd_pool) = s.csd_usage();
         let per_cpu = s
-            .cpus
+            .cpus()
             .iter()
             .map(|c| {
                 let st = &c.stats();
@@ -439,8 +439,8 @@ impl Handle {
         let handled = t.handled.load(Ordering::SeqCst);
         let cancelled = t.cancelled.load(Ordering::SeqCst);
         RuntimeStats {
-            cpus: s.cpus.len(),
-            host_cores: s.cores.len(),
+            cpus: s.cpus().len(),
+            host_cores: s.cores().len(),
             generation: s.cfg.generation,
             ipis_sent: queued,
             ipis_handled: handled,
@@ -512,7 +512,7 @@ impl<R> JobHandle<R> {
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     // The result may have been sent just before the stop: look once more.
-                    if self.shared.cpus[cpu].is_stopped() && self.rx.is_empty() {
+                    if self.shared.cpus()[cpu].is_stopped() && self.rx.is_empty() {
                         return Err(RuntimeError::JobStopped { cpu });
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -613,7 +613,7 @@ mod boot_all_tests {
         }
         rt.handle
             .shared
-            .faults
+            .faults()
             .set_boot_delay(2, Duration::from_millis(400));
         match crate::hotplug::boot_all(&rt.handle.shared, 0) {
             Err(HotplugError::BootTimeout { cpu: 2, .. }) => {}

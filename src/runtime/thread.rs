@@ -16,7 +16,7 @@ pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()>
     let handle = std::thread::Builder::new()
         .name(format!("{}-cpu{}", shared.cfg.name, cpu))
         .spawn(move || cpu_main(s, cpu))?;
-    let st = &shared.cpus[cpu];
+    let st = &shared.cpus()[cpu];
     let old = st.set_thread(handle);
     // A previous thread of this CPU has already been joined or reported by whoever took it down.
     drop(old);
@@ -30,7 +30,7 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     // SAFETY: this frame holds an Arc to `shared`, which contains `layers`, until after the
     // pointers are cleared below.
     unsafe { crate::stop::layer::set_current(Some(layers), cpu) };
-    let st = &shared.cpus[cpu];
+    let st = &shared.cpus()[cpu];
     st.set_tid(crate::ipi::signal::gettid());
     shared.pin_current(st);
     // Before anything can signal this thread: IPI callbacks run on this stack.
@@ -60,7 +60,7 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
 
 fn idle_loop(shared: &Shared, st: &CpuState) {
     loop {
-        shared.faults.preempt_point();
+        shared.faults().preempt_point();
         if st.exit_requested() {
             finish(shared, st);
             return;
@@ -188,14 +188,14 @@ fn finish(shared: &Shared, st: &CpuState) {
     // returned here, and nothing of this image may run any more.
     if !shared.stop_cpu(st.id()).is_powered_off()
         && !shared
-            .faults
+            .faults()
             .is_broken(crate::inject::Broken::SkipDyingFlush)
     {
         crate::ipi::handler::close_and_flush(shared, st);
     }
     irq_restore(f);
-    shared.online.clear(st.id());
-    shared.active.clear(st.id());
+    shared.online().clear(st.id());
+    shared.active().clear(st.id());
     if !matches!(
         st.run_state(),
         CpuRunState::Offline | CpuRunState::PoweredOff | CpuRunState::Parked

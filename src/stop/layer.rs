@@ -42,10 +42,10 @@ impl StopLayer {
     /// The stop layer over `ipi`; registers the stop receiver for the stop vector and the NMI.
     pub(crate) fn new(ipi: IpiLayer, park: ParkPolicy, config: StopConfig) -> Self {
         ipi.set_stop_hook(super::receive::stop_this_cpu);
-        let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.cpus.len());
+        let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.cpus().len());
         StopLayer {
             cpus_lock,
-            percpu: (0..ipi.cpus.len()).map(|_| StopCpu::new()).collect(),
+            percpu: (0..ipi.cpus().len()).map(|_| StopCpu::new()).collect(),
             lower: ipi,
             stop: StopState::new(),
             stopping: AtomicBool::new(false),

@@ -193,9 +193,9 @@ impl StopLayer {
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
         let s = self;
-        if s.retired.load(Ordering::SeqCst) {
+        if s.is_retired() {
             return Err(StopMachineError::Retired {
-                generation: s.generation,
+                generation: s.generation(),
             });
         }
         if let Some(cpu) = s
@@ -209,7 +209,7 @@ impl StopLayer {
         let _cpus = s.cpus_lock.read(s.this_cpu_here());
         // Unbounded only as long as the running stop_machine takes (module comment).
         let _serial = s.stop.machine.lock_unpoisoned();
-        let online = s.online.load();
+        let online = s.online().load();
         let me = s.this_cpu_here().filter(|&c| online.contains(c));
         let ms = Arc::new(MultiStop {
             state: AtomicU32::new(0),
@@ -219,10 +219,10 @@ impl StopLayer {
             f: Box::new(f),
             f_name: std::any::type_name::<F>(),
             left: AtomicU32::new(0),
-            arrived: (0..s.cpus.len()).map(|_| AtomicU32::new(0)).collect(),
+            arrived: (0..s.cpus().len()).map(|_| AtomicU32::new(0)).collect(),
             failed_cpu: AtomicUsize::new(usize::MAX),
             failed_code: AtomicI32::new(0),
-            spin_limit: if online.weight() <= s.cores.len().max(1) {
+            spin_limit: if online.weight() <= s.cores().len().max(1) {
                 4096
             } else {
                 64

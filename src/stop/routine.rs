@@ -77,19 +77,19 @@ impl Default for StopConfig {
 
 /// Per-runtime stop state.
 pub(crate) struct StopState {
-    pub coord: Coord,
+    pub(super) coord: Coord,
     /// Serializes `stop_machine` (the kernel's `stop_cpus_mutex`): two at once would each hold
     /// some CPUs in PREPARE while waiting for the others, and both would time out.
-    pub machine: std::sync::Mutex<()>,
+    pub(super) machine: std::sync::Mutex<()>,
     /// The winner has finished its attempts (the kernel's `cpus_stopped`).
-    pub done: std::sync::atomic::AtomicBool,
+    pub(super) done: std::sync::atomic::AtomicBool,
     /// Acknowledgements the winner still waits for in this attempt (targets minus acks; a
     /// CPU that parks without being targeted may take it below zero, which only costs a
     /// spurious wake-up). The futex word of the winner's wait (step 3).
-    pub pending: std::sync::atomic::AtomicU32,
+    pub(super) pending: std::sync::atomic::AtomicU32,
     /// 0 until the winner has finished (then 1, for good): the futex word powered-off CPUs
     /// wait on before their thread's teardown (see `wait_for_stop_done`).
-    pub done_word: std::sync::atomic::AtomicU32,
+    pub(super) done_word: std::sync::atomic::AtomicU32,
 }
 
 impl StopState {
@@ -226,10 +226,10 @@ impl StopLayer {
             return None;
         }
         let me = s.this_cpu_here();
-        let stopped: CpuMask = (0..self.cpus.len())
-            .filter(|&c| s.cpus[c].is_stopped())
+        let stopped: CpuMask = (0..self.cpus().len())
+            .filter(|&c| s.cpus()[c].is_stopped())
             .collect();
-        let mut failed = s.online.load();
+        let mut failed = s.online().load();
         if let Some(me) = me {
             failed.clear(me);
         }
@@ -292,7 +292,7 @@ impl StopLayer {
         let mut stopped = CpuMask::new();
         // Step 3.
         let attempts_max = if s
-            .faults
+            .faults()
             .is_broken(crate::inject::Broken::StopWithoutRetries)
         {
             1
@@ -300,7 +300,7 @@ impl StopLayer {
             cfg.max_retries.max(1)
         };
         for attempt in 1..=attempts_max {
-            let mut mask = s.online.load();
+            let mut mask = s.online().load();
             if let Some(me) = me {
                 mask.clear(me);
             }
@@ -329,7 +329,7 @@ impl StopLayer {
             // after that read changes the futex word, so the wait returns at once.
             let remaining = loop {
                 let p = s.stop.pending.load(Ordering::SeqCst);
-                let left = mask.and(&s.online.load());
+                let left = mask.and(&s.online().load());
                 let elapsed = t0.elapsed();
                 if left.is_empty() || (!cfg.wait_forever && elapsed >= wait) {
                     break left;
@@ -356,7 +356,7 @@ impl StopLayer {
             });
         }
         // Step 4.
-        let mut failed = s.online.load();
+        let mut failed = s.online().load();
         if let Some(me) = me {
             failed.clear(me);
         }
@@ -386,7 +386,7 @@ impl StopLayer {
     /// job it unwinds the job when it powers off; from IPI context it can only park for good.
     fn park_self(&self, me: CpuId) {
         let s = self;
-        let st = &s.cpus[me];
+        let st = &s.cpus()[me];
         let in_job = st.running_job();
         let here = 0u8;
         let regs = SavedRegs {
