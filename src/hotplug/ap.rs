@@ -82,7 +82,8 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         }
         futex::wake(&hc.handshake, 1);
         // Step 5: wait for the controller's commit. Unbounded by design: a controller that
-        // sees ALIVE commits at once (sync.rs step 3), and it cannot give up on an ALIVE AP.
+        // sees ALIVE commits (handshake.rs step 3; in a parallel boot once it has kicked every
+        // CPU, `hotplug::boot_all`), and it cannot give up on an ALIVE AP.
         while !handshake::ap_committed(&hc.handshake) {
             futex::spin_then_wait(&hc.handshake, ALIVE, shared.handshake_spin(), None);
         }
