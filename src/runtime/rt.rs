@@ -536,8 +536,13 @@ mod boot_all_tests {
     use crate::hotplug::HotplugError;
     use crate::Builder;
 
-    fn rt_with_offline(n: usize, down: &[usize]) -> super::Runtime {
-        let rt = Builder::new().cpus(n).log_events(false).build().unwrap();
+    fn rt_with_offline(n: usize, down: &[usize], boot_timeout: Duration) -> super::Runtime {
+        let rt = Builder::new()
+            .cpus(n)
+            .log_events(false)
+            .boot_timeout(boot_timeout)
+            .build()
+            .unwrap();
         for &c in down {
             rt.cpu_down(c).unwrap();
         }
@@ -546,6 +551,13 @@ mod boot_all_tests {
 
     fn fail(rt: &super::Runtime, cpu: usize, step: &str) {
         rt.handle.shared.fail_next_step(cpu, step);
+    }
+
+    /// A second `boot_all` brings every CPU up, and each takes a call: nothing was left half up.
+    fn boots_the_rest(rt: &super::Runtime) {
+        crate::hotplug::boot_all(&rt.handle.shared, 0).unwrap();
+        assert_eq!(rt.online_mask().weight(), rt.cpus());
+        rt.call_many(&rt.online_mask(), || {}, true).unwrap();
     }
 
     fn all_dead_or_online(rt: &super::Runtime) {
@@ -559,7 +571,7 @@ mod boot_all_tests {
 
     #[test]
     fn a_kick_phase_error_stops_the_kicking_and_finishes_the_kicked() {
-        let rt = rt_with_offline(6, &[2, 3, 4, 5]);
+        let rt = rt_with_offline(6, &[2, 3, 4, 5], Duration::from_secs(10));
         fail(&rt, 4, "smpcfd:prepare");
         match crate::hotplug::boot_all(&rt.handle.shared, 0) {
             Err(HotplugError::StepFailed {
@@ -575,14 +587,12 @@ mod boot_all_tests {
         // 2 and 3 were kicked before the error and came up; 5 was never tried.
         assert_eq!(rt.online_mask(), "0-3".parse::<CpuMask>().unwrap());
         all_dead_or_online(&rt);
-        crate::hotplug::boot_all(&rt.handle.shared, 0).unwrap();
-        assert_eq!(rt.online_mask().weight(), 6);
-        rt.call_many(&rt.online_mask(), || {}, true).unwrap();
+        boots_the_rest(&rt);
     }
 
     #[test]
     fn a_sync_phase_error_rolls_back_that_cpu_only() {
-        let rt = rt_with_offline(6, &[2, 3, 4, 5]);
+        let rt = rt_with_offline(6, &[2, 3, 4, 5], Duration::from_secs(10));
         // CPU2 fails on the AP after the commit, CPU3 in an ONLINE-section step after the
         // handshake: both roll back to offline, and the CPUs kicked after them still come up.
         fail(&rt, 2, "ap:online");
@@ -595,22 +605,12 @@ mod boot_all_tests {
         }
         assert_eq!(rt.online_mask(), "0-1,4-5".parse::<CpuMask>().unwrap());
         all_dead_or_online(&rt);
-        crate::hotplug::boot_all(&rt.handle.shared, 0).unwrap();
-        assert_eq!(rt.online_mask().weight(), 6);
-        rt.call_many(&rt.online_mask(), || {}, true).unwrap();
+        boots_the_rest(&rt);
     }
 
     #[test]
     fn a_slow_ap_times_out_and_the_cpus_kicked_after_it_come_up() {
-        let rt = Builder::new()
-            .cpus(5)
-            .log_events(false)
-            .boot_timeout(Duration::from_millis(200))
-            .build()
-            .unwrap();
-        for c in 1..5 {
-            rt.cpu_down(c).unwrap();
-        }
+        let rt = rt_with_offline(5, &[1, 2, 3, 4], Duration::from_millis(200));
         rt.handle
             .shared
             .faults()
