@@ -5,7 +5,6 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::handshake::DEAD;
 use super::layer::HotplugLayer;
 use super::states::{Section, StateId, StepFn, Table};
 use super::HotplugError;
@@ -272,8 +271,7 @@ impl HotplugLayer {
         loop {
             let busy = self.cpus().iter().any(|c| {
                 c.run_state() == CpuRunState::Limbo
-                    || (c.run_state() == CpuRunState::Offline
-                        && self.hotplug.cpus[c.id()].handshake.load(Ordering::Acquire) != DEAD)
+                    || (c.run_state() == CpuRunState::Offline && !self.handshake_dead(c.id()))
             });
             if !busy {
                 return true;

@@ -34,8 +34,9 @@ impl HotplugLayer {
 
     /// The first half of `bringup:cpu` (the kernel's `CPUHP_BP_KICK_AP`): handshake step 1 and
     /// the thread's start, without waiting for it. Returns when the CPU was kicked, which
-    /// starts its boot timeout. On an error nothing is left behind: the CPU is DEAD (or, for
-    /// `Limbo`, was never touched).
+    /// starts its boot timeout. On an error no thread runs for the CPU: a failed spawn puts it
+    /// back to DEAD and offline; `Limbo` (the handshake left DEAD after the caller's check,
+    /// which the hotplug lock rules out) leaves the handshake word as it found it.
     pub(super) fn bringup_kick(
         &self,
         t: &Table,
