@@ -52,7 +52,9 @@ pub(crate) struct IpiLayer {
     /// How long a synchronous call waits.
     pub(super) call_timeout: Duration,
     /// Each CPU's NMI reasons, vectors, backtrace sample and handler count (`percpu.rs`).
-    percpu: Box<[IpiCpu]>,
+    /// Padded: a CPU's handlers write its handler count on every IPI, and a neighbour's idle
+    /// loop polls its own vectors word; unpadded, four CPUs' words share one line.
+    percpu: Box<[CachePadded<IpiCpu>]>,
 }
 
 impl std::ops::Deref for IpiLayer {
@@ -73,7 +75,9 @@ impl IpiLayer {
     ) -> Self {
         machine.set_irq_replay(super::handler::replay_deferred);
         IpiLayer {
-            percpu: (0..machine.cpus().len()).map(|_| IpiCpu::new()).collect(),
+            percpu: (0..machine.cpus().len())
+                .map(|_| CachePadded::new(IpiCpu::new()))
+                .collect(),
             lower: machine,
             pool: CsdPool::new(csd_pool),
             totals: Totals::default(),
