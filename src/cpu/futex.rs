@@ -43,6 +43,22 @@ pub(crate) fn wake(word: &AtomicU32, n: i32) {
     };
 }
 
+/// [`wake`] by address, for a waker whose last access to the word's memory came just before
+/// (the owner may free it the moment it sees that access). Async-signal-safe.
+pub(crate) fn wake_addr(word: *const u32, n: i32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key (private futex: this process's mm plus
+    // the address); it never reads the memory, so a word freed meanwhile is not touched. A
+    // reused address at worst wakes an unrelated waiter, and every waiter re-checks.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word,
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            n,
+        )
+    };
+}
+
 /// How long a hotplug handshake wait spins before it sleeps. On a VM, waking a thread whose
 /// vCPU went idle costs tens of microseconds, and one bring-up has three such hand-offs
 /// (ALIVE, commit, ONLINE); the other side usually answers within a few microseconds, so a

@@ -233,7 +233,7 @@ impl Machine {
             st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
             return Err((JobRefused::Offline { cpu }, e.into_inner()));
         }
-        st.idle.wake_for_job();
+        st.wake_for_job();
         Ok(())
     }
 }

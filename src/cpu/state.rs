@@ -222,7 +222,17 @@ impl CpuState {
     /// between jobs, so a running job finishes first).
     pub(crate) fn request_exit(&self) {
         self.exit_req.store(true, Ordering::SeqCst);
+        self.wake_for_job();
+    }
+
+    /// `idle.rs` step 2 for a job or an exit request, with irqs soft-masked on a calling CPU:
+    /// a WAKING idle word is a token that stops every other sender from waking this CPU, so
+    /// its holder must not be interrupted between the CAS and the futex wake (an IPI handler
+    /// that waits for this CPU there, `stop_machine`'s rendezvous, would wait for good).
+    pub(crate) fn wake_for_job(&self) {
+        let fl = crate::cpu::context::irq_save();
         self.idle.wake_for_job();
+        crate::cpu::context::irq_restore(fl);
     }
 
     /// Before a new thread starts for this CPU (the controller, under the hotplug lock): clear

@@ -351,13 +351,36 @@ fn alloc_slot(s: &IpiLayer, cpu: CpuId) -> Result<u32, IpiError> {
 }
 
 /// Step 4. Async-signal-safe.
+///
+/// On a CPU the decision and the act it calls for run with irqs soft-masked: `kick_pending`
+/// (and a WAKING idle word) is a token that stops every other sender from ringing the target,
+/// so the thread that took it must not be interrupted before it rings. An IPI handler that
+/// ran `stop_machine`'s rendezvous in that window spun waiting for the very CPU whose doorbell
+/// it held, and the stop timed out after 5 s (issue 18 item 1). Masked, the IPI waits the few
+/// hundred nanoseconds until the doorbell is out and is replayed at the restore.
 pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
     if s.faults().is_broken(Broken::DoorbellNeverRings) {
         return;
     }
-    s.faults().doorbell_delay();
+    let fl = irq_save();
+    ring_masked(s, st);
+    irq_restore(fl);
+}
+
+/// A sender that has waited and still sees its call unserved rings again even if a doorbell
+/// is marked in flight: the mark may belong to a signal the host lost or merged, or to a
+/// sender that is itself descheduled. Costs a spurious signal at worst. Async-signal-safe.
+pub(crate) fn ring_again(s: &IpiLayer, st: &CpuState) {
+    st.clear_kick_pending();
+    ring(s, st);
+}
+
+fn ring_masked(s: &IpiLayer, st: &CpuState) {
     match st.kick_for_ipi() {
         Kick::Signal => {
+            // Injected delay while the sender holds the token (`kick_pending`): the window in
+            // which an interrupted sender once stalled every other sender's doorbell.
+            s.faults().doorbell_delay();
             if s.faults().drop_doorbell() {
                 // Injected loss: as if the kernel dropped the signal. `kick_pending` stays
                 // set, so only a waiting sender's forced re-ring (step 5) or the CPU's own
@@ -376,6 +399,8 @@ pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
             }
         }
         Kick::Wake => {
+            // Likewise while it holds the WAKING token.
+            s.faults().doorbell_delay();
             st.idle().wake();
             st.stats().idle_wakes.fetch_add(1, Ordering::Relaxed);
             s.ring_here().record(EventKind::IdleWake, st.id() as u64, 0);
@@ -433,8 +458,7 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
         if slot.state.load(Ordering::Acquire) != DONE {
             // A merged or lost doorbell costs a millisecond, never the call: ring again even
             // if a doorbell is marked in flight (a lost signal would leave it marked forever).
-            st.clear_kick_pending();
-            ring(s, st);
+            ring_again(s, st);
         }
     }
     // Timed out: "csd: Detected non-responsive CSD lock".

@@ -1,18 +1,27 @@
 //! `stop_machine`: run a function on some CPUs while every online CPU spins with irqs masked
 //! (the kernel's `multi_cpu_stop`).
 //!
-//! Protocol:
-//! 1. The caller sets state PREPARE with an ack count of N (online CPUs), and sends every other
+//! Protocol (states are [`MsState`], the kernel's `enum multi_stop_state`):
+//! 1. The caller sets PREPARE with an ack count of N (online CPUs), and sends every other
 //!    online CPU an async IPI that enters `multi_cpu_stop`; a caller that is itself a CPU enters
 //!    it inline with irqs masked.
-//! 2. Each CPU spins on the state. On every new state it does that state's work
-//!    (DISABLE_IRQ: nothing more to do, IPI context already has irqs masked; RUN: call `f` if it
-//!    is in the target mask) and acks; the last of the N acks moves the state on and resets the
-//!    count: PREPARE -> DISABLE_IRQ -> RUN -> EXIT.
-//! 3. The caller waits until all N have left. PREPARE is bounded: if not all N CPUs arrived
-//!    within the call timeout (one has irqs masked for good, say), the caller CASes
-//!    PREPARE -> ABORT; arrived CPUs leave at once, late ones leave as soon as they arrive, and
-//!    `f` runs nowhere. After PREPARE every CPU is present, so the rest cannot stall.
+//! 2. Each CPU spins, then sleeps on the state word. On every new state it does that state's
+//!    work (DISABLE_IRQ: nothing more to do, IPI context already has irqs masked; RUN: call `f`
+//!    if it is in the target mask) and acks; the last of the N acks moves the state on, resets
+//!    the count and wakes every sleeper: PREPARE -> DISABLE_IRQ -> RUN -> EXIT. A participant
+//!    needs no timeout of its own: only the caller ends a round early (step 4), and it wakes
+//!    them when it does.
+//! 3. While the state is PREPARE the caller re-rings every CPU that has not arrived, once per
+//!    millisecond, past any `kick_pending` mark (`ipi::call::ring_again`): its IPI is async, and
+//!    a doorbell the host lost or merged, or one whose sender was descheduled, must cost a
+//!    millisecond, not the round.
+//! 4. PREPARE is bounded: if not all N CPUs arrived within the call timeout (one has irqs
+//!    masked for good, say), the caller CASes PREPARE -> ABORT; arrived CPUs leave at once,
+//!    late ones leave as soon as they arrive, and `f` runs nowhere. After PREPARE every CPU is
+//!    present, so the rest cannot stall.
+//! 5. Each participant's last access to the block is the `left` increment; the last one wakes
+//!    the caller, which sleeps on `left` (by address: the block may be freed the moment the
+//!    caller sees the count).
 //!
 //! The shared block belongs to the caller alone: participants get a raw pointer, and their
 //! last access is the `left` increment, so the caller frees it only after all N have left and
@@ -35,6 +44,7 @@
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::cpu::clock::now_ns;
 use crate::cpu::context::{irq_restore, irq_save};
@@ -43,11 +53,47 @@ use crate::cpu::mask::{CpuId, CpuMask};
 
 use super::layer::StopLayer;
 
-const PREPARE: u32 = 1;
-const RUN: u32 = 3;
-const EXIT: u32 = 4;
-/// Not part of the sequence: EXIT is final, so no ack can move the state here.
-const ABORT: u32 = 100;
+/// The rendezvous's states (the kernel's `enum multi_stop_state`), in the order acks move them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum MsState {
+    /// Before the caller publishes the round.
+    None = 0,
+    /// Waiting for every CPU to arrive (step 1); the only state the caller may abort.
+    Prepare = 1,
+    /// Every CPU is here; irqs go off (already off in IPI context).
+    DisableIrq = 2,
+    /// `f` runs on the target CPUs.
+    Run = 3,
+    /// Final: participants leave.
+    Exit = 4,
+    /// Final, outside the sequence: the caller gave up in PREPARE or a system stop started.
+    Abort = 100,
+}
+
+impl MsState {
+    fn from_u32(v: u32) -> Self {
+        match v {
+            1 => Self::Prepare,
+            2 => Self::DisableIrq,
+            3 => Self::Run,
+            4 => Self::Exit,
+            100 => Self::Abort,
+            _ => Self::None,
+        }
+    }
+
+    /// The state the last ack of `self` moves to; `None` for the final ones.
+    fn next(self) -> Option<Self> {
+        match self {
+            Self::None => Some(Self::Prepare),
+            Self::Prepare => Some(Self::DisableIrq),
+            Self::DisableIrq => Some(Self::Run),
+            Self::Run => Some(Self::Exit),
+            Self::Exit | Self::Abort => None,
+        }
+    }
+}
 
 /// Why `stop_machine` failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -93,8 +139,86 @@ unsafe impl Send for BlockPtr {}
 /// The function run under stop_machine, in IPI context (irqs masked, signal-handler rules).
 pub type StopFn = dyn Fn(CpuId) -> Result<(), i32> + Send + Sync;
 
+/// How often the caller re-rings CPUs that have not arrived (step 3).
+const RERING: Duration = Duration::from_millis(1);
+/// How long a caller sleeps on `left` after PREPARE before it looks for a system stop again.
+const CALLER_NAP: Duration = Duration::from_millis(10);
+/// How long a caller spins on `left` before it sleeps, when every CPU has a core of its own.
+const CALLER_SPIN: Duration = Duration::from_micros(20);
+
+/// The state word: every transition is one of these methods, and each wakes the sleepers.
+struct StateWord(AtomicU32);
+
+impl StateWord {
+    fn load(&self) -> MsState {
+        MsState::from_u32(self.0.load(Ordering::Acquire))
+    }
+
+    /// Step 2's move on (or step 1's start). Async-signal-safe.
+    fn set(&self, s: MsState) {
+        self.0.store(s as u32, Ordering::SeqCst);
+        crate::cpu::futex::wake(&self.0, i32::MAX);
+    }
+
+    /// Step 4: PREPARE -> ABORT; false if the round had already moved on.
+    fn abort_prepare(&self) -> bool {
+        let ok = self
+            .0
+            .compare_exchange(
+                MsState::Prepare as u32,
+                MsState::Abort as u32,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if ok {
+            crate::cpu::futex::wake(&self.0, i32::MAX);
+        }
+        ok
+    }
+
+    /// A system stop, or an IPI that could not be sent: abort whatever the state.
+    fn force_abort(&self) {
+        self.set(MsState::Abort);
+    }
+
+    /// Sleeps while the state is `seen`. Async-signal-safe.
+    fn wait(&self, seen: MsState, timeout: Option<Duration>) {
+        crate::cpu::futex::wait(&self.0, seen as u32, timeout);
+    }
+}
+
+/// What only the caller does while the state is PREPARE (steps 3 and 4).
+struct Caller<'a> {
+    deadline: u64,
+    next_ring: std::cell::Cell<u64>,
+    rering: &'a dyn Fn(),
+}
+
+impl Caller<'_> {
+    /// Re-rings the stragglers when due; true once the PREPARE deadline has passed.
+    fn prepare_tick(&self) -> bool {
+        let now = now_ns();
+        if now >= self.deadline {
+            return true;
+        }
+        if now >= self.next_ring.get() {
+            (self.rering)();
+            self.next_ring.set(now + RERING.as_nanos() as u64);
+        }
+        false
+    }
+
+    /// How long the caller may sleep in PREPARE: to its next re-ring or its deadline.
+    fn nap(&self) -> Duration {
+        let now = now_ns();
+        let until = self.deadline.min(self.next_ring.get());
+        Duration::from_nanos(until.saturating_sub(now).max(1_000))
+    }
+}
+
 struct MultiStop {
-    state: AtomicU32,
+    state: StateWord,
     ack: AtomicU32,
     num: u32,
     active: CpuMask,
@@ -110,59 +234,46 @@ struct MultiStop {
 }
 
 impl MultiStop {
-    fn set_state(&self, s: u32) {
+    fn set_state(&self, s: MsState) {
         self.ack.store(self.num, Ordering::SeqCst);
-        self.state.store(s, Ordering::SeqCst);
-        crate::cpu::futex::wake(&self.state, i32::MAX);
+        self.state.set(s);
     }
 
-    fn ack_state(&self, cur: u32) {
-        if self.ack.fetch_sub(1, Ordering::AcqRel) == 1 && cur < EXIT {
-            self.set_state(cur + 1);
+    fn ack_state(&self, cur: MsState) {
+        if self.ack.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(next) = cur.next() {
+                self.set_state(next);
+            }
         }
     }
 
+    fn arrived(&self, cpu: CpuId) -> bool {
+        self.arrived[cpu].load(Ordering::SeqCst) != 0
+    }
+
     /// Step 2. Runs in IPI context on `cpu`. Async-signal-safe as far as `f` is. The caller,
-    /// when it participates inline, passes the PREPARE deadline and aborts at it itself.
-    fn run(&self, cpu: CpuId, deadline: Option<u64>) {
+    /// when it participates inline, passes its PREPARE duties (steps 3 and 4).
+    fn run(&self, cpu: CpuId, caller: Option<&Caller<'_>>) {
         self.arrived[cpu].store(1, Ordering::SeqCst);
-        let mut cur = 0;
+        let mut cur = MsState::None;
         let mut spins = 0u32;
         loop {
-            let new = self.state.load(Ordering::Acquire);
-            if new == ABORT {
+            let new = self.state.load();
+            if new == MsState::Abort {
                 break;
             }
-            if new == PREPARE && deadline.is_some_and(|d| now_ns() >= d) {
-                let _ = self.state.compare_exchange(
-                    PREPARE,
-                    ABORT,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                crate::cpu::futex::wake(&self.state, i32::MAX);
+            if new == MsState::Prepare && caller.is_some_and(|c| c.prepare_tick()) {
+                self.state.abort_prepare();
                 continue;
             }
             if new != cur {
                 cur = new;
                 // DISABLE_IRQ needs no work: IPI context already has irqs masked.
-                if cur == RUN && self.active.contains(cpu) {
-                    let r =
-                        crate::ipi::fatal::run(cpu, "stop_machine function", self.f_name, || {
-                            (self.f)(cpu)
-                        });
-                    if let Err(code) = r {
-                        if self
-                            .failed_cpu
-                            .compare_exchange(usize::MAX, cpu, Ordering::AcqRel, Ordering::Acquire)
-                            .is_ok()
-                        {
-                            self.failed_code.store(code, Ordering::Release);
-                        }
-                    }
+                if cur == MsState::Run && self.active.contains(cpu) {
+                    self.run_f(cpu);
                 }
                 self.ack_state(cur);
-                if cur == EXIT {
+                if cur == MsState::Exit {
                     break;
                 }
                 spins = 0;
@@ -171,18 +282,38 @@ impl MultiStop {
             // Spin, then sleep on the state word (futex is async-signal-safe). With no more
             // participants than cores, spin ~20 µs (a futex wake-up costs about that); with
             // more, spinners would hold the cores the laggards need, so sleep almost at once.
+            // Every move of the state wakes the sleepers, so a participant sleeps unbounded
+            // (step 2); the caller wakes up for its own duties.
             spins += 1;
             if spins < self.spin_limit {
                 std::hint::spin_loop();
             } else {
-                crate::cpu::futex::wait(
-                    &self.state,
-                    new,
-                    Some(std::time::Duration::from_millis(1)),
-                );
+                let timeout = caller.filter(|_| cur == MsState::Prepare).map(Caller::nap);
+                self.state.wait(cur, timeout);
             }
         }
-        self.left.fetch_add(1, Ordering::AcqRel);
+        self.leave();
+    }
+
+    fn run_f(&self, cpu: CpuId) {
+        let r = crate::ipi::fatal::run(cpu, "stop_machine function", self.f_name, || (self.f)(cpu));
+        if let Err(code) = r {
+            if self
+                .failed_cpu
+                .compare_exchange(usize::MAX, cpu, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.failed_code.store(code, Ordering::Release);
+            }
+        }
+    }
+
+    /// Step 5: the last access to the block; the last participant wakes the caller.
+    fn leave(&self) {
+        let word = self.left.as_ptr() as *const u32;
+        if self.left.fetch_add(1, Ordering::AcqRel) + 1 == self.num {
+            crate::cpu::futex::wake_addr(word, 1);
+        }
     }
 }
 
@@ -193,11 +324,6 @@ impl StopLayer {
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
         let s = self;
-        if s.is_retired() {
-            return Err(StopMachineError::Retired {
-                generation: s.generation(),
-            });
-        }
         if let Some(cpu) = s
             .this_cpu_here()
             .filter(|_| crate::cpu::context::irqs_disabled())
@@ -207,12 +333,28 @@ impl StopLayer {
         // No CPU comes or goes until this returns (`cpu/cpus_lock.rs`; a no-op inside a hotplug
         // operation, which holds it already). Bounded by the hotplug operation's own timeouts.
         let _cpus = s.cpus_lock.read(s.this_cpu_here());
+        // Checked under the lock: a kexec's shutdown holds it for writing while it takes the
+        // CPUs offline and retires the image, so past this point the online mask is the one
+        // this image runs on until the call returns.
+        if s.is_retired() {
+            return Err(StopMachineError::Retired {
+                generation: s.generation(),
+            });
+        }
         // Unbounded only as long as the running stop_machine takes (module comment).
         let _serial = s.stop.machine.lock_unpoisoned();
+        if s.stop.coord.in_progress() {
+            return Err(StopMachineError::Stopped);
+        }
         let online = s.online().load();
         let me = s.this_cpu_here().filter(|&c| online.contains(c));
+        let spin_limit = if online.weight() <= s.cores().len().max(1) {
+            4096
+        } else {
+            64
+        };
         let ms = Arc::new(MultiStop {
-            state: AtomicU32::new(0),
+            state: StateWord(AtomicU32::new(MsState::None as u32)),
             ack: AtomicU32::new(0),
             num: online.weight() as u32,
             active: cpus.and(&online),
@@ -222,15 +364,10 @@ impl StopLayer {
             arrived: (0..s.cpus().len()).map(|_| AtomicU32::new(0)).collect(),
             failed_cpu: AtomicUsize::new(usize::MAX),
             failed_code: AtomicI32::new(0),
-            spin_limit: if online.weight() <= s.cores().len().max(1) {
-                4096
-            } else {
-                64
-            },
+            spin_limit,
         });
-        ms.set_state(PREPARE);
+        ms.set_state(MsState::Prepare);
         let start = now_ns();
-        let deadline = start + s.call_timeout().as_nanos() as u64;
         let block = BlockPtr(Arc::as_ptr(&ms));
         let sent = self.call_many(
             &online,
@@ -246,42 +383,33 @@ impl StopLayer {
         );
         let mut missing_send = CpuMask::new();
         if let Err(e) = sent {
-            // A CPU that went offline since the snapshot will never arrive: abort.
+            // A CPU the IPI could not reach will never arrive: abort.
             if let crate::ipi::IpiError::Partial { failed, .. } = &e {
                 missing_send = failed.clone();
             }
-            ms.state.store(ABORT, Ordering::SeqCst);
-            crate::cpu::futex::wake(&ms.state, i32::MAX);
+            ms.state.force_abort();
         }
+        let rering = || {
+            for c in online.iter() {
+                if Some(c) != me && !ms.arrived(c) {
+                    crate::ipi::call::ring_again(s, &s.cpus()[c]);
+                }
+            }
+        };
+        let caller = Caller {
+            deadline: start + s.call_timeout().as_nanos() as u64,
+            next_ring: std::cell::Cell::new(start + RERING.as_nanos() as u64),
+            rering: &rering,
+        };
         if let Some(me) = me {
             let fl = irq_save();
-            ms.run(me, Some(deadline));
+            ms.run(me, Some(&caller));
             irq_restore(fl);
         }
+        let spin_until = now_ns() + CALLER_SPIN.as_nanos() as u64;
         loop {
-            if s.stop.coord.in_progress() && ms.left.load(Ordering::Acquire) != ms.num {
-                // A system stop may have parked a participant: nobody would ever ack for it.
-                ms.state.store(ABORT, Ordering::SeqCst);
-                crate::cpu::futex::wake(&ms.state, i32::MAX);
-                std::mem::forget(ms);
-                return Err(StopMachineError::Stopped);
-            }
-            let st = ms.state.load(Ordering::Acquire);
-            if st == PREPARE && now_ns() >= deadline {
-                if ms
-                    .state
-                    .compare_exchange(PREPARE, ABORT, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    crate::cpu::futex::wake(&ms.state, i32::MAX);
-                    break;
-                }
-                continue;
-            }
-            if st == ABORT {
-                break;
-            }
-            if ms.left.load(Ordering::Acquire) == ms.num {
+            let left = ms.left.load(Ordering::Acquire);
+            if left == ms.num {
                 let fc = ms.failed_cpu.load(Ordering::Acquire);
                 if fc != usize::MAX {
                     return Err(StopMachineError::Failed {
@@ -291,12 +419,39 @@ impl StopLayer {
                 }
                 return Ok(());
             }
-            std::thread::yield_now();
+            if s.stop.coord.in_progress() {
+                // A system stop may have parked a participant: nobody would ever ack for it.
+                ms.state.force_abort();
+                std::mem::forget(ms);
+                return Err(StopMachineError::Stopped);
+            }
+            let st = ms.state.load();
+            if st == MsState::Abort {
+                break;
+            }
+            if st == MsState::Prepare && caller.prepare_tick() {
+                if ms.state.abort_prepare() {
+                    break;
+                }
+                continue;
+            }
+            if spin_limit > 64 && now_ns() < spin_until {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Step 5: the last participant to leave wakes us; in PREPARE we also wake for
+            // steps 3 and 4, afterwards now and then to look for a system stop.
+            let nap = if st == MsState::Prepare {
+                caller.nap()
+            } else {
+                CALLER_NAP
+            };
+            crate::cpu::futex::wait(&ms.left, left, Some(nap));
         }
         // Aborted: report who never arrived, and leave the block to the late arrivals.
         let missing: CpuMask = online
             .iter()
-            .filter(|&c| ms.arrived[c].load(Ordering::SeqCst) == 0)
+            .filter(|&c| !ms.arrived(c))
             .collect::<CpuMask>()
             .or(&missing_send);
         std::mem::forget(ms);
