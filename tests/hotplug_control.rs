@@ -78,7 +78,7 @@ fn setup_state_runs_on_online_cpus_and_remove_undoes_it() {
     assert_eq!(states.of(2), [0, 0, 0]);
     rt.cpu_up(2).unwrap();
     assert_eq!(states.of(2), [1, 1, 1]);
-    let steps = rt.hotplug_steps();
+    let steps = rt.hotplug_steps().unwrap();
     assert_eq!(
         steps,
         [
@@ -98,7 +98,7 @@ fn forced_failure_at_every_step_rolls_back_both_ways() {
     let _g = serial();
     let rt = rt(3);
     let states = StateBalances::install(&rt);
-    for step in rt.hotplug_steps() {
+    for step in rt.hotplug_steps().unwrap() {
         // Down: the CPU stays up and consistent, and the error names the step.
         rt.faults().fail_step(1, &step).unwrap();
         match rt.cpu_down(1) {
@@ -170,7 +170,11 @@ fn setup_state_failure_is_undone_everywhere() {
         .unwrap_err();
     assert!(matches!(e, HotplugError::SetupFailed { cpu: 2, .. }), "{e}");
     assert_eq!(ran.load(Ordering::SeqCst), 0);
-    assert!(!rt.hotplug_steps().iter().any(|s| s == "test:flaky"));
+    assert!(!rt
+        .hotplug_steps()
+        .unwrap()
+        .iter()
+        .any(|s| s == "test:flaky"));
 }
 
 #[test]

@@ -32,7 +32,7 @@ pub(crate) fn boot_all(h: &HotplugLayer, first: CpuId) -> Result<(), HotplugErro
         .chain(present.iter().filter(|&c| c != first))
         .filter(|&c| present.contains(c) && h.cpus()[c].run_state() != CpuRunState::Online)
         .collect();
-    let t = h.hp_lock();
+    let t = h.hp_lock("cpu_up")?;
     let b = t.bringup();
     let mut res = Ok(());
     let mut kicked = Vec::with_capacity(order.len());
@@ -101,7 +101,7 @@ impl std::ops::DerefMut for Guard<'_> {
 impl HotplugLayer {
     /// Implements [`Handle::cpu_up`](crate::Handle::cpu_up).
     pub(crate) fn cpu_up(&self, cpu: CpuId) -> Result<(), HotplugError> {
-        let t = self.hp_lock();
+        let t = self.hp_lock("cpu_up")?;
         self.check_up(cpu)?;
         self.walk_up(&t, cpu, 0)
     }
@@ -134,7 +134,7 @@ impl HotplugLayer {
         if self.hotplug.reboot_cpu.load(Ordering::SeqCst) == cpu {
             return Err(HotplugError::RebootCpu { cpu });
         }
-        let t = self.hp_lock();
+        let t = self.hp_lock("cpu_down")?;
         self.check_cpu(cpu)?;
         let s = self;
         if s.hotplug.reboot_cpu.load(Ordering::SeqCst) == cpu {
@@ -157,13 +157,15 @@ impl HotplugLayer {
 
     /// Implements [`Handle::hotplug_disable`](crate::Handle::hotplug_disable).
     pub(crate) fn hotplug_disable(&self) {
-        let _t = self.hp_lock();
+        // Inside a hotplug operation (one of its steps) there is no other operation to wait
+        // for: the count is an atomic, and the operation that runs already passed its check.
+        let _t = self.hp_lock("hotplug_disable").ok();
         self.hotplug.disabled.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Implements [`Handle::hotplug_enable`](crate::Handle::hotplug_enable).
     pub(crate) fn hotplug_enable(&self) -> Result<(), HotplugError> {
-        let _t = self.hp_lock();
+        let _t = self.hp_lock("hotplug_enable").ok();
         let d = &self.hotplug.disabled;
         d.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
             .map(|_| ())
@@ -181,7 +183,7 @@ impl HotplugLayer {
         startup: Option<StepFn>,
         teardown: Option<StepFn>,
     ) -> Result<StateId, HotplugError> {
-        let mut t = self.hp_lock();
+        let mut t = self.hp_lock("setup_state")?;
         self.check_not_retired()?;
         let (id, at) = t.insert(name, section, startup, teardown);
         let online: Vec<CpuId> = self.online().load().iter().collect();
@@ -205,7 +207,7 @@ impl HotplugLayer {
 
     /// Implements [`Handle::remove_state`](crate::Handle::remove_state).
     pub(crate) fn remove_state(&self, id: StateId) -> Result<(), HotplugError> {
-        let mut t = self.hp_lock();
+        let mut t = self.hp_lock("remove_state")?;
         self.check_not_retired()?;
         let at = t
             .find(id)
@@ -230,15 +232,15 @@ impl HotplugLayer {
     }
 
     /// Implements [`Handle::hotplug_steps`](crate::Handle::hotplug_steps).
-    pub(crate) fn hotplug_steps(&self) -> Vec<String> {
-        self.hp_lock().names()
+    pub(crate) fn hotplug_steps(&self) -> Result<Vec<String>, HotplugError> {
+        Ok(self.hp_lock("hotplug_steps")?.names())
     }
 
     /// Fault hook (the kernel's `st->fail`): the next time step `step` runs on `cpu`, in either
     /// direction, it fails instead. Public as `usmp::fault::Faults::fail_step`.
     #[cfg(feature = "fault-injection")]
     pub(crate) fn inject_step_failure(&self, cpu: CpuId, step: &str) -> Result<(), HotplugError> {
-        let t = self.hp_lock();
+        let t = self.hp_lock("fail_step")?;
         self.check_cpu(cpu)?;
         if !t.steps.iter().any(|s| s.name == step) {
             return Err(HotplugError::UnknownState(step.into()));
@@ -293,12 +295,17 @@ impl HotplugLayer {
         Ok(())
     }
 
-    pub(super) fn hp_lock(&self) -> Guard<'_> {
-        let cpus = self.cpus_lock.write(self.this_cpu_here());
-        Guard {
+    /// Takes the hotplug lock for `op`; refused inside a hotplug operation, which `op` would
+    /// wait for (`cpu/cpus_lock.rs` step 3).
+    pub(super) fn hp_lock(&self, op: &'static str) -> Result<Guard<'_>, HotplugError> {
+        let cpus = self
+            .cpus_lock
+            .write(self.this_cpu_here())
+            .map_err(|_| HotplugError::Reentrant { op })?;
+        Ok(Guard {
             table: self.hotplug.lock.lock_unpoisoned(),
             _cpus: cpus,
-        }
+        })
     }
 
     pub(super) fn check_cpu(&self, cpu: CpuId) -> Result<(), HotplugError> {
@@ -308,6 +315,11 @@ impl HotplugLayer {
                 cpu,
                 cpus: self.cpus().len(),
             });
+        }
+        // A stopped image stays stopped: a CPU brought up after `crash_stop` would run calls
+        // and jobs in an image whose CPUs the stop has parked or powered off for good.
+        if self.stop_in_progress() {
+            return Err(HotplugError::Stopped { cpu });
         }
         Ok(())
     }

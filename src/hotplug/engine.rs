@@ -281,6 +281,13 @@ impl HotplugLayer {
                     _ => Err("STARTING callback returned an error".into()),
                 }
             }
+            // Called from a job on this very CPU (`setup_state` from a job): the step runs
+            // here and now, in the same thread context a queued job would have; queued, it
+            // would wait behind the caller for the whole boot timeout, fail, and run later.
+            Section::Online if self.this_cpu_here() == Some(cpu) => {
+                let _acting = self.cpus_lock.delegate();
+                catch_step(|| f(cpu))
+            }
             Section::Online => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
                 let job = crate::cpu::state::Job::new(move || {

@@ -163,6 +163,22 @@ pub enum HotplugError {
     /// `hotplug_enable` was called more times than `hotplug_disable`.
     #[error("hotplug_enable without a matching hotplug_disable")]
     UnbalancedEnable,
+    /// A system stop (`send_stop`/`crash_stop`) has run or is running in this image: its
+    /// CPUs are stopped for good, and none may come back (the stop is terminal; kexec to a
+    /// new image instead).
+    #[error("CPU {cpu}: the image has been stopped (send_stop/crash_stop): no more hotplug here")]
+    Stopped {
+        /// The CPU asked for.
+        cpu: CpuId,
+    },
+    /// A hotplug call made from inside a hotplug operation (one of its PREPARE or ONLINE steps,
+    /// or a `stop_machine` function under it): it would wait for the operation it runs in.
+    /// Make the call after the operation returns, from another thread.
+    #[error("{op}: called from inside a hotplug operation, which it would wait for")]
+    Reentrant {
+        /// The call that was refused (`cpu_up`, `cpu_down`, `setup_state`, ...).
+        op: &'static str,
+    },
     /// The `stop_machine` step of a hotplug operation failed.
     #[error(transparent)]
     StopMachine(#[from] StopMachineError),

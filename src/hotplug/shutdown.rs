@@ -21,7 +21,13 @@ impl HotplugLayer {
         &self,
         cpus: &[CpuId],
     ) -> Vec<(CpuId, Result<(), HotplugError>)> {
-        let t = self.hp_lock();
+        let Ok(t) = self.hp_lock("kexec shutdown") else {
+            let op = "kexec shutdown";
+            return cpus
+                .iter()
+                .map(|&c| (c, Err(HotplugError::Reentrant { op })))
+                .collect();
+        };
         let s = self;
         let top = t.steps.len();
         let apo = t.ap_online();

@@ -348,13 +348,21 @@ impl Handle {
         R: Send + 'static,
     {
         let s = &self.shared;
-        s.retire();
-        // The old image ends: whatever is still online leaves (the reboot CPU's thread exits
-        // once the job running this path returns; nothing is joined from here).
-        for c in s.online().load().iter() {
-            s.active().clear(c);
-            s.online().clear(c);
-            s.cpus()[c].request_exit();
+        {
+            // Under the CPU hotplug lock, as every change of the online mask is: a
+            // stop_machine either ran before this on the CPUs it counted, or comes after it
+            // and finds the image retired. (Without it a stop_machine sized its rendezvous for
+            // CPUs cleared here, and timed out or ran its function nowhere.) Inside a hotplug
+            // operation, which holds it already, there is nothing to wait for.
+            let _cpus = s.cpus_lock.write(s.this_cpu_here()).ok();
+            s.retire();
+            // The old image ends: whatever is still online leaves (the reboot CPU's thread
+            // exits once the job running this path returns; nothing is joined from here).
+            for c in s.online().load().iter() {
+                s.active().clear(c);
+                s.online().clear(c);
+                s.cpus()[c].request_exit();
+            }
         }
         tl.add(Some(reboot), "old image retired");
         let generation = s.config().generation + 1;

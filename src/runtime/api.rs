@@ -166,8 +166,9 @@ impl Handle {
         self.shared.remove_state(id)
     }
 
-    /// The step names, in order (OFFLINE -> ONLINE).
-    pub fn hotplug_steps(&self) -> Vec<String> {
+    /// The step names, in order (OFFLINE -> ONLINE). Refused (`Reentrant`) from inside a
+    /// hotplug operation, which holds the table.
+    pub fn hotplug_steps(&self) -> Result<Vec<String>, HotplugError> {
         self.shared.hotplug_steps()
     }
 
