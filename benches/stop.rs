@@ -15,8 +15,15 @@
 //! each (line, N) are written beside criterion's output (`common/mod.rs`). With
 //! `USMP_BENCH_GUARD=1` criterion is skipped and the regression guard runs instead.
 //!
-//! Flat sampling, 10 samples, short warm-up and measurement: the whole bench takes well under
-//! two minutes on a 2-core VM (runtime builds and drops dominate and are not timed).
+//! Group `stop_machine`, one `BenchmarkId` per N in 64, 256, 1024:
+//! - `usmp`: one runtime with N idle CPUs, built once per N; an iteration is one
+//!   `stop_machine` over every CPU (the function runs on CPU 0), called from outside the
+//!   runtime: the IPI to N CPUs, their rendezvous through PREPARE -> DISABLE_IRQ -> RUN ->
+//!   EXIT, and the wait for the last to leave.
+//! - `tgkill_broadcast`: the same floor as above, N threads.
+//!
+//! Flat sampling, 10 samples, short warm-up and measurement: the whole bench takes a few
+//! minutes on a 2-core VM (runtime builds and drops dominate and are not timed).
 
 mod common;
 
@@ -29,6 +36,8 @@ use common::{Guard, Percentiles};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 
 const NS: [usize; 4] = [4, 16, 64, 256];
+/// The stop_machine group's sizes (1024 CPUs on 2 cores is the oversubscription users run).
+const SM_NS: [usize; 3] = [64, 256, 1024];
 const USMP: &str = "usmp";
 const FLOOR: &str = "tgkill_broadcast";
 
@@ -196,6 +205,96 @@ fn bench_stop(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_stop_machine(c: &mut Criterion) {
+    install_floor_handler();
+    let mut g = c.benchmark_group("stop_machine");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(2000));
+    for n in SM_NS {
+        let rt = usmp::Builder::new()
+            .cpus(n)
+            .log_events(false)
+            .build()
+            .expect("runtime");
+        let all = rt.online_mask();
+        g.bench_with_input(BenchmarkId::new(USMP, n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t0 = Instant::now();
+                    rt.stop_machine(|_| Ok(()), &usmp::CpuMask::single(0))
+                        .expect("stop_machine");
+                    let d = t0.elapsed();
+                    SM_SAMPLES
+                        .lock()
+                        .unwrap()
+                        .entry((USMP, n))
+                        .or_default()
+                        .push(d);
+                    total += d;
+                }
+                total
+            })
+        });
+        assert_eq!(rt.online_mask(), all);
+        drop(rt);
+        let sleepers = Sleepers::start(n);
+        g.bench_with_input(BenchmarkId::new(FLOOR, n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let d = sleepers.broadcast();
+                    SM_SAMPLES
+                        .lock()
+                        .unwrap()
+                        .entry((FLOOR, n))
+                        .or_default()
+                        .push(d);
+                    total += d;
+                }
+                total
+            })
+        });
+        drop(sleepers);
+    }
+    g.finish();
+}
+
+/// Every timed stop_machine iteration, by (line, N).
+static SM_SAMPLES: Mutex<BTreeMap<(&'static str, usize), Vec<Duration>>> =
+    Mutex::new(BTreeMap::new());
+
+fn print_stop_machine_summary() {
+    let s = SM_SAMPLES.lock().unwrap();
+    if s.is_empty() {
+        return;
+    }
+    for (&(line, n), v) in s.iter() {
+        common::write_percentiles(
+            "stop_machine",
+            &format!("{line}/{n}"),
+            &Percentiles::from_durations(v),
+        );
+    }
+    println!("\nstop_machine summary (medians over every timed iteration, warm-up included):");
+    println!(
+        "{:>5} {:>14} {:>22} {:>7}",
+        "N", "usmp (us)", "tgkill_broadcast (us)", "ratio"
+    );
+    for n in SM_NS {
+        let med = |line| s.get(&(line, n)).and_then(|v| median(v));
+        let (u, f) = (med(USMP), med(FLOOR));
+        let fmt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+        let ratio = match (u, f) {
+            (Some(u), Some(f)) if f > 0.0 => format!("{:.1}x", u / f),
+            _ => "-".into(),
+        };
+        println!("{n:>5} {:>14} {:>22} {:>7}", fmt(u), fmt(f), ratio);
+    }
+}
+
 fn median(v: &[Duration]) -> Option<f64> {
     let mut us: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e6).collect();
     us.sort_by(|a, b| a.total_cmp(b));
@@ -291,6 +390,19 @@ fn guard() -> ! {
     );
     let m = common::median(&mut at256);
     gd.check("send_stop_256", m, &format!("median {:.2} ms", m / 1e6));
+    let rt = usmp::Builder::new()
+        .cpus(1024)
+        .log_events(false)
+        .build()
+        .expect("runtime");
+    let m = median_of(5, || {
+        let t0 = Instant::now();
+        rt.stop_machine(|_| Ok(()), &usmp::CpuMask::single(0))
+            .expect("stop_machine");
+        t0.elapsed()
+    });
+    drop(rt);
+    gd.check("stop_machine_1024", m, &format!("median {:.1} ms", m / 1e6));
     gd.finish("stop")
 }
 
@@ -300,6 +412,8 @@ fn main() {
     }
     let mut c = Criterion::default().configure_from_args();
     bench_stop(&mut c);
+    bench_stop_machine(&mut c);
     c.final_summary();
     print_summary();
+    print_stop_machine_summary();
 }
