@@ -16,7 +16,14 @@
 //! collection. Pause p50/p99 (the `stop_machine` call, from the collector's side) are reported
 //! for the CPU count. The example exits 1 if a check fails.
 //!
-//! Run: `cargo run --release --example gc_safepoint [-- --cpus N --collections C]`
+//! The options add what a real runtime does beside its safepoints: `--sync-calls` makes every
+//! mutator `call_single` the next one synchronously every few hundred steps (mutators that
+//! hand work to each other), `--churn K` adds K CPUs without mutators that a thread takes down
+//! and brings up without pause (hotplug), and `--seconds S` collects every 5 ms for S seconds
+//! instead of a fixed count. Any failed call, hotplug operation or safepoint fails the run.
+//!
+//! Run: `cargo run --release --example gc_safepoint [-- --cpus N --collections C]`,
+//! or `[-- --cpus 4 --sync-calls --churn 2 --seconds 60]` for the concurrent pattern.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,10 +109,22 @@ fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
     }
 }
 
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
 fn main() -> anyhow::Result<()> {
     let cpus = arg("--cpus", 4)?;
-    let collections = arg("--collections", 1000)?;
-    let rt = usmp::Builder::new().cpus(cpus).build()?;
+    let seconds = arg("--seconds", 0)?;
+    let collections = if seconds > 0 {
+        usize::MAX
+    } else {
+        arg("--collections", 1000)?
+    };
+    let sync_calls = flag("--sync-calls");
+    let churn = arg("--churn", 0)?;
+    let run_for = Duration::from_secs(seconds as u64);
+    let rt = usmp::Builder::new().cpus(cpus + churn).build()?;
     let roots = Arc::new(PerCpu::new(cpus, |_| Roots {
         len: AtomicU64::new(0),
         slot: (0..CAP).map(|_| AtomicU64::new(0)).collect(),
@@ -115,28 +134,53 @@ fn main() -> anyhow::Result<()> {
 
     let mut mutators = Vec::new();
     for cpu in 0..cpus {
-        let (roots, quit) = (roots.clone(), quit.clone());
+        let (roots, quit, h) = (roots.clone(), quit.clone(), rt.handle());
         mutators.push(rt.run_on(cpu, move || {
             let r = roots.get(cpu).expect("cpu in range");
             let (mut round, mut steps) = (0, 0u64);
-            let end = Instant::now() + BOUND * 3;
+            let end = Instant::now() + run_for + BOUND * 3;
             while !quit.load(Ordering::Relaxed) && Instant::now() < end {
                 mutate(r, cpu, &mut round);
                 steps += 1;
                 if steps % YIELD_EVERY == 0 {
+                    if sync_calls && cpus > 1 {
+                        h.call_single((cpu + 1) % cpus, || {}, true)?;
+                    }
                     std::thread::yield_now();
                 }
             }
+            Ok::<(), usmp::IpiError>(())
         })?);
     }
+    let churner = (churn > 0).then(|| {
+        let (h, quit) = (rt.handle(), quit.clone());
+        std::thread::spawn(move || -> Result<u64, usmp::HotplugError> {
+            let mut ops = 0;
+            while !quit.load(Ordering::Relaxed) {
+                for cpu in cpus..cpus + churn {
+                    h.cpu_down(cpu)?;
+                    h.cpu_up(cpu)?;
+                    ops += 2;
+                }
+            }
+            Ok(ops)
+        })
+    });
+    let started = Instant::now();
 
     let before: Arc<Vec<AtomicU64>> = Arc::new((0..cpus).map(|_| AtomicU64::new(0)).collect());
     let live = Arc::new(AtomicU64::new(0));
     let on_cpu0: CpuMask = "0".parse()?;
-    let mut pauses = Vec::with_capacity(collections);
+    let mut pauses = Vec::with_capacity(collections.min(1 << 16));
     let mut live_total = 0u64;
     let result = (|| -> anyhow::Result<()> {
         for _ in 0..collections {
+            if seconds > 0 {
+                if started.elapsed() >= run_for {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             // The world resumed after the last collection: every mutator took a step since.
             let epochs: Vec<u64> = (0..cpus)
                 .map(|c| roots.get(c).map_or(0, |r| r.epoch.load(Ordering::Acquire)))
@@ -171,10 +215,19 @@ fn main() -> anyhow::Result<()> {
     })();
     quit.store(true, Ordering::SeqCst);
     for j in mutators {
-        j.join_timeout(BOUND)?;
+        j.join_timeout(BOUND)?
+            .context("FAILED: a mutator's call to the next CPU")?;
     }
+    let hotplug_ops = match churner {
+        Some(t) => t
+            .join()
+            .map_err(|_| anyhow::anyhow!("the hotplug thread panicked"))?
+            .context("FAILED: hotplug churn")?,
+        None => 0,
+    };
     rt.shutdown();
     result?;
+    let collections = pauses.len();
     pauses.sort();
     let pct = |q: usize| pauses[(pauses.len() - 1) * q / 100].as_secs_f64() * 1e6;
     println!(
@@ -185,6 +238,11 @@ fn main() -> anyhow::Result<()> {
         pct(100),
         live_total as f64 / collections.max(1) as f64
     );
+    if sync_calls || churn > 0 {
+        println!(
+            "gc_safepoint: beside mutator sync calls: {sync_calls}; {hotplug_ops} hotplug operations on {churn} CPU(s)"
+        );
+    }
     println!("gc_safepoint: OK");
     Ok(())
 }
