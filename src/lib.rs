@@ -69,6 +69,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 mod sync;

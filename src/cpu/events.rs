@@ -112,6 +112,15 @@ pub struct EventRing {
     dropped: AtomicU64,
 }
 
+impl std::fmt::Debug for EventRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventRing")
+            .field("enabled", &self.enabled)
+            .field("capacity", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl EventRing {
     /// A ring of `cap` events (rounded up to a power of two, at least 16).
     pub fn new(cap: usize) -> Self {

@@ -326,6 +326,12 @@ pub struct AtomicCpuMask {
     width: usize,
 }
 
+impl std::fmt::Debug for AtomicCpuMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AtomicCpuMask").field(&self.load()).finish()
+    }
+}
+
 impl AtomicCpuMask {
     /// An empty mask able to hold CPUs `0..width`.
     pub fn new(width: usize) -> Self {

@@ -74,6 +74,7 @@ pub struct Handoff {
 }
 
 /// The next image, running, and what its entry returned.
+#[derive(Debug)]
 pub struct KexecOutcome<R> {
     /// The next image's runtime.
     pub next: Runtime,

@@ -23,7 +23,7 @@ use crate::inject::{Broken, FaultCounters};
 /// assert!(!rt.faults().is_broken(Broken::SkipDyingFlush));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct Faults<'a> {
     h: &'a Handle,
 }

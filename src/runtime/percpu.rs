@@ -6,6 +6,7 @@ use super::context::this_cpu;
 use crate::cpu::mask::CpuId;
 
 /// One `T` per logical CPU, each on its own cache line so CPUs do not false-share.
+#[derive(Debug)]
 pub struct PerCpu<T> {
     slots: Box<[CachePadded<T>]>,
 }

@@ -145,6 +145,32 @@ pub struct Runtime {
     handle: Handle,
 }
 
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("name", &self.shared.cfg.name)
+            .field("generation", &self.generation())
+            .field("cpus", &self.cpus())
+            .field("online", &self.online_mask())
+            .finish()
+    }
+}
+
+impl<R> std::fmt::Debug for JobHandle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobHandle")
+            .field("cpu", &self.at.load(std::sync::atomic::Ordering::Relaxed))
+            .field("done", &!self.rx.is_empty())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Runtime").field(&self.handle).finish()
+    }
+}
+
 impl std::ops::Deref for Runtime {
     type Target = Handle;
     fn deref(&self) -> &Handle {

@@ -12,6 +12,12 @@ pub struct StopSender<'a> {
     pub(crate) ipi: &'a IpiLayer,
 }
 
+impl std::fmt::Debug for StopSender<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopSender").finish_non_exhaustive()
+    }
+}
+
 impl StopSender<'_> {
     /// Sends the maskable stop IPI (a dedicated vector; a CPU with irqs soft-masked takes it
     /// only at `irq_restore`).
