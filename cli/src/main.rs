@@ -27,6 +27,7 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
 mod kexec_cmd;
+mod latency;
 mod rng;
 mod stress;
 mod torture;
@@ -52,6 +53,9 @@ enum Cmd {
     /// Torture the runtime: scenarios that race IPIs, hotplug, stop and kexec with injected
     /// faults and check every invariant as they go (exit 1 on a violation).
     Stress(torture::StressArgs),
+    /// Map IPI latency between every pair of host cores: cache-line ping-pong (the floor) and
+    /// call_single to a polling, a busy and a sleeping CPU, p50/p99 per pair.
+    Latency(latency::LatencyArgs),
 }
 
 #[derive(Args)]
@@ -205,6 +209,10 @@ fn main() {
             // Pending signals are delivered (with their default action) once unblocked.
             let _ = signals.thread_unblock();
             kexec_cmd::kexec(args)
+        }
+        Cmd::Latency(args) => {
+            let _ = signals.thread_unblock();
+            latency::latency(args)
         }
     };
     if let Err(e) = result {
