@@ -96,7 +96,8 @@ pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
         let err = cmd.exec();
         return Err(anyhow!("execve failed: {err}"));
     }
-    print_report(&mut std::io::stdout().lock(), &report, next.cpus(), a.json)?;
+    print_report(&mut std::io::stdout().lock(), &report, next.cpus(), a.json)
+        .context("writing to stdout")?;
     Ok(())
 }
 

@@ -63,15 +63,21 @@ struct RunArgs {
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     cpus: Option<usize>,
-    /// Workload to run (lifecycle, demo, hotplug, crash).
-    #[arg(long, value_name = "NAME", default_value = "lifecycle")]
-    workload: String,
+    /// Workload to run (lifecycle, demo, hotplug, crash) [default: lifecycle; demo below 4
+    /// CPUs, which the lifecycle needs].
+    #[arg(long, value_name = "NAME")]
+    workload: Option<String>,
     /// How long the workload sends IPIs, e.g. "2s", "500ms" (lifecycle: split over its phases).
-    #[arg(long, value_name = "D", default_value = "1s")]
+    #[arg(
+        long,
+        value_name = "D",
+        default_value = "1s",
+        allow_hyphen_values = true
+    )]
     duration: String,
     /// How long a stop's first attempt (the maskable stop vector) waits before the NMI attempt
     /// [default: 100ms for lifecycle, the kernel's 1s otherwise].
-    #[arg(long, value_name = "D")]
+    #[arg(long, value_name = "D", allow_hyphen_values = true)]
     stop_wait: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -118,6 +124,9 @@ impl Workload {
         Self::ALL.iter().copied().find(|w| w.name() == s)
     }
 }
+
+/// The fewest CPUs the lifecycle workload runs on (`stress::lifecycle`).
+const LIFECYCLE_MIN_CPUS: usize = 4;
 
 /// A validated `usmp run`.
 struct RunPlan {
@@ -337,19 +346,25 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
             "--cpus must be between 1 and {MAX_CPUS}, got {cpus}"
         ));
     }
-    let workload = Workload::parse(&a.workload).ok_or_else(|| {
-        let valid: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
-        anyhow!(
-            "unknown workload '{}' (valid: {})",
-            a.workload,
-            valid.join(", ")
-        )
-    })?;
-    let duration = humantime::parse_duration(&a.duration)
-        .map_err(|e| anyhow!("--duration '{}': {e} (examples: 2s, 500ms, 1m)", a.duration))?;
+    let workload = match &a.workload {
+        Some(name) => Workload::parse(name).ok_or_else(|| {
+            let valid: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
+            anyhow!("unknown workload '{name}' (valid: {})", valid.join(", "))
+        })?,
+        None if cpus >= LIFECYCLE_MIN_CPUS => Workload::Lifecycle,
+        None => {
+            // The lifecycle needs a boot CPU, a CPU that panics, an irq-masked one and a
+            // spare; below that the default is the IPI phase on its own.
+            let _ = writeln!(
+                std::io::stderr(),
+                "usmp: note: the lifecycle workload needs {LIFECYCLE_MIN_CPUS} CPUs; running the demo workload on {cpus}"
+            );
+            Workload::Demo
+        }
+    };
+    let duration = positive_duration("--duration", &a.duration, "2s, 500ms, 1m")?;
     let stop_wait = match &a.stop_wait {
-        Some(s) => humantime::parse_duration(s)
-            .map_err(|e| anyhow!("--stop-wait '{s}': {e} (examples: 100ms, 1s)"))?,
+        Some(s) => positive_duration("--stop-wait", s, "100ms, 1s")?,
         None if workload == Workload::Lifecycle => Duration::from_millis(100),
         None => Duration::from_secs(1),
     };
@@ -370,6 +385,24 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
         json: a.json,
         trace,
     })
+}
+
+/// A duration flag's value: a humantime duration above zero, with a message that says what
+/// is wrong with it (a negative or zero value included; `usmp stress` says the same).
+fn positive_duration(flag: &str, v: &str, examples: &str) -> anyhow::Result<Duration> {
+    if v.trim_start().starts_with('-') {
+        return Err(anyhow!(
+            "{flag} '{v}': must not be negative (examples: {examples})"
+        ));
+    }
+    let d = humantime::parse_duration(v)
+        .map_err(|e| anyhow!("{flag} '{v}': {e} (examples: {examples})"))?;
+    if d.is_zero() {
+        return Err(anyhow!(
+            "{flag} '{v}': must be more than 0 (examples: {examples})"
+        ));
+    }
+    Ok(d)
 }
 
 fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
@@ -440,6 +473,11 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write trace file {}", path.display()))?;
     }
 
+    print_run(&p, &outcome, &stats).context("writing to stdout")
+}
+
+/// The run's report on stdout: the JSON object, or the timeline and the per-CPU table.
+fn print_run(p: &RunPlan, outcome: &Outcome, stats: &RuntimeStats) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if p.json {
         let report = RunReport {
@@ -461,7 +499,7 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
                 Outcome::Crash(c) => Some(c),
                 _ => None,
             },
-            stats: &stats,
+            stats,
         };
         kexec_cmd::write_json(&mut out, &report)?;
     } else {
@@ -469,11 +507,12 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
             Outcome::Crash(c) => c.write_summary(&mut out)?,
             Outcome::Lifecycle(l) => {
                 l.write_timeline(&mut out)?;
-                print_summary(&mut out, &p, &outcome, &stats)?
+                print_summary(&mut out, p, outcome, stats)?
             }
-            _ => print_summary(&mut out, &p, &outcome, &stats)?,
+            _ => print_summary(&mut out, p, outcome, stats)?,
         }
     }
+    out.flush()?;
     Ok(())
 }
 
