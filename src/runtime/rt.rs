@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::builder::Config;
 use super::error::RuntimeError;
+use super::liveness::Gone;
 use super::logger::Logger;
 use crate::cpu::events::Event;
 use crate::cpu::lock::LockUnpoisoned;
@@ -31,12 +32,37 @@ pub(crate) struct Shared {
     logger: Mutex<Option<Logger>>,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
     kexec_in_progress: AtomicBool,
+    /// The process that built this runtime, and its fork epoch then (`liveness.rs`).
+    builder_pid: u32,
+    fork_epoch: u64,
 }
 
 impl Shared {
     /// The configuration this image was built with.
     pub(crate) fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// `Ok` while a handle can reach this runtime's CPUs: not after shutdown, not in a fork
+    /// child. Every call of the public API that acts on CPUs checks it first.
+    #[inline]
+    pub(crate) fn usable(&self) -> Result<(), Gone> {
+        if self.forked() {
+            return Err(Gone::Forked {
+                builder_pid: self.builder_pid,
+                pid: std::process::id(),
+            });
+        }
+        if self.shut.load(Ordering::Acquire) {
+            return Err(Gone::ShutDown);
+        }
+        Ok(())
+    }
+
+    /// Whether this process is a fork child of the one that built the runtime.
+    #[inline]
+    fn forked(&self) -> bool {
+        super::liveness::epoch() != self.fork_epoch
     }
 
     /// A kexec starts: true for exactly one caller per image, until `end_kexec`.
@@ -86,6 +112,12 @@ impl Shared {
     /// shutdown timeout per CPU. Idempotent.
     fn shutdown(&self) {
         if self.shut.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.forked() {
+            // A fork child has none of the CPU or logger threads: nothing to stop or join, and
+            // their join handles and locks are the parent's (a lock held by one of its threads
+            // at the fork stays held here). `Runtime::drop` leaks the state instead.
             return;
         }
         for st in self.cpus().iter() {
@@ -155,6 +187,11 @@ impl std::ops::Deref for Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.handle.shared.shutdown();
+        if self.handle.shared.forked() {
+            // Dropping the state would detach the join handles of threads that exist only in
+            // the parent; in a fork child, leak it.
+            std::mem::forget(self.handle.shared.clone());
+        }
     }
 }
 
@@ -176,6 +213,7 @@ impl Runtime {
         lost: &CpuMask,
     ) -> Result<Runtime, RuntimeError> {
         crate::ipi::handler::install(&cfg.signals)?;
+        let fork_epoch = super::liveness::register();
         let cores = crate::cpu::affinity::allowed_cores();
         let n = cfg.cpus;
         if cfg.pin && n > cores.len().max(1) {
@@ -203,7 +241,9 @@ impl Runtime {
             // whoever brings a CPU up holds a `Handle`, so the upgrade succeeds.
             let me = me.clone();
             let spawn: SpawnCpu = Box::new(move |cpu| match me.upgrade() {
-                Some(shared) => super::thread::spawn_cpu(&shared, cpu),
+                // A cpu_up that raced with shutdown must not start a thread nobody joins.
+                Some(shared) if shared.usable().is_ok() => super::thread::spawn_cpu(&shared, cpu),
+                Some(_) => Err(std::io::Error::other("the runtime has shut down")),
                 None => Err(std::io::Error::other("the runtime is being dropped")),
             });
             Shared {
@@ -212,6 +252,8 @@ impl Runtime {
                 shut: AtomicBool::new(false),
                 logger: Mutex::new(None),
                 kexec_in_progress: AtomicBool::new(false),
+                builder_pid: std::process::id(),
+                fork_epoch,
                 cfg,
             }
         });
@@ -382,6 +424,7 @@ impl Handle {
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
+        self.shared.usable()?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
         let mut job = crate::cpu::state::Job::new(move || {

@@ -1,0 +1,169 @@
+//! Issue 19: a runtime that survives its process. A `Handle` that outlives its `Runtime`, and a
+//! runtime inherited by a `fork()` child, fail every call at once with a typed error instead of
+//! acting on CPUs that no longer exist (or bringing them back).
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{serial, wait_until, PATIENCE};
+use usmp::{
+    Builder, HotplugError, IpiError, KexecError, RuntimeError, Section, StopError, StopMachineError,
+};
+
+/// Item 5: after the `Runtime` is dropped, every call through a surviving handle is refused
+/// with `ShutDown` and nothing runs: the old code let `cpu_up` start a new CPU thread (and run
+/// jobs on it), and returned `Ok` from `stop_machine` and `on_each_cpu` having run nothing.
+#[test]
+fn a_handle_that_outlives_its_runtime_is_refused_with_shut_down() {
+    let _g = serial();
+    let rt = Builder::new().cpus(2).log_events(false).build().unwrap();
+    let h = rt.handle();
+    drop(rt);
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let bump = move || {
+        r.fetch_add(1, Ordering::Relaxed);
+    };
+    assert!(matches!(h.cpu_up(1), Err(HotplugError::ShutDown)));
+    assert!(matches!(h.cpu_down(1), Err(HotplugError::ShutDown)));
+    assert!(matches!(h.hotplug_enable(), Err(HotplugError::ShutDown)));
+    assert!(matches!(
+        h.setup_state("test:after-drop", Section::Online, None, None),
+        Err(HotplugError::ShutDown)
+    ));
+    assert!(matches!(
+        h.run_on(0, bump.clone()),
+        Err(RuntimeError::ShutDown)
+    ));
+    assert!(matches!(
+        h.call_single(0, bump.clone(), true),
+        Err(IpiError::ShutDown)
+    ));
+    assert!(matches!(
+        h.call_single_async(0, bump.clone()),
+        Err(IpiError::ShutDown)
+    ));
+    assert!(matches!(
+        h.call_many(&"0-1".parse().unwrap(), bump.clone(), true),
+        Err(IpiError::ShutDown)
+    ));
+    assert!(matches!(
+        h.call_all_but_self(bump.clone(), true),
+        Err(IpiError::ShutDown)
+    ));
+    assert!(matches!(
+        h.on_each_cpu(bump.clone(), true),
+        Err(IpiError::ShutDown)
+    ));
+    assert!(matches!(
+        h.nmi_backtrace(0, Duration::from_millis(100)),
+        Err(IpiError::ShutDown)
+    ));
+    let r = ran.clone();
+    assert!(matches!(
+        h.stop_machine(
+            move |_| {
+                r.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            },
+            &"0-1".parse().unwrap()
+        ),
+        Err(StopMachineError::Ipi(IpiError::ShutDown))
+    ));
+    assert!(matches!(h.send_stop(), Err(StopError::ShutDown)));
+    assert!(matches!(h.crash_stop(), Err(StopError::ShutDown)));
+    assert!(matches!(
+        h.kexec(None, |_, _| ()),
+        Err(KexecError::ShutDown)
+    ));
+    assert!(matches!(
+        h.crash_kexec("after drop", |_, _| ()),
+        Err(KexecError::ShutDown)
+    ));
+    assert_eq!(
+        ran.load(Ordering::Relaxed),
+        0,
+        "something ran after the drop"
+    );
+    assert!(
+        h.online_mask().is_empty(),
+        "a CPU came back: {}",
+        h.online_mask()
+    );
+    assert_eq!(h.cpu_tid(0), None);
+    assert_eq!(h.cpu_tid(1), None);
+}
+
+/// What the fork child checks; its exit code names the first thing that went wrong.
+fn in_fork_child(rt: usmp::Runtime) -> i32 {
+    let t0 = Instant::now();
+    let pid = std::process::id();
+    if !matches!(rt.call_single(1, || {}, true),
+        Err(IpiError::Forked { builder_pid, pid: p }) if p == pid && builder_pid != pid)
+    {
+        return 10;
+    }
+    if !matches!(rt.call_single_async(1, || {}), Err(IpiError::Forked { .. })) {
+        return 11;
+    }
+    if !matches!(rt.run_on(1, || ()), Err(RuntimeError::Forked { .. })) {
+        return 12;
+    }
+    if !matches!(rt.cpu_down(1), Err(HotplugError::Forked { .. })) {
+        return 13;
+    }
+    drop(rt);
+    // Fast: no call timeout (5 s), no join of threads that do not exist here.
+    if t0.elapsed() > Duration::from_secs(2) {
+        return 14;
+    }
+    0
+}
+
+/// Item 4: a `fork()` child that inherited a runtime (it has none of its CPU threads) gets
+/// `Forked` from its calls at once, and dropping the runtime there returns at once. The old code
+/// timed a call out after 5 s, and `Drop` stalled 10 s and then panicked (exit 101).
+#[test]
+fn a_fork_child_fails_calls_fast_and_drops_cleanly() {
+    let _g = serial();
+    let rt = Builder::new().cpus(2).log_events(false).build().unwrap();
+    // SAFETY: the child only runs `in_fork_child` (atomics, error values, no lock that another
+    // thread of the parent could hold) and leaves with `_exit`, running no destructors or
+    // atexit handlers of the parent's state.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    if child == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| in_fork_child(rt)))
+            .unwrap_or(20);
+        // SAFETY: ends the child without unwinding into the test harness's copy.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    let exited = wait_until(PATIENCE, || {
+        // SAFETY: waits for our own child without blocking; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) == child }
+    });
+    if !exited {
+        // SAFETY: our own child, which has not been reaped.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, &mut status, 0);
+        }
+        panic!("the fork child did not finish within {PATIENCE:?}");
+    }
+    assert!(
+        libc::WIFEXITED(status),
+        "fork child died: status {status:#x}"
+    );
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "fork child failed a check (see in_fork_child)"
+    );
+    // The parent's runtime is untouched.
+    rt.call_single(1, || {}, true).unwrap();
+    assert_eq!(rt.run_on(1, || 7).unwrap().join().unwrap(), 7);
+}
