@@ -93,6 +93,13 @@ pub enum RuntimeError {
         /// This process.
         pid: u32,
     },
+    /// A job joined a job queued on its own CPU: jobs are not preemptible, so the joined one
+    /// could only start after the joining one returned, and the join would wait forever.
+    #[error("job on CPU {cpu} is queued behind the job that joins it, on the same CPU (it would wait forever)")]
+    JoinOnOwnCpu {
+        /// The CPU both jobs are on.
+        cpu: CpuId,
+    },
     /// `join_timeout` ran out.
     #[error("job on CPU {cpu} did not finish within {timeout_ms} ms")]
     JobTimeout {

@@ -523,12 +523,15 @@ const JOIN_POLL: Duration = Duration::from_millis(10);
 impl<R> JobHandle<R> {
     /// Waits for the job. Unbounded while the job runs (a job may block as long as it likes;
     /// use [`JobHandle::join_timeout`] to bound it), but a job whose CPU a stop parked or
-    /// powered off returns `JobStopped` instead of waiting forever.
+    /// powered off returns `JobStopped` instead of waiting forever. A job that joins a job
+    /// still queued on its own CPU gets `JoinOnOwnCpu` at once (the joined job could only
+    /// start after the caller returned).
     pub fn join(self) -> Result<R, RuntimeError> {
         self.wait(None)
     }
 
-    /// Waits at most `d`.
+    /// Waits at most `d`. Like [`JobHandle::join`], refuses at once with `JoinOnOwnCpu` a
+    /// wait that could never end: a job joining a job still queued on its own CPU.
     pub fn join_timeout(self, d: Duration) -> Result<R, RuntimeError> {
         self.wait(Some(Instant::now() + d)).map_err(|e| match e {
             RuntimeError::JobTimeout { cpu, .. } => RuntimeError::JobTimeout {
@@ -539,9 +542,20 @@ impl<R> JobHandle<R> {
         })
     }
 
+    /// Whether the caller runs on `cpu` of this job's runtime.
+    fn is_own_cpu(&self, cpu: CpuId) -> bool {
+        crate::cpu::context::current()
+            .is_some_and(|(_, st)| std::ptr::eq(st, &*self.shared.cpus()[cpu]))
+    }
+
     fn wait(self, deadline: Option<Instant>) -> Result<R, RuntimeError> {
         loop {
             let cpu = self.at.load(Ordering::SeqCst);
+            if self.rx.is_empty() && self.is_own_cpu(cpu) {
+                // The caller is a job on `cpu` itself: the joined job cannot start until the
+                // caller returns (jobs are not preemptible), nor move while the caller runs.
+                return Err(RuntimeError::JoinOnOwnCpu { cpu });
+            }
             let nap = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(JOIN_POLL),
                 None => JOIN_POLL,
