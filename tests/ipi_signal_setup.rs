@@ -123,3 +123,35 @@ fn cpus_take_ipis_and_nmis_when_the_builder_blocked_the_signals() {
     drop(rt);
     block_on_this_thread([ipi, nmi], false);
 }
+
+/// Issue 19, item 8: an NMI handler replaced after `build()` is named, as the IPI handler is:
+/// `nmi_backtrace` fails with `HandlerReplaced` (it was a bare `Timeout`), and a crash-stop
+/// that cannot stop a CPU lists the signal in `replaced_signals`.
+#[test]
+fn a_nmi_handler_replaced_after_build_is_named() {
+    let _g = serial();
+    let (ipi, nmi) = (libc::SIGRTMIN() + 12, libc::SIGRTMIN() + 13);
+    let rt = Builder::new()
+        .cpus(2)
+        .signals(ipi, nmi)
+        .log_events(false)
+        .build()
+        .unwrap();
+    // CPU 1 spins with irqs masked: only the NMI can reach it.
+    let ctl = common::MaskCtl::new();
+    let job = common::start_masked_spinner(&rt, 1, &ctl);
+    let old = set_foreign(nmi);
+    let bt = rt.nmi_backtrace(1, Duration::from_millis(200));
+    let stop = rt.crash_stop();
+    restore(nmi, &old);
+    ctl.release.store(true, Ordering::Release);
+    // The stop vector deferred by the mask is taken at irq_restore: the job parks (stopped).
+    let _ = job.join_timeout(Duration::from_secs(5));
+    match bt {
+        Err(IpiError::HandlerReplaced { cpu: 1, sig, .. }) => assert_eq!(sig, nmi),
+        other => panic!("nmi_backtrace: expected HandlerReplaced, got {other:?}"),
+    }
+    let out = stop.unwrap();
+    assert!(out.failed.contains(1), "{out:?}");
+    assert_eq!(out.replaced_signals, vec![nmi], "{out:?}");
+}

@@ -124,6 +124,18 @@ impl IpiLayer {
             }
             std::thread::yield_now();
         }
+        if !super::handler::nmi_handler_installed(&s.signals) {
+            // As for the IPI signal (`csd_timeout`): name the cause, not a bare timeout.
+            tracing::error!(
+                "usmp: signal {} no longer has usmp's NMI handler (replaced after build?): NMIs cannot reach CPUs",
+                s.signals.nmi
+            );
+            return Err(IpiError::HandlerReplaced {
+                cpu,
+                sig: s.signals.nmi,
+                waited_ms: timeout.as_millis() as u64,
+            });
+        }
         Err(IpiError::Timeout {
             cpu,
             waited_ms: timeout.as_millis() as u64,

@@ -99,8 +99,9 @@ pub enum IpiError {
         /// `SIGRTMAX` on this host.
         max: i32,
     },
-    /// A synchronous call timed out and the IPI signal's handler is no longer usmp's: another
-    /// library replaced it after `build()`, so no doorbell reaches a busy CPU any more.
+    /// A synchronous call (or an NMI backtrace) timed out and the IPI (or NMI) signal's handler
+    /// is no longer usmp's: another library replaced it after `build()`, so no doorbell (or
+    /// NMI) reaches a busy CPU any more.
     #[error("IPI to CPU {cpu}: no answer within {waited_ms} ms, and signal {sig} no longer has usmp's handler (another library replaced it); busy CPUs cannot be reached")]
     HandlerReplaced {
         /// The target CPU.

@@ -193,6 +193,9 @@ pub struct StopOutcome {
     pub notes: Vec<CrashNote>,
     /// The caller, if it is a logical CPU (it keeps running).
     pub caller: Option<CpuId>,
+    /// When some CPU failed to stop: the runtime's signals (IPI, NMI) whose handler was no
+    /// longer usmp's, because another library replaced it after `build()`. Empty otherwise.
+    pub replaced_signals: Vec<i32>,
 }
 
 /// Why a stop call did not run the stop.
@@ -253,6 +256,7 @@ impl StopLayer {
             failed,
             attempts: Vec::new(),
             caller: me,
+            replaced_signals: Vec::new(),
         })
     }
 
@@ -373,8 +377,15 @@ impl StopLayer {
         if let Some(me) = me {
             failed.clear(me);
         }
+        let mut replaced_signals = Vec::new();
         if !failed.is_empty() {
             tracing::error!("SMP: failed to stop secondary CPUs {failed}");
+            replaced_signals = crate::ipi::handler::replaced_signals(s);
+            if !replaced_signals.is_empty() {
+                tracing::error!(
+                    "SMP: signals {replaced_signals:?} no longer have usmp's handlers (replaced after build?): stops cannot reach those CPUs"
+                );
+            }
         }
         let crash = s.stop.coord.is_crash();
         if crash {
@@ -390,6 +401,7 @@ impl StopLayer {
             attempts,
             notes,
             caller: me,
+            replaced_signals,
         };
         s.stop.finish();
         Ok(out)
