@@ -480,3 +480,50 @@ fn exhausted_csd_pool_is_an_error() {
     assert_eq!(st.lost_calls, 0);
     assert_eq!(ctl.runs.load(Ordering::SeqCst), 4 * POOL as u32);
 }
+
+/// Issue 19, item 6: a csd pool smaller than the targets. `call_many`/`on_each_cpu` used to
+/// publish a call per target before ringing any, and once the pool was dry waited the whole
+/// call timeout for a slot that only its own unrung calls held, then failed with `NoCsd`
+/// having run nothing. Now a dry pool ends the batch: it is rung (and, if sync, waited for)
+/// first, so a pool of one serves any number of CPUs.
+#[test]
+fn a_csd_pool_smaller_than_the_targets_serves_them_all() {
+    let _g = serial();
+    let rt = Builder::new()
+        .cpus(8)
+        .csd_pool(1)
+        .call_timeout(Duration::from_secs(2))
+        .log_events(false)
+        .build()
+        .unwrap();
+    let hits = Arc::new(AtomicU32::new(0));
+    let h = hits.clone();
+    let t0 = Instant::now();
+    rt.on_each_cpu(
+        move || {
+            h.fetch_add(1, Ordering::Relaxed);
+        },
+        true,
+    )
+    .unwrap();
+    assert_eq!(hits.load(Ordering::Relaxed), 8);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "on_each_cpu waited for its own slots: {:?}",
+        t0.elapsed()
+    );
+    // Asynchronous: the batch is rung, and the next call waits for a slot its target frees.
+    let h = hits.clone();
+    rt.call_many(
+        &"0-7".parse().unwrap(),
+        move || {
+            h.fetch_add(1, Ordering::Relaxed);
+        },
+        false,
+    )
+    .unwrap();
+    assert!(wait_until(PATIENCE, || hits.load(Ordering::Relaxed) == 16));
+    let st = rt.shutdown();
+    assert_eq!(st.lost_calls, 0);
+    assert_eq!(st.csd_in_use, 0);
+}

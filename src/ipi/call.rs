@@ -180,7 +180,7 @@ impl IpiLayer {
                 return Err(IpiError::IrqsDisabled { cpu: me });
             }
         }
-        let idx = publish(s, st, me, f, wait)?;
+        let idx = publish(s, st, me, f, wait, true)?;
         ring(s, st);
         if wait {
             wait_done(s, st, idx, None)
@@ -235,19 +235,26 @@ impl IpiLayer {
         let mut targets = (0..s.cpus().len())
             .filter(|&c| in_mask(c) && Some(c) != me && s.online().contains(c))
             .peekable();
-        // Batches of queued (cpu, slot): push a batch, ring it, then wait for it.
+        // Batches of queued (cpu, slot): push a batch, ring it, then wait for it. A batch also
+        // ends when the pool runs dry: its calls, published but not yet rung, hold slots that
+        // only their targets can free, so waiting for a slot before ringing them waited the
+        // whole call timeout on ourselves (a pool smaller than the targets ran nothing). Only
+        // the first call of a batch waits for a slot; then the caller holds none.
         while targets.peek().is_some() {
             let mut batch = [(0usize, 0u32); BATCH];
             let mut n = 0;
-            for cpu in targets.by_ref() {
+            while let Some(&cpu) = targets.peek() {
                 let st = &s.cpus()[cpu];
-                match publish(s, st, me, f.clone(), wait) {
+                match publish(s, st, me, f.clone(), wait, n == 0) {
                     Ok(idx) => {
                         batch[n] = (cpu, idx);
                         n += 1;
                     }
+                    // Pool dry: ring (and wait for) this batch, then this CPU starts the next.
+                    Err(IpiError::NoCsd { .. }) if n > 0 => break,
                     Err(e) => fail(cpu, e),
                 }
+                targets.next();
                 if n == BATCH {
                     break;
                 }
@@ -292,13 +299,15 @@ fn run_local<F: FnOnce()>(s: &IpiLayer, st: &CpuState, f: F) {
     st.stats().calls_handled.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Steps 2 and 3. Returns the queued slot.
+/// Steps 2 and 3. Returns the queued slot. `wait_for_slot`: if the pool is empty, wait for a
+/// free csd (up to the call timeout) instead of failing with `NoCsd` at once.
 fn publish<F>(
     s: &IpiLayer,
     st: &CpuState,
     me: Option<CpuId>,
     f: F,
     sync: bool,
+    wait_for_slot: bool,
 ) -> Result<u32, IpiError>
 where
     F: FnOnce() + Send + 'static,
@@ -308,7 +317,7 @@ where
         s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
         return Err(IpiError::Offline { cpu });
     }
-    let idx = alloc_slot(s, cpu)?;
+    let idx = alloc_slot(s, cpu, wait_for_slot)?;
     // The push's CAS comes after the closure is written into the slot: fetch the queue's line
     // meanwhile (see `prefetch_write`).
     crate::cpu::call_queue::prefetch_write(st.queue());
@@ -342,14 +351,14 @@ where
     Ok(idx)
 }
 
-/// A free csd, waiting (yielding) up to the call timeout if the pool is empty. In IPI context
-/// (or with irqs masked) it fails at once: a handler must not wait for other CPUs to free
-/// slots, and the CPU it interrupted may be the one holding them.
-fn alloc_slot(s: &IpiLayer, cpu: CpuId) -> Result<u32, IpiError> {
+/// A free csd, waiting (yielding) up to the call timeout if the pool is empty and `wait`. In
+/// IPI context (or with irqs masked) it fails at once: a handler must not wait for other CPUs
+/// to free slots, and the CPU it interrupted may be the one holding them.
+fn alloc_slot(s: &IpiLayer, cpu: CpuId, wait: bool) -> Result<u32, IpiError> {
     if let Some(i) = s.pool.alloc() {
         return Ok(i);
     }
-    if irqs_disabled() {
+    if !wait || irqs_disabled() {
         return Err(IpiError::NoCsd { cpu });
     }
     let deadline = now_ns() + s.call_timeout.as_nanos() as u64;
