@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,4 +168,111 @@ fn a_fork_child_fails_calls_fast_and_drops_cleanly() {
     // The parent's runtime is untouched.
     rt.call_single(1, || {}, true).unwrap();
     assert_eq!(rt.run_on(1, || 7).unwrap().join().unwrap(), 7);
+}
+
+const CHILD: &str = "USMP_PROCESS_CHILD";
+
+/// Item 3, the child: synchronous calls in a loop (to a busy CPU, and to every CPU) with a
+/// 1 s call timeout, until the parent writes a line on stdin. Prints "ready" once calls are
+/// flowing, and exits 1 with the error if a call fails.
+fn stopped_child() {
+    let rt = Builder::new()
+        .cpus(3)
+        .call_timeout(Duration::from_secs(1))
+        .log_events(false)
+        .build()
+        .unwrap();
+    let (ctl, job) = common::start_busy_spinner(&rt, 1);
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        d2.store(true, Ordering::Release);
+    });
+    let mut n = 0u64;
+    while !done.load(Ordering::Acquire) {
+        let r = rt
+            .call_single(1, || {}, true)
+            .and_then(|()| rt.on_each_cpu(|| {}, true));
+        if let Err(e) = r {
+            eprintln!("call {n} failed: {e}");
+            std::process::exit(1);
+        }
+        n += 1;
+        if n == 100 {
+            println!("ready");
+            std::io::stdout().flush().unwrap();
+        }
+    }
+    ctl.release.store(true, Ordering::Release);
+    job.join().unwrap();
+    eprintln!("{n} calls");
+}
+
+/// Item 3: a process stopped (SIGSTOP, as Ctrl-Z's SIGTSTP does) for longer than its call
+/// timeout and continued does not fail its calls: the time it was stopped does not count.
+/// The old code failed the call in flight with `non-responsive CSD lock after ~2500 ms`.
+#[test]
+fn a_process_stopped_longer_than_the_call_timeout_keeps_working() {
+    if std::env::var(CHILD).is_ok_and(|v| v == "stopped") {
+        stopped_child();
+        return;
+    }
+    let _g = serial();
+    for round in 0..2 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_process_stopped_longer_than_the_call_timeout_keeps_working",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "stopped")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("ready") {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 {
+                let o = child.wait_with_output().unwrap();
+                panic!(
+                    "round {round}: the child ended before calls flowed ({:?}); stderr:\n{}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+        }
+        let pid = child.id() as i32;
+        // SAFETY: signals our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        // The stimulus, not a synchronisation: stopped for two and a half call timeouts.
+        std::thread::sleep(Duration::from_millis(2500));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        // Let it run a little after the continue (its own progress is the evidence), then end.
+        let mut stdin = child.stdin.take().unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(100) {
+            std::hint::spin_loop();
+        }
+        // A child that already failed has closed its stdin: the status below says why.
+        let _ = writeln!(stdin, "done");
+        let exited = wait_until(PATIENCE, || child.try_wait().unwrap().is_some());
+        if !exited {
+            let _ = child.kill();
+        }
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(exited, "round {round}: child still running; stderr:\n{err}");
+        assert!(
+            status.success(),
+            "round {round}: the stopped child failed ({status:?}); stderr:\n{err}"
+        );
+    }
 }

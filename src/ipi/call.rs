@@ -24,7 +24,7 @@ use std::time::Duration;
 use super::csd::{GiveUp, DONE};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
-use crate::cpu::clock::now_ns;
+use crate::cpu::clock::{now_ns, Deadline};
 use crate::cpu::context::{irq_restore, irq_save, irqs_disabled};
 use crate::cpu::events::{EventKind, NO_CPU};
 use crate::cpu::idle::Kick;
@@ -109,7 +109,8 @@ impl IpiLayer {
         if !nmi::send(s, st, NmiReason::Backtrace) {
             return Err(IpiError::Offline { cpu });
         }
-        let deadline = now_ns() + timeout.as_nanos() as u64;
+        // A process stopped and continued meanwhile does not time out (`Deadline`).
+        let mut deadline = Deadline::after_ns(timeout.as_nanos() as u64);
         // Check before the deadline test: a caller descheduled past the deadline must still
         // see a sample that arrived meanwhile.
         loop {
@@ -119,7 +120,7 @@ impl IpiLayer {
                     return Ok(ip);
                 }
             }
-            if now_ns() >= deadline {
+            if deadline.passed() {
                 break;
             }
             std::thread::yield_now();
@@ -215,7 +216,7 @@ impl IpiLayer {
                 cpu: me.unwrap_or(0),
             });
         }
-        let deadline = now_ns() + s.call_timeout.as_nanos() as u64;
+        let mut deadline = Deadline::after_ns(s.call_timeout.as_nanos() as u64);
         // In IPI context an error must not allocate (a mask and a box would): the other targets
         // still get the call, and the error is the first failing CPU's own, not `Partial`.
         let atomic = irqs_disabled();
@@ -264,7 +265,7 @@ impl IpiLayer {
             }
             if wait {
                 for &(cpu, idx) in &batch[..n] {
-                    if let Err(e) = wait_done(s, &s.cpus()[cpu], idx, Some(deadline)) {
+                    if let Err(e) = wait_done(s, &s.cpus()[cpu], idx, Some(&mut deadline)) {
                         fail(cpu, e);
                     }
                 }
@@ -361,8 +362,8 @@ fn alloc_slot(s: &IpiLayer, cpu: CpuId, wait: bool) -> Result<u32, IpiError> {
     if !wait || irqs_disabled() {
         return Err(IpiError::NoCsd { cpu });
     }
-    let deadline = now_ns() + s.call_timeout.as_nanos() as u64;
-    while now_ns() < deadline {
+    let mut deadline = Deadline::after_ns(s.call_timeout.as_nanos() as u64);
+    while !deadline.passed() {
         std::thread::yield_now();
         if let Some(i) = s.pool.alloc() {
             return Ok(i);
@@ -405,9 +406,22 @@ pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
     }
 }
 
-/// Step 5. `deadline`: `None` for the call timeout from now (read lazily, see below).
-fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Result<(), IpiError> {
+/// Step 5. `deadline`: `None` for the call timeout from now (read lazily, see below). Time
+/// the process spent stopped (SIGTSTP, SIGSTOP, a debugger) does not count (`Deadline`).
+fn wait_done(
+    s: &IpiLayer,
+    st: &CpuState,
+    idx: u32,
+    deadline: Option<&mut Deadline>,
+) -> Result<(), IpiError> {
     let slot = s.pool.slot(idx);
+    let timeout_ns = s.call_timeout.as_nanos() as u64;
+    let own_deadline = deadline.is_none();
+    let mut own = Deadline::from(0, 0);
+    let deadline = match deadline {
+        Some(d) => d,
+        None => &mut own,
+    };
     // Look at the state after every spin hint: a PAUSE costs ~140 cycles on recent x86, so
     // batching hints (this once did 32 per check) adds a microsecond of latency. The clock is
     // first read after 64 hints: a polling target answers before that, and two clock reads
@@ -428,16 +442,22 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             if start == 0 {
                 start = now;
                 spin_until = now + SPIN_NS;
-            } else if now >= spin_until {
-                break;
+                if own_deadline {
+                    *deadline = Deadline::from(start, timeout_ns);
+                } else {
+                    // A `call_many`'s deadline: a stop since its last look (while the caller
+                    // published and rang, or waited for an earlier target) counts as one.
+                    deadline.passed_at(start);
+                }
+            } else {
+                // A stop in the spin phase also ends it (its end has passed).
+                deadline.passed_at(now);
+                if now >= spin_until {
+                    break;
+                }
             }
         }
     }
-    let timeout_ns = s.call_timeout.as_nanos() as u64;
-    let deadline = deadline.unwrap_or(start + timeout_ns);
-    // When the call began: a `call_many`'s later targets share the first one's deadline, so
-    // their own spin start says nothing of how long the call has waited.
-    let begun = deadline.saturating_sub(timeout_ns);
     slot.waiter.store(1, Ordering::SeqCst);
     loop {
         let v = slot.state.load(Ordering::SeqCst);
@@ -446,10 +466,10 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             return Ok(());
         }
         let now = now_ns();
-        if now >= deadline {
+        if deadline.passed_at(now) {
             break;
         }
-        let nap = (deadline - now).min(1_000_000);
+        let nap = (deadline.at() - now).min(1_000_000);
         crate::cpu::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
         if slot.state.load(Ordering::Acquire) != DONE {
             // A merged or lost doorbell costs a millisecond, never the call: ring again even
@@ -458,7 +478,10 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             ring(s, st);
         }
     }
-    // Timed out: "csd: Detected non-responsive CSD lock".
+    // Timed out: "csd: Detected non-responsive CSD lock". When the call began, pauses not
+    // counted: a `call_many`'s later targets share the first one's deadline, so their own spin
+    // start says nothing of how long the call has waited.
+    let begun = deadline.at().saturating_sub(timeout_ns);
     let waited = now_ns().saturating_sub(begun);
     s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
     s.ring_here()
