@@ -72,3 +72,13 @@ pub enum KexecError {
     #[error("kexec: no online CPU to run on")]
     NoCpu,
 }
+
+impl From<crate::runtime::liveness::Gone> for KexecError {
+    fn from(g: crate::runtime::liveness::Gone) -> Self {
+        use crate::runtime::liveness::Gone;
+        match g {
+            Gone::ShutDown => KexecError::ShutDown,
+            Gone::Forked { builder_pid, pid } => KexecError::Forked { builder_pid, pid },
+        }
+    }
+}

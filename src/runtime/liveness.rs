@@ -13,7 +13,6 @@ use std::sync::Once;
 use super::error::RuntimeError;
 use crate::hotplug::HotplugError;
 use crate::ipi::IpiError;
-use crate::kexec::KexecError;
 use crate::stop::{StopError, StopMachineError};
 
 /// How many `fork()`s this process's line of descent has gone through since the first build.
@@ -66,7 +65,8 @@ macro_rules! from_gone {
     )*};
 }
 
-from_gone!(IpiError, HotplugError, StopError, RuntimeError, KexecError);
+// `KexecError`'s conversion lives in `kexec`, the layer above this one.
+from_gone!(IpiError, HotplugError, StopError, RuntimeError);
 
 impl From<Gone> for StopMachineError {
     fn from(g: Gone) -> Self {
