@@ -69,6 +69,10 @@ struct RunArgs {
     /// [default: 100ms for lifecycle, the kernel's 1s otherwise].
     #[arg(long, value_name = "D")]
     stop_wait: Option<String>,
+    /// How long a synchronous IPI waits for its callback before it fails, e.g. "300ms" [default:
+    /// the library's 5s]. Time the process spends stopped (Ctrl-Z) does not count.
+    #[arg(long, value_name = "D")]
+    call_timeout: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -122,6 +126,7 @@ struct RunPlan {
     workload: Workload,
     duration: Duration,
     stop_wait: Duration,
+    call_timeout: Option<Duration>,
     json: bool,
     trace: Option<(PathBuf, File)>,
 }
@@ -365,6 +370,13 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
         None if workload == Workload::Lifecycle => Duration::from_millis(100),
         None => Duration::from_secs(1),
     };
+    let call_timeout = match &a.call_timeout {
+        Some(s) => Some(
+            humantime::parse_duration(s)
+                .map_err(|e| anyhow!("--call-timeout '{s}': {e} (examples: 300ms, 5s)"))?,
+        ),
+        None => None,
+    };
     let trace = match a.trace {
         Some(p) => {
             let f = File::create(&p)
@@ -379,6 +391,7 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
         workload,
         duration,
         stop_wait,
+        call_timeout,
         json: a.json,
         trace,
     })
@@ -394,13 +407,15 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
         Workload::Lifecycle => Duration::from_millis(100),
         _ => Duration::from_millis(10),
     };
-    let rt = usmp::Builder::new()
+    let mut b = usmp::Builder::new()
         .cpus(p.cpus)
         .irq_accounting(true)
         .collect_trace(p.trace.is_some())
-        .stop_waits(p.stop_wait, nmi_wait)
-        .build()
-        .context("cannot start the runtime")?;
+        .stop_waits(p.stop_wait, nmi_wait);
+    if let Some(d) = p.call_timeout {
+        b = b.call_timeout(d);
+    }
+    let rt = b.build().context("cannot start the runtime")?;
     let h = rt.handle();
     *sig.quit_target.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
     announce("built");
