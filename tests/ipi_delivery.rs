@@ -236,7 +236,8 @@ fn send_until_refused(
                     going.fetch_add(1, Ordering::SeqCst);
                 }
             }
-            Err(IpiError::Offline { .. }) => {
+            // Refused, never run: the CPU went offline, or (issue 19) the runtime shut down.
+            Err(IpiError::Offline { .. } | IpiError::ShutDown) => {
                 rep.refused = true;
                 break;
             }
@@ -251,7 +252,7 @@ fn exactly_once_or_offline_across_shutdown() {
     let _g = serial();
     // Senders outside the runtime and on CPUs keep sending while the runtime shuts down: each
     // call is either accepted and run exactly once (by the IPI or by the dying CPU's flush) or
-    // refused with Offline and never run.
+    // refused with Offline (or ShutDown, once the shutdown has begun) and never run.
     const EXT: usize = 3;
     const ON_CPU: usize = 2;
     const PER_SENDER: usize = 50_000;

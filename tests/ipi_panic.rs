@@ -224,3 +224,51 @@ fn online_and_prepare_step_panics_fail_the_step_and_roll_back() {
         rt.remove_state(id).unwrap();
     }
 }
+
+/// Issue 19, item 1: a job that panics while IPIs keep landing on its CPU is a job panic
+/// (`JobPanicked`), not a fatal IPI-context one. The callbacks that ran on top of the panicking
+/// job (during its panic hook or its unwind) used to see `thread::panicking()` and abort the
+/// process naming "IPI callback". Runs in a child so that the old behaviour (an abort) fails
+/// this test instead of killing the whole binary.
+#[test]
+fn job_panic_under_an_ipi_storm_is_job_panicked() {
+    let name = "job_panic_under_an_ipi_storm_is_job_panicked";
+    if is_child(name) {
+        let rt = Builder::new().cpus(2).log_events(false).build().unwrap();
+        let h = rt.handle();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let storm = std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                let _ = h.call_single_async(1, || {});
+            }
+        });
+        for i in 0..20 {
+            match rt.run_on(1, move || panic!("job boom {i}")).unwrap().join() {
+                Err(RuntimeError::JobPanicked { cpu: 1, message }) => {
+                    assert_eq!(message, format!("job boom {i}"))
+                }
+                other => panic!("round {i}: expected JobPanicked on CPU 1, got {other:?}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        storm.join().unwrap();
+        return;
+    }
+    let _g = serial();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD, name)
+        // A backtrace makes std's hook slow: more IPIs land while the job is panicking.
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "child failed ({:?}, signal {:?}); stderr:\n{err}",
+        out.status.code(),
+        out.status.signal()
+    );
+    assert!(!err.contains("usmp: fatal"), "stderr:\n{err}");
+}

@@ -230,3 +230,38 @@ fn kexec_runs_every_teardown_once_per_cpu() {
         assert_eq!(states.of(cpu), [0, 0, 0], "cpu {cpu}");
     }
 }
+
+/// Issue 19, item 9: an image booted from a crash record (exec mode's next process) takes the
+/// record's CPU count and next generation, and brings up only the CPUs not lost, the crashing
+/// CPU first; a lost CPU cannot be brought up later.
+#[test]
+fn the_image_booted_from_a_record_brings_up_only_what_it_hands_over() {
+    let _g = serial();
+    let rec = usmp::CrashRecord {
+        reason: "test".into(),
+        crashing_cpu: Some(1),
+        cpus: 4,
+        generation: 3,
+        notes: vec![],
+        failed: String::new(),
+        lost: "0,2".into(),
+        park: usmp::ParkPolicy::Spin,
+        crashed_at_ns: 1,
+        handoff_at_ns: 2,
+    };
+    let b = usmp::Builder::new().cpus(2).log_events(false);
+    let rt = usmp::kexec::exec::boot_next_image(b, &rec).unwrap();
+    assert_eq!(rt.generation(), 4);
+    assert_eq!(rt.cpus(), 4);
+    assert_eq!(rt.online_mask().to_string(), "1,3");
+    assert_eq!(rt.present_mask().to_string(), "1,3");
+    assert!(rt.cpu_up(0).is_err(), "a lost CPU came up");
+    let mut all_lost = rec.clone();
+    all_lost.crashing_cpu = None;
+    all_lost.lost = "0-3".into();
+    let b = usmp::Builder::new().log_events(false);
+    assert!(matches!(
+        usmp::kexec::exec::boot_next_image(b, &all_lost),
+        Err(usmp::RuntimeError::BadConfig(_))
+    ));
+}

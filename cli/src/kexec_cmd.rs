@@ -51,7 +51,7 @@ pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
         p => return Err(anyhow!("--park must be power-off or spin, got '{p}'")),
     };
     if let Some(fd) = a.resume_fd {
-        return resume(fd, cpus, a.json);
+        return resume(fd, a.json);
     }
     let rt = Builder::new().cpus(cpus).park_policy(park).build()?;
     let image = |h: &usmp::Handle, _: &usmp::Handoff| h.generation();
@@ -121,7 +121,9 @@ fn resume_fd(fd: i32) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn resume(fd: i32, cpus: usize, json: bool) -> anyhow::Result<()> {
+/// The next process image: prints the record, then boots what it hands over (its CPU count
+/// wins over `--cpus`).
+fn resume(fd: i32, json: bool) -> anyhow::Result<()> {
     let rec = usmp::kexec::exec::read_record(resume_fd(fd)?)?;
     let mut out = std::io::stdout().lock();
     let (failed, lost) = (rec.failed_mask(), rec.lost_mask());
@@ -149,10 +151,11 @@ fn resume(fd: i32, cpus: usize, json: bool) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    let rt = Builder::new().cpus(cpus).build()?;
+    // The record decides what boots: its CPUs minus the lost ones, at its next generation.
+    let rt = usmp::kexec::exec::boot_next_image(Builder::new(), &rec)?;
     if json {
         let v = serde_json::json!({
-            "generation": rec.next_generation(),
+            "generation": rt.generation(),
             "cpus_online_after": rt.online_mask().weight(),
             "cpus_lost": lost.to_string(),
             "handoff_us": (rec.handoff_at_ns.saturating_sub(rec.crashed_at_ns)) / 1000,
@@ -163,7 +166,7 @@ fn resume(fd: i32, cpus: usize, json: bool) -> anyhow::Result<()> {
         writeln!(
             out,
             "== generation {} booted in a new process: CPUs {} online",
-            rec.next_generation(),
+            rt.generation(),
             or_none(&rt.online_mask())
         )?;
     }
@@ -203,7 +206,14 @@ pub fn printable(s: &str) -> String {
 /// Characters a terminal may act on or reorder text by.
 fn needs_escape(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            // Bidi marks, embeddings, overrides and isolates (U+061C is the Arabic letter mark).
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            // Line and paragraph separators (a new line to some terminals and viewers), the
+            // zero-width space and the BOM / zero-width no-break space (invisible text).
+            | '\u{2028}' | '\u{2029}' | '\u{200b}' | '\u{feff}'
+        )
 }
 
 /// Writes `v` as one line of JSON in which the characters [`printable`] escapes are `\uXXXX`

@@ -79,6 +79,10 @@ struct RunArgs {
     /// [default: 100ms for lifecycle, the kernel's 1s otherwise].
     #[arg(long, value_name = "D", allow_hyphen_values = true)]
     stop_wait: Option<String>,
+    /// How long a synchronous IPI waits for its callback before it fails, e.g. "300ms" [default:
+    /// the library's 5s]. Time the process spends stopped (Ctrl-Z) does not count.
+    #[arg(long, value_name = "D", allow_hyphen_values = true)]
+    call_timeout: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -135,6 +139,7 @@ struct RunPlan {
     workload: Workload,
     duration: Duration,
     stop_wait: Duration,
+    call_timeout: Option<Duration>,
     json: bool,
     trace: Option<(PathBuf, File)>,
 }
@@ -229,9 +234,29 @@ fn main() {
             // The reader of stdout went away: the output ends here, as `head` expects.
             std::process::exit(0);
         }
-        let _ = writeln!(std::io::stderr(), "usmp: error: {e:#}");
+        let _ = writeln!(std::io::stderr(), "usmp: error: {}", error_line(&e));
         std::process::exit(2);
     }
+}
+
+/// The error and its causes on one line, each cause once. anyhow's `{:#}` prints every
+/// `source()` after the message, and many errors (ours, thiserror's `"...: {0}"` with
+/// `#[from]`, io wrappers) already embed their source in their own message: the same cause
+/// then appeared twice or more (`... os error 2): No such file or directory (os error 2)`).
+/// A cause whose text the line already holds is left out.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// ANSI colour in log lines only on a terminal, and never when `NO_COLOR` is set and not empty
@@ -368,6 +393,10 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
         None if workload == Workload::Lifecycle => Duration::from_millis(100),
         None => Duration::from_secs(1),
     };
+    let call_timeout = match &a.call_timeout {
+        Some(s) => Some(positive_duration("--call-timeout", s, "300ms, 5s")?),
+        None => None,
+    };
     let trace = match a.trace {
         Some(p) => {
             let f = File::create(&p)
@@ -382,6 +411,7 @@ fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
         workload,
         duration,
         stop_wait,
+        call_timeout,
         json: a.json,
         trace,
     })
@@ -415,13 +445,15 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
         Workload::Lifecycle => Duration::from_millis(100),
         _ => Duration::from_millis(10),
     };
-    let rt = usmp::Builder::new()
+    let mut b = usmp::Builder::new()
         .cpus(p.cpus)
         .irq_accounting(true)
         .collect_trace(p.trace.is_some())
-        .stop_waits(p.stop_wait, nmi_wait)
-        .build()
-        .context("cannot start the runtime")?;
+        .stop_waits(p.stop_wait, nmi_wait);
+    if let Some(d) = p.call_timeout {
+        b = b.call_timeout(d);
+    }
+    let rt = b.build().context("cannot start the runtime")?;
     let h = rt.handle();
     *sig.quit_target.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
     announce("built");
@@ -679,6 +711,41 @@ fn dump_cpus(h: &Handle) {
             c.polled,
             c.idle_wakes,
             c.jobs
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    /// Shaped like the issue-19 report: a phase error that embeds its source and also returns
+    /// it from `source()`, over an IPI error, under anyhow's context.
+    #[derive(Debug, thiserror::Error)]
+    enum Phase {
+        #[error("hotplug workload: call_single to CPU 0: {0}")]
+        Call(#[source] usmp::IpiError),
+        #[error("trace: {0}")]
+        Io(#[from] std::io::Error),
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let e = anyhow::Error::from(Phase::Call(usmp::IpiError::Offline { cpu: 0 }))
+            .context("workload failed");
+        assert_eq!(
+            error_line(&e),
+            "workload failed: hotplug workload: call_single to CPU 0: IPI to CPU 0: CPU is offline"
+        );
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::from(Phase::Io(io));
+        let line = error_line(&e);
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+        // A cause not in the message is still printed.
+        let e = anyhow::Error::from(std::io::Error::from_raw_os_error(2)).context("cannot open x");
+        assert_eq!(
+            error_line(&e),
+            "cannot open x: No such file or directory (os error 2)"
         );
     }
 }

@@ -207,3 +207,32 @@ fn usage_errors_are_one_line() {
     assert_eq!(help.status.code(), Some(0));
     assert!(help.stdout.lines().count() > 5);
 }
+
+/// Issue 19, item 10: an error line names each cause once. A missing trace directory is an
+/// io error under the CLI's context; the library's and workloads' errors that embed their
+/// source are covered by `error_line`'s unit test in `main.rs`.
+#[test]
+fn an_error_line_names_each_cause_once() {
+    let out = run_bounded(
+        usmp().args([
+            "run",
+            "--cpus",
+            "2",
+            "--duration",
+            "10ms",
+            "--trace",
+            "/nonexistent-usmp-dir/t.json",
+        ]),
+        BOUND,
+    );
+    let err = &out.stderr;
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("usmp: error: "))
+        .unwrap_or_else(|| panic!("no error line; stderr:\n{err}"));
+    assert_eq!(
+        line,
+        "usmp: error: cannot create trace file /nonexistent-usmp-dir/t.json: No such file or directory (os error 2)"
+    );
+}

@@ -259,6 +259,8 @@ fn record_text_cannot_forge_output() {
     let forged = "oops\n== generation 99 booted in a new process: CPUs 0-1023 online\x1b[2J\u{9b}31m\u{202e}";
     let mut rec = record();
     rec.reason = forged.into();
+    // CPU 0 crashed (a record whose crashing CPU is lost is refused).
+    rec.crashing_cpu = Some(0);
     rec.lost = " 1 ".into();
     rec.failed = "1".into();
     let out = resume_with(&rec.encode());
@@ -301,4 +303,65 @@ fn record_text_cannot_forge_output() {
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["record"]["reason"], forged);
     assert_eq!(v["generation"], 1);
+}
+
+/// Issue 19, item 9: the next process boots what the record hands over, at its generation.
+/// With `--park spin` every CPU but the crashing one (CPU 1) is lost; the old code booted
+/// `CPUs 0-3 online`, and at generation 0 while printing "generation 1".
+#[test]
+fn the_next_process_boots_only_what_the_record_hands_over() {
+    let _g = serial();
+    let out = run_bounded(
+        usmp()
+            .args([
+                "kexec", "--crash", "--park", "spin", "--exec", "--cpus", "4", "--json",
+            ])
+            .env("RUST_LOG", "error"),
+        HANG * 3,
+    );
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let lost: usmp::CpuMask = v["cpus_lost"].as_str().unwrap().parse().unwrap();
+    assert!(!lost.is_empty(), "spin parking lost nothing: {v}");
+    assert!(!lost.contains(1), "the crashing CPU is lost: {v}");
+    assert_eq!(v["generation"], 1, "{v}");
+    assert_eq!(
+        v["cpus_online_after"].as_u64().unwrap() as usize,
+        4 - lost.weight(),
+        "{v}"
+    );
+}
+
+/// Issue 19, item 9: a record whose `lost` holds its crashing CPU is refused; text with the
+/// Arabic letter mark, line/paragraph separators, zero-width space or BOM prints escaped.
+#[test]
+fn a_lost_crashing_cpu_is_refused_and_invisible_characters_are_escaped() {
+    let _g = serial();
+    let mut rec = record();
+    rec.lost = "1".into();
+    assert_refused("lost crashing CPU", &resume_with(&rec.encode()));
+    let mut rec = record();
+    rec.reason = "a\u{061c}b\u{2028}c\u{2029}d\u{200b}e\u{feff}f".into();
+    let out = resume_with(&rec.encode());
+    assert!(out.status.success(), "{}", out.stderr);
+    for bad in ['\u{061c}', '\u{2028}', '\u{2029}', '\u{200b}', '\u{feff}'] {
+        assert!(
+            !out.stdout.contains(bad),
+            "{bad:?} printed raw: {}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout
+            .contains(r"reason: a\u{61c}b\u{2028}c\u{2029}d\u{200b}e\u{feff}f"),
+        "{}",
+        out.stdout
+    );
+    let out = resume_fd(&sealed(&rec.encode()), &["--json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    for bad in ['\u{061c}', '\u{2028}', '\u{2029}', '\u{200b}', '\u{feff}'] {
+        assert!(!out.stdout.contains(bad), "{bad:?} in JSON: {}", out.stdout);
+    }
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["record"]["reason"], rec.reason.as_str());
 }

@@ -160,6 +160,19 @@ pub enum HotplugError {
         /// Generation of this (retired) image.
         generation: u64,
     },
+    /// The runtime has shut down (its `Runtime` was dropped or `shutdown()` called): a
+    /// `Handle` that outlived it reaches no CPU and brings none up.
+    #[error("hotplug: the runtime has shut down")]
+    ShutDown,
+    /// This process is a `fork()` child of the one that built the runtime: it has none of the
+    /// runtime's CPU threads, so nothing can run on them here.
+    #[error("hotplug: the runtime was built by process {builder_pid}; this is its fork() child {pid}, which has no CPU threads")]
+    Forked {
+        /// The process that built the runtime.
+        builder_pid: u32,
+        /// This process.
+        pid: u32,
+    },
     /// `hotplug_enable` was called more times than `hotplug_disable`.
     #[error("hotplug_enable without a matching hotplug_disable")]
     UnbalancedEnable,

@@ -24,7 +24,7 @@ use std::time::Duration;
 use super::csd::{GiveUp, DONE};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
-use crate::cpu::clock::now_ns;
+use crate::cpu::clock::{now_ns, Deadline};
 use crate::cpu::context::{irq_restore, irq_save, irqs_disabled};
 use crate::cpu::events::{EventKind, NO_CPU};
 use crate::cpu::idle::Kick;
@@ -109,7 +109,8 @@ impl IpiLayer {
         if !nmi::send(s, st, NmiReason::Backtrace) {
             return Err(IpiError::Offline { cpu });
         }
-        let deadline = now_ns() + timeout.as_nanos() as u64;
+        // A process stopped and continued meanwhile does not time out (`Deadline`).
+        let mut deadline = Deadline::after_ns(timeout.as_nanos() as u64);
         // Check before the deadline test: a caller descheduled past the deadline must still
         // see a sample that arrived meanwhile.
         loop {
@@ -119,10 +120,22 @@ impl IpiLayer {
                     return Ok(ip);
                 }
             }
-            if now_ns() >= deadline {
+            if deadline.passed() {
                 break;
             }
             std::thread::yield_now();
+        }
+        if !super::handler::nmi_handler_installed(&s.signals) {
+            // As for the IPI signal (`csd_timeout`): name the cause, not a bare timeout.
+            tracing::error!(
+                "usmp: signal {} no longer has usmp's NMI handler (replaced after build?): NMIs cannot reach CPUs",
+                s.signals.nmi
+            );
+            return Err(IpiError::HandlerReplaced {
+                cpu,
+                sig: s.signals.nmi,
+                waited_ms: timeout.as_millis() as u64,
+            });
         }
         Err(IpiError::Timeout {
             cpu,
@@ -168,7 +181,7 @@ impl IpiLayer {
                 return Err(IpiError::IrqsDisabled { cpu: me });
             }
         }
-        let idx = publish(s, st, me, f, wait)?;
+        let idx = publish(s, st, me, f, wait, true)?;
         ring(s, st);
         if wait {
             wait_done(s, st, idx, None)
@@ -203,7 +216,7 @@ impl IpiLayer {
                 cpu: me.unwrap_or(0),
             });
         }
-        let deadline = now_ns() + s.call_timeout.as_nanos() as u64;
+        let mut deadline = Deadline::after_ns(s.call_timeout.as_nanos() as u64);
         // In IPI context an error must not allocate (a mask and a box would): the other targets
         // still get the call, and the error is the first failing CPU's own, not `Partial`.
         let atomic = irqs_disabled();
@@ -223,19 +236,26 @@ impl IpiLayer {
         let mut targets = (0..s.cpus().len())
             .filter(|&c| in_mask(c) && Some(c) != me && s.online().contains(c))
             .peekable();
-        // Batches of queued (cpu, slot): push a batch, ring it, then wait for it.
+        // Batches of queued (cpu, slot): push a batch, ring it, then wait for it. A batch also
+        // ends when the pool runs dry: its calls, published but not yet rung, hold slots that
+        // only their targets can free, so waiting for a slot before ringing them waited the
+        // whole call timeout on ourselves (a pool smaller than the targets ran nothing). Only
+        // the first call of a batch waits for a slot; then the caller holds none.
         while targets.peek().is_some() {
             let mut batch = [(0usize, 0u32); BATCH];
             let mut n = 0;
-            for cpu in targets.by_ref() {
+            while let Some(&cpu) = targets.peek() {
                 let st = &s.cpus()[cpu];
-                match publish(s, st, me, f.clone(), wait) {
+                match publish(s, st, me, f.clone(), wait, n == 0) {
                     Ok(idx) => {
                         batch[n] = (cpu, idx);
                         n += 1;
                     }
+                    // Pool dry: ring (and wait for) this batch, then this CPU starts the next.
+                    Err(IpiError::NoCsd { .. }) if n > 0 => break,
                     Err(e) => fail(cpu, e),
                 }
+                targets.next();
                 if n == BATCH {
                     break;
                 }
@@ -245,7 +265,7 @@ impl IpiLayer {
             }
             if wait {
                 for &(cpu, idx) in &batch[..n] {
-                    if let Err(e) = wait_done(s, &s.cpus()[cpu], idx, Some(deadline)) {
+                    if let Err(e) = wait_done(s, &s.cpus()[cpu], idx, Some(&mut deadline)) {
                         fail(cpu, e);
                     }
                 }
@@ -280,13 +300,15 @@ fn run_local<F: FnOnce()>(s: &IpiLayer, st: &CpuState, f: F) {
     st.stats().calls_handled.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Steps 2 and 3. Returns the queued slot.
+/// Steps 2 and 3. Returns the queued slot. `wait_for_slot`: if the pool is empty, wait for a
+/// free csd (up to the call timeout) instead of failing with `NoCsd` at once.
 fn publish<F>(
     s: &IpiLayer,
     st: &CpuState,
     me: Option<CpuId>,
     f: F,
     sync: bool,
+    wait_for_slot: bool,
 ) -> Result<u32, IpiError>
 where
     F: FnOnce() + Send + 'static,
@@ -296,7 +318,7 @@ where
         s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
         return Err(IpiError::Offline { cpu });
     }
-    let idx = alloc_slot(s, cpu)?;
+    let idx = alloc_slot(s, cpu, wait_for_slot)?;
     // The push's CAS comes after the closure is written into the slot: fetch the queue's line
     // meanwhile (see `prefetch_write`).
     crate::cpu::call_queue::prefetch_write(st.queue());
@@ -330,18 +352,18 @@ where
     Ok(idx)
 }
 
-/// A free csd, waiting (yielding) up to the call timeout if the pool is empty. In IPI context
-/// (or with irqs masked) it fails at once: a handler must not wait for other CPUs to free
-/// slots, and the CPU it interrupted may be the one holding them.
-fn alloc_slot(s: &IpiLayer, cpu: CpuId) -> Result<u32, IpiError> {
+/// A free csd, waiting (yielding) up to the call timeout if the pool is empty and `wait`. In
+/// IPI context (or with irqs masked) it fails at once: a handler must not wait for other CPUs
+/// to free slots, and the CPU it interrupted may be the one holding them.
+fn alloc_slot(s: &IpiLayer, cpu: CpuId, wait: bool) -> Result<u32, IpiError> {
     if let Some(i) = s.pool.alloc() {
         return Ok(i);
     }
-    if irqs_disabled() {
+    if !wait || irqs_disabled() {
         return Err(IpiError::NoCsd { cpu });
     }
-    let deadline = now_ns() + s.call_timeout.as_nanos() as u64;
-    while now_ns() < deadline {
+    let mut deadline = Deadline::after_ns(s.call_timeout.as_nanos() as u64);
+    while !deadline.passed() {
         std::thread::yield_now();
         if let Some(i) = s.pool.alloc() {
             return Ok(i);
@@ -409,9 +431,22 @@ fn ring_masked(s: &IpiLayer, st: &CpuState) {
     }
 }
 
-/// Step 5. `deadline`: `None` for the call timeout from now (read lazily, see below).
-fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Result<(), IpiError> {
+/// Step 5. `deadline`: `None` for the call timeout from now (read lazily, see below). Time
+/// the process spent stopped (SIGTSTP, SIGSTOP, a debugger) does not count (`Deadline`).
+fn wait_done(
+    s: &IpiLayer,
+    st: &CpuState,
+    idx: u32,
+    deadline: Option<&mut Deadline>,
+) -> Result<(), IpiError> {
     let slot = s.pool.slot(idx);
+    let timeout_ns = s.call_timeout.as_nanos() as u64;
+    let own_deadline = deadline.is_none();
+    let mut own = Deadline::from(0, 0);
+    let deadline = match deadline {
+        Some(d) => d,
+        None => &mut own,
+    };
     // Look at the state after every spin hint: a PAUSE costs ~140 cycles on recent x86, so
     // batching hints (this once did 32 per check) adds a microsecond of latency. The clock is
     // first read after 64 hints: a polling target answers before that, and two clock reads
@@ -432,16 +467,22 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             if start == 0 {
                 start = now;
                 spin_until = now + SPIN_NS;
-            } else if now >= spin_until {
-                break;
+                if own_deadline {
+                    *deadline = Deadline::from(start, timeout_ns);
+                } else {
+                    // A `call_many`'s deadline: a stop since its last look (while the caller
+                    // published and rang, or waited for an earlier target) counts as one.
+                    deadline.passed_at(start);
+                }
+            } else {
+                // A stop in the spin phase also ends it (its end has passed).
+                deadline.passed_at(now);
+                if now >= spin_until {
+                    break;
+                }
             }
         }
     }
-    let timeout_ns = s.call_timeout.as_nanos() as u64;
-    let deadline = deadline.unwrap_or(start + timeout_ns);
-    // When the call began: a `call_many`'s later targets share the first one's deadline, so
-    // their own spin start says nothing of how long the call has waited.
-    let begun = deadline.saturating_sub(timeout_ns);
     slot.waiter.store(1, Ordering::SeqCst);
     loop {
         let v = slot.state.load(Ordering::SeqCst);
@@ -450,10 +491,10 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             return Ok(());
         }
         let now = now_ns();
-        if now >= deadline {
+        if deadline.passed_at(now) {
             break;
         }
-        let nap = (deadline - now).min(1_000_000);
+        let nap = (deadline.at() - now).min(1_000_000);
         crate::cpu::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
         if slot.state.load(Ordering::Acquire) != DONE {
             // A merged or lost doorbell costs a millisecond, never the call: ring again even
@@ -461,7 +502,10 @@ fn wait_done(s: &IpiLayer, st: &CpuState, idx: u32, deadline: Option<u64>) -> Re
             ring_again(s, st);
         }
     }
-    // Timed out: "csd: Detected non-responsive CSD lock".
+    // Timed out: "csd: Detected non-responsive CSD lock". When the call began, pauses not
+    // counted: a `call_many`'s later targets share the first one's deadline, so their own spin
+    // start says nothing of how long the call has waited.
+    let begun = deadline.at().saturating_sub(timeout_ns);
     let waited = now_ns().saturating_sub(begun);
     s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
     s.ring_here()

@@ -35,14 +35,21 @@ thread_local! {
     static IN_IRQ_CODE: Cell<Option<IrqCode>> = const { Cell::new(None) };
 }
 
-/// Aborts the process if dropped while unwinding (the hook was replaced after ours).
+/// Aborts the process if dropped while unwinding out of the user code it guards (the hook was
+/// replaced after ours).
 struct Guard {
     prev: Option<IrqCode>,
+    /// Set once the user code has returned: a drop without it is an unwind out of that code.
+    ///
+    /// Not `std::thread::panicking()`: that is true whenever the *thread* is panicking, and an
+    /// IPI handler that ran a callback on top of a job's panic (the job's panic hook or unwind
+    /// was interrupted) saw it and aborted, reporting the job's panic as an IPI-context one.
+    returned: bool,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if !self.returned {
             if let Some(c) = IN_IRQ_CODE.with(|m| m.get()) {
                 die(c, None, None);
             }
@@ -58,8 +65,12 @@ impl Drop for Guard {
 pub(crate) fn run<R>(cpu: usize, what: &'static str, name: &str, f: impl FnOnce() -> R) -> R {
     let name: *const str = name;
     let prev = IN_IRQ_CODE.with(|m| m.replace(Some(IrqCode { cpu, what, name })));
-    let g = Guard { prev };
+    let mut g = Guard {
+        prev,
+        returned: false,
+    };
     let r = f();
+    g.returned = true;
     drop(g);
     r
 }

@@ -32,6 +32,25 @@ pub(crate) fn ipi_handler_installed(sigs: &Signals) -> bool {
     signal::is_installed(sigs.ipi, ipi_handler)
 }
 
+/// Whether the NMI signal's handler is still ours. Async-signal-safe.
+pub(crate) fn nmi_handler_installed(sigs: &Signals) -> bool {
+    signal::is_installed(sigs.nmi, super::nmi::nmi_handler)
+}
+
+/// The runtime's signals (IPI, then NMI) whose handler is no longer usmp's: another library
+/// replaced it after `build()`. For reports after a CPU did not answer (thread context).
+pub(crate) fn replaced_signals(shared: &IpiLayer) -> Vec<i32> {
+    let s = &shared.signals;
+    let mut v = Vec::new();
+    if !ipi_handler_installed(s) {
+        v.push(s.ipi);
+    }
+    if !nmi_handler_installed(s) {
+        v.push(s.nmi);
+    }
+    v
+}
+
 /// The doorbell's handler. Async-signal-safe.
 extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let saved = signal::errno();

@@ -99,8 +99,9 @@ pub enum IpiError {
         /// `SIGRTMAX` on this host.
         max: i32,
     },
-    /// A synchronous call timed out and the IPI signal's handler is no longer usmp's: another
-    /// library replaced it after `build()`, so no doorbell reaches a busy CPU any more.
+    /// A synchronous call (or an NMI backtrace) timed out and the IPI (or NMI) signal's handler
+    /// is no longer usmp's: another library replaced it after `build()`, so no doorbell (or
+    /// NMI) reaches a busy CPU any more.
     #[error("IPI to CPU {cpu}: no answer within {waited_ms} ms, and signal {sig} no longer has usmp's handler (another library replaced it); busy CPUs cannot be reached")]
     HandlerReplaced {
         /// The target CPU.
@@ -115,6 +116,19 @@ pub enum IpiError {
     SignalInUse {
         /// The signal number.
         sig: i32,
+    },
+    /// The runtime has shut down (its `Runtime` was dropped or `shutdown()` called): a
+    /// `Handle` that outlived it reaches no CPU and brings none up.
+    #[error("the runtime has shut down")]
+    ShutDown,
+    /// This process is a `fork()` child of the one that built the runtime: it has none of the
+    /// runtime's CPU threads, so nothing can run on them here.
+    #[error("the runtime was built by process {builder_pid}; this is its fork() child {pid}, which has no CPU threads")]
+    Forked {
+        /// The process that built the runtime.
+        builder_pid: u32,
+        /// This process.
+        pid: u32,
     },
     /// A system call failed.
     #[error("{op} failed: errno {errno}")]

@@ -209,6 +209,14 @@ pub(crate) fn wedge_this_cpu(block: bool) -> bool {
     }
 }
 
+/// Unblocks both of the runtime's signals on the calling thread: a logical CPU's thread calls
+/// it at start. A thread inherits its creator's signal mask, so a program that blocked the
+/// real-time signals before `build()` (or before a `cpu_up`) would otherwise get CPUs that
+/// never take an IPI or NMI while busy.
+pub(crate) fn unblock_on_cpu_thread(sigs: &Signals) {
+    set_blocked(&[sigs.ipi, sigs.nmi], false);
+}
+
 fn set_blocked(sigs: &[i32], block: bool) {
     let set = rt_sigset(sigs);
     // pthread_sigmask cannot fail with a valid `how` and set, so the result is not inspected.

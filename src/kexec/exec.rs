@@ -9,6 +9,9 @@
 //!    a pipe or a timerfd could block a read forever, a file or an unsealed memfd could change
 //!    under the reader), reads it with one bounded `pread`, and decodes it; any problem is one
 //!    typed error.
+//! 4. `boot_next_image` boots the next image from the record, as the in-process handover does:
+//!    the record's CPU count, its next generation, the CPUs it reports lost left absent (never
+//!    brought up: the old image may still spin on them), the crashing CPU first.
 
 use std::fs::File;
 use std::io::Write;
@@ -22,6 +25,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use super::record::{CrashRecord, RecordError, MAX_FRAME};
+use crate::runtime::builder::Builder;
+use crate::runtime::error::RuntimeError;
+use crate::runtime::rt::Runtime;
 
 /// The seals a crash record must carry: nobody can change its contents or size any more.
 const REQUIRED_SEALS: SealFlag = SealFlag::F_SEAL_WRITE
@@ -128,6 +134,26 @@ pub fn read_record(fd: OwnedFd) -> Result<CrashRecord, ExecRecordError> {
     let mut buf = vec![0u8; meta.len() as usize];
     f.read_exact_at(&mut buf, 0).map_err(io)?;
     Ok(CrashRecord::decode(&buf)?)
+}
+
+/// Step 4: boots the image that follows `rec` in this process, configured by `builder`
+/// except for what the record decides: the CPU count (`rec.cpus`), the generation
+/// (`rec.next_generation()`) and the CPUs: every CPU in `rec.lost` stays absent (not present,
+/// never brought up), and the crashing CPU, which handed over, boots first.
+pub fn boot_next_image(builder: Builder, rec: &CrashRecord) -> Result<Runtime, RuntimeError> {
+    let lost = rec.lost_mask();
+    let first = rec
+        .crashing_cpu
+        .filter(|&c| !lost.contains(c))
+        .or_else(|| (0..rec.cpus).find(|&c| !lost.contains(c)))
+        .ok_or_else(|| {
+            RuntimeError::BadConfig(
+                "crash record: every CPU was lost, none is left to boot the next image".into(),
+            )
+        })?;
+    let mut cfg = builder.cpus(rec.cpus).resolve()?;
+    cfg.generation = rec.next_generation();
+    Runtime::start_image(cfg, first, &lost)
 }
 
 #[cfg(test)]

@@ -55,7 +55,30 @@ pub enum KexecError {
         /// Generation of this (retired) image.
         generation: u64,
     },
+    /// The runtime has shut down (its `Runtime` was dropped or `shutdown()` called): a
+    /// `Handle` that outlived it reaches no CPU and brings none up.
+    #[error("kexec: the runtime has shut down")]
+    ShutDown,
+    /// This process is a `fork()` child of the one that built the runtime: it has none of the
+    /// runtime's CPU threads, so nothing can run on them here.
+    #[error("kexec: the runtime was built by process {builder_pid}; this is its fork() child {pid}, which has no CPU threads")]
+    Forked {
+        /// The process that built the runtime.
+        builder_pid: u32,
+        /// This process.
+        pid: u32,
+    },
     /// No online CPU to reboot on.
     #[error("kexec: no online CPU to run on")]
     NoCpu,
+}
+
+impl From<crate::runtime::liveness::Gone> for KexecError {
+    fn from(g: crate::runtime::liveness::Gone) -> Self {
+        use crate::runtime::liveness::Gone;
+        match g {
+            Gone::ShutDown => KexecError::ShutDown,
+            Gone::Forked { builder_pid, pid } => KexecError::Forked { builder_pid, pid },
+        }
+    }
 }

@@ -328,6 +328,7 @@ impl Handle {
     }
 
     fn kexec_check_not_retired(&self) -> Result<(), KexecError> {
+        self.shared.usable()?;
         if self.shared.is_retired() {
             return Err(KexecError::Retired {
                 generation: self.generation(),

@@ -149,6 +149,12 @@ impl CrashRecord {
         };
         let failed = mask("failed", &self.failed)?;
         let lost = mask("lost", &self.lost)?;
+        // The crashing CPU ran the handover: the old image cannot have lost it.
+        if let Some(c) = self.crashing_cpu.filter(|&c| lost.contains(c)) {
+            return bad(format!(
+                "crashing CPU {c} is in lost (it ran the handover, so it cannot be lost)"
+            ));
+        }
         if let Some(cpu) = failed.and_not(&lost).first() {
             return bad(format!(
                 "CPU {cpu} failed to stop but is not in lost (failed must be a subset of lost)"
@@ -273,6 +279,13 @@ mod tests {
         let mut r = sample();
         r.lost = "0-4".into();
         assert!(invalid(&r).contains("lost"), "{}", invalid(&r));
+        let mut c = sample();
+        c.lost = "1-3".into();
+        assert!(
+            invalid(&c).contains("crashing CPU 1 is in lost"),
+            "{}",
+            invalid(&c)
+        );
         let mut r = sample();
         r.failed = "4".into();
         assert!(invalid(&r).contains("failed"));
@@ -343,6 +356,8 @@ mod tests {
         let mask = vec!["0-1023"; crate::cpu::mask::MAX_LIST_PARTS].join(",");
         let mut r = sample();
         r.cpus = 1024;
+        // Every CPU lost: none of them can be the crashing CPU.
+        r.crashing_cpu = None;
         r.lost = mask;
         r.failed.clear();
         let b = r.encode();

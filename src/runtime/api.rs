@@ -29,6 +29,7 @@ impl Handle {
     where
         F: FnOnce() + Send + 'static,
     {
+        self.shared.usable()?;
         self.shared.call_single(cpu, f, wait)
     }
 
@@ -38,6 +39,7 @@ impl Handle {
     where
         F: FnOnce() + Send + 'static,
     {
+        self.shared.usable()?;
         self.shared.call_single_async(cpu, f)
     }
 
@@ -51,6 +53,7 @@ impl Handle {
     where
         F: FnOnce() + Clone + Send + 'static,
     {
+        self.shared.usable()?;
         self.shared.call_many(mask, f, wait)
     }
 
@@ -59,6 +62,7 @@ impl Handle {
     where
         F: FnOnce() + Clone + Send + 'static,
     {
+        self.shared.usable()?;
         self.shared.call_all_but_self(f, wait)
     }
 
@@ -67,6 +71,7 @@ impl Handle {
     where
         F: FnOnce() + Clone + Send + 'static,
     {
+        self.shared.usable()?;
         self.shared.on_each_cpu(f, wait)
     }
 
@@ -74,6 +79,7 @@ impl Handle {
     /// it, and returns the sample (`trigger_single_cpu_backtrace`). Works on a CPU with irqs
     /// masked; fails on one that blocks the NMI signal too.
     pub fn nmi_backtrace(&self, cpu: CpuId, timeout: Duration) -> Result<u64, IpiError> {
+        self.shared.usable()?;
         self.shared.nmi_backtrace(cpu, timeout)
     }
 }
@@ -84,6 +90,7 @@ impl Handle {
     /// the runtime's policy. Callable from a logical CPU (which keeps running) or from any
     /// thread. Never waits forever unless `StopConfig::wait_forever` is set.
     pub fn send_stop(&self) -> Result<StopOutcome, StopError> {
+        self.shared.usable()?;
         self.shared.send_stop()
     }
 
@@ -91,6 +98,7 @@ impl Handle {
     /// interrupted into its crash note (`crash_smp_send_stop`). Upgrades a plain stop already
     /// running.
     pub fn crash_stop(&self) -> Result<StopOutcome, StopError> {
+        self.shared.usable()?;
         self.shared.crash_stop()
     }
 
@@ -116,6 +124,7 @@ impl Handle {
     where
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
+        self.shared.usable()?;
         self.shared.stop_machine(f, cpus)
     }
 }
@@ -126,6 +135,7 @@ impl Handle {
     /// done is undone and the CPU is offline — or, after a bring-up timeout, in limbo: its
     /// thread will exit without touching shared state, and it cannot be brought up until then.
     pub fn cpu_up(&self, cpu: CpuId) -> Result<(), HotplugError> {
+        self.shared.usable()?;
         self.shared.cpu_up(cpu)
     }
 
@@ -133,6 +143,7 @@ impl Handle {
     /// calls run before it goes (none is lost or run twice); queued jobs move to another online
     /// CPU; a job running there finishes first (bounded by the boot timeout).
     pub fn cpu_down(&self, cpu: CpuId) -> Result<(), HotplugError> {
+        self.shared.usable()?;
         self.shared.cpu_down(cpu)
     }
 
@@ -145,6 +156,7 @@ impl Handle {
     /// `cpu_hotplug_enable`. An enable without a matching disable is reported and ignored (the
     /// count never underflows).
     pub fn hotplug_enable(&self) -> Result<(), HotplugError> {
+        self.shared.usable()?;
         self.shared.hotplug_enable()
     }
 
@@ -158,11 +170,13 @@ impl Handle {
         startup: Option<StepFn>,
         teardown: Option<StepFn>,
     ) -> Result<StateId, HotplugError> {
+        self.shared.usable()?;
         self.shared.setup_state(name, section, startup, teardown)
     }
 
     /// Runs the state's teardown on every online CPU and removes it (`cpuhp_remove_state`).
     pub fn remove_state(&self, id: StateId) -> Result<(), HotplugError> {
+        self.shared.usable()?;
         self.shared.remove_state(id)
     }
 

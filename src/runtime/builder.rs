@@ -120,7 +120,9 @@ impl Builder {
         self
     }
 
-    /// Number of preallocated csds shared by all senders (default 256 + 64 per CPU).
+    /// Number of preallocated csds shared by all senders (default 256 + 64 per CPU; 0 means
+    /// the default). Any size from 1 works: a `call_many` with more targets than free csds
+    /// goes round by round.
     pub fn csd_pool(mut self, n: usize) -> Self {
         self.cfg.csd_pool = n;
         self

@@ -80,6 +80,26 @@ pub enum RuntimeError {
         /// Generation of this (retired) image.
         generation: u64,
     },
+    /// The runtime has shut down (its `Runtime` was dropped or `shutdown()` called): a
+    /// `Handle` that outlived it reaches no CPU and brings none up.
+    #[error("the runtime has shut down")]
+    ShutDown,
+    /// This process is a `fork()` child of the one that built the runtime: it has none of the
+    /// runtime's CPU threads, so nothing can run on them here.
+    #[error("the runtime was built by process {builder_pid}; this is its fork() child {pid}, which has no CPU threads")]
+    Forked {
+        /// The process that built the runtime.
+        builder_pid: u32,
+        /// This process.
+        pid: u32,
+    },
+    /// A job joined a job queued on its own CPU: jobs are not preemptible, so the joined one
+    /// could only start after the joining one returned, and the join would wait forever.
+    #[error("job on CPU {cpu} is queued behind the job that joins it, on the same CPU (it would wait forever)")]
+    JoinOnOwnCpu {
+        /// The CPU both jobs are on.
+        cpu: CpuId,
+    },
     /// `join_timeout` ran out.
     #[error("job on CPU {cpu} did not finish within {timeout_ms} ms")]
     JobTimeout {

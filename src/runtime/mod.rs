@@ -12,6 +12,7 @@
 //! | `logger.rs`, `trace.rs` | the event rings' drain to `tracing`, Perfetto export |
 //! | `faults.rs` | `usmp::fault::Faults` (feature `fault-injection`) |
 //! | `error.rs` | `RuntimeError` |
+//! | `liveness.rs` | a handle of a shut-down runtime, or in a `fork()` child, fails fast |
 //!
 //! The layers are listed once, in `lib.rs`. This one sits above `hotplug` and imports from
 //! every layer below; none of them imports from it.
@@ -22,6 +23,7 @@ pub mod context;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub(crate) mod faults;
+pub(crate) mod liveness;
 pub(crate) mod logger;
 pub mod percpu;
 pub mod rt;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::builder::Config;
 use super::error::RuntimeError;
+use super::liveness::Gone;
 use super::logger::Logger;
 use crate::cpu::events::Event;
 use crate::cpu::lock::LockUnpoisoned;
@@ -31,12 +32,37 @@ pub(crate) struct Shared {
     logger: Mutex<Option<Logger>>,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
     kexec_in_progress: AtomicBool,
+    /// The process that built this runtime, and its fork epoch then (`liveness.rs`).
+    builder_pid: u32,
+    fork_epoch: u64,
 }
 
 impl Shared {
     /// The configuration this image was built with.
     pub(crate) fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// `Ok` while a handle can reach this runtime's CPUs: not after shutdown, not in a fork
+    /// child. Every call of the public API that acts on CPUs checks it first.
+    #[inline]
+    pub(crate) fn usable(&self) -> Result<(), Gone> {
+        if self.forked() {
+            return Err(Gone::Forked {
+                builder_pid: self.builder_pid,
+                pid: std::process::id(),
+            });
+        }
+        if self.shut.load(Ordering::Acquire) {
+            return Err(Gone::ShutDown);
+        }
+        Ok(())
+    }
+
+    /// Whether this process is a fork child of the one that built the runtime.
+    #[inline]
+    fn forked(&self) -> bool {
+        super::liveness::epoch() != self.fork_epoch
     }
 
     /// A kexec starts: true for exactly one caller per image, until `end_kexec`.
@@ -86,6 +112,12 @@ impl Shared {
     /// shutdown timeout per CPU. Idempotent.
     fn shutdown(&self) {
         if self.shut.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.forked() {
+            // A fork child has none of the CPU or logger threads: nothing to stop or join, and
+            // their join handles and locks are the parent's (a lock held by one of its threads
+            // at the fork stays held here). `Runtime::drop` leaks the state instead.
             return;
         }
         for st in self.cpus().iter() {
@@ -181,6 +213,11 @@ impl std::ops::Deref for Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.handle.shared.shutdown();
+        if self.handle.shared.forked() {
+            // Dropping the state would detach the join handles of threads that exist only in
+            // the parent; in a fork child, leak it.
+            std::mem::forget(self.handle.shared.clone());
+        }
     }
 }
 
@@ -202,6 +239,7 @@ impl Runtime {
         lost: &CpuMask,
     ) -> Result<Runtime, RuntimeError> {
         crate::ipi::handler::install(&cfg.signals)?;
+        let fork_epoch = super::liveness::register();
         let cores = crate::cpu::affinity::allowed_cores();
         let n = cfg.cpus;
         if cfg.pin && n > cores.len().max(1) {
@@ -229,7 +267,9 @@ impl Runtime {
             // whoever brings a CPU up holds a `Handle`, so the upgrade succeeds.
             let me = me.clone();
             let spawn: SpawnCpu = Box::new(move |cpu| match me.upgrade() {
-                Some(shared) => super::thread::spawn_cpu(&shared, cpu),
+                // A cpu_up that raced with shutdown must not start a thread nobody joins.
+                Some(shared) if shared.usable().is_ok() => super::thread::spawn_cpu(&shared, cpu),
+                Some(_) => Err(std::io::Error::other("the runtime has shut down")),
                 None => Err(std::io::Error::other("the runtime is being dropped")),
             });
             Shared {
@@ -238,6 +278,8 @@ impl Runtime {
                 shut: AtomicBool::new(false),
                 logger: Mutex::new(None),
                 kexec_in_progress: AtomicBool::new(false),
+                builder_pid: std::process::id(),
+                fork_epoch,
                 cfg,
             }
         });
@@ -408,6 +450,7 @@ impl Handle {
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
+        self.shared.usable()?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
         let mut job = crate::cpu::state::Job::new(move || {
@@ -506,12 +549,15 @@ const JOIN_POLL: Duration = Duration::from_millis(10);
 impl<R> JobHandle<R> {
     /// Waits for the job. Unbounded while the job runs (a job may block as long as it likes;
     /// use [`JobHandle::join_timeout`] to bound it), but a job whose CPU a stop parked or
-    /// powered off returns `JobStopped` instead of waiting forever.
+    /// powered off returns `JobStopped` instead of waiting forever. A job that joins a job
+    /// still queued on its own CPU gets `JoinOnOwnCpu` at once (the joined job could only
+    /// start after the caller returned).
     pub fn join(self) -> Result<R, RuntimeError> {
         self.wait(None)
     }
 
-    /// Waits at most `d`.
+    /// Waits at most `d`. Like [`JobHandle::join`], refuses at once with `JoinOnOwnCpu` a
+    /// wait that could never end: a job joining a job still queued on its own CPU.
     pub fn join_timeout(self, d: Duration) -> Result<R, RuntimeError> {
         self.wait(Some(Instant::now() + d)).map_err(|e| match e {
             RuntimeError::JobTimeout { cpu, .. } => RuntimeError::JobTimeout {
@@ -522,9 +568,20 @@ impl<R> JobHandle<R> {
         })
     }
 
+    /// Whether the caller runs on `cpu` of this job's runtime.
+    fn is_own_cpu(&self, cpu: CpuId) -> bool {
+        crate::cpu::context::current()
+            .is_some_and(|(_, st)| std::ptr::eq(st, &*self.shared.cpus()[cpu]))
+    }
+
     fn wait(self, deadline: Option<Instant>) -> Result<R, RuntimeError> {
         loop {
             let cpu = self.at.load(Ordering::SeqCst);
+            if self.rx.is_empty() && self.is_own_cpu(cpu) {
+                // The caller is a job on `cpu` itself: the joined job cannot start until the
+                // caller returns (jobs are not preemptible), nor move while the caller runs.
+                return Err(RuntimeError::JoinOnOwnCpu { cpu });
+            }
             let nap = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(JOIN_POLL),
                 None => JOIN_POLL,

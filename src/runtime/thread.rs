@@ -31,6 +31,9 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
     // pointers are cleared below.
     unsafe { crate::stop::layer::set_current(Some(layers), cpu) };
     let st = &shared.cpus()[cpu];
+    // Whatever mask the thread inherited (the caller of `build()` or `cpu_up` may block the
+    // real-time signals), this CPU takes its IPIs and NMIs.
+    crate::ipi::signal::unblock_on_cpu_thread(&shared.cfg.signals);
     st.set_tid(crate::ipi::signal::gettid());
     shared.pin_current(st);
     // Before anything can signal this thread: IPI callbacks run on this stack.

@@ -193,6 +193,9 @@ pub struct StopOutcome {
     pub notes: Vec<CrashNote>,
     /// The caller, if it is a logical CPU (it keeps running).
     pub caller: Option<CpuId>,
+    /// When some CPU failed to stop: the runtime's signals (IPI, NMI) whose handler was no
+    /// longer usmp's, because another library replaced it after `build()`. Empty otherwise.
+    pub replaced_signals: Vec<i32>,
 }
 
 /// Why a stop call did not run the stop.
@@ -203,6 +206,19 @@ pub enum StopError {
     InProgress {
         /// Whether this call upgraded the running stop to a crash-stop.
         upgraded: bool,
+    },
+    /// The runtime has shut down (its `Runtime` was dropped or `shutdown()` called): a
+    /// `Handle` that outlived it reaches no CPU and brings none up.
+    #[error("SMP stop: the runtime has shut down")]
+    ShutDown,
+    /// This process is a `fork()` child of the one that built the runtime: it has none of the
+    /// runtime's CPU threads, so nothing can run on them here.
+    #[error("SMP stop: the runtime was built by process {builder_pid}; this is its fork() child {pid}, which has no CPU threads")]
+    Forked {
+        /// The process that built the runtime.
+        builder_pid: u32,
+        /// This process.
+        pid: u32,
     },
 }
 
@@ -240,6 +256,7 @@ impl StopLayer {
             failed,
             attempts: Vec::new(),
             caller: me,
+            replaced_signals: Vec::new(),
         })
     }
 
@@ -360,8 +377,15 @@ impl StopLayer {
         if let Some(me) = me {
             failed.clear(me);
         }
+        let mut replaced_signals = Vec::new();
         if !failed.is_empty() {
             tracing::error!("SMP: failed to stop secondary CPUs {failed}");
+            replaced_signals = crate::ipi::handler::replaced_signals(s);
+            if !replaced_signals.is_empty() {
+                tracing::error!(
+                    "SMP: signals {replaced_signals:?} no longer have usmp's handlers (replaced after build?): stops cannot reach those CPUs"
+                );
+            }
         }
         let crash = s.stop.coord.is_crash();
         if crash {
@@ -377,6 +401,7 @@ impl StopLayer {
             attempts,
             notes,
             caller: me,
+            replaced_signals,
         };
         s.stop.finish();
         Ok(out)
