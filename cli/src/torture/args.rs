@@ -76,7 +76,12 @@ fn scenario_help() -> String {
     for (name, _, owner) in BROKEN {
         s.push_str(&format!("  {name:<22} {owner}\n"));
     }
-    s.push_str("\nExit: 0 every invariant held (also after Ctrl-C), 1 a violation, 2 bad input.");
+    s.push_str(
+        "\nExit: 0 every invariant held (also after Ctrl-C), 1 a violation (a --broken variant \
+         caught), 2 bad input or a harness failure, 3 starved: a scenario ran fewer than its \
+         minimum iterations (one per second of its share, at least 1; all of --iterations) \
+         because the host was too busy, so nothing was judged, 4 a --broken variant not caught.",
+    );
     s
 }
 

@@ -171,6 +171,17 @@ pub enum Limit {
     Iterations(u64),
 }
 
+impl Limit {
+    /// The fewest iterations a scenario must complete for its pass to mean something: about
+    /// one per second of its share (at least 1), or every iteration asked for.
+    pub fn min_iterations(&self) -> u64 {
+        match *self {
+            Limit::Duration(d) => d.as_secs().max(1),
+            Limit::Iterations(k) => k,
+        }
+    }
+}
+
 impl Ctx {
     /// Whether to start another iteration: not past the duration or iteration count, not
     /// interrupted, not ended by the watchdog. A `--broken` run ends at its first violation:
@@ -307,6 +318,18 @@ pub struct ScenarioResult {
     /// The watchdog fired and the scenario's thread did not come back: it is left running and
     /// the process must exit.
     pub abandoned: bool,
+    /// The fewest iterations that make a pass mean something ([`Limit::min_iterations`]).
+    pub min_iterations: u64,
+    /// It ran to its end with fewer than `min_iterations` and no violation: the host was too
+    /// busy for it, and nothing was checked (exit 3, not a pass).
+    pub starved: bool,
+}
+
+impl ScenarioResult {
+    /// A `--broken` run that ended without catching its variant (exit 4, not a pass).
+    pub fn not_caught(&self, broken: bool) -> bool {
+        broken && self.violations == 0 && !self.interrupted && !self.starved
+    }
 }
 
 /// How long a scenario whose watchdog fired gets to return before it is abandoned.
@@ -367,11 +390,32 @@ pub fn stress(
     report::print(&plan, &results, interrupted, trace_path.as_deref())?;
     if results.iter().any(|r| r.abandoned) {
         // A scenario thread is stuck inside the runtime: do not wait for it on the way out.
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        std::process::exit(1);
+        exit_now(EXIT_VIOLATION);
+    }
+    if !violated {
+        if results.iter().any(|r| r.starved) {
+            exit_now(EXIT_STARVED);
+        }
+        if results.iter().any(|r| r.not_caught(plan.broken.is_some())) {
+            exit_now(EXIT_NOT_CAUGHT);
+        }
     }
     Ok(violated)
+}
+
+/// Exit codes of `usmp stress` besides 0 (every invariant held) and 2 (bad input, a harness
+/// failure: `main.rs`). Listed in `--help` and the README.
+pub const EXIT_VIOLATION: i32 = 1;
+/// A scenario ran fewer than its minimum iterations: the host was too busy, nothing was judged.
+pub const EXIT_STARVED: i32 = 3;
+/// A `--broken` run ended without catching its variant.
+pub const EXIT_NOT_CAUGHT: i32 = 4;
+
+/// Flushes stdout and exits with `code` (a stuck scenario thread is not waited for).
+fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
 }
 
 fn run_one(
@@ -456,6 +500,13 @@ fn run_one(
     }
     monitor.tick(&tally, true);
     progress.done(sc.name(), &tally);
+    let interrupted = flags.interrupt.load(Ordering::Relaxed);
+    let min_iterations = plan.limit.min_iterations();
+    let starved = !interrupted
+        && !abandoned
+        && err.is_none()
+        && tally.violations() == 0
+        && tally.iterations() < min_iterations;
     let res = ScenarioResult {
         name: sc.name(),
         iterations: tally.iterations(),
@@ -464,8 +515,10 @@ fn run_one(
         first: tally.first_violations(),
         elapsed: tally.elapsed(),
         replay,
-        interrupted: flags.interrupt.load(Ordering::Relaxed),
+        interrupted,
         abandoned,
+        min_iterations,
+        starved,
     };
     (res, err)
 }
@@ -490,5 +543,22 @@ mod tests {
                 "{b:?} has no --broken name"
             );
         }
+    }
+
+    #[test]
+    fn the_minimum_is_one_iteration_a_second_or_every_one_asked_for() {
+        assert_eq!(
+            Limit::Duration(Duration::from_millis(1500)).min_iterations(),
+            1
+        );
+        assert_eq!(
+            Limit::Duration(Duration::from_millis(10)).min_iterations(),
+            1
+        );
+        assert_eq!(
+            Limit::Duration(Duration::from_secs(60)).min_iterations(),
+            60
+        );
+        assert_eq!(Limit::Iterations(7).min_iterations(), 7);
     }
 }

@@ -127,15 +127,18 @@ pub fn write_trace(plan: &Plan, t: &FailureTrace) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// `{"name", "iterations", "violations", "counters", "first_violation"}`.
+/// `{"name", "iterations", "min_iterations", "starved", "violations", "counters",
+/// "first_violation"}`.
 struct JsonScenario<'a>(&'a ScenarioResult);
 
 impl serde::Serialize for JsonScenario<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.0;
-        let mut m = s.serialize_map(Some(5))?;
+        let mut m = s.serialize_map(Some(7))?;
         m.serialize_entry("name", r.name)?;
         m.serialize_entry("iterations", &r.iterations)?;
+        m.serialize_entry("min_iterations", &r.min_iterations)?;
+        m.serialize_entry("starved", &r.starved)?;
         m.serialize_entry("violations", &r.violations)?;
         m.serialize_entry("counters", &Counters(&r.counters))?;
         m.serialize_entry("first_violation", &r.first.first().map(|v| v.to_string()))?;
@@ -205,11 +208,13 @@ fn table(
     for r in results {
         let secs = r.elapsed.as_secs_f64();
         let note = if r.abandoned {
-            "  (hung: abandoned)"
+            "  (hung: abandoned)".to_string()
         } else if r.interrupted {
-            "  (interrupted)"
+            "  (interrupted)".to_string()
+        } else if r.starved {
+            format!("  (starved: fewer than {} iterations)", r.min_iterations)
         } else {
-            ""
+            String::new()
         };
         writeln!(
             out,
@@ -235,15 +240,23 @@ fn table(
             plan.scenarios.len()
         )?;
     }
-    writeln!(
-        out,
-        "{}",
-        if total == 0 {
-            "every invariant held".to_string()
-        } else {
-            format!("FAILED: {total} violation(s)")
-        }
-    )
+    let starved = results.iter().filter(|r| r.starved).count();
+    let not_caught = results
+        .iter()
+        .filter(|r| r.not_caught(plan.broken.is_some()))
+        .count();
+    let verdict = if total > 0 {
+        format!("FAILED: {total} violation(s)")
+    } else if starved > 0 {
+        format!(
+            "STARVED: {starved} scenario(s) ran too few iterations to judge; nothing was proven"
+        )
+    } else if not_caught > 0 {
+        "FAILED: the --broken variant was not caught".to_string()
+    } else {
+        "every invariant held".to_string()
+    };
+    writeln!(out, "{verdict}")
 }
 
 fn failures(
@@ -263,6 +276,28 @@ fn failures(
         }
         writeln!(out, "replay: {}", r.replay)?;
     }
+    for r in results.iter().filter(|r| r.starved) {
+        writeln!(
+            out,
+            "{}: starved: {} iteration(s) in {:.1}s, fewer than the minimum {}: the host was too \
+             busy to run it (load average {}); rerun on a quieter host or with a longer --duration",
+            r.name,
+            r.iterations,
+            r.elapsed.as_secs_f64(),
+            r.min_iterations,
+            load_average()
+        )?;
+    }
+    if let Some((variant, _, owner)) = plan.broken {
+        for r in results.iter().filter(|r| r.not_caught(true)) {
+            writeln!(
+                out,
+                "{}: --broken {variant} was not caught in {} iteration(s) ({owner} must catch it)",
+                r.name, r.iterations
+            )?;
+            writeln!(out, "replay: {}", r.replay)?;
+        }
+    }
     if let Some(p) = trace {
         writeln!(
             out,
@@ -271,4 +306,12 @@ fn failures(
         )?;
     }
     Ok(())
+}
+
+/// The host's 1-minute load average (`/proc/loadavg`), or "?".
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
