@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use usmp::{CpuId, CpuRunState, Handle, HotplugError};
 
+use super::timeouts::{self, Failure};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -58,6 +59,8 @@ impl Scenario for BringupTimeout {
             "downs",
             "delayed_ups",
             "hotplug_errors",
+            "hotplug_timeouts",
+            "hotplug_refusals",
             "build_retries",
         ]
     }
@@ -115,7 +118,7 @@ fn one_op(ctx: &Ctx, h: &Handle, rng: &mut Rng, timeout: Duration) {
     if h.is_online(cpu) {
         match h.cpu_down(cpu) {
             Ok(()) => ctx.count("downs", 1),
-            Err(e) => hotplug_error(ctx, cpu, &e),
+            Err(e) => hotplug_error(ctx, "cpu_down", cpu, &e, None),
         }
     } else {
         let delay = pick_delay(ctx, rng, timeout);
@@ -127,8 +130,14 @@ fn one_op(ctx: &Ctx, h: &Handle, rng: &mut Rng, timeout: Duration) {
         }
         match h.cpu_up(cpu) {
             Ok(()) => ctx.count("ups", 1),
-            Err(HotplugError::BootTimeout { .. }) => {
+            Err(e @ HotplugError::BootTimeout { .. }) => {
                 ctx.count("timeouts", 1);
+                // The sweep's delays (half the timeout and more) may miss it; an undelayed or
+                // slightly delayed AP must not.
+                let excuse = delay
+                    .is_some_and(|d| d >= timeout / 2)
+                    .then_some("its boot was delayed by the sweep");
+                timeouts::hotplug_failed(ctx, "cpu_up", cpu, &e, excuse);
                 let bound = delay.unwrap_or_default() + LIMBO_BOUND;
                 if !h.wait_limbo_clear(bound) {
                     ctx.violation(
@@ -154,7 +163,7 @@ fn one_op(ctx: &Ctx, h: &Handle, rng: &mut Rng, timeout: Duration) {
                     return;
                 }
             }
-            Err(e) => hotplug_error(ctx, cpu, &e),
+            Err(e) => hotplug_error(ctx, "cpu_up", cpu, &e, None),
         }
     }
     check_refs(ctx, h);
@@ -190,9 +199,11 @@ fn check_refs(ctx: &Ctx, h: &Handle) {
     }
 }
 
-/// A hotplug error other than the bring-up timeout: counted (a loaded host may time out a
-/// teardown), not an invariant.
-fn hotplug_error(ctx: &Ctx, cpu: CpuId, e: &HotplugError) {
-    ctx.count("hotplug_errors", 1);
-    tracing::debug!("bringup-timeout: CPU{cpu}: {e}");
+/// A hotplug error other than the bring-up timeout: a timeout is a violation, a refusal is
+/// counted, anything else is counted in `hotplug_errors`.
+fn hotplug_error(ctx: &Ctx, op: &str, cpu: CpuId, e: &HotplugError, excuse: Option<&str>) {
+    if timeouts::hotplug_failed(ctx, op, cpu, e, excuse) == Failure::Other {
+        ctx.count("hotplug_errors", 1);
+        tracing::debug!("bringup-timeout: CPU{cpu}: {e}");
+    }
 }

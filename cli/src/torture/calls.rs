@@ -164,11 +164,17 @@ impl Ledger {
 /// as an error.
 pub trait Sink: Sync {
     fn violation(&self, counter: &str, cpu: Option<CpuId>, message: String);
+    /// Adds `n` to a counter (a workload outside `usmp stress` keeps none).
+    fn count(&self, _counter: &str, _n: u64) {}
 }
 
 impl Sink for Ctx {
     fn violation(&self, counter: &str, cpu: Option<CpuId>, message: String) {
         Ctx::violation(self, counter, cpu, message);
+    }
+
+    fn count(&self, counter: &str, n: u64) {
+        Ctx::count(self, counter, n);
     }
 }
 

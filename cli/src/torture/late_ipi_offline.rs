@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use usmp::{this_cpu, CpuId, Handle, HotplugError, IpiError};
 
 use super::calls::{Expect, Ledger, Token};
+use super::timeouts::{self, Failure};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -103,6 +104,7 @@ impl Scenario for LateIpiOffline {
             "double_runs",
             "refused_runs",
             "runs_on_offline_cpu",
+            "hotplug_timeouts",
             "offline_ipi_warnings",
             "calls_accepted",
             "calls_refused",
@@ -188,7 +190,9 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
         Ok(()) => ctx.count("offlines", 1),
         Err(e) => {
             ctx.count("offline_failures", 1);
-            tracing::debug!("late-ipi-offline: cpu_down({victim}): {e}");
+            if timeouts::hotplug_failed(ctx, "cpu_down", victim, e, None) == Failure::Other {
+                ctx.violation("hotplug_errors", Some(victim), format!("cpu_down: {e}"));
+            }
             // Still online: its calls may still be running; wait for them (bounded).
             let t = Instant::now();
             while t.elapsed() < SETTLE

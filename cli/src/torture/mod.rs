@@ -11,6 +11,7 @@
 //! | `watchdog.rs` | `Monitor`: hang detection with every CPU's NMI-sampled IP, the trace window |
 //! | `faults.rs` | `--faults LIST` -> `usmp::fault::Faults` and the scenario-injected faults |
 //! | `report.rs` | progress (indicatif or plain lines), the counters table, `--json`, the failure report |
+//! | `timeouts.rs` | failed `cpu_up`/`cpu_down`/`stop_machine`: timeouts are violations, protocol refusals are counted apart |
 //! | `calls.rs` | the exactly-once ledger for calls a scenario sends (`lost_calls`, `double_runs`, `refused_runs`) |
 //! | `spinners.rs` | irq-masked and wedged spinner jobs for the stop scenarios |
 //! | `ipi_storm.rs` | `ipi-storm`: every kind of call at once; catches `doorbell-never-rings` |
@@ -34,6 +35,7 @@ mod calls;
 mod check;
 mod faults;
 mod report;
+mod timeouts;
 mod watchdog;
 
 mod spinners;
