@@ -208,10 +208,32 @@ fn the_watchdog_reports_a_stall_and_ends_the_run() {
         all.contains("CPU0 ") && all.contains("ip="),
         "no per-CPU dump: {all}"
     );
-    // And what the host kernel says of each CPU's thread (state, core, system call).
+    // And, for every CPU, what the host kernel says of its thread (state, core, system call).
+    let dump = all.split("hangs at ").nth(1).unwrap_or_default();
+    let dump = dump.lines().next().unwrap_or_default();
+    for cpu in 0..4 {
+        let one = dump
+            .split(&format!(" CPU{cpu} "))
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .unwrap_or_else(|| panic!("CPU{cpu} missing from the dump: {dump}"));
+        for field in [" tid=", " host=", "@core", " syscall="] {
+            assert!(
+                one.contains(field),
+                "CPU{cpu} has no{field} in the dump: {dump}"
+            );
+        }
+    }
+    // Reported within --hang-timeout + 1 s of the last progress, however busy the host.
+    let after: f64 = dump
+        .split("reported ")
+        .nth(1)
+        .and_then(|r| r.split("s after the last progress").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no report delay in the dump: {dump}"));
     assert!(
-        all.contains(" tid=") && all.contains(" host=") && all.contains(" syscall="),
-        "no host view in the dump: {all}"
+        after <= 1.03,
+        "reported {after} s after the last progress: {dump}"
     );
     assert!(
         r.took < Duration::from_secs(30),

@@ -461,9 +461,23 @@ fn run_one(
         });
     let mut err = None;
     let mut abandoned = false;
-    if let Err(e) = spawned {
-        err = Some(ScenarioError::Spawn(e));
-    } else {
+    let dog = spawned.and_then(|_| {
+        let f = flags.clone();
+        watchdog::Watchdog::start(
+            monitor.clone(),
+            tally.clone(),
+            plan.hang_timeout,
+            move || f.abort.store(true, Ordering::SeqCst),
+        )
+    });
+    if let Err(e) = dog.as_ref() {
+        err = Some(ScenarioError::Spawn(std::io::Error::new(
+            e.kind(),
+            e.to_string(),
+        )));
+        flags.abort.store(true, Ordering::SeqCst);
+    }
+    if let Ok(dog) = &dog {
         let mut fired: Option<Instant> = None;
         loop {
             match rx.recv_timeout(TICK) {
@@ -488,10 +502,7 @@ fn run_one(
             *quit_target.lock().unwrap_or_else(|e| e.into_inner()) = monitor.handle();
             progress.update(sc.name(), &tally);
             match fired {
-                None if monitor.hung(&tally, plan.hang_timeout) => {
-                    flags.abort.store(true, Ordering::SeqCst);
-                    fired = Some(Instant::now());
-                }
+                None if dog.fired() => fired = Some(Instant::now()),
                 Some(t) if t.elapsed() > ABANDON_AFTER => {
                     abandoned = true;
                     break;
@@ -500,6 +511,7 @@ fn run_one(
             }
         }
     }
+    drop(dog);
     monitor.tick(&tally, true);
     progress.done(sc.name(), &tally);
     let interrupted = flags.interrupt.load(Ordering::Relaxed);
