@@ -10,6 +10,7 @@
 //! | `check.rs` | `Tally`: counters, violations, progress |
 //! | `watchdog.rs` | `Monitor`: hang detection with every CPU's NMI-sampled IP, the trace window |
 //! | `faults.rs` | `--faults LIST` -> `usmp::fault::Faults` and the scenario-injected faults |
+//! | `host_load.rs` | `--host-load N`: unpinned busy threads beside the runtime for the whole run |
 //! | `report.rs` | progress (indicatif or plain lines), the counters table, `--json`, the failure report |
 //! | `timeouts.rs` | failed `cpu_up`/`cpu_down`/`stop_machine`: timeouts are violations, protocol refusals are counted apart |
 //! | `calls.rs` | the exactly-once ledger for calls a scenario sends (`lost_calls`, `double_runs`, `refused_runs`) |
@@ -34,6 +35,7 @@ mod args;
 mod calls;
 mod check;
 mod faults;
+mod host_load;
 mod report;
 mod timeouts;
 mod watchdog;
@@ -354,6 +356,8 @@ pub fn stress(
     });
     let mut progress = report::Progress::new(&plan);
     report::header(&plan);
+    let _load = host_load::HostLoad::start(plan.host_load)
+        .map_err(|e| anyhow::anyhow!("cannot start the --host-load threads: {e}"))?;
     let mut results = Vec::new();
     let mut failure_trace = None;
     for sc in &plan.scenarios {

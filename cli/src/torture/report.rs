@@ -97,10 +97,11 @@ pub fn header(plan: &Plan) {
     let modes: Vec<_> = plan.modes.iter().map(|m| mode_name(*m)).collect();
     let _ = writeln!(
         std::io::stderr(),
-        "usmp stress: seed {:#x}, {} CPUs on {} host cores, mode {}, {} scenario(s), {limit}{}",
+        "usmp stress: seed {:#x}, {} CPUs on {} host cores, host load {} busy thread(s), mode {}, {} scenario(s), {limit}{}",
         plan.seed,
         plan.cpus,
         plan.host_cores,
+        plan.host_load,
         modes.join("+"),
         plan.scenarios.len(),
         plan.broken
@@ -158,6 +159,8 @@ impl serde::Serialize for Counters<'_> {
 #[derive(serde::Serialize)]
 struct JsonRun<'a> {
     seed: u64,
+    /// `--host-load`: busy threads beside the runtime.
+    host_load: usize,
     violations: u64,
     scenarios: Vec<JsonScenario<'a>>,
 }
@@ -174,6 +177,7 @@ pub fn print(
     if plan.json {
         let run = JsonRun {
             seed: plan.seed,
+            host_load: plan.host_load,
             violations: total,
             scenarios: results.iter().map(JsonScenario).collect(),
         };
@@ -197,8 +201,8 @@ fn table(
 ) -> std::io::Result<()> {
     writeln!(
         out,
-        "usmp stress: seed {:#x}, {} CPUs on {} host cores",
-        plan.seed, plan.cpus, plan.host_cores
+        "usmp stress: seed {:#x}, {} CPUs on {} host cores, host load {}",
+        plan.seed, plan.cpus, plan.host_cores, plan.host_load
     )?;
     writeln!(
         out,
