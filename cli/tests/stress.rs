@@ -23,6 +23,12 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Far beyond any run here (a scenario's default is 5 s).
 const BOUND: Duration = Duration::from_secs(90);
+/// A `--broken` run's iterations: each variant is caught within its first 20 on this machine
+/// (`bringup-without-cas` after 16); the run ends at the first violation.
+const BROKEN_ITERATIONS: &str = "400";
+/// A clean run's iterations: enough to exercise each scenario, and no wall-clock share that
+/// host load could starve.
+const CLEAN_ITERATIONS: &str = "20";
 
 /// The scenarios this branch builds, and the variants with their catching scenario.
 const SCENARIOS: &[&str] = &[
@@ -50,8 +56,18 @@ fn every_broken_variant_is_caught_with_a_replay_command() {
         ));
         let r = run_bounded(
             usmp()
+                // By iterations, not a duration a loaded host can eat: the run ends at the
+                // first violation, and one that never catches it exits 4, not 0.
                 .args([
-                    "stress", "--cpus", "4", "--seed", "0x5eed", "--broken", variant,
+                    "stress",
+                    "--cpus",
+                    "4",
+                    "--seed",
+                    "0x5eed",
+                    "--iterations",
+                    BROKEN_ITERATIONS,
+                    "--broken",
+                    variant,
                 ])
                 .arg("--trace-on-failure")
                 .arg(&trace),
@@ -92,8 +108,8 @@ fn a_short_clean_run_of_each_scenario_exits_0() {
                 "4",
                 "--scenario",
                 sc,
-                "--duration",
-                "1500ms",
+                "--iterations",
+                CLEAN_ITERATIONS,
             ]),
             BOUND,
         );
@@ -159,6 +175,8 @@ fn json_is_the_documented_object() {
                 "--seed",
                 "42",
                 "--json",
+                "--host-load",
+                "1",
                 "--trace-on-failure",
             ])
             .arg(&trace),
@@ -169,13 +187,21 @@ fn json_is_the_documented_object() {
     assert!(!trace.exists(), "{} left behind", trace.display());
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
-    assert_eq!(keys.len(), 3, "{v}");
+    assert_eq!(keys.len(), 4, "{v}");
     assert_eq!(v["seed"], 42);
+    assert_eq!(v["host_load"], 1);
+    assert!(
+        r.stderr.contains("host load 1 busy thread(s)"),
+        "the header does not name the host load: {}",
+        r.stderr
+    );
     assert_eq!(v["violations"], 0);
     let sc = &v["scenarios"][0];
-    assert_eq!(sc.as_object().unwrap().len(), 5, "{sc}");
+    assert_eq!(sc.as_object().unwrap().len(), 7, "{sc}");
     assert_eq!(sc["name"], "irqs-off");
     assert_eq!(sc["iterations"], 3);
+    assert_eq!(sc["min_iterations"], 3);
+    assert_eq!(sc["starved"], false);
     assert_eq!(sc["violations"], 0);
     assert!(sc["first_violation"].is_null());
     assert_eq!(sc["counters"]["failed_to_stop"], 0);
@@ -313,6 +339,8 @@ fn a_csd_timeout_logs_the_target_state_and_the_whole_wait() {
                 "4",
                 "--seed",
                 "0x5eed",
+                "--iterations",
+                BROKEN_ITERATIONS,
                 "--broken",
                 "doorbell-never-rings",
             ])
