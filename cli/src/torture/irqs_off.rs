@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use usmp::{CpuId, CpuMask, ParkPolicy};
 
 use super::args::mode_name;
+use super::host_sched::Window;
 use super::spinners::{process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
 use super::{Ctx, Scenario, ScenarioError};
 
@@ -93,6 +94,7 @@ impl Scenario for IrqsOff {
             }
             ctx.count("masked_cpus", cpus.len() as u64);
             let crash = rng.one_in(2);
+            let window = Window::open(&h);
             let t = Instant::now();
             let out = if crash { h.crash_stop() } else { h.send_stop() };
             let took = t.elapsed();
@@ -110,6 +112,17 @@ impl Scenario for IrqsOff {
             };
             ctx.count(if crash { "crash_stops" } else { "stops" }, 1);
             for c in out.failed.iter() {
+                if let Some(numbers) = window.starved_cpu(&h, c) {
+                    // The host, not the protocol, kept it from answering.
+                    ctx.note(
+                        "host_starved",
+                        format!(
+                            "{}: CPU {c} not stopped, its thread starved by the host: {numbers}",
+                            mode_name(mode)
+                        ),
+                    );
+                    continue;
+                }
                 ctx.violation(
                     "failed_to_stop",
                     Some(c),

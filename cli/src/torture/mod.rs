@@ -11,6 +11,7 @@
 //! | `watchdog.rs` | `Monitor`: hang detection with every CPU's NMI-sampled IP, the trace window |
 //! | `faults.rs` | `--faults LIST` -> `usmp::fault::Faults` and the scenario-injected faults |
 //! | `host_load.rs` | `--host-load N`: unpinned busy threads beside the runtime for the whole run |
+//! | `host_sched.rs` | per-thread host scheduler counters across a wait: host starvation told apart from a bug |
 //! | `report.rs` | progress (indicatif or plain lines), the counters table, `--json`, the failure report |
 //! | `timeouts.rs` | failed `cpu_up`/`cpu_down`/`stop_machine`: timeouts are violations, protocol refusals are counted apart |
 //! | `calls.rs` | the exactly-once ledger for calls a scenario sends (`lost_calls`, `double_runs`, `refused_runs`) |
@@ -36,6 +37,7 @@ mod calls;
 mod check;
 mod faults;
 mod host_load;
+mod host_sched;
 mod report;
 mod timeouts;
 mod watchdog;
@@ -237,6 +239,12 @@ impl Ctx {
         self.tally.violation(counter, cpu, message.into());
     }
 
+    /// Something worth reporting that is not a violation (`host_starved`): counted, and the
+    /// first few kept with their text.
+    pub fn note(&self, counter: &str, message: impl Into<String>) {
+        self.tally.note(counter, message.into());
+    }
+
     /// Independent generator `stream` of this scenario's seed.
     pub fn rng(&self, stream: u64) -> Rng {
         Rng::stream(self.seed ^ fnv(self.name), stream)
@@ -314,6 +322,8 @@ pub struct ScenarioResult {
     pub violations: u64,
     pub counters: Vec<(String, u64)>,
     pub first: Vec<check::Violation>,
+    /// The first notes (`host_starved`), not violations.
+    pub notes: Vec<String>,
     pub elapsed: Duration,
     /// The replay command for this scenario.
     pub replay: String,
@@ -531,6 +541,7 @@ fn run_one(
         violations: tally.violations(),
         counters: tally.counters(),
         first: tally.first_violations(),
+        notes: tally.notes(),
         elapsed: tally.elapsed(),
         replay,
         interrupted,

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use usmp::{CpuId, Handle, HotplugError, IpiError};
 
 use super::calls::{Expect, FirstViolation, Ledger, Sink};
-use super::timeouts::{self, Failure};
+use super::host_sched::Window;
+use super::timeouts::{self, Failure, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -223,6 +224,7 @@ fn churn(
             }
             let cpu = rng.below(n);
             let mut delay = Duration::ZERO;
+            let window = Window::open(h);
             let (op, r, stats) = if online.contains(cpu) {
                 if online.weight() <= 1 {
                     continue;
@@ -253,7 +255,8 @@ fn churn(
                     let excuse = matches!(&e, HotplugError::BootTimeout { timeout_ms, .. }
                         if delay.as_millis() as u64 >= *timeout_ms)
                     .then_some("slow-boot delayed it past the boot timeout");
-                    if timeouts::hotplug_failed(sink, op, cpu, &e, excuse) == Failure::Other {
+                    let wait = Wait { h, window: &window };
+                    if timeouts::hotplug_failed(sink, wait, op, cpu, &e, excuse) == Failure::Other {
                         sink.violation("hotplug_errors", Some(cpu), format!("{op}({cpu}): {e}"));
                     }
                 }

@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use usmp::{CpuId, Handle, HotplugError, KexecError, KexecOutcome, ParkPolicy};
 
-use super::{timeouts, Ctx, Scenario, ScenarioError};
+use super::host_sched::Window;
+use super::timeouts::{self, Wait};
+use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
 /// Bound on a job (the kexec on R, the probe job in the next image).
@@ -149,6 +151,7 @@ fn race(
             r
         };
         let mut delay = Duration::ZERO;
+        let window = Window::open(h);
         let (op, res) = if h.is_online(cpu) {
             let res = h.cpu_down(cpu);
             if cpu == r {
@@ -179,7 +182,8 @@ fn race(
             } else {
                 None
             };
-            timeouts::hotplug_failed(ctx, op, cpu, &e, excuse);
+            let wait = Wait { h, window: &window };
+            timeouts::hotplug_failed(ctx, wait, op, cpu, &e, excuse);
         }
         std::thread::yield_now();
     }

@@ -14,6 +14,7 @@ use serde::ser::{SerializeMap, Serializer};
 
 use super::args::{mode_name, Plan};
 use super::check::Tally;
+use super::host_sched::load_average;
 use super::watchdog::FailureTrace;
 use super::{Limit, ScenarioResult};
 
@@ -280,6 +281,11 @@ fn failures(
         }
         writeln!(out, "replay: {}", r.replay)?;
     }
+    for r in results {
+        for n in r.notes.iter().take(SHOW) {
+            writeln!(out, "{}: {n} (the host's doing, not a violation)", r.name)?;
+        }
+    }
     for r in results.iter().filter(|r| r.starved) {
         writeln!(
             out,
@@ -310,12 +316,4 @@ fn failures(
         )?;
     }
     Ok(())
-}
-
-/// The host's 1-minute load average (`/proc/loadavg`), or "?".
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
 }

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use usmp::{CpuId, CpuMask, CpuRunState, Handle, HotplugError, StopMode, StopOutcome};
 
 use super::args::mode_name;
-use super::{timeouts, Ctx, Scenario, ScenarioError};
+use super::host_sched::Window;
+use super::timeouts::{self, Wait};
+use super::{Ctx, Scenario, ScenarioError};
 
 /// Each attempt's wait: a stop lasts about two of these.
 const STOP_WAIT: Duration = Duration::from_millis(5);
@@ -94,12 +96,19 @@ impl Scenario for StopDuringBringup {
                     racing.push(c);
                 }
             }
-            racing.retain(|&c| match h.cpu_down(c) {
-                Ok(()) => true,
-                Err(e) => {
-                    // Before the stop: every CPU is healthy, so a timeout is a violation.
-                    timeouts::hotplug_failed(ctx, "cpu_down", c, &e, None);
-                    false
+            racing.retain(|&c| {
+                let window = Window::open(&h);
+                match h.cpu_down(c) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Before the stop: every CPU is healthy, so a timeout is a violation.
+                        let wait = Wait {
+                            h: &h,
+                            window: &window,
+                        };
+                        timeouts::hotplug_failed(ctx, wait, "cpu_down", c, &e, None);
+                        false
+                    }
                 }
             });
             for &c in &racing {
@@ -193,10 +202,20 @@ fn check(
         "ups_failed",
         ups.iter().filter(|(_, r)| r.is_err()).count() as u64,
     );
+    // Excused, so the window is never read: a placeholder.
+    let window = Window::open(h);
     for (c, r) in ups {
         if let Err(e) = r {
             // Each bring-up raced a stop, which may park its CPU: not a healthy CPU.
-            timeouts::hotplug_failed(ctx, "cpu_up", *c, e, Some("a stop raced the bring-up"));
+            let wait = Wait { h, window: &window };
+            timeouts::hotplug_failed(
+                ctx,
+                wait,
+                "cpu_up",
+                *c,
+                e,
+                Some("a stop raced the bring-up"),
+            );
         }
     }
     if mode == StopMode::Deterministic {

@@ -29,7 +29,8 @@ use usmp::{
     cpu_relax, irq_restore, irq_save, CpuId, CpuMask, Handle, HotplugError, StopMachineError,
 };
 
-use super::timeouts::{self, Failure};
+use super::host_sched::Window;
+use super::timeouts::{self, Failure, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -253,6 +254,7 @@ fn writer(
         let mask: CpuMask = std::iter::once(cpu).collect();
         let (t, ran) = (table.clone(), Arc::new(AtomicBool::new(false)));
         let r2 = ran.clone();
+        let window = Window::open(h);
         let start = Instant::now();
         let res = h.stop_machine(
             move |_| {
@@ -269,7 +271,13 @@ fn writer(
             Ok(()) if ran.load(Ordering::Relaxed) => ctx.count("sm_ok", 1),
             // Its CPU went offline before the snapshot: the function ran nowhere.
             Ok(()) => ctx.count("sm_ran_nowhere", 1),
-            Err(e) => match timeouts::stop_machine_failed(ctx, Some(cpu), &e, None) {
+            Err(e) => match timeouts::stop_machine_failed(
+                ctx,
+                Wait { h, window: &window },
+                Some(cpu),
+                &e,
+                None,
+            ) {
                 Failure::Other if matches!(e, StopMachineError::Ipi(_)) => {
                     ctx.count("sm_ipi_error", 1)
                 }
@@ -334,6 +342,7 @@ fn hotplug(ctx: &Ctx, h: &Handle, mut rng: Rng, slow: Option<Duration>, done: &A
     while !done.load(Ordering::SeqCst) {
         let cpu = 1 + rng.below(n - 1);
         let mut delay = Duration::ZERO;
+        let window = Window::open(h);
         let (op, r) = if h.is_online(cpu) {
             ("cpu_down", h.cpu_down(cpu).map(|()| "hotplug_downs"))
         } else {
@@ -351,7 +360,8 @@ fn hotplug(ctx: &Ctx, h: &Handle, mut rng: Rng, slow: Option<Duration>, done: &A
                 let excuse = matches!(&e, HotplugError::BootTimeout { timeout_ms, .. }
                     if delay.as_millis() as u64 >= *timeout_ms)
                 .then_some("slow-boot delayed it past the boot timeout");
-                if timeouts::hotplug_failed(ctx, op, cpu, &e, excuse) == Failure::Other {
+                let wait = Wait { h, window: &window };
+                if timeouts::hotplug_failed(ctx, wait, op, cpu, &e, excuse) == Failure::Other {
                     ctx.count("hotplug_errors", 1);
                     tracing::debug!("stop-machine: hotplug CPU{cpu}: {e}");
                 }

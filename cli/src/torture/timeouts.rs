@@ -8,11 +8,15 @@
 //!    inside one) is a violation (`hotplug_timeouts`, `stop_machine_timeouts`) unless the
 //!    caller names why a CPU was not healthy (a boot delay injected past the timeout, a wedged
 //!    CPU): then it is counted in `<counter>_excused`.
+//!    A timeout during which the host kept a CPU thread (or the waiting thread) runnable but
+//!    off a core for half the wait or more is `host_starved` instead, with the numbers
+//!    (`host_sched.rs`): the host's doing, not the protocol's, and not a violation.
 //! 3. Anything else is the caller's to judge ([`Failure::Other`]).
 
-use usmp::{CpuId, HotplugError, IpiError, StopMachineError};
+use usmp::{CpuId, Handle, HotplugError, IpiError, StopMachineError};
 
 use super::calls::Sink;
+use super::host_sched::Window;
 
 /// What a failed call means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,21 +60,45 @@ pub fn of_stop_machine(e: &StopMachineError) -> Failure {
     }
 }
 
+/// Where a failed call ran: the runtime, and the host window opened (on the calling thread)
+/// when the call began.
+#[derive(Clone, Copy)]
+pub struct Wait<'a> {
+    pub h: &'a Handle,
+    pub window: &'a Window,
+}
+
 /// Steps 1-2 for a failed `op` (`cpu_up`, `cpu_down`) on `cpu`. `excuse`: why the CPU was not
 /// healthy, if it was not.
 pub fn hotplug_failed(
     sink: &dyn Sink,
+    wait: Wait<'_>,
     op: &str,
     cpu: CpuId,
     e: &HotplugError,
     excuse: Option<&str>,
 ) -> Failure {
     let class = of_hotplug(e);
+    let what = format!("{op}({cpu})");
+    judge(sink, wait, "hotplug", &what, Some(cpu), e, class, excuse);
+    class
+}
+
+/// Steps 1-2 for a failed `stop_machine` (`cpu`: the one it ran on, if one).
+pub fn stop_machine_failed(
+    sink: &dyn Sink,
+    wait: Wait<'_>,
+    cpu: Option<CpuId>,
+    e: &StopMachineError,
+    excuse: Option<&str>,
+) -> Failure {
+    let class = of_stop_machine(e);
     judge(
         sink,
-        "hotplug",
-        &format!("{op}({cpu})"),
-        Some(cpu),
+        wait,
+        "stop_machine",
+        "stop_machine",
+        cpu,
         e,
         class,
         excuse,
@@ -78,20 +106,10 @@ pub fn hotplug_failed(
     class
 }
 
-/// Steps 1-2 for a failed `stop_machine` (`cpu`: the one it ran on, if one).
-pub fn stop_machine_failed(
-    sink: &dyn Sink,
-    cpu: Option<CpuId>,
-    e: &StopMachineError,
-    excuse: Option<&str>,
-) -> Failure {
-    let class = of_stop_machine(e);
-    judge(sink, "stop_machine", "stop_machine", cpu, e, class, excuse);
-    class
-}
-
+#[allow(clippy::too_many_arguments)]
 fn judge(
     sink: &dyn Sink,
+    wait: Wait<'_>,
     kind: &str,
     what: &str,
     cpu: Option<CpuId>,
@@ -99,6 +117,13 @@ fn judge(
     class: Failure,
     excuse: Option<&str>,
 ) {
+    let starved = (class == Failure::Timeout && excuse.is_none())
+        .then(|| wait.window.starved(wait.h))
+        .flatten();
+    if let Some(numbers) = starved {
+        sink.note("host_starved", format!("{what} timed out: {e}; {numbers}"));
+        return;
+    }
     match (class, excuse) {
         (Failure::Refused, _) => sink.count(&format!("{kind}_refusals"), 1),
         (Failure::Timeout, Some(why)) => {
@@ -174,15 +199,21 @@ mod tests {
         rt.faults()
             .set_boot_delay(1, std::time::Duration::from_millis(300))
             .unwrap();
+        let h = rt.handle();
+        let window = Window::open(&h);
         let e = rt.cpu_up(1).unwrap_err();
         let limbo = rt.cpu_up(1).unwrap_err();
         let sink = Record::default();
+        let wait = Wait {
+            h: &h,
+            window: &window,
+        };
         assert_eq!(
-            hotplug_failed(&sink, "cpu_up", 1, &e, None),
+            hotplug_failed(&sink, wait, "cpu_up", 1, &e, None),
             Failure::Timeout
         );
-        hotplug_failed(&sink, "cpu_up", 1, &e, Some("delayed on purpose"));
-        let limbo_class = hotplug_failed(&sink, "cpu_up", 1, &limbo, None);
+        hotplug_failed(&sink, wait, "cpu_up", 1, &e, Some("delayed on purpose"));
+        let limbo_class = hotplug_failed(&sink, wait, "cpu_up", 1, &limbo, None);
         assert!(rt.wait_limbo_clear(std::time::Duration::from_secs(10)));
         let got = sink.0.lock().unwrap().clone();
         assert!(
