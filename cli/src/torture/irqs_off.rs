@@ -15,7 +15,7 @@ use usmp::{CpuId, CpuMask, ParkPolicy};
 
 use super::args::mode_name;
 use super::host_sched::Window;
-use super::spinners::{process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
+use super::spinners::{check_threads, process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
 use super::{Ctx, Scenario, ScenarioError};
 
 /// The first (maskable) attempt's wait: the masked CPUs never answer it.
@@ -85,7 +85,9 @@ impl Scenario for IrqsOff {
                     cpus.push(c);
                 }
             }
-            let (spin, missing) = Spinners::start(&h, &cpus, false, MASK_BOUND);
+            // The first round keeps the user-facing case (a CPU stopped inside a job never
+            // leaves) once; later spinners leave with their runtime.
+            let (spin, missing) = Spinners::start(&h, &cpus, false, round > 1, MASK_BOUND);
             if !missing.is_empty() {
                 // The host did not schedule the jobs in time: not the protocol's fault.
                 ctx.count("rounds_skipped", 1);
@@ -155,7 +157,7 @@ impl Scenario for IrqsOff {
             ctx.iteration();
             drop(rt);
             ctx.unwatch();
-            ctx.set("threads_last", process_threads());
+            check_threads(ctx, n, 0);
         }
         if round > 0
             && ctx.get("nmi_stops") == 0

@@ -18,7 +18,7 @@ use usmp::CpuId;
 
 use super::args::mode_name;
 use super::host_sched::Window;
-use super::spinners::{process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
+use super::spinners::{check_threads, process_threads, Spinners, STOP_ROUND_CSDS, STOP_ROUND_RING};
 use super::{Ctx, Scenario, ScenarioError};
 
 const FIRST_WAIT: Duration = Duration::from_millis(20);
@@ -78,7 +78,8 @@ impl Scenario for Wedged {
             let h = rt.handle();
             let n = h.cpus();
             let wedged: CpuId = 1 + rng.below(n - 1);
-            let (wedge, missing) = Spinners::start(&h, &[wedged], ctx.faults.nmi_block, MASK_BOUND);
+            let (wedge, missing) =
+                Spinners::start(&h, &[wedged], ctx.faults.nmi_block, true, MASK_BOUND);
             // Sometimes a second CPU is only irq-masked: the NMI must still get it.
             let other = (n > 2 && rng.one_in(2)).then(|| {
                 let c = 1 + rng.below(n - 1);
@@ -88,7 +89,7 @@ impl Scenario for Wedged {
                     c
                 }
             });
-            let masked = other.map(|c| Spinners::start(&h, &[c], false, MASK_BOUND));
+            let masked = other.map(|c| Spinners::start(&h, &[c], false, true, MASK_BOUND));
             if !missing.is_empty() || masked.as_ref().is_some_and(|(_, m)| !m.is_empty()) {
                 ctx.count("rounds_skipped", 1);
                 wedge.release();
@@ -163,7 +164,7 @@ impl Scenario for Wedged {
             ctx.iteration();
             drop(rt);
             ctx.unwatch();
-            ctx.set("threads_last", process_threads());
+            check_threads(ctx, n, 0);
         }
         Ok(())
     }
