@@ -4,7 +4,8 @@
 //! `/proc/self/task/<tid>/schedstat` holds three numbers per thread: ns run on a core, ns
 //! runnable but waiting for one, and timeslices. A [`Window`] reads them for every CPU thread
 //! (`Handle::cpu_tid`) and the caller when a wait begins; at its end, a thread whose wait grew
-//! by half the window or more was kept from running by the host, not by the protocol:
+//! by half the window (or half the timeout that expired, if shorter) or more was kept from
+//! running by the host, not by the protocol:
 //! [`Window::starved`] names it with its numbers, and [`Window::max_wait`] is the time the host
 //! took from the threads the wait depended on (what a wall-clock bound may discount).
 
@@ -79,26 +80,32 @@ impl Window {
         }
     }
 
-    /// Every thread's run and wait since the window opened: the CPU threads now (a thread
-    /// started meanwhile counts from its birth), and the caller (call from the opening thread).
+    /// Every thread's run and wait since the window opened: each CPU thread of the opening
+    /// (read by its tid, so a thread on its way out, its CPU's tid already cleared, still
+    /// counts), each CPU thread started meanwhile (counted from its birth), and the caller
+    /// (call from the opening thread).
     fn shares(&self, h: &Handle) -> Vec<Share> {
         let mut v = Vec::new();
+        let mut share = |c: CpuId, tid: i32, before: SchedStat| {
+            if let Some(now) = SchedStat::of(tid) {
+                v.push(Share {
+                    cpu: Some(c),
+                    who: format!("CPU{c} tid={tid}"),
+                    run: Duration::from_nanos(now.run_ns.saturating_sub(before.run_ns)),
+                    wait: Duration::from_nanos(now.wait_ns.saturating_sub(before.wait_ns)),
+                });
+            }
+        };
+        for &(c, tid, before) in &self.cpus {
+            share(c, tid, before);
+        }
         for c in 0..h.cpus() {
-            let Some(tid) = h.cpu_tid(c) else { continue };
-            let Some(now) = SchedStat::of(tid) else {
-                continue;
-            };
-            let before = self
-                .cpus
-                .iter()
-                .find(|(cpu, t, _)| *cpu == c && *t == tid)
-                .map_or(SchedStat::default(), |(_, _, s)| *s);
-            v.push(Share {
-                cpu: Some(c),
-                who: format!("CPU{c} tid={tid}"),
-                run: Duration::from_nanos(now.run_ns.saturating_sub(before.run_ns)),
-                wait: Duration::from_nanos(now.wait_ns.saturating_sub(before.wait_ns)),
-            });
+            match h.cpu_tid(c) {
+                Some(tid) if !self.cpus.iter().any(|&(_, t, _)| t == tid) => {
+                    share(c, tid, SchedStat::default())
+                }
+                _ => {}
+            }
         }
         if let (Some(b), Some(now)) = (self.caller, SchedStat::this_thread()) {
             v.push(Share {
@@ -111,22 +118,29 @@ impl Window {
         v
     }
 
-    /// The threads the host kept runnable but off a core for half the window or more, with
-    /// their numbers; `None` if none was.
-    pub fn starved(&self, h: &Handle) -> Option<String> {
-        self.starved_of(h, |_| true)
+    /// The threads the host kept runnable but off a core for half the window or more, or half
+    /// of `bound` (the timeout that expired) if that is shorter, with their numbers; `None`
+    /// if none was.
+    pub fn starved(&self, h: &Handle, bound: Option<Duration>) -> Option<String> {
+        self.starved_of(h, bound, |_| true)
     }
 
     /// Whether CPU `cpu`'s thread was starved so (with the numbers).
     pub fn starved_cpu(&self, h: &Handle, cpu: CpuId) -> Option<String> {
-        self.starved_of(h, |c| c == Some(cpu))
+        self.starved_of(h, None, |c| c == Some(cpu))
     }
 
-    fn starved_of(&self, h: &Handle, pick: impl Fn(Option<CpuId>) -> bool) -> Option<String> {
+    fn starved_of(
+        &self,
+        h: &Handle,
+        bound: Option<Duration>,
+        pick: impl Fn(Option<CpuId>) -> bool,
+    ) -> Option<String> {
         let window = self.start.elapsed();
+        let limit = bound.map_or(window, |b| b.min(window));
         let mut s = String::new();
         for t in self.shares(h).into_iter().filter(|t| pick(t.cpu)) {
-            if t.wait * 2 >= window && !t.wait.is_zero() {
+            if t.wait * 2 >= limit && !t.wait.is_zero() {
                 let _ = write!(
                     s,
                     "{}{} ran {:.1} ms, waited runnable {:.1} ms",
@@ -144,6 +158,32 @@ impl Window {
                 load_average()
             )
         })
+    }
+
+    /// What the host gave CPU `cpu`'s thread (and the caller) in the window, for a violation's
+    /// message: not starved, or gone before it could be read.
+    pub fn describe(&self, h: &Handle, cpu: CpuId) -> String {
+        let window = self.start.elapsed();
+        let shares = self.shares(h);
+        let mut s = format!("in the {:.1} ms window", window.as_secs_f64() * 1e3);
+        let mut any = false;
+        for t in shares
+            .iter()
+            .filter(|t| t.cpu == Some(cpu) || t.cpu.is_none())
+        {
+            any |= t.cpu.is_some();
+            let _ = write!(
+                s,
+                ", {} ran {:.1} ms and waited runnable {:.1} ms",
+                t.who,
+                t.run.as_secs_f64() * 1e3,
+                t.wait.as_secs_f64() * 1e3
+            );
+        }
+        if !any {
+            let _ = write!(s, ", CPU{cpu} had no thread left to read");
+        }
+        s
     }
 
     /// The longest any of the threads waited runnable in the window: time the host, not the

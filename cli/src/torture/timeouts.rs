@@ -13,6 +13,8 @@
 //!    (`host_sched.rs`): the host's doing, not the protocol's, and not a violation.
 //! 3. Anything else is the caller's to judge ([`Failure::Other`]).
 
+use std::time::Duration;
+
 use usmp::{CpuId, Handle, HotplugError, IpiError, StopMachineError};
 
 use super::calls::Sink;
@@ -80,7 +82,24 @@ pub fn hotplug_failed(
 ) -> Failure {
     let class = of_hotplug(e);
     let what = format!("{op}({cpu})");
-    judge(sink, wait, "hotplug", &what, Some(cpu), e, class, excuse);
+    let bound = match e {
+        HotplugError::BootTimeout { timeout_ms, .. }
+        | HotplugError::TeardownTimeout { timeout_ms, .. } => Some(*timeout_ms),
+        HotplugError::StopMachine(s) => stop_machine_bound(s),
+        _ => None,
+    }
+    .map(Duration::from_millis);
+    judge(
+        sink,
+        wait,
+        "hotplug",
+        &what,
+        Some(cpu),
+        e,
+        class,
+        excuse,
+        bound,
+    );
     class
 }
 
@@ -102,8 +121,18 @@ pub fn stop_machine_failed(
         e,
         class,
         excuse,
+        stop_machine_bound(e).map(Duration::from_millis),
     );
     class
+}
+
+/// How long a timed-out `stop_machine` waited, ms.
+fn stop_machine_bound(e: &StopMachineError) -> Option<u64> {
+    match e {
+        StopMachineError::Timeout { waited_ms, .. }
+        | StopMachineError::Ipi(IpiError::Timeout { waited_ms, .. }) => Some(*waited_ms),
+        _ => None,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -116,9 +145,10 @@ fn judge(
     e: &dyn std::fmt::Display,
     class: Failure,
     excuse: Option<&str>,
+    bound: Option<Duration>,
 ) {
     let starved = (class == Failure::Timeout && excuse.is_none())
-        .then(|| wait.window.starved(wait.h))
+        .then(|| wait.window.starved(wait.h, bound))
         .flatten();
     if let Some(numbers) = starved {
         sink.note("host_starved", format!("{what} timed out: {e}; {numbers}"));
@@ -130,11 +160,16 @@ fn judge(
             sink.count(&format!("{kind}_timeouts_excused"), 1);
             tracing::debug!("{what}: {e} (excused: {why})");
         }
-        (Failure::Timeout, None) => sink.violation(
-            &format!("{kind}_timeouts"),
-            cpu,
-            format!("{what} timed out with every CPU healthy: {e}"),
-        ),
+        (Failure::Timeout, None) => {
+            let numbers = cpu.map_or(String::new(), |c| {
+                format!(" ({})", wait.window.describe(wait.h, c))
+            });
+            sink.violation(
+                &format!("{kind}_timeouts"),
+                cpu,
+                format!("{what} timed out with every CPU healthy: {e}{numbers}"),
+            )
+        }
         (Failure::Other, _) => {}
     }
 }
