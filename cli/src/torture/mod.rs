@@ -271,7 +271,8 @@ impl Ctx {
         Ok(rt)
     }
 
-    /// Seeds and arms the fault injector of `h` (a next image after kexec) and watches it.
+    /// Seeds and arms the fault injector of `h` (a next image after kexec) and watches it
+    /// (also progress, for the watchdog).
     pub fn arm(&self, h: &Handle) {
         self.faults
             .apply(&h.faults(), self.seed ^ fnv(self.name) ^ h.generation());
@@ -279,6 +280,9 @@ impl Ctx {
             h.faults().set_broken(b, true);
         }
         self.monitor.watch(Some(h.clone()));
+        // A runtime built is progress: a hang reported from here on has CPUs to dump (on a
+        // loaded host a build alone once outlasted a 30 ms --hang-timeout).
+        self.heartbeat();
     }
 
     /// Stops watching (before a runtime is shut down on purpose).
