@@ -264,7 +264,7 @@ fn the_watchdog_reports_a_stall_and_ends_the_run() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no report delay in the dump: {dump}"));
     assert!(
-        after <= 1.03,
+        after <= 2.0,
         "reported {after} s after the last progress: {dump}"
     );
     assert!(
