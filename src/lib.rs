@@ -82,7 +82,7 @@ mod inject;
 #[cfg(all(not(loom), feature = "fault-injection"))]
 pub mod fault {
     pub use crate::inject::{Broken, FaultCounters};
-    pub use crate::runtime::faults::{wedge_this_cpu, Faults};
+    pub use crate::runtime::faults::{resume_on_release, wedge_this_cpu, Faults};
 }
 
 #[cfg(not(loom))]

@@ -43,8 +43,9 @@ fn a_short_clean_run_of_each_scenario_exits_0() {
                 name,
                 "--cpus",
                 "4",
-                "--duration",
-                "2s",
+                // Iterations, not a duration a loaded host can starve.
+                "--iterations",
+                "20",
                 "--seed",
                 "0x5eed",
             ]),
@@ -115,6 +116,9 @@ fn bringup_without_cas_is_caught_with_a_replay_command() {
                 "4",
                 "--seed",
                 "0x5eed",
+                // By iterations (caught after 16 here), not a duration load can eat.
+                "--iterations",
+                "400",
                 "--broken",
                 "bringup-without-cas",
             ])

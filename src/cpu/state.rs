@@ -129,6 +129,9 @@ pub(crate) struct CpuState {
     /// Whether the thread is executing a job's code right now (set only around the call). A
     /// stop that interrupts such a CPU cannot power it off: see `stop/receive.rs`.
     pub(super) running_job: AtomicBool,
+    /// The running job may be resumed when a park inside it is released at teardown
+    /// (`fault::resume_on_release`); cleared when the job ends.
+    pub(super) resume_on_release: AtomicBool,
     /// Whether the thread holds a job (set before it takes one from its queue, so hotplug's
     /// drain never sees it idle while it holds a job it just took).
     pub(super) in_job: AtomicBool,
@@ -206,6 +209,7 @@ impl CpuState {
             exit_req: crate::sync::AtomicBool::new(false),
             jobs_queued: crate::sync::AtomicUsize::new(0),
             running_job: AtomicBool::new(false),
+            resume_on_release: AtomicBool::new(false),
             in_job: AtomicBool::new(false),
             job_gate: Mutex::new(false),
             job_tx,
@@ -463,6 +467,15 @@ impl CpuState {
 
     pub(crate) fn set_running_job(&self, on: bool) {
         self.running_job.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the running job may be resumed when its park is released (and cleared by it).
+    pub(crate) fn resume_on_release(&self) -> bool {
+        self.resume_on_release.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_resume_on_release(&self, on: bool) {
+        self.resume_on_release.store(on, Ordering::SeqCst);
     }
 
     /// Whether a stop has parked or powered off this CPU.

@@ -89,6 +89,21 @@ impl Faults<'_> {
     }
 }
 
+/// Test harnesses only: the calling job (on a logical CPU) declares that if a stop parks its
+/// CPU inside it, the runtime's teardown may resume it when it releases parked CPUs, and
+/// that it will then return at once without touching the runtime (its CPU is powered off).
+/// Without it such a thread never leaves (by design: see `ParkPolicy`). Cleared when the job
+/// ends. Returns false (and does nothing) on a thread that is not a logical CPU.
+pub fn resume_on_release() -> bool {
+    match crate::cpu::context::current() {
+        Some((_, st)) => {
+            st.set_resume_on_release(true);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Blocks (`true`) or unblocks both of its runtime's signals on the calling logical CPU, making
 /// it "wedged": not even the NMI reaches it. Returns false (and does nothing) on a thread that
 /// is not a logical CPU. Call it from a job; unblock before the job returns if the CPU is to

@@ -158,6 +158,7 @@ fn run_job(shared: &Shared, st: &CpuState, job: crate::cpu::state::Job) {
     // job does (ipi/fatal.rs states the policy).
     let _ = catch_unwind(AssertUnwindSafe(job.run));
     st.set_running_job(false);
+    st.set_resume_on_release(false);
     // A job that unwound (or returned) between irq_save and irq_restore must not leave every
     // later job and IPI of this CPU masked; the kernel warns likewise when a softirq or
     // workqueue item returns with irqs disabled.

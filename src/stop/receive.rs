@@ -89,7 +89,7 @@ pub(crate) fn park(
     // Parked, irqs masked, asleep. Unbounded by design: a parked CPU never runs again in this
     // image; only the runtime's teardown releases it, and only a safe one can then leave.
     let depth = st.mask_for_park();
-    me.wait_for_release(safe);
+    me.wait_for_release(safe || st.resume_on_release());
     st.restore_irq_depth(depth);
     st.set_run_state(CpuRunState::PoweredOff);
     power_off_now(shared, st, unwind);

@@ -55,6 +55,10 @@ pub struct StressArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Run N unpinned busy threads beside the runtime for the whole run, competing with its
+    /// CPU threads for the host's cores (a loaded host, reproducibly).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub host_load: usize,
 }
 
 fn scenario_help() -> String {
@@ -76,7 +80,12 @@ fn scenario_help() -> String {
     for (name, _, owner) in BROKEN {
         s.push_str(&format!("  {name:<22} {owner}\n"));
     }
-    s.push_str("\nExit: 0 every invariant held (also after Ctrl-C), 1 a violation, 2 bad input.");
+    s.push_str(
+        "\nExit: 0 every invariant held (also after Ctrl-C), 1 a violation (a --broken variant \
+         caught), 2 bad input or a harness failure, 3 starved: a scenario ran fewer than its \
+         minimum iterations (one per second of its share, at least 1; all of --iterations) \
+         because the host was too busy, so nothing was judged, 4 a --broken variant not caught.",
+    );
     s
 }
 
@@ -91,6 +100,8 @@ pub enum StressArgError {
     Duration { value: String, why: String },
     #[error("--iterations must be at least 1")]
     Iterations,
+    #[error("--host-load must be at most {HOST_LOAD_MAX}, got {0}")]
+    HostLoad(usize),
     #[error("--hang-timeout '{value}': {why} (examples: 10s, 2s)")]
     HangTimeout { value: String, why: String },
     #[error("--seed '{0}': expected a number, decimal or 0x-hex")]
@@ -138,7 +149,12 @@ pub struct Plan {
     pub hang_timeout: Duration,
     pub trace_on_failure: Option<PathBuf>,
     pub json: bool,
+    /// `--host-load`: busy threads beside the runtime.
+    pub host_load: usize,
 }
+
+/// More busy threads than this is a typo, not a load.
+pub const HOST_LOAD_MAX: usize = 1024;
 
 fn parse_seed(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -247,6 +263,9 @@ pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
         _ => return Err(StressArgError::Mode(a.mode.clone())),
     };
     let faults = a.faults.as_deref().map(FaultSet::parse).transpose()?;
+    if a.host_load > HOST_LOAD_MAX {
+        return Err(StressArgError::HostLoad(a.host_load));
+    }
     if let Some(p) = &a.trace_on_failure {
         // Checked now, so a bad path is bad input rather than a lost trace at the end; a file
         // made only to check is removed again, so a run that passes leaves nothing behind.
@@ -276,6 +295,7 @@ pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
         hang_timeout,
         trace_on_failure: a.trace_on_failure,
         json: a.json,
+        host_load: a.host_load,
     })
 }
 
@@ -306,6 +326,9 @@ impl Plan {
         if let Some((name, _, _)) = self.broken {
             s.push_str(" --broken ");
             s.push_str(name);
+        }
+        if self.host_load > 0 {
+            s.push_str(&format!(" --host-load {}", self.host_load));
         }
         s
     }

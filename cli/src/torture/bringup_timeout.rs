@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use usmp::{CpuId, CpuRunState, Handle, HotplugError};
 
+use super::host_sched::Window;
+use super::timeouts::{self, Failure, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -58,6 +60,8 @@ impl Scenario for BringupTimeout {
             "downs",
             "delayed_ups",
             "hotplug_errors",
+            "hotplug_timeouts",
+            "hotplug_refusals",
             "build_retries",
         ]
     }
@@ -113,9 +117,10 @@ fn one_op(ctx: &Ctx, h: &Handle, rng: &mut Rng, timeout: Duration) {
     let n = h.cpus();
     let cpu: CpuId = 1 + rng.below(n - 1);
     if h.is_online(cpu) {
+        let window = Window::open(h);
         match h.cpu_down(cpu) {
             Ok(()) => ctx.count("downs", 1),
-            Err(e) => hotplug_error(ctx, cpu, &e),
+            Err(e) => hotplug_error(ctx, Wait { h, window: &window }, "cpu_down", cpu, &e, None),
         }
     } else {
         let delay = pick_delay(ctx, rng, timeout);
@@ -125,10 +130,18 @@ fn one_op(ctx: &Ctx, h: &Handle, rng: &mut Rng, timeout: Duration) {
                 ctx.count("delayed_ups", 1);
             }
         }
+        let window = Window::open(h);
+        let wait = Wait { h, window: &window };
         match h.cpu_up(cpu) {
             Ok(()) => ctx.count("ups", 1),
-            Err(HotplugError::BootTimeout { .. }) => {
+            Err(e @ HotplugError::BootTimeout { .. }) => {
                 ctx.count("timeouts", 1);
+                // The sweep's delays (half the timeout and more) may miss it; an undelayed or
+                // slightly delayed AP must not.
+                let excuse = delay
+                    .is_some_and(|d| d >= timeout / 2)
+                    .then_some("its boot was delayed by the sweep");
+                timeouts::hotplug_failed(ctx, wait, "cpu_up", cpu, &e, excuse);
                 let bound = delay.unwrap_or_default() + LIMBO_BOUND;
                 if !h.wait_limbo_clear(bound) {
                     ctx.violation(
@@ -154,7 +167,7 @@ fn one_op(ctx: &Ctx, h: &Handle, rng: &mut Rng, timeout: Duration) {
                     return;
                 }
             }
-            Err(e) => hotplug_error(ctx, cpu, &e),
+            Err(e) => hotplug_error(ctx, wait, "cpu_up", cpu, &e, None),
         }
     }
     check_refs(ctx, h);
@@ -190,9 +203,18 @@ fn check_refs(ctx: &Ctx, h: &Handle) {
     }
 }
 
-/// A hotplug error other than the bring-up timeout: counted (a loaded host may time out a
-/// teardown), not an invariant.
-fn hotplug_error(ctx: &Ctx, cpu: CpuId, e: &HotplugError) {
-    ctx.count("hotplug_errors", 1);
-    tracing::debug!("bringup-timeout: CPU{cpu}: {e}");
+/// A hotplug error other than the bring-up timeout: a timeout is a violation, a refusal is
+/// counted, anything else is counted in `hotplug_errors`.
+fn hotplug_error(
+    ctx: &Ctx,
+    wait: Wait<'_>,
+    op: &str,
+    cpu: CpuId,
+    e: &HotplugError,
+    excuse: Option<&str>,
+) {
+    if timeouts::hotplug_failed(ctx, wait, op, cpu, e, excuse) == Failure::Other {
+        ctx.count("hotplug_errors", 1);
+        tracing::debug!("bringup-timeout: CPU{cpu}: {e}");
+    }
 }

@@ -164,11 +164,25 @@ impl Ledger {
 /// as an error.
 pub trait Sink: Sync {
     fn violation(&self, counter: &str, cpu: Option<CpuId>, message: String);
+    /// Adds `n` to a counter (a workload outside `usmp stress` keeps none).
+    fn count(&self, _counter: &str, _n: u64) {}
+    /// Something that is not a violation, worth reporting (`Ctx::note`).
+    fn note(&self, counter: &str, _message: String) {
+        self.count(counter, 1);
+    }
 }
 
 impl Sink for Ctx {
     fn violation(&self, counter: &str, cpu: Option<CpuId>, message: String) {
         Ctx::violation(self, counter, cpu, message);
+    }
+
+    fn count(&self, counter: &str, n: u64) {
+        Ctx::count(self, counter, n);
+    }
+
+    fn note(&self, counter: &str, message: String) {
+        Ctx::note(self, counter, message);
     }
 }
 

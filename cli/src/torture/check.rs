@@ -51,6 +51,8 @@ pub struct Tally {
     iterations: AtomicU64,
     violations: AtomicU64,
     first: Mutex<Vec<Violation>>,
+    /// The first few notes: what the host did that is not a violation (`host_starved`).
+    notes: Mutex<Vec<String>>,
     /// ns since `start` of the last progress (an iteration or a heartbeat), for the watchdog.
     progress_ns: AtomicU64,
 }
@@ -63,6 +65,7 @@ impl Tally {
             iterations: AtomicU64::new(0),
             violations: AtomicU64::new(0),
             first: Mutex::new(Vec::new()),
+            notes: Mutex::new(Vec::new()),
             progress_ns: AtomicU64::new(0),
         }
     }
@@ -115,6 +118,23 @@ impl Tally {
                 mono_ns,
             });
         }
+    }
+
+    /// Counts `counter` and keeps the text of the first few: something the run reports that
+    /// is not a violation (the host starved a thread).
+    pub fn note(&self, counter: &str, message: String) {
+        self.add(counter, 1);
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        if notes.len() < KEEP {
+            notes.push(format!(
+                "{counter} at {:.3}s: {message}",
+                self.start.elapsed().as_secs_f64()
+            ));
+        }
+    }
+
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn iteration(&self) {

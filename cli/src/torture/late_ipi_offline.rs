@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use usmp::{this_cpu, CpuId, Handle, HotplugError, IpiError};
 
 use super::calls::{Expect, Ledger, Token};
+use super::host_sched::Window;
+use super::timeouts::{self, Failure, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -103,6 +105,7 @@ impl Scenario for LateIpiOffline {
             "double_runs",
             "refused_runs",
             "runs_on_offline_cpu",
+            "hotplug_timeouts",
             "offline_ipi_warnings",
             "calls_accepted",
             "calls_refused",
@@ -150,7 +153,7 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
         h.run_on(0, move || send_until(&hh, &r, Rng::new(seed), &s))
             .ok()
     };
-    let (down, mut filed) = std::thread::scope(|s| {
+    let (down, mut filed, window) = std::thread::scope(|s| {
         let senders: Vec<_> = (0..2)
             .map(|i| {
                 let (r, st, sr) = (&round, &stop, ctx.rng(round_no * 4 + 1 + i));
@@ -163,6 +166,7 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
         while t.elapsed() < lead {
             std::hint::spin_loop();
         }
+        let window = Window::open(h);
         let down = h.cpu_down(victim);
         if down.is_ok() {
             round.down.store(true, Ordering::Release);
@@ -175,7 +179,7 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
                 Err(_) => ctx.violation("panics", None, "a sender thread panicked"),
             }
         }
-        (down, filed)
+        (down, filed, window)
     });
     stop.store(true, Ordering::Relaxed);
     if let Some(j) = job {
@@ -188,7 +192,10 @@ fn one_round(ctx: &Ctx, h: &Handle, rng: &mut Rng, round_no: u64) -> Result<(), 
         Ok(()) => ctx.count("offlines", 1),
         Err(e) => {
             ctx.count("offline_failures", 1);
-            tracing::debug!("late-ipi-offline: cpu_down({victim}): {e}");
+            let wait = Wait { h, window: &window };
+            if timeouts::hotplug_failed(ctx, wait, "cpu_down", victim, e, None) == Failure::Other {
+                ctx.violation("hotplug_errors", Some(victim), format!("cpu_down: {e}"));
+            }
             // Still online: its calls may still be running; wait for them (bounded).
             let t = Instant::now();
             while t.elapsed() < SETTLE

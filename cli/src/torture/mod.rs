@@ -10,7 +10,10 @@
 //! | `check.rs` | `Tally`: counters, violations, progress |
 //! | `watchdog.rs` | `Monitor`: hang detection with every CPU's NMI-sampled IP, the trace window |
 //! | `faults.rs` | `--faults LIST` -> `usmp::fault::Faults` and the scenario-injected faults |
+//! | `host_load.rs` | `--host-load N`: unpinned busy threads beside the runtime for the whole run |
+//! | `host_sched.rs` | per-thread host scheduler counters across a wait: host starvation told apart from a bug |
 //! | `report.rs` | progress (indicatif or plain lines), the counters table, `--json`, the failure report |
+//! | `timeouts.rs` | failed `cpu_up`/`cpu_down`/`stop_machine`: timeouts are violations, protocol refusals are counted apart |
 //! | `calls.rs` | the exactly-once ledger for calls a scenario sends (`lost_calls`, `double_runs`, `refused_runs`) |
 //! | `spinners.rs` | irq-masked and wedged spinner jobs for the stop scenarios |
 //! | `ipi_storm.rs` | `ipi-storm`: every kind of call at once; catches `doorbell-never-rings` |
@@ -33,7 +36,10 @@ mod args;
 mod calls;
 mod check;
 mod faults;
+mod host_load;
+mod host_sched;
 mod report;
+mod timeouts;
 mod watchdog;
 
 mod spinners;
@@ -171,6 +177,17 @@ pub enum Limit {
     Iterations(u64),
 }
 
+impl Limit {
+    /// The fewest iterations a scenario must complete for its pass to mean something: about
+    /// one per second of its share (at least 1), or every iteration asked for.
+    pub fn min_iterations(&self) -> u64 {
+        match *self {
+            Limit::Duration(d) => d.as_secs().max(1),
+            Limit::Iterations(k) => k,
+        }
+    }
+}
+
 impl Ctx {
     /// Whether to start another iteration: not past the duration or iteration count, not
     /// interrupted, not ended by the watchdog. A `--broken` run ends at its first violation:
@@ -222,6 +239,12 @@ impl Ctx {
         self.tally.violation(counter, cpu, message.into());
     }
 
+    /// Something worth reporting that is not a violation (`host_starved`): counted, and the
+    /// first few kept with their text.
+    pub fn note(&self, counter: &str, message: impl Into<String>) {
+        self.tally.note(counter, message.into());
+    }
+
     /// Independent generator `stream` of this scenario's seed.
     pub fn rng(&self, stream: u64) -> Rng {
         Rng::stream(self.seed ^ fnv(self.name), stream)
@@ -248,7 +271,8 @@ impl Ctx {
         Ok(rt)
     }
 
-    /// Seeds and arms the fault injector of `h` (a next image after kexec) and watches it.
+    /// Seeds and arms the fault injector of `h` (a next image after kexec) and watches it
+    /// (also progress, for the watchdog).
     pub fn arm(&self, h: &Handle) {
         self.faults
             .apply(&h.faults(), self.seed ^ fnv(self.name) ^ h.generation());
@@ -256,6 +280,9 @@ impl Ctx {
             h.faults().set_broken(b, true);
         }
         self.monitor.watch(Some(h.clone()));
+        // A runtime built is progress: a hang reported from here on has CPUs to dump (on a
+        // loaded host a build alone once outlasted a 30 ms --hang-timeout).
+        self.heartbeat();
     }
 
     /// Stops watching (before a runtime is shut down on purpose).
@@ -299,6 +326,8 @@ pub struct ScenarioResult {
     pub violations: u64,
     pub counters: Vec<(String, u64)>,
     pub first: Vec<check::Violation>,
+    /// The first notes (`host_starved`), not violations.
+    pub notes: Vec<String>,
     pub elapsed: Duration,
     /// The replay command for this scenario.
     pub replay: String,
@@ -307,6 +336,18 @@ pub struct ScenarioResult {
     /// The watchdog fired and the scenario's thread did not come back: it is left running and
     /// the process must exit.
     pub abandoned: bool,
+    /// The fewest iterations that make a pass mean something ([`Limit::min_iterations`]).
+    pub min_iterations: u64,
+    /// It ran to its end with fewer than `min_iterations` and no violation: the host was too
+    /// busy for it, and nothing was checked (exit 3, not a pass).
+    pub starved: bool,
+}
+
+impl ScenarioResult {
+    /// A `--broken` run that ended without catching its variant (exit 4, not a pass).
+    pub fn not_caught(&self, broken: bool) -> bool {
+        broken && self.violations == 0 && !self.interrupted && !self.starved
+    }
 }
 
 /// How long a scenario whose watchdog fired gets to return before it is abandoned.
@@ -329,6 +370,8 @@ pub fn stress(
     });
     let mut progress = report::Progress::new(&plan);
     report::header(&plan);
+    let _load = host_load::HostLoad::start(plan.host_load)
+        .map_err(|e| anyhow::anyhow!("cannot start the --host-load threads: {e}"))?;
     let mut results = Vec::new();
     let mut failure_trace = None;
     for sc in &plan.scenarios {
@@ -367,11 +410,32 @@ pub fn stress(
     report::print(&plan, &results, interrupted, trace_path.as_deref())?;
     if results.iter().any(|r| r.abandoned) {
         // A scenario thread is stuck inside the runtime: do not wait for it on the way out.
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        std::process::exit(1);
+        exit_now(EXIT_VIOLATION);
+    }
+    if !violated {
+        if results.iter().any(|r| r.starved) {
+            exit_now(EXIT_STARVED);
+        }
+        if results.iter().any(|r| r.not_caught(plan.broken.is_some())) {
+            exit_now(EXIT_NOT_CAUGHT);
+        }
     }
     Ok(violated)
+}
+
+/// Exit codes of `usmp stress` besides 0 (every invariant held) and 2 (bad input, a harness
+/// failure: `main.rs`). Listed in `--help` and the README.
+pub const EXIT_VIOLATION: i32 = 1;
+/// A scenario ran fewer than its minimum iterations: the host was too busy, nothing was judged.
+pub const EXIT_STARVED: i32 = 3;
+/// A `--broken` run ended without catching its variant.
+pub const EXIT_NOT_CAUGHT: i32 = 4;
+
+/// Flushes stdout and exits with `code` (a stuck scenario thread is not waited for).
+fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
 }
 
 fn run_one(
@@ -415,9 +479,23 @@ fn run_one(
         });
     let mut err = None;
     let mut abandoned = false;
-    if let Err(e) = spawned {
-        err = Some(ScenarioError::Spawn(e));
-    } else {
+    let dog = spawned.and_then(|_| {
+        let f = flags.clone();
+        watchdog::Watchdog::start(
+            monitor.clone(),
+            tally.clone(),
+            plan.hang_timeout,
+            move || f.abort.store(true, Ordering::SeqCst),
+        )
+    });
+    if let Err(e) = dog.as_ref() {
+        err = Some(ScenarioError::Spawn(std::io::Error::new(
+            e.kind(),
+            e.to_string(),
+        )));
+        flags.abort.store(true, Ordering::SeqCst);
+    }
+    if let Ok(dog) = &dog {
         let mut fired: Option<Instant> = None;
         loop {
             match rx.recv_timeout(TICK) {
@@ -442,10 +520,7 @@ fn run_one(
             *quit_target.lock().unwrap_or_else(|e| e.into_inner()) = monitor.handle();
             progress.update(sc.name(), &tally);
             match fired {
-                None if monitor.hung(&tally, plan.hang_timeout) => {
-                    flags.abort.store(true, Ordering::SeqCst);
-                    fired = Some(Instant::now());
-                }
+                None if dog.fired() => fired = Some(Instant::now()),
                 Some(t) if t.elapsed() > ABANDON_AFTER => {
                     abandoned = true;
                     break;
@@ -454,18 +529,29 @@ fn run_one(
             }
         }
     }
+    drop(dog);
     monitor.tick(&tally, true);
     progress.done(sc.name(), &tally);
+    let interrupted = flags.interrupt.load(Ordering::Relaxed);
+    let min_iterations = plan.limit.min_iterations();
+    let starved = !interrupted
+        && !abandoned
+        && err.is_none()
+        && tally.violations() == 0
+        && tally.iterations() < min_iterations;
     let res = ScenarioResult {
         name: sc.name(),
         iterations: tally.iterations(),
         violations: tally.violations(),
         counters: tally.counters(),
         first: tally.first_violations(),
+        notes: tally.notes(),
         elapsed: tally.elapsed(),
         replay,
-        interrupted: flags.interrupt.load(Ordering::Relaxed),
+        interrupted,
         abandoned,
+        min_iterations,
+        starved,
     };
     (res, err)
 }
@@ -490,5 +576,22 @@ mod tests {
                 "{b:?} has no --broken name"
             );
         }
+    }
+
+    #[test]
+    fn the_minimum_is_one_iteration_a_second_or_every_one_asked_for() {
+        assert_eq!(
+            Limit::Duration(Duration::from_millis(1500)).min_iterations(),
+            1
+        );
+        assert_eq!(
+            Limit::Duration(Duration::from_millis(10)).min_iterations(),
+            1
+        );
+        assert_eq!(
+            Limit::Duration(Duration::from_secs(60)).min_iterations(),
+            60
+        );
+        assert_eq!(Limit::Iterations(7).min_iterations(), 7);
     }
 }

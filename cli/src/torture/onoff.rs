@@ -7,7 +7,9 @@
 //!    the CPU went offline must never run (`refused_runs`). The ledger is checked as it goes.
 //! 2. The controller picks a random CPU and toggles it: `cpu_down` if it is online and not the
 //!    last online CPU, `cpu_up` if it is offline (with `slow-boot`, some bring-ups are slowed).
-//!    Every try is an attempt; a success is timed (min/avg/max µs per direction). Now and then,
+//!    Every try is an attempt; a success is timed (min/avg/max µs per direction). A failure
+//!    is judged by `timeouts.rs`: a timeout with every CPU healthy is `hotplug_timeouts`, a
+//!    protocol refusal is counted (`hotplug_refusals`), anything else is `hotplug_errors`. Now and then,
 //!    with one CPU left, it asks for that CPU to go down: the runtime must refuse
 //!    (`last_cpu_offlined` otherwise), and the online mask must never be empty.
 //! 3. At the end every offline CPU is brought back (waiting out a limbo), the sender is joined,
@@ -19,6 +21,8 @@ use std::time::{Duration, Instant};
 use usmp::{CpuId, Handle, HotplugError, IpiError};
 
 use super::calls::{Expect, FirstViolation, Ledger, Sink};
+use super::host_sched::Window;
+use super::timeouts::{self, Failure, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -219,27 +223,42 @@ fn churn(
                 continue;
             }
             let cpu = rng.below(n);
-            let (r, stats) = if online.contains(cpu) {
+            let mut delay = Duration::ZERO;
+            let window = Window::open(h);
+            let (op, r, stats) = if online.contains(cpu) {
                 if online.weight() <= 1 {
                     continue;
                 }
                 let t = Instant::now();
-                (h.cpu_down(cpu).map(|()| t.elapsed()), &mut rep.offlines)
+                let r = h.cpu_down(cpu).map(|()| t.elapsed());
+                ("cpu_down", r, &mut rep.offlines)
             } else {
                 if let Some(max) = slow_boot.filter(|_| rng.one_in(4)) {
                     let d = Duration::from_micros(rng.next() % (max.as_micros() as u64 + 1));
                     // A CPU in limbo refuses the injection; its bring-up fails anyway.
-                    let _ = h.faults().set_boot_delay(cpu, d);
+                    if h.faults().set_boot_delay(cpu, d).is_ok() {
+                        delay = d;
+                    }
                 }
                 let t = Instant::now();
-                (h.cpu_up(cpu).map(|()| t.elapsed()), &mut rep.onlines)
+                (
+                    "cpu_up",
+                    h.cpu_up(cpu).map(|()| t.elapsed()),
+                    &mut rep.onlines,
+                )
             };
             match r {
                 Ok(took) => stats.record(Some(took)),
                 Err(e) => {
                     stats.record(None);
-                    tracing::debug!("onoff: CPU{cpu}: {e}");
                     rep.first_failure.get_or_insert_with(|| e.to_string());
+                    let excuse = matches!(&e, HotplugError::BootTimeout { timeout_ms, .. }
+                        if delay.as_millis() as u64 >= *timeout_ms)
+                    .then_some("slow-boot delayed it past the boot timeout");
+                    let wait = Wait { h, window: &window };
+                    if timeouts::hotplug_failed(sink, wait, op, cpu, &e, excuse) == Failure::Other {
+                        sink.violation("hotplug_errors", Some(cpu), format!("{op}({cpu}): {e}"));
+                    }
                 }
             }
         }
@@ -313,7 +332,7 @@ impl Scenario for OnOff {
     }
 
     fn about(&self) -> &'static str {
-        "random online/offline while IPIs flow; lost_calls, double_runs, refused_runs, last_cpu_offlined stay 0"
+        "random online/offline while IPIs flow; lost_calls, double_runs, refused_runs, last_cpu_offlined, hotplug_timeouts stay 0"
     }
 
     fn counters(&self) -> &'static [&'static str] {
@@ -322,6 +341,9 @@ impl Scenario for OnOff {
             "double_runs",
             "refused_runs",
             "last_cpu_offlined",
+            "hotplug_timeouts",
+            "hotplug_errors",
+            "hotplug_refusals",
             "online_attempts",
             "online_successes",
             "online_min_us",

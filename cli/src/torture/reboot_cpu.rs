@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use usmp::{CpuId, Handle, HotplugError, KexecError, KexecOutcome, ParkPolicy};
 
+use super::host_sched::Window;
+use super::timeouts::{self, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -59,6 +61,7 @@ impl Scenario for RebootCpu {
     fn counters(&self) -> &'static [&'static str] {
         &[
             "reboot_cpu_lost",
+            "hotplug_timeouts",
             "kexecs",
             "crash_kexecs",
             "kexecs_on_a_cpu",
@@ -94,7 +97,7 @@ impl Scenario for RebootCpu {
             let slow = ctx.faults.slow_boot;
             let t0 = std::time::Instant::now();
             let (res, downs, busy) = std::thread::scope(|s| {
-                let racer = s.spawn(|| race(&h, r, racer_rng, slow, &done));
+                let racer = s.spawn(|| race(ctx, &h, r, racer_rng, slow, &done));
                 let res = kexec(&h, r, crash, on_r);
                 done.store(true, Ordering::SeqCst);
                 let (downs, busy) = racer.join().unwrap_or((0, 0));
@@ -133,6 +136,7 @@ impl Scenario for RebootCpu {
 /// The racer: `cpu_down(r)` (and `cpu_up(r)` when it went), sometimes another CPU, until done.
 /// Returns (downs of r tried, refused as the busy reboot CPU).
 fn race(
+    ctx: &Ctx,
     h: &Handle,
     r: CpuId,
     mut rng: Rng,
@@ -146,7 +150,9 @@ fn race(
         } else {
             r
         };
-        if h.is_online(cpu) {
+        let mut delay = Duration::ZERO;
+        let window = Window::open(h);
+        let (op, res) = if h.is_online(cpu) {
             let res = h.cpu_down(cpu);
             if cpu == r {
                 downs += 1;
@@ -154,12 +160,30 @@ fn race(
                     busy += 1;
                 }
             }
+            ("cpu_down", res)
         } else {
             if let Some(max) = slow {
                 let d = Duration::from_micros(rng.next() % (max.as_micros() as u64 + 1));
-                let _ = h.faults().set_boot_delay(cpu, d);
+                if h.faults().set_boot_delay(cpu, d).is_ok() {
+                    delay = d;
+                }
             }
-            let _ = h.cpu_up(cpu);
+            ("cpu_up", h.cpu_up(cpu))
+        };
+        if let Err(e) = res {
+            // The kexec stops every CPU but R: a hotplug operation it overtakes is not racing
+            // healthy CPUs.
+            let excuse = if h.stop_in_progress() {
+                Some("the kexec was stopping the CPUs")
+            } else if matches!(&e, HotplugError::BootTimeout { timeout_ms, .. }
+                if delay.as_millis() as u64 >= *timeout_ms)
+            {
+                Some("slow-boot delayed it past the boot timeout")
+            } else {
+                None
+            };
+            let wait = Wait { h, window: &window };
+            timeouts::hotplug_failed(ctx, wait, op, cpu, &e, excuse);
         }
         std::thread::yield_now();
     }

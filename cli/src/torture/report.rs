@@ -14,6 +14,7 @@ use serde::ser::{SerializeMap, Serializer};
 
 use super::args::{mode_name, Plan};
 use super::check::Tally;
+use super::host_sched::load_average;
 use super::watchdog::FailureTrace;
 use super::{Limit, ScenarioResult};
 
@@ -97,10 +98,11 @@ pub fn header(plan: &Plan) {
     let modes: Vec<_> = plan.modes.iter().map(|m| mode_name(*m)).collect();
     let _ = writeln!(
         std::io::stderr(),
-        "usmp stress: seed {:#x}, {} CPUs on {} host cores, mode {}, {} scenario(s), {limit}{}",
+        "usmp stress: seed {:#x}, {} CPUs on {} host cores, host load {} busy thread(s), mode {}, {} scenario(s), {limit}{}",
         plan.seed,
         plan.cpus,
         plan.host_cores,
+        plan.host_load,
         modes.join("+"),
         plan.scenarios.len(),
         plan.broken
@@ -127,15 +129,18 @@ pub fn write_trace(plan: &Plan, t: &FailureTrace) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// `{"name", "iterations", "violations", "counters", "first_violation"}`.
+/// `{"name", "iterations", "min_iterations", "starved", "violations", "counters",
+/// "first_violation"}`.
 struct JsonScenario<'a>(&'a ScenarioResult);
 
 impl serde::Serialize for JsonScenario<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.0;
-        let mut m = s.serialize_map(Some(5))?;
+        let mut m = s.serialize_map(Some(7))?;
         m.serialize_entry("name", r.name)?;
         m.serialize_entry("iterations", &r.iterations)?;
+        m.serialize_entry("min_iterations", &r.min_iterations)?;
+        m.serialize_entry("starved", &r.starved)?;
         m.serialize_entry("violations", &r.violations)?;
         m.serialize_entry("counters", &Counters(&r.counters))?;
         m.serialize_entry("first_violation", &r.first.first().map(|v| v.to_string()))?;
@@ -155,6 +160,8 @@ impl serde::Serialize for Counters<'_> {
 #[derive(serde::Serialize)]
 struct JsonRun<'a> {
     seed: u64,
+    /// `--host-load`: busy threads beside the runtime.
+    host_load: usize,
     violations: u64,
     scenarios: Vec<JsonScenario<'a>>,
 }
@@ -171,6 +178,7 @@ pub fn print(
     if plan.json {
         let run = JsonRun {
             seed: plan.seed,
+            host_load: plan.host_load,
             violations: total,
             scenarios: results.iter().map(JsonScenario).collect(),
         };
@@ -194,8 +202,8 @@ fn table(
 ) -> std::io::Result<()> {
     writeln!(
         out,
-        "usmp stress: seed {:#x}, {} CPUs on {} host cores",
-        plan.seed, plan.cpus, plan.host_cores
+        "usmp stress: seed {:#x}, {} CPUs on {} host cores, host load {}",
+        plan.seed, plan.cpus, plan.host_cores, plan.host_load
     )?;
     writeln!(
         out,
@@ -205,11 +213,13 @@ fn table(
     for r in results {
         let secs = r.elapsed.as_secs_f64();
         let note = if r.abandoned {
-            "  (hung: abandoned)"
+            "  (hung: abandoned)".to_string()
         } else if r.interrupted {
-            "  (interrupted)"
+            "  (interrupted)".to_string()
+        } else if r.starved {
+            format!("  (starved: fewer than {} iterations)", r.min_iterations)
         } else {
-            ""
+            String::new()
         };
         writeln!(
             out,
@@ -235,15 +245,23 @@ fn table(
             plan.scenarios.len()
         )?;
     }
-    writeln!(
-        out,
-        "{}",
-        if total == 0 {
-            "every invariant held".to_string()
-        } else {
-            format!("FAILED: {total} violation(s)")
-        }
-    )
+    let starved = results.iter().filter(|r| r.starved).count();
+    let not_caught = results
+        .iter()
+        .filter(|r| r.not_caught(plan.broken.is_some()))
+        .count();
+    let verdict = if total > 0 {
+        format!("FAILED: {total} violation(s)")
+    } else if starved > 0 {
+        format!(
+            "STARVED: {starved} scenario(s) ran too few iterations to judge; nothing was proven"
+        )
+    } else if not_caught > 0 {
+        "FAILED: the --broken variant was not caught".to_string()
+    } else {
+        "every invariant held".to_string()
+    };
+    writeln!(out, "{verdict}")
 }
 
 fn failures(
@@ -262,6 +280,33 @@ fn failures(
             writeln!(out, "  {v}")?;
         }
         writeln!(out, "replay: {}", r.replay)?;
+    }
+    for r in results {
+        for n in r.notes.iter().take(SHOW) {
+            writeln!(out, "{}: {n} (the host's doing, not a violation)", r.name)?;
+        }
+    }
+    for r in results.iter().filter(|r| r.starved) {
+        writeln!(
+            out,
+            "{}: starved: {} iteration(s) in {:.1}s, fewer than the minimum {}: the host was too \
+             busy to run it (load average {}); rerun on a quieter host or with a longer --duration",
+            r.name,
+            r.iterations,
+            r.elapsed.as_secs_f64(),
+            r.min_iterations,
+            load_average()
+        )?;
+    }
+    if let Some((variant, _, owner)) = plan.broken {
+        for r in results.iter().filter(|r| r.not_caught(true)) {
+            writeln!(
+                out,
+                "{}: --broken {variant} was not caught in {} iteration(s) ({owner} must catch it)",
+                r.name, r.iterations
+            )?;
+            writeln!(out, "replay: {}", r.replay)?;
+        }
     }
     if let Some(p) = trace {
         writeln!(

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use usmp::{CpuId, CpuMask, CpuRunState, Handle, HotplugError, StopMode, StopOutcome};
 
 use super::args::mode_name;
+use super::host_sched::Window;
+use super::timeouts::{self, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 
 /// Each attempt's wait: a stop lasts about two of these.
@@ -94,7 +96,21 @@ impl Scenario for StopDuringBringup {
                     racing.push(c);
                 }
             }
-            racing.retain(|&c| h.cpu_down(c).is_ok());
+            racing.retain(|&c| {
+                let window = Window::open(&h);
+                match h.cpu_down(c) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Before the stop: every CPU is healthy, so a timeout is a violation.
+                        let wait = Wait {
+                            h: &h,
+                            window: &window,
+                        };
+                        timeouts::hotplug_failed(ctx, wait, "cpu_down", c, &e, None);
+                        false
+                    }
+                }
+            });
             for &c in &racing {
                 let d = Duration::from_micros(rng.next() % (max_delay.as_micros() as u64 + 1));
                 let _ = h.faults().set_boot_delay(c, d);
@@ -186,6 +202,22 @@ fn check(
         "ups_failed",
         ups.iter().filter(|(_, r)| r.is_err()).count() as u64,
     );
+    // Excused, so the window is never read: a placeholder.
+    let window = Window::open(h);
+    for (c, r) in ups {
+        if let Err(e) = r {
+            // Each bring-up raced a stop, which may park its CPU: not a healthy CPU.
+            let wait = Wait { h, window: &window };
+            timeouts::hotplug_failed(
+                ctx,
+                wait,
+                "cpu_up",
+                *c,
+                e,
+                Some("a stop raced the bring-up"),
+            );
+        }
+    }
     if mode == StopMode::Deterministic {
         for c in escaped.iter() {
             ctx.violation(

@@ -12,8 +12,10 @@
 //!    (no reporting from IPI context) and the scenario thread reports it (`torn_reads`).
 //! 3. A hotplug thread takes random non-boot CPUs down and up (`cpu_down` runs its own
 //!    stop_machine).
-//! 4. Every `stop_machine` returns `Ok` or a typed error (counted per kind) within
-//!    `HANG_BOUND` (`stop_machine_hangs` otherwise); the scenario thread counts an iteration
+//! 4. Every `stop_machine` returns `Ok` or a typed error within
+//!    `HANG_BOUND` (`stop_machine_hangs` otherwise). A timeout, of a `stop_machine` or of a
+//!    hotplug operation, is a violation (`stop_machine_timeouts`, `hotplug_timeouts`: every
+//!    CPU is healthy here); refusals are counted (`timeouts.rs`). The scenario thread counts an iteration
 //!    per finished call, so a stalled caller is the watchdog's to report.
 //!
 //! Faults: default `doorbell-delay,preempt` (library faults apply); `slow-boot=D` slows 1 in 4
@@ -23,8 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use usmp::{cpu_relax, irq_restore, irq_save, CpuId, CpuMask, Handle, StopMachineError};
+use usmp::{
+    cpu_relax, irq_restore, irq_save, CpuId, CpuMask, Handle, HotplugError, StopMachineError,
+};
 
+use super::host_sched::Window;
+use super::timeouts::{self, Failure, Wait};
 use super::{Ctx, Scenario, ScenarioError};
 use crate::rng::Rng;
 
@@ -109,17 +115,19 @@ impl Scenario for StopMachine {
     }
 
     fn about(&self) -> &'static str {
-        "concurrent stop_machine updates of a multi-word table racing hotplug, read by CPUs; torn_reads, stop_machine_hangs stay 0"
+        "concurrent stop_machine updates of a multi-word table racing hotplug, read by CPUs; torn_reads, stop_machine_hangs, stop_machine_timeouts, hotplug_timeouts stay 0"
     }
 
     fn counters(&self) -> &'static [&'static str] {
         &[
             "torn_reads",
             "stop_machine_hangs",
+            "stop_machine_timeouts",
+            "hotplug_timeouts",
             "stop_machines",
             "sm_ok",
             "sm_ran_nowhere",
-            "sm_timeout",
+            "stop_machine_refusals",
             "sm_ipi_error",
             "sm_other_error",
             "sm_max_us",
@@ -128,6 +136,7 @@ impl Scenario for StopMachine {
             "hotplug_ups",
             "hotplug_downs",
             "hotplug_errors",
+            "hotplug_refusals",
         ]
     }
 
@@ -245,6 +254,7 @@ fn writer(
         let mask: CpuMask = std::iter::once(cpu).collect();
         let (t, ran) = (table.clone(), Arc::new(AtomicBool::new(false)));
         let r2 = ran.clone();
+        let window = Window::open(h);
         let start = Instant::now();
         let res = h.stop_machine(
             move |_| {
@@ -261,12 +271,22 @@ fn writer(
             Ok(()) if ran.load(Ordering::Relaxed) => ctx.count("sm_ok", 1),
             // Its CPU went offline before the snapshot: the function ran nowhere.
             Ok(()) => ctx.count("sm_ran_nowhere", 1),
-            Err(StopMachineError::Timeout { .. }) => ctx.count("sm_timeout", 1),
-            Err(StopMachineError::Ipi(_)) => ctx.count("sm_ipi_error", 1),
-            Err(e) => {
-                ctx.count("sm_other_error", 1);
-                tracing::debug!("stop-machine: {e}");
-            }
+            Err(e) => match timeouts::stop_machine_failed(
+                ctx,
+                Wait { h, window: &window },
+                Some(cpu),
+                &e,
+                None,
+            ) {
+                Failure::Other if matches!(e, StopMachineError::Ipi(_)) => {
+                    ctx.count("sm_ipi_error", 1)
+                }
+                Failure::Other => {
+                    ctx.count("sm_other_error", 1);
+                    tracing::debug!("stop-machine: {e}");
+                }
+                _ => {}
+            },
         }
         if took > HANG_BOUND {
             ctx.violation(
@@ -321,20 +341,30 @@ fn hotplug(ctx: &Ctx, h: &Handle, mut rng: Rng, slow: Option<Duration>, done: &A
     let n = h.cpus();
     while !done.load(Ordering::SeqCst) {
         let cpu = 1 + rng.below(n - 1);
-        let r = if h.is_online(cpu) {
-            h.cpu_down(cpu).map(|()| "hotplug_downs")
+        let mut delay = Duration::ZERO;
+        let window = Window::open(h);
+        let (op, r) = if h.is_online(cpu) {
+            ("cpu_down", h.cpu_down(cpu).map(|()| "hotplug_downs"))
         } else {
             if let Some(max) = slow.filter(|_| rng.one_in(4)) {
                 let d = Duration::from_micros(rng.next() % (max.as_micros() as u64 + 1));
-                let _ = h.faults().set_boot_delay(cpu, d);
+                if h.faults().set_boot_delay(cpu, d).is_ok() {
+                    delay = d;
+                }
             }
-            h.cpu_up(cpu).map(|()| "hotplug_ups")
+            ("cpu_up", h.cpu_up(cpu).map(|()| "hotplug_ups"))
         };
         match r {
             Ok(c) => ctx.count(c, 1),
             Err(e) => {
-                ctx.count("hotplug_errors", 1);
-                tracing::debug!("stop-machine: hotplug CPU{cpu}: {e}");
+                let excuse = matches!(&e, HotplugError::BootTimeout { timeout_ms, .. }
+                    if delay.as_millis() as u64 >= *timeout_ms)
+                .then_some("slow-boot delayed it past the boot timeout");
+                let wait = Wait { h, window: &window };
+                if timeouts::hotplug_failed(ctx, wait, op, cpu, &e, excuse) == Failure::Other {
+                    ctx.count("hotplug_errors", 1);
+                    tracing::debug!("stop-machine: hotplug CPU{cpu}: {e}");
+                }
             }
         }
     }

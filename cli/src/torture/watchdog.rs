@@ -6,14 +6,21 @@
 //!    [`WINDOW`] plus the hang timeout, so a long run keeps a bounded trace that still reaches
 //!    back to the start of a stall (CPUs that keep taking IPIs log on through it);
 //! 2. once a violation happened and the rings have caught up with it, keeps the second before
-//!    it as the failure trace (the first violation only);
-//! 3. when the scenario made no progress for `--hang-timeout`, reports a `hangs` violation with
-//!    every CPU's state and NMI-sampled instruction pointer (its trace is the second before the
-//!    stall began), and tells the runner to end the run.
+//!    it as the failure trace (the first violation only).
+//!
+//! 3. The hang check runs on a thread of its own ([`Watchdog`]), which takes no lock that the
+//!    scenario, the runtime or the trace drain may hold for long: it wakes at the moment the
+//!    hang timeout would pass since the last progress (an atomic in the `Tally`), and when no
+//!    progress came, it reports a `hangs` violation with every CPU's state, NMI-sampled
+//!    instruction pointer and host view (all CPUs sampled at once, each bounded by
+//!    [`NMI_SAMPLE`]), and tells the run to end. So a hang is reported within the hang timeout
+//!    plus [`NMI_SAMPLE`] and a wake-up of the last progress, however busy the runner is (a
+//!    hang checked from the runner's loop was once reported 50 s late).
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use usmp::cpu::events::Event;
@@ -49,6 +56,9 @@ struct Inner {
 /// What the watchdog watches: the scenario's current runtime and its recent events.
 pub struct Monitor {
     inner: Mutex<Inner>,
+    /// The runtime a hang dump shows: the watched one, or after `unwatch` the last one (a
+    /// shutdown can hang too). Its own lock, held only to set or clone it.
+    dump_target: Mutex<Option<Handle>>,
 }
 
 impl Monitor {
@@ -59,6 +69,7 @@ impl Monitor {
                 keep: WINDOW + hang_timeout,
                 ..Inner::default()
             }),
+            dump_target: Mutex::new(None),
         }
     }
 
@@ -69,6 +80,9 @@ impl Monitor {
     /// Watches `h` from now on (a scenario that builds a new runtime, or kexecs to a next
     /// image, hands it over); the previous runtime's last events are drained first.
     pub fn watch(&self, h: Option<Handle>) {
+        if let Some(h) = &h {
+            *self.dump_target.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
+        }
         let mut g = self.lock();
         drain(&mut g);
         if let Some(h) = &h {
@@ -111,30 +125,91 @@ impl Monitor {
         self.lock().failure.take()
     }
 
-    /// Step 3: true (and a `hangs` violation with the dump) when the scenario is stuck.
-    pub fn hung(&self, tally: &Tally, hang_timeout: Duration) -> bool {
-        let stalled = tally.stalled_for();
-        if stalled < hang_timeout {
-            return false;
-        }
-        let dump = self.handle().map_or_else(
-            || "no runtime is being watched".to_string(),
-            |h| dump_cpus(&h),
-        );
-        // The trace is cut at the start of the stall: the window reaches back the hang timeout
-        // plus 2 s, even if CPUs went on logging through the stall.
-        let began = mono_ns().saturating_sub(stalled.as_nanos() as u64);
-        tally.violation_at(
-            "hangs",
-            None,
-            format!(
-                "watchdog: no progress for {:.1}s (--hang-timeout); {dump}",
-                stalled.as_secs_f64()
-            ),
-            began,
-        );
-        true
+    /// The runtime a hang dump shows.
+    fn dump_target(&self) -> Option<Handle> {
+        self.dump_target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
+}
+
+/// Step 3: the hang check on its own thread. Dropping it stops the thread.
+pub struct Watchdog {
+    done: Option<crossbeam_channel::Sender<()>>,
+    fired: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Starts watching `tally` for stalls of `hang_timeout`; on one, reports it (dumping
+    /// `monitor`'s runtime) and calls `abort`.
+    pub fn start(
+        monitor: Arc<Monitor>,
+        tally: Arc<Tally>,
+        hang_timeout: Duration,
+        abort: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Watchdog> {
+        let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        let fired = Arc::new(AtomicBool::new(false));
+        let f = fired.clone();
+        let thread = std::thread::Builder::new()
+            .name("usmp-stress-watchdog".into())
+            .spawn(move || loop {
+                let stalled = tally.stalled_for();
+                if stalled >= hang_timeout {
+                    report_hang(&monitor, &tally, stalled);
+                    f.store(true, Ordering::SeqCst);
+                    abort();
+                    return;
+                }
+                // Wake when the timeout would pass if no progress comes meanwhile.
+                match rx.recv_timeout(hang_timeout - stalled) {
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            })?;
+        Ok(Watchdog {
+            done: Some(tx),
+            fired,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether it reported a hang (the run is ending).
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A `hangs` violation with the dump of every CPU.
+fn report_hang(monitor: &Monitor, tally: &Tally, stalled: Duration) {
+    let dump = monitor.dump_target().map_or_else(
+        || "no runtime was ever watched".to_string(),
+        |h| dump_cpus(&h),
+    );
+    // The trace is cut at the start of the stall: the window reaches back the hang timeout
+    // plus 2 s, even if CPUs went on logging through the stall.
+    let began = mono_ns().saturating_sub(stalled.as_nanos() as u64);
+    tally.violation_at(
+        "hangs",
+        None,
+        format!(
+            "watchdog: no progress for {:.1}s (--hang-timeout), reported {:.1}s after the last progress; {dump}",
+            stalled.as_secs_f64(),
+            tally.stalled_for().as_secs_f64()
+        ),
+        began,
+    );
 }
 
 fn drain(g: &mut Inner) {
@@ -148,18 +223,34 @@ fn drain(g: &mut Inner) {
     }
 }
 
-/// Every CPU's run state, online bit and NMI-sampled instruction pointer, on one line.
+/// Every CPU's run state, online bit, NMI-sampled instruction pointer and host view, on one
+/// line. The CPUs are sampled at once, so the dump takes about one [`NMI_SAMPLE`] at most.
 pub fn dump_cpus(h: &Handle) -> String {
     let mut s = format!("online {}:", h.online_mask());
-    for cpu in 0..h.cpus() {
+    let ips: Vec<String> = std::thread::scope(|sc| {
+        let samplers: Vec<_> = (0..h.cpus())
+            .map(|cpu| {
+                std::thread::Builder::new()
+                    .name("usmp-stress-nmi-sample".into())
+                    .spawn_scoped(sc, move || match h.nmi_backtrace(cpu, NMI_SAMPLE) {
+                        Ok(ip) => format!("{ip:#x}"),
+                        Err(usmp::IpiError::Offline { .. }) => "-".into(),
+                        Err(e) => format!("? ({e})"),
+                    })
+            })
+            .collect();
+        samplers
+            .into_iter()
+            .map(|t| match t {
+                Ok(t) => t.join().unwrap_or_else(|_| "? (sampler panicked)".into()),
+                Err(e) => format!("? (no sampler thread: {e})"),
+            })
+            .collect()
+    });
+    for (cpu, ip) in ips.iter().enumerate() {
         let state = h
             .cpu_state(cpu)
             .map_or("?".to_string(), |st| format!("{st:?}").to_lowercase());
-        let ip = match h.nmi_backtrace(cpu, NMI_SAMPLE) {
-            Ok(ip) => format!("{ip:#x}"),
-            Err(usmp::IpiError::Offline { .. }) => "-".into(),
-            Err(e) => format!("? ({e})"),
-        };
         let _ = write!(s, " CPU{cpu} {state} ip={ip}{};", host_view(h, cpu));
     }
     s.pop();
@@ -167,12 +258,14 @@ pub fn dump_cpus(h: &Handle) -> String {
 }
 
 /// What the host kernel says of a CPU's thread: its scheduler state, the host core it last ran
-/// on, and its system call (`/proc/self/task/<tid>/{stat,syscall}`). It tells a thread the
+/// on, and its system call (`/proc/self/task/<tid>/{stat,syscall}`; `?` for a thread that
+/// ended meanwhile). It tells a thread the
 /// host never ran (R) from one blocked in the kernel (D) or asleep in a futex (S, syscall 202
 /// on x86_64), which the NMI sample alone cannot.
 fn host_view(h: &Handle, cpu: usize) -> String {
     let Some(tid) = h.cpu_tid(cpu) else {
-        return String::new();
+        // Every CPU shows every field, even one with no thread (offline, or not started).
+        return " tid=none host=none@core- syscall=none".into();
     };
     let dir = format!("/proc/self/task/{tid}");
     let stat = std::fs::read_to_string(format!("{dir}/stat")).unwrap_or_default();

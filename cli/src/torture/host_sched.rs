@@ -1,0 +1,231 @@
+//! Starvation by the host told apart from a bug: what the host scheduler gave each CPU thread
+//! (and the calling thread) across a wait.
+//!
+//! `/proc/self/task/<tid>/schedstat` holds three numbers per thread: ns run on a core, ns
+//! runnable but waiting for one, and timeslices. A [`Window`] reads them for every CPU thread
+//! (`Handle::cpu_tid`) and the caller when a wait begins; at its end, a thread whose wait grew
+//! by half the window (or half the timeout that expired, if shorter) or more was kept from
+//! running by the host, not by the protocol:
+//! [`Window::starved`] names it with its numbers, and [`Window::max_wait`] is the time the host
+//! took from the threads the wait depended on (what a wall-clock bound may discount).
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use usmp::{CpuId, Handle};
+
+/// One thread's `schedstat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedStat {
+    pub run_ns: u64,
+    pub wait_ns: u64,
+    pub slices: u64,
+}
+
+impl SchedStat {
+    /// Parses a `schedstat` line: "run wait slices".
+    pub fn parse(s: &str) -> Option<SchedStat> {
+        let mut it = s.split_whitespace().map(|v| v.parse::<u64>().ok());
+        Some(SchedStat {
+            run_ns: it.next()??,
+            wait_ns: it.next()??,
+            slices: it.next()??,
+        })
+    }
+
+    /// Thread `tid` of this process, if it still exists.
+    pub fn of(tid: i32) -> Option<SchedStat> {
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+            .ok()
+            .and_then(|s| SchedStat::parse(&s))
+    }
+
+    /// The calling thread.
+    pub fn this_thread() -> Option<SchedStat> {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| SchedStat::parse(&s))
+    }
+}
+
+/// The counters of the CPU threads and the caller when a wait began.
+pub struct Window {
+    start: Instant,
+    cpus: Vec<(CpuId, i32, SchedStat)>,
+    caller: Option<SchedStat>,
+}
+
+/// One thread's share of a window.
+struct Share {
+    /// `None`: the waiting thread.
+    cpu: Option<CpuId>,
+    who: String,
+    run: Duration,
+    wait: Duration,
+}
+
+impl Window {
+    /// Opens a window on `h`'s CPU threads and the calling thread.
+    pub fn open(h: &Handle) -> Window {
+        let cpus = (0..h.cpus())
+            .filter_map(|c| {
+                let tid = h.cpu_tid(c)?;
+                Some((c, tid, SchedStat::of(tid)?))
+            })
+            .collect();
+        Window {
+            start: Instant::now(),
+            cpus,
+            caller: SchedStat::this_thread(),
+        }
+    }
+
+    /// Every thread's run and wait since the window opened: each CPU thread of the opening
+    /// (read by its tid, so a thread on its way out, its CPU's tid already cleared, still
+    /// counts), each CPU thread started meanwhile (counted from its birth), and the caller
+    /// (call from the opening thread).
+    fn shares(&self, h: &Handle) -> Vec<Share> {
+        let mut v = Vec::new();
+        let mut share = |c: CpuId, tid: i32, before: SchedStat| {
+            if let Some(now) = SchedStat::of(tid) {
+                v.push(Share {
+                    cpu: Some(c),
+                    who: format!("CPU{c} tid={tid}"),
+                    run: Duration::from_nanos(now.run_ns.saturating_sub(before.run_ns)),
+                    wait: Duration::from_nanos(now.wait_ns.saturating_sub(before.wait_ns)),
+                });
+            }
+        };
+        for &(c, tid, before) in &self.cpus {
+            share(c, tid, before);
+        }
+        for c in 0..h.cpus() {
+            match h.cpu_tid(c) {
+                Some(tid) if !self.cpus.iter().any(|&(_, t, _)| t == tid) => {
+                    share(c, tid, SchedStat::default())
+                }
+                _ => {}
+            }
+        }
+        if let (Some(b), Some(now)) = (self.caller, SchedStat::this_thread()) {
+            v.push(Share {
+                cpu: None,
+                who: "the waiting thread".into(),
+                run: Duration::from_nanos(now.run_ns.saturating_sub(b.run_ns)),
+                wait: Duration::from_nanos(now.wait_ns.saturating_sub(b.wait_ns)),
+            });
+        }
+        v
+    }
+
+    /// The threads the host kept runnable but off a core for half the window or more, or half
+    /// of `bound` (the timeout that expired) if that is shorter, with their numbers; `None`
+    /// if none was.
+    pub fn starved(&self, h: &Handle, bound: Option<Duration>) -> Option<String> {
+        self.starved_of(h, bound, |_| true)
+    }
+
+    /// Whether CPU `cpu`'s thread was starved so (with the numbers).
+    pub fn starved_cpu(&self, h: &Handle, cpu: CpuId) -> Option<String> {
+        self.starved_of(h, None, |c| c == Some(cpu))
+    }
+
+    fn starved_of(
+        &self,
+        h: &Handle,
+        bound: Option<Duration>,
+        pick: impl Fn(Option<CpuId>) -> bool,
+    ) -> Option<String> {
+        let window = self.start.elapsed();
+        let limit = bound.map_or(window, |b| b.min(window));
+        let mut s = String::new();
+        for t in self.shares(h).into_iter().filter(|t| pick(t.cpu)) {
+            if t.wait * 2 >= limit && !t.wait.is_zero() {
+                let _ = write!(
+                    s,
+                    "{}{} ran {:.1} ms, waited runnable {:.1} ms",
+                    if s.is_empty() { "" } else { "; " },
+                    t.who,
+                    t.run.as_secs_f64() * 1e3,
+                    t.wait.as_secs_f64() * 1e3
+                );
+            }
+        }
+        (!s.is_empty()).then(|| {
+            format!(
+                "{s} of a {:.1} ms window (load average {})",
+                window.as_secs_f64() * 1e3,
+                load_average()
+            )
+        })
+    }
+
+    /// What the host gave CPU `cpu`'s thread (and the caller) in the window, for a violation's
+    /// message: not starved, or gone before it could be read.
+    pub fn describe(&self, h: &Handle, cpu: CpuId) -> String {
+        let window = self.start.elapsed();
+        let shares = self.shares(h);
+        let mut s = format!("in the {:.1} ms window", window.as_secs_f64() * 1e3);
+        let mut any = false;
+        for t in shares
+            .iter()
+            .filter(|t| t.cpu == Some(cpu) || t.cpu.is_none())
+        {
+            any |= t.cpu.is_some();
+            let _ = write!(
+                s,
+                ", {} ran {:.1} ms and waited runnable {:.1} ms",
+                t.who,
+                t.run.as_secs_f64() * 1e3,
+                t.wait.as_secs_f64() * 1e3
+            );
+        }
+        if !any {
+            let _ = write!(s, ", CPU{cpu} had no thread left to read");
+        }
+        s
+    }
+
+    /// The longest any of the threads waited runnable in the window: time the host, not the
+    /// protocol, took from a wait that needs all of them.
+    pub fn max_wait(&self, h: &Handle) -> Duration {
+        self.shares(h)
+            .iter()
+            .map(|t| t.wait)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// The host's 1-minute load average (`/proc/loadavg`), or "?".
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedstat_parses_and_this_thread_runs() {
+        assert_eq!(
+            SchedStat::parse("399122968 1574759502 1016\n"),
+            Some(SchedStat {
+                run_ns: 399_122_968,
+                wait_ns: 1_574_759_502,
+                slices: 1016
+            })
+        );
+        assert_eq!(SchedStat::parse("1 2"), None);
+        let a = SchedStat::this_thread().expect("schedstat of this thread");
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(5) {
+            std::hint::spin_loop();
+        }
+        let b = SchedStat::this_thread().unwrap();
+        assert!(b.run_ns > a.run_ns, "{a:?} -> {b:?}");
+    }
+}
