@@ -46,6 +46,7 @@ pub fn of_hotplug(e: &HotplugError) -> Failure {
         | E::Limbo { .. }
         | E::Parked { .. }
         | E::Retired { .. }
+        | E::Stopped { .. }
         | E::StepFailed { .. } => Failure::Refused,
         _ => Failure::Other,
     }
@@ -199,6 +200,11 @@ mod tests {
         };
         assert_eq!(of_stop_machine(&sm), Failure::Timeout);
         assert_eq!(of_hotplug(&HotplugError::StopMachine(sm)), Failure::Timeout);
+        // After a system stop the image refuses hotplug: the protocol's answer, not a bug.
+        assert_eq!(
+            of_hotplug(&HotplugError::Stopped { cpu: 1 }),
+            Failure::Refused
+        );
         assert_eq!(
             of_stop_machine(&StopMachineError::Stopped),
             Failure::Refused
