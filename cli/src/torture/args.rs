@@ -24,11 +24,16 @@ pub struct StressArgs {
     pub cpus: Option<i64>,
     /// Total run time, split evenly over the scenarios, e.g. "60s", "10m"
     /// [default: 5s per scenario].
-    #[arg(long, value_name = "D", conflicts_with = "iterations")]
+    #[arg(
+        long,
+        value_name = "D",
+        conflicts_with = "iterations",
+        allow_hyphen_values = true
+    )]
     pub duration: Option<String>,
     /// Iterations per scenario, instead of a duration.
-    #[arg(long, value_name = "K")]
-    pub iterations: Option<u64>,
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    pub iterations: Option<i64>,
     /// Seed of every random choice, decimal or 0x-hex [default: from the clock; printed].
     #[arg(long, value_name = "S")]
     pub seed: Option<String>,
@@ -46,7 +51,12 @@ pub struct StressArgs {
     pub broken: Option<String>,
     /// A scenario that makes no progress this long is a violation: every CPU's state and
     /// NMI-sampled IP are reported and the run ends.
-    #[arg(long, value_name = "D", default_value = "10s")]
+    #[arg(
+        long,
+        value_name = "D",
+        default_value = "10s",
+        allow_hyphen_values = true
+    )]
     pub hang_timeout: String,
     /// Where a failed run writes the Perfetto trace of the second before the first violation
     /// [default: a file in the temp directory, whose path is printed].
@@ -98,8 +108,8 @@ pub enum StressArgError {
     Scenario { name: String, valid: String },
     #[error("--duration '{value}': {why} (examples: 60s, 10m, 500ms)")]
     Duration { value: String, why: String },
-    #[error("--iterations must be at least 1")]
-    Iterations,
+    #[error("--iterations must be at least 1, got {0}")]
+    Iterations(i64),
     #[error("--host-load must be at most {HOST_LOAD_MAX}, got {0}")]
     HostLoad(usize),
     #[error("--hang-timeout '{value}': {why} (examples: 10s, 2s)")]
@@ -224,9 +234,15 @@ pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
         vec![sc]
     };
     let limit = match (&a.duration, a.iterations) {
-        (_, Some(0)) => return Err(StressArgError::Iterations),
-        (_, Some(k)) => Limit::Iterations(k),
+        (_, Some(k)) if k < 1 => return Err(StressArgError::Iterations(k)),
+        (_, Some(k)) => Limit::Iterations(k as u64),
         (Some(d), None) => {
+            if d.trim_start().starts_with('-') {
+                return Err(StressArgError::Duration {
+                    value: d.clone(),
+                    why: "must not be negative".into(),
+                });
+            }
             let total = humantime::parse_duration(d).map_err(|e| StressArgError::Duration {
                 value: d.clone(),
                 why: e.to_string(),
@@ -241,6 +257,12 @@ pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
         }
         (None, None) => Limit::Duration(DEFAULT_PER_SCENARIO),
     };
+    if a.hang_timeout.trim_start().starts_with('-') {
+        return Err(StressArgError::HangTimeout {
+            value: a.hang_timeout.clone(),
+            why: "must not be negative".into(),
+        });
+    }
     let hang_timeout =
         humantime::parse_duration(&a.hang_timeout).map_err(|e| StressArgError::HangTimeout {
             value: a.hang_timeout.clone(),
