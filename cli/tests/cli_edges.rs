@@ -14,6 +14,22 @@ const BOUND: Duration = Duration::from_secs(60);
 fn negative_and_zero_durations_say_what_is_wrong() {
     let cases: &[(&[&str], &str)] = &[
         (
+            &["stress", "--duration", "-1s"],
+            "--duration '-1s': must not be negative",
+        ),
+        (
+            &["stress", "--hang-timeout", "-2s"],
+            "--hang-timeout '-2s': must not be negative",
+        ),
+        (
+            &["stress", "--iterations", "-1"],
+            "--iterations must be at least 1, got -1",
+        ),
+        (
+            &["run", "--call-timeout", "-1s"],
+            "--call-timeout '-1s': must not be negative",
+        ),
+        (
             &["run", "--duration", "-1s"],
             "--duration '-1s': must not be negative",
         ),
