@@ -4,7 +4,9 @@
 //! Exit codes: 0 the run finished (also after Ctrl-C), or stdout was closed by its reader
 //! (a broken pipe ends the output, quietly); 1 `usmp stress` saw an invariant violated; 2 bad
 //! input (usage errors included), a runtime that could not start, or a workload that failed
-//! (one line on stderr). A second Ctrl-C exits at once with 130.
+//! (one line on stderr); 3 a `usmp stress` scenario was starved by the host (fewer than its
+//! minimum iterations); 4 a `usmp stress --broken` variant was never caught. A second Ctrl-C
+//! exits at once with 130.
 //!
 //! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr (in
 //! `usmp stress`, of the running scenario's runtime) and the run goes on.
