@@ -41,16 +41,30 @@ const SM_NS: [usize; 3] = [64, 256, 1024];
 const USMP: &str = "usmp";
 const FLOOR: &str = "tgkill_broadcast";
 
-/// Every timed iteration, by (line, N).
-static SAMPLES: Mutex<BTreeMap<(&'static str, usize), Vec<Duration>>> = Mutex::new(BTreeMap::new());
+/// Every timed iteration of a group, by (line, N).
+type Samples = Mutex<BTreeMap<(&'static str, usize), Vec<Duration>>>;
 
-fn record(line: &'static str, n: usize, d: Duration) {
-    SAMPLES
-        .lock()
-        .unwrap()
-        .entry((line, n))
-        .or_default()
-        .push(d);
+/// The `send_stop` group's iterations.
+static SAMPLES: Samples = Mutex::new(BTreeMap::new());
+/// The `stop_machine` group's iterations.
+static SM_SAMPLES: Samples = Mutex::new(BTreeMap::new());
+
+/// `iters` runs of `one` (each returns its own timed span), each recorded in `map`; returns
+/// their sum for criterion's `iter_custom`.
+fn timed(
+    map: &Samples,
+    line: &'static str,
+    n: usize,
+    iters: u64,
+    mut one: impl FnMut() -> Duration,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let d = one();
+        map.lock().unwrap().entry((line, n)).or_default().push(d);
+        total += d;
+    }
+    total
 }
 
 fn one_stop(n: usize) -> Duration {
@@ -178,27 +192,11 @@ fn bench_stop(c: &mut Criterion) {
         .measurement_time(Duration::from_millis(1500));
     for n in NS {
         g.bench_with_input(BenchmarkId::new(USMP, n), &n, |b, &n| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = one_stop(n);
-                    record(USMP, n, d);
-                    total += d;
-                }
-                total
-            })
+            b.iter_custom(|iters| timed(&SAMPLES, USMP, n, iters, || one_stop(n)))
         });
         let sleepers = Sleepers::start(n);
         g.bench_with_input(BenchmarkId::new(FLOOR, n), &n, |b, &n| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = sleepers.broadcast();
-                    record(FLOOR, n, d);
-                    total += d;
-                }
-                total
-            })
+            b.iter_custom(|iters| timed(&SAMPLES, FLOOR, n, iters, || sleepers.broadcast()))
         });
         drop(sleepers);
     }
@@ -221,50 +219,24 @@ fn bench_stop_machine(c: &mut Criterion) {
         let all = rt.online_mask();
         g.bench_with_input(BenchmarkId::new(USMP, n), &n, |b, &n| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
+                timed(&SM_SAMPLES, USMP, n, iters, || {
                     let t0 = Instant::now();
                     rt.stop_machine(|_| Ok(()), &usmp::CpuMask::single(0))
                         .expect("stop_machine");
-                    let d = t0.elapsed();
-                    SM_SAMPLES
-                        .lock()
-                        .unwrap()
-                        .entry((USMP, n))
-                        .or_default()
-                        .push(d);
-                    total += d;
-                }
-                total
+                    t0.elapsed()
+                })
             })
         });
         assert_eq!(rt.online_mask(), all);
         drop(rt);
         let sleepers = Sleepers::start(n);
         g.bench_with_input(BenchmarkId::new(FLOOR, n), &n, |b, &n| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = sleepers.broadcast();
-                    SM_SAMPLES
-                        .lock()
-                        .unwrap()
-                        .entry((FLOOR, n))
-                        .or_default()
-                        .push(d);
-                    total += d;
-                }
-                total
-            })
+            b.iter_custom(|iters| timed(&SM_SAMPLES, FLOOR, n, iters, || sleepers.broadcast()))
         });
         drop(sleepers);
     }
     g.finish();
 }
-
-/// Every timed stop_machine iteration, by (line, N).
-static SM_SAMPLES: Mutex<BTreeMap<(&'static str, usize), Vec<Duration>>> =
-    Mutex::new(BTreeMap::new());
 
 fn print_stop_machine_summary() {
     let s = SM_SAMPLES.lock().unwrap();

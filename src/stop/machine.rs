@@ -1,7 +1,7 @@
 //! `stop_machine`: run a function on some CPUs while every online CPU spins with irqs masked
 //! (the kernel's `multi_cpu_stop`).
 //!
-//! Protocol (states are [`MsState`], the kernel's `enum multi_stop_state`):
+//! Protocol (states are `MsState`, the kernel's `enum multi_stop_state`):
 //! 1. The caller sets PREPARE with an ack count of N (online CPUs), and sends every other
 //!    online CPU an async IPI that enters `multi_cpu_stop`; a caller that is itself a CPU enters
 //!    it inline with irqs masked.
