@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cpu::clock::now_ns;
+use crate::cpu::clock::{now_ns, Deadline};
 use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{CpuId, CpuMask};
@@ -190,7 +190,10 @@ impl StateWord {
 
 /// What only the caller does while the state is PREPARE (steps 3 and 4).
 struct Caller<'a> {
-    deadline: u64,
+    /// The PREPARE bound; it does not count time the caller was not running (a process
+    /// stopped by Ctrl-Z stopped every participant too: `cpu/clock.rs` `Deadline`). The
+    /// caller looks at least once per `RERING`, well inside the pause threshold.
+    deadline: std::cell::Cell<Deadline>,
     next_ring: std::cell::Cell<u64>,
     rering: &'a dyn Fn(),
 }
@@ -199,7 +202,10 @@ impl Caller<'_> {
     /// Re-rings the stragglers when due; true once the PREPARE deadline has passed.
     fn prepare_tick(&self) -> bool {
         let now = now_ns();
-        if now >= self.deadline {
+        let mut d = self.deadline.get();
+        let passed = d.passed_at(now);
+        self.deadline.set(d);
+        if passed {
             return true;
         }
         if now >= self.next_ring.get() {
@@ -212,7 +218,7 @@ impl Caller<'_> {
     /// How long the caller may sleep in PREPARE: to its next re-ring or its deadline.
     fn nap(&self) -> Duration {
         let now = now_ns();
-        let until = self.deadline.min(self.next_ring.get());
+        let until = self.deadline.get().at().min(self.next_ring.get());
         Duration::from_nanos(until.saturating_sub(now).max(1_000))
     }
 }
@@ -397,7 +403,10 @@ impl StopLayer {
             }
         };
         let caller = Caller {
-            deadline: start + s.call_timeout().as_nanos() as u64,
+            deadline: std::cell::Cell::new(Deadline::from(
+                start,
+                s.call_timeout().as_nanos() as u64,
+            )),
             next_ring: std::cell::Cell::new(start + RERING.as_nanos() as u64),
             rering: &rering,
         };
