@@ -35,15 +35,20 @@ pub enum Broken {
     BringupWithoutCas,
     /// The doorbell is never rung: no signal, no futex wake, no re-ring by a waiting sender.
     DoorbellNeverRings,
+    /// A CPU whose job calls `send_stop`/`crash_stop` and is parked by another caller's stop
+    /// before it parks itself stays parked for good at teardown (the protocol before it let
+    /// such a caller resume into its own call): its thread is left behind.
+    StopCallerStranded,
 }
 
 impl Broken {
     /// Every variant, in a stable order.
-    pub const ALL: [Broken; 4] = [
+    pub const ALL: [Broken; 5] = [
         Broken::SkipDyingFlush,
         Broken::StopWithoutRetries,
         Broken::BringupWithoutCas,
         Broken::DoorbellNeverRings,
+        Broken::StopCallerStranded,
     ];
 
     fn bit(self) -> u32 {
@@ -63,6 +68,8 @@ pub struct FaultCounters {
     pub preemptions: u64,
     /// Bring-ups that were slowed down before their ALIVE step.
     pub boot_delays: u64,
+    /// CPU callers of `send_stop`/`crash_stop` that slept at the call's entry.
+    pub stop_calls_delayed: u64,
 }
 
 /// The runtime's fault switches (all off at build).
@@ -75,11 +82,13 @@ pub(crate) struct FaultState {
     preempt_max_ns: AtomicU64,
     /// One-shot delay before the AP's ALIVE step, per CPU (ns).
     boot_delay_ns: Box<[AtomicU64]>,
+    stop_call_delay_ns: AtomicU64,
     any: AtomicBool,
     delayed: AtomicU64,
     dropped: AtomicU64,
     preempted: AtomicU64,
     boot_delayed: AtomicU64,
+    stop_calls_delayed: AtomicU64,
 }
 
 const ON: bool = cfg!(feature = "fault-injection");
@@ -94,11 +103,13 @@ impl FaultState {
             preempt_one_in: AtomicU32::new(0),
             preempt_max_ns: AtomicU64::new(0),
             boot_delay_ns: (0..cpus).map(|_| AtomicU64::new(0)).collect(),
+            stop_call_delay_ns: AtomicU64::new(0),
             any: AtomicBool::new(false),
             delayed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             preempted: AtomicU64::new(0),
             boot_delayed: AtomicU64::new(0),
+            stop_calls_delayed: AtomicU64::new(0),
         }
     }
 
@@ -175,6 +186,21 @@ impl FaultState {
         }
     }
 
+    /// At the entry of a CPU's own `send_stop`/`crash_stop` (thread context, a job): 1 in 2
+    /// calls sleep the configured delay, as if the host took the caller off its core there,
+    /// so another caller's stop catches it before it parks itself.
+    #[inline(always)]
+    pub(crate) fn stop_call_delay(&self) {
+        if !self.armed() {
+            return;
+        }
+        let ns = self.stop_call_delay_ns.load(Ordering::Relaxed);
+        if ns > 0 && self.one_in(2) {
+            self.stop_calls_delayed.fetch_add(1, Ordering::Relaxed);
+            nap(ns);
+        }
+    }
+
     /// The one-shot boot delay of `cpu`'s next bring-up, taken.
     pub(crate) fn take_boot_delay(&self, cpu: CpuId) -> Option<Duration> {
         if !self.armed() {
@@ -228,6 +254,14 @@ impl FaultState {
         self.preempt_one_in.store(one_in, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_stop_call_delay(&self, delay: Duration) {
+        self.arm();
+        self.stop_call_delay_ns.store(
+            delay.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
     pub(crate) fn set_boot_delay(&self, cpu: CpuId, delay: Duration) {
         self.arm();
         if let Some(w) = self.boot_delay_ns.get(cpu) {
@@ -244,6 +278,7 @@ impl FaultState {
             doorbells_dropped: self.dropped.load(Ordering::Relaxed),
             preemptions: self.preempted.load(Ordering::Relaxed),
             boot_delays: self.boot_delayed.load(Ordering::Relaxed),
+            stop_calls_delayed: self.stop_calls_delayed.load(Ordering::Relaxed),
         }
     }
 }

@@ -44,6 +44,7 @@ const BROKEN: &[(&str, &str)] = &[
     ("skip-dying-flush", "late-ipi-offline"),
     ("stop-without-retries", "irqs-off"),
     ("bringup-without-cas", "bringup-timeout"),
+    ("stop-caller-stranded", "concurrent-stop"),
 ];
 
 #[test]

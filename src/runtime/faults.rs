@@ -62,6 +62,12 @@ impl Faults<'_> {
         self.h.shared.faults().set_preempt(one_in, max_sleep);
     }
 
+    /// A CPU whose job calls `send_stop`/`crash_stop` sleeps `delay` at the call's entry, one
+    /// call in two (0 turns it off): another caller's stop then catches it inside its own call.
+    pub fn set_stop_call_delay(&self, delay: Duration) {
+        self.h.shared.faults().set_stop_call_delay(delay);
+    }
+
     /// The next bring-up of `cpu` sleeps `delay` before its ALIVE step: a slow AP (seed 003).
     pub fn set_boot_delay(&self, cpu: CpuId, delay: Duration) -> Result<(), HotplugError> {
         self.h.shared.inject_boot_delay(cpu, delay)
@@ -93,7 +99,9 @@ impl Faults<'_> {
 /// CPU inside it, the runtime's teardown may resume it when it releases parked CPUs, and
 /// that it will then return at once without touching the runtime (its CPU is powered off).
 /// Without it such a thread never leaves (by design: see `ParkPolicy`). Cleared when the job
-/// ends. Returns false (and does nothing) on a thread that is not a logical CPU.
+/// ends, and when it calls `send_stop`/`crash_stop`: inside its own stop call the runtime
+/// resumes it anyway, and it unwinds the job from there. Returns false (and does nothing) on a
+/// thread that is not a logical CPU.
 pub fn resume_on_release() -> bool {
     match crate::cpu::context::current() {
         Some((_, st)) => {

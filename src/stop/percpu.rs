@@ -8,7 +8,11 @@
 //!    wakes it (`release`); only a CPU parked at a safe point then leaves.
 //! 3. `powered_off` is set once, before the CPU's thread leaves its idle loop; the loop, the
 //!    job runner and the thread's exit path check it so nothing of the image runs after it.
-//! 4. The controller clears all of it before a new thread starts for the CPU (`reset`).
+//! 4. `in_stop_call` is set while the CPU's own job is inside `send_stop`/`crash_stop` (from
+//!    its entry until it parks itself or returns as the winner): a stop that parks the CPU
+//!    there has interrupted runtime code that only goes on to park the CPU itself, so the
+//!    teardown's release may resume it (it then unwinds its job and leaves, step 2).
+//! 5. The controller clears all of it before a new thread starts for the CPU (`reset`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -26,6 +30,7 @@ pub(crate) struct StopCpu {
     crash_saved: AtomicBool,
     park_word: AtomicU32,
     powered_off: AtomicBool,
+    in_stop_call: AtomicBool,
 }
 
 impl StopCpu {
@@ -37,6 +42,7 @@ impl StopCpu {
             crash_saved: AtomicBool::new(false),
             park_word: AtomicU32::new(0),
             powered_off: AtomicBool::new(false),
+            in_stop_call: AtomicBool::new(false),
         }
     }
 
@@ -86,11 +92,23 @@ impl StopCpu {
         self.powered_off.load(Ordering::SeqCst)
     }
 
-    /// Step 4: before a new thread starts for the CPU (the controller, under the hotplug
+    /// Step 4, on the CPU itself: its job enters (`true`) or leaves a stop call. SeqCst: read by
+    /// this CPU's own stop handler, which may interrupt it anywhere.
+    pub(super) fn set_in_stop_call(&self, on: bool) {
+        self.in_stop_call.store(on, Ordering::SeqCst);
+    }
+
+    /// Step 4: whether the CPU's job is inside its own stop call. Async-signal-safe.
+    pub(super) fn in_stop_call(&self) -> bool {
+        self.in_stop_call.load(Ordering::SeqCst)
+    }
+
+    /// Step 5: before a new thread starts for the CPU (the controller, under the hotplug
     /// lock). A CPU powered off by a stop can come back (best-effort mode): start it clean.
     pub(super) fn reset(&self) {
         self.powered_off.store(false, Ordering::SeqCst);
         self.crash_saved.store(false, Ordering::SeqCst);
         self.park_word.store(0, Ordering::SeqCst);
+        self.in_stop_call.store(false, Ordering::SeqCst);
     }
 }

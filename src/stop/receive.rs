@@ -8,7 +8,9 @@
 //!   when the stop caught the CPU at a safe point, its idle loop: the handler then returns into
 //!   the idle loop, which leaves at once. A CPU stopped inside a job or with irqs masked cannot
 //!   leave the interrupted code without running it (unwinding out of a signal handler is not
-//!   sound), so it parks as with `Spin` and is reported lost.
+//!   sound), so it parks as with `Spin` and is reported lost. The exception is a CPU whose job
+//!   was inside its own `send_stop`/`crash_stop`: the runtime's teardown resumes it into that
+//!   call, which unwinds the job, and its thread leaves (`percpu.rs` step 4).
 
 use crate::cpu::events::EventKind;
 use crate::cpu::state::{CpuRunState, CpuState};
@@ -68,6 +70,12 @@ pub(crate) fn park(
     unwind: bool,
 ) -> bool {
     let me = shared.stop_cpu(st.id());
+    if me.is_powered_off() {
+        // A stop parked this CPU inside its own stop call, the teardown released it, and the
+        // call went on to park itself (percpu.rs step 4): it has acknowledged already; leave.
+        power_off_now(shared, st, unwind);
+        return true;
+    }
     if crash {
         me.save_crash_regs(regs);
     }
@@ -87,9 +95,12 @@ pub(crate) fn park(
         return true;
     }
     // Parked, irqs masked, asleep. Unbounded by design: a parked CPU never runs again in this
-    // image; only the runtime's teardown releases it, and only a safe one can then leave.
+    // image; only the runtime's teardown releases it, and only a safe one can then leave: the
+    // idle loop, a job that opted in (`fault::resume_on_release`), or the CPU's own stop call
+    // interrupted directly (no other handler of ours in between, which could be a callback).
+    let in_own_call = me.in_stop_call() && shared.ipi_cpu(st.id()).handlers_active() <= 1;
     let depth = st.mask_for_park();
-    me.wait_for_release(safe || st.resume_on_release());
+    me.wait_for_release(safe || st.resume_on_release() || in_own_call);
     st.restore_irq_depth(depth);
     st.set_run_state(CpuRunState::PoweredOff);
     power_off_now(shared, st, unwind);

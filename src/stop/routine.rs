@@ -280,6 +280,33 @@ impl StopLayer {
     fn smp_stop(&self, crash: bool) -> Result<StopOutcome, StopError> {
         let s = self;
         let me = s.this_cpu_here();
+        // A CPU caller in a job: from here until it parks itself, a stop that parks it has
+        // interrupted runtime code, which the teardown may resume (percpu.rs step 4). The
+        // flag comes before the job's own `fault::resume_on_release` is cleared, so no
+        // instant is covered by neither; from here the stop call's rule applies.
+        let in_call =
+            me.filter(|&c| s.cpus()[c].running_job() && self.ipi_cpu(c).handlers_active() == 0);
+        if let Some(c) = in_call {
+            if !s
+                .faults()
+                .is_broken(crate::inject::Broken::StopCallerStranded)
+            {
+                s.stop_cpu(c).set_in_stop_call(true);
+            }
+            s.cpus()[c].set_resume_on_release(false);
+            // The host may take the caller off its core here, and another caller's stop may
+            // then catch it before it parks itself (the case step 4 of percpu.rs is for).
+            s.faults().stop_call_delay();
+        }
+        let out = self.smp_stop_call(me, crash);
+        if let Some(c) = in_call {
+            s.stop_cpu(c).set_in_stop_call(false);
+        }
+        out
+    }
+
+    fn smp_stop_call(&self, me: Option<CpuId>, crash: bool) -> Result<StopOutcome, StopError> {
+        let s = self;
         // Step 1.
         match s.stop.coord.enter(crash) {
             Entered::Winner => {}

@@ -41,12 +41,13 @@ pub struct StressArgs {
     #[arg(long, value_name = "MODE", default_value = "both")]
     pub mode: String,
     /// Faults to inject, comma-separated, or "none" [default: each scenario's own set, below].
-    /// doorbell-delay[=MAX], doorbell-drop[=N], preempt[=N], slow-boot[=D], irq-spin[=D],
-    /// nmi-block.
+    /// doorbell-delay[=MAX], doorbell-drop[=N], preempt[=N], stop-call-delay[=D], slow-boot[=D],
+    /// irq-spin[=D], nmi-block.
     #[arg(long, value_name = "LIST")]
     pub faults: Option<String>,
     /// Run a deliberately broken protocol that its scenario must catch (exit 1):
-    /// skip-dying-flush, stop-without-retries, bringup-without-cas, doorbell-never-rings.
+    /// skip-dying-flush, stop-without-retries, bringup-without-cas, doorbell-never-rings,
+    /// stop-caller-stranded.
     #[arg(long, value_name = "VARIANT")]
     pub broken: Option<String>,
     /// A scenario that makes no progress this long is a violation: every CPU's state and

@@ -6,11 +6,12 @@
 //! | `doorbell-delay[=MAX]` | senders wait 0..=MAX before ringing (default 200us) | library |
 //! | `doorbell-drop[=N]` | 1 in N doorbell signals lost (default 4) | library |
 //! | `preempt[=N]` | CPU threads yield or sleep up to 2 ms at 1 in N serve points (default 256) | library |
+//! | `stop-call-delay[=D]` | a CPU whose job calls `send_stop`/`crash_stop` sleeps D at the call's entry, 1 call in 2 (default 2ms) | library |
 //! | `slow-boot[=D]` | bring-ups sleep up to D before ALIVE (default 50ms) | scenario, via `Faults::set_boot_delay` |
 //! | `irq-spin[=D]` | jobs spin up to D with irqs masked (default 2ms) | scenario |
 //! | `nmi-block` | a CPU blocks its NMI too (wedged) | scenario, via `wedge_this_cpu` |
 //!
-//! `none` is the empty list. The library's three apply to every runtime a scenario builds; the
+//! `none` is the empty list. The library's four apply to every runtime a scenario builds; the
 //! others are read by the scenarios that have a use for them (see each one's `--help` line).
 
 use std::fmt;
@@ -25,6 +26,7 @@ pub struct FaultSet {
     pub doorbell_delay: Option<Duration>,
     pub doorbell_drop: Option<u32>,
     pub preempt: Option<u32>,
+    pub stop_call_delay: Option<Duration>,
     pub slow_boot: Option<Duration>,
     pub irq_spin: Option<Duration>,
     pub nmi_block: bool,
@@ -33,7 +35,7 @@ pub struct FaultSet {
 /// Why a fault list was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FaultListError {
-    #[error("--faults: unknown fault '{0}' (valid: doorbell-delay, doorbell-drop, preempt, slow-boot, irq-spin, nmi-block, none)")]
+    #[error("--faults: unknown fault '{0}' (valid: doorbell-delay, doorbell-drop, preempt, stop-call-delay, slow-boot, irq-spin, nmi-block, none)")]
     Unknown(String),
     #[error("--faults: {name}={value}: {why}")]
     BadValue {
@@ -81,6 +83,10 @@ impl FaultSet {
                     f.doorbell_drop = Some(v.map_or(Ok(4), |v| one_in(name, v))?)
                 }
                 ("preempt", v) => f.preempt = Some(v.map_or(Ok(256), |v| one_in(name, v))?),
+                ("stop-call-delay", v) => {
+                    f.stop_call_delay =
+                        Some(v.map_or(Ok(Duration::from_millis(2)), |v| duration(name, v))?)
+                }
                 ("slow-boot", v) => {
                     f.slow_boot =
                         Some(v.map_or(Ok(Duration::from_millis(50)), |v| duration(name, v))?)
@@ -108,6 +114,9 @@ impl FaultSet {
         if let Some(n) = self.preempt {
             faults.set_preempt(n, PREEMPT_MAX_SLEEP);
         }
+        if let Some(d) = self.stop_call_delay {
+            faults.set_stop_call_delay(d);
+        }
     }
 }
 
@@ -124,6 +133,9 @@ impl fmt::Display for FaultSet {
         }
         if let Some(n) = self.preempt {
             items.push(format!("preempt={n}"));
+        }
+        if let Some(d) = self.stop_call_delay {
+            items.push(format!("stop-call-delay={}", us(d)));
         }
         if let Some(d) = self.slow_boot {
             items.push(format!("slow-boot={}", us(d)));

@@ -130,6 +130,12 @@ impl Window {
         self.starved_of(h, None, |c| c == Some(cpu))
     }
 
+    /// Whether CPU `cpu`'s thread was kept runnable but off a core for half of `bound` (the
+    /// wait that expired) or more, when the window is longer than that wait.
+    pub fn starved_cpu_within(&self, h: &Handle, cpu: CpuId, bound: Duration) -> Option<String> {
+        self.starved_of(h, Some(bound), |c| c == Some(cpu))
+    }
+
     fn starved_of(
         &self,
         h: &Handle,

@@ -111,6 +111,11 @@ pub const BROKEN: &[(&str, Broken, &str)] = &[
         Broken::DoorbellNeverRings,
         "ipi-storm",
     ),
+    (
+        "stop-caller-stranded",
+        Broken::StopCallerStranded,
+        "concurrent-stop",
+    ),
 ];
 
 /// One torture scenario. Implementations are unit structs registered in [`SCENARIOS`].
