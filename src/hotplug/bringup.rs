@@ -22,7 +22,7 @@ impl HotplugLayer {
     /// `bringup:cpu` (with the STARTING steps and `ap:online`, run by the AP): the kick, then
     /// the rest of the handshake.
     pub(super) fn bringup(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         inject: bool,
@@ -38,7 +38,7 @@ impl HotplugLayer {
     /// back to DEAD and offline; `Limbo` (the handshake left DEAD after the caller's check,
     /// which the hotplug lock rules out) leaves the handshake word as it found it.
     pub(super) fn bringup_kick(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         inject: bool,
@@ -64,7 +64,7 @@ impl HotplugLayer {
         if !handshake::kick(&hc.handshake) {
             return Err(HotplugError::Limbo { cpu });
         }
-        if let Err(source) = s.spawn_cpu(cpu) {
+        if let Err(source) = super::thread::spawn(self, cpu) {
             hc.handshake.store(DEAD, Ordering::Release);
             st.set_run_state(CpuRunState::Offline);
             return Err(HotplugError::Spawn { cpu, source });

@@ -80,14 +80,19 @@ impl HotplugLayer {
     }
 
     /// Step 2: startups from `from`; on failure, undo down to `from`.
-    pub(super) fn walk_up(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+    pub(super) fn walk_up(
+        self: &Arc<Self>,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+    ) -> Result<(), HotplugError> {
         self.walk_up_span(t, cpu, from, t.steps.len(), from)
     }
 
     /// Startups from `from` until at least `to` steps are done; on failure, undo down to
     /// `base` (at most `from`), so an operation that walks in spans rolls back as one.
     pub(super) fn walk_up_span(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         from: usize,
@@ -108,14 +113,19 @@ impl HotplugLayer {
     }
 
     /// Step 3: teardowns from `from` down to step 0; on failure, redo up to `from`.
-    pub(super) fn walk_down(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+    pub(super) fn walk_down(
+        self: &Arc<Self>,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+    ) -> Result<(), HotplugError> {
         self.walk_down_to(t, cpu, from, 0)
     }
 
     /// Teardowns from `from` down to `to` (`to` steps stay done); on failure, redo up to
     /// `from`, so the CPU is back where it started.
     pub(super) fn walk_down_to(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         from: usize,
@@ -163,7 +173,7 @@ impl HotplugLayer {
         let _ = self.teardown_anyway(t, cpu, done, to, false);
     }
 
-    pub(super) fn rollback_up(&self, t: &Table, cpu: CpuId, mut done: usize, to: usize) {
+    pub(super) fn rollback_up(self: &Arc<Self>, t: &Table, cpu: CpuId, mut done: usize, to: usize) {
         while done < to {
             match self.step_up(t, cpu, done, false) {
                 Ok(next) => done = next,
@@ -177,7 +187,7 @@ impl HotplugLayer {
 
     /// Runs startup of step `k`; returns how many steps are done afterwards.
     pub(super) fn step_up(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         k: usize,
