@@ -3,12 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
+use super::handshake::HsState;
 use super::layer::HotplugLayer;
 use super::states::{Kind, Step};
 use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::events::EventKind;
-use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::inject::Broken;
@@ -77,19 +76,18 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     {
         // Seed 003 before the fix: the AP announces itself with a plain store, whatever the
         // controller decided, and goes on without waiting for a commit.
-        hc.handshake.store(ALIVE, Ordering::Release);
-        futex::wake(&hc.handshake, 1);
+        hc.handshake.broken_ap_alive();
     } else {
         // Handshake step 2. On failure the controller gave up: touch nothing, just exit.
-        if !handshake::ap_alive(&hc.handshake) {
+        if !hc.handshake.ap_alive() {
             return false;
         }
-        futex::wake(&hc.handshake, 1);
         // Step 5: wait for the controller's commit. Unbounded by design: a controller that
         // sees ALIVE commits (handshake.rs step 3; in a parallel boot once it has kicked every
         // CPU, `hotplug::boot_all`), and it cannot give up on an ALIVE AP.
-        while !handshake::ap_committed(&hc.handshake) {
-            futex::spin_then_wait(&hc.handshake, ALIVE, shared.handshake_spin(), None);
+        while !hc.handshake.ap_committed() {
+            hc.handshake
+                .wait_while(HsState::Alive, shared.handshake_spin(), None);
         }
     }
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
@@ -124,8 +122,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
             }
             *hc.ap_failed.lock_unpoisoned() = Some((name, reason.to_string()));
             irq_restore(fl);
-            hc.handshake.store(FAILED, Ordering::Release);
-            futex::wake(&hc.handshake, 1);
+            hc.handshake.ap_report(HsState::Failed);
             return false;
         }
         st.ring().record(EventKind::HotplugStep, k as u64, 1);
@@ -145,8 +142,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         // "parked" can still see this CPU online.
         shared.machine().online().clear(st.id());
         st.set_run_state(CpuRunState::Parked);
-        hc.handshake.store(PARKED, Ordering::Release);
-        futex::wake(&hc.handshake, 1);
+        hc.handshake.ap_report(HsState::Parked);
         let crash = shared.stop().stop_is_crash();
         let regs = crate::ipi::signal::SavedRegs::default();
         // Thread context, not in a job: a safe point, so power-off returns here and we exit.
@@ -155,8 +151,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         return false;
     }
     st.set_run_state(CpuRunState::Online);
-    hc.handshake.store(ONLINE, Ordering::Release);
-    futex::wake(&hc.handshake, 1);
+    hc.handshake.ap_report(HsState::Online);
     irq_restore(fl);
     true
 }
@@ -173,8 +168,7 @@ pub(crate) fn ap_exit(shared: &HotplugLayer, st: &CpuState) {
     ) {
         st.set_run_state(CpuRunState::Offline);
     }
-    handshake::ap_exit(&hc.handshake);
-    futex::wake(&hc.handshake, 1);
+    hc.handshake.ap_exit();
 }
 
 /// `take_cpu_down`: runs on the dying CPU inside stop_machine (IPI context). DYING steps in

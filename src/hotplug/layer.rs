@@ -33,10 +33,7 @@ impl HotplugLayer {
     /// Whether `cpu`'s bring-up handshake is at rest (DEAD): no thread of it runs or is
     /// coming, so it may be brought up.
     pub(crate) fn handshake_dead(&self, cpu: CpuId) -> bool {
-        self.hotplug.cpus[cpu]
-            .handshake
-            .load(std::sync::atomic::Ordering::Acquire)
-            == super::handshake::DEAD
+        self.hotplug.cpus[cpu].handshake.state() == super::handshake::HsState::Dead
     }
 
     /// How long a handshake wait spins before it sleeps: [`futex::HANDSHAKE_SPIN`] when every

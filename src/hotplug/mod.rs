@@ -202,7 +202,7 @@ pub enum HotplugError {
 /// Per-CPU hotplug bookkeeping.
 pub(crate) struct HpCpu {
     /// The handshake word (`handshake.rs`).
-    pub(super) handshake: crate::sync::AtomicU32,
+    pub(super) handshake: handshake::Handshake,
     /// Whether this CPU's thread holds an `init_mm` reference.
     pub(super) has_ref: AtomicBool,
     /// Fault injection: the step that fails next (one-shot, either direction).
@@ -235,7 +235,7 @@ impl HotplugState {
             reboot_cpu: std::sync::atomic::AtomicUsize::new(usize::MAX),
             cpus: (0..n)
                 .map(|_| HpCpu {
-                    handshake: crate::sync::AtomicU32::new(handshake::DEAD),
+                    handshake: handshake::Handshake::new(),
                     has_ref: AtomicBool::new(false),
                     fail: Mutex::new(None),
                     plan: Mutex::new(None),
