@@ -2,17 +2,15 @@
 //! thread and run the handshake of `handshake.rs` with it; on the way down, `take_cpu_down`
 //! under stop_machine, then wait for the thread to report DEAD and reap it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::ap::{self, ApFail, ApPlan};
-use super::handshake::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED, SHOULD_DIE};
+use super::handshake::{GiveUp, HsState};
 use super::layer::HotplugLayer;
 use super::states::Table;
 use super::HotplugError;
 use crate::cpu::clock::now_ns;
-use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::CpuRunState;
@@ -22,7 +20,7 @@ impl HotplugLayer {
     /// `bringup:cpu` (with the STARTING steps and `ap:online`, run by the AP): the kick, then
     /// the rest of the handshake.
     pub(super) fn bringup(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         inject: bool,
@@ -38,13 +36,13 @@ impl HotplugLayer {
     /// back to DEAD and offline; `Limbo` (the handshake left DEAD after the caller's check,
     /// which the hotplug lock rules out) leaves the handshake word as it found it.
     pub(super) fn bringup_kick(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         inject: bool,
     ) -> Result<u64, HotplugError> {
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // A previous thread has reported DEAD (checked by the caller): reap it.
         if let Some(old) = st.take_thread() {
@@ -60,12 +58,12 @@ impl HotplugLayer {
             fail,
         });
         *hc.ap_failed.lock_unpoisoned() = None;
-        self.reset_cpu_for_bringup(cpu);
-        if !handshake::kick(&hc.handshake) {
+        self.stop().reset_cpu_for_bringup(cpu);
+        if !hc.handshake.kick() {
             return Err(HotplugError::Limbo { cpu });
         }
-        if let Err(source) = s.spawn_cpu(cpu) {
-            hc.handshake.store(DEAD, Ordering::Release);
+        if let Err(source) = super::thread::spawn(self, cpu) {
+            hc.handshake.unkick();
             st.set_run_state(CpuRunState::Offline);
             return Err(HotplugError::Spawn { cpu, source });
         }
@@ -77,22 +75,22 @@ impl HotplugLayer {
     /// success the AP runs its STARTING steps and goes online on its own.
     pub(super) fn bringup_commit(&self, cpu: CpuId, kicked_at: u64) -> Result<(), HotplugError> {
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // Wait for ALIVE, bounded by the boot timeout.
         let timeout = s.boot_timeout;
         let deadline = kicked_at + timeout.as_nanos() as u64;
         loop {
-            if hc.handshake.load(Ordering::Acquire) != KICKED {
+            if hc.handshake.state() != HsState::Kicked {
                 break;
             }
             let now = now_ns();
             if now >= deadline {
-                let verdict = if s.faults().is_broken(Broken::BringupWithoutCas) {
-                    hc.handshake.store(SHOULD_DIE, Ordering::Release); // blind: seed 003's bug
+                let verdict = if s.machine().faults().is_broken(Broken::BringupWithoutCas) {
+                    hc.handshake.broken_give_up(); // blind: seed 003's bug
                     GiveUp::WillDie
                 } else {
-                    handshake::give_up(&hc.handshake)
+                    hc.handshake.give_up()
                 };
                 match verdict {
                     GiveUp::WillDie => {
@@ -108,20 +106,18 @@ impl HotplugLayer {
                     GiveUp::Alive => break,
                 }
             }
-            futex::spin_then_wait(
-                &hc.handshake,
-                KICKED,
+            hc.handshake.wait_while(
+                HsState::Kicked,
                 s.handshake_spin(),
                 Some(Duration::from_nanos(deadline - now)),
             );
         }
         // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
-        let committed = handshake::commit(&hc.handshake);
+        let committed = hc.handshake.commit();
         debug_assert!(
-            committed || s.faults().is_broken(Broken::BringupWithoutCas),
+            committed || s.machine().faults().is_broken(Broken::BringupWithoutCas),
             "an AP past KICKED must be ALIVE"
         );
-        futex::wake(&hc.handshake, 1);
         Ok(())
     }
 
@@ -129,24 +125,24 @@ impl HotplugLayer {
     /// many steps are done.
     pub(super) fn bringup_online(&self, t: &Table, cpu: CpuId) -> Result<usize, HotplugError> {
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         let timeout = s.boot_timeout;
         // After the commit the AP runs only STARTING steps, which must not block; this wait is
         // therefore unbounded by design, with a warning each boot timeout.
         loop {
-            match hc.handshake.load(Ordering::Acquire) {
-                ONLINE => {
+            match hc.handshake.state() {
+                HsState::Online => {
                     tracing::debug!("smpboot: CPU{cpu} is up");
                     return Ok(t.ap_online() + 1);
                 }
-                PARKED => {
+                HsState::Parked => {
                     tracing::warn!(
                         "smpboot: CPU{cpu} parked at its ONLINE step: a stop is in progress"
                     );
                     return Err(HotplugError::Parked { cpu });
                 }
-                FAILED | DEAD => {
+                HsState::Failed | HsState::Dead => {
                     self.wait_dead(cpu, None);
                     let (step, reason) = hc
                         .ap_failed
@@ -168,13 +164,12 @@ impl HotplugLayer {
                     return Err(HotplugError::Parked { cpu });
                 }
                 v => {
-                    futex::spin_then_wait(
-                        &hc.handshake,
+                    hc.handshake.wait_while(
                         v,
                         s.handshake_spin(),
                         Some(Duration::from_millis(10).min(timeout)),
                     );
-                    if hc.handshake.load(Ordering::Acquire) == v {
+                    if hc.handshake.state() == v {
                         tracing::warn!("smpboot: CPU{cpu} still running its STARTING steps");
                     }
                 }
@@ -188,8 +183,8 @@ impl HotplugLayer {
         let hc = &s.hotplug.cpus[cpu];
         let deadline = timeout.map(|d| now_ns() + d.as_nanos() as u64);
         loop {
-            let v = hc.handshake.load(Ordering::Acquire);
-            if v == DEAD {
+            let v = hc.handshake.state();
+            if v == HsState::Dead {
                 break;
             }
             let nap = match deadline {
@@ -203,9 +198,9 @@ impl HotplugLayer {
                 None => Duration::from_millis(10),
             };
             // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
-            futex::wait(&hc.handshake, v, Some(nap));
+            hc.handshake.wait_while(v, Duration::ZERO, Some(nap));
         }
-        if let Some(h) = s.cpus()[cpu].take_thread() {
+        if let Some(h) = s.machine().cpus()[cpu].take_thread() {
             let _ = h.join();
         }
         true
@@ -230,7 +225,7 @@ impl HotplugLayer {
             fail,
         });
         let p2 = plan.clone();
-        let r = self.stop_machine(
+        let r = self.stop().stop_machine(
             move |c| ap::take_cpu_down(&p2, c),
             &crate::cpu::mask::CpuMask::single(cpu),
         );
@@ -254,7 +249,7 @@ impl HotplugLayer {
             }
             Err(e) => return Err(e.into()),
         }
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         st.request_exit();
         let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {

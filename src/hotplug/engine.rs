@@ -80,14 +80,19 @@ impl HotplugLayer {
     }
 
     /// Step 2: startups from `from`; on failure, undo down to `from`.
-    pub(super) fn walk_up(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+    pub(super) fn walk_up(
+        self: &Arc<Self>,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+    ) -> Result<(), HotplugError> {
         self.walk_up_span(t, cpu, from, t.steps.len(), from)
     }
 
     /// Startups from `from` until at least `to` steps are done; on failure, undo down to
     /// `base` (at most `from`), so an operation that walks in spans rolls back as one.
     pub(super) fn walk_up_span(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         from: usize,
@@ -108,14 +113,19 @@ impl HotplugLayer {
     }
 
     /// Step 3: teardowns from `from` down to step 0; on failure, redo up to `from`.
-    pub(super) fn walk_down(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+    pub(super) fn walk_down(
+        self: &Arc<Self>,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+    ) -> Result<(), HotplugError> {
         self.walk_down_to(t, cpu, from, 0)
     }
 
     /// Teardowns from `from` down to `to` (`to` steps stay done); on failure, redo up to
     /// `from`, so the CPU is back where it started.
     pub(super) fn walk_down_to(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         from: usize,
@@ -163,7 +173,7 @@ impl HotplugLayer {
         let _ = self.teardown_anyway(t, cpu, done, to, false);
     }
 
-    pub(super) fn rollback_up(&self, t: &Table, cpu: CpuId, mut done: usize, to: usize) {
+    pub(super) fn rollback_up(self: &Arc<Self>, t: &Table, cpu: CpuId, mut done: usize, to: usize) {
         while done < to {
             match self.step_up(t, cpu, done, false) {
                 Ok(next) => done = next,
@@ -177,7 +187,7 @@ impl HotplugLayer {
 
     /// Runs startup of step `k`; returns how many steps are done afterwards.
     pub(super) fn step_up(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         k: usize,
@@ -188,17 +198,17 @@ impl HotplugLayer {
             return Err(self.failed(cpu, t, k, true, "injected failure".into()));
         }
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         match &step.kind {
             Kind::SmpcfdPrepare => {
-                self.smpcfd_prepare(cpu);
+                self.ipi().smpcfd_prepare(cpu);
                 Ok(k + 1)
             }
             Kind::Bringup => self.bringup(t, cpu, inject),
             Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
             Kind::SchedActive => {
                 st.set_job_gate(true);
-                s.active().set(cpu);
+                s.machine().active().set(cpu);
                 Ok(k + 1)
             }
             Kind::User { .. } => self
@@ -253,7 +263,7 @@ impl HotplugLayer {
                 // In IPI context on the CPU, like the kernel's irqs-off STARTING callbacks.
                 let r = Arc::new(std::sync::atomic::AtomicU32::new(0));
                 let r2 = r.clone();
-                let sent = self.call_single(
+                let sent = self.ipi().call_single(
                     cpu,
                     move || {
                         let c = crate::cpu::context::this_cpu().unwrap_or(usize::MAX);
@@ -284,8 +294,8 @@ impl HotplugLayer {
             // Called from a job on this very CPU (`setup_state` from a job): the step runs
             // here and now, in the same thread context a queued job would have; queued, it
             // would wait behind the caller for the whole boot timeout, fail, and run later.
-            Section::Online if self.this_cpu_here() == Some(cpu) => {
-                let _acting = self.cpus_lock.delegate();
+            Section::Online if self.machine().this_cpu_here() == Some(cpu) => {
+                let _acting = self.stop().cpus_lock.delegate();
                 catch_step(|| f(cpu))
             }
             Section::Online => {
@@ -297,7 +307,8 @@ impl HotplugLayer {
                     let _acting = crate::stop::layer::current().map(|l| l.cpus_lock.delegate());
                     let _ = tx.send(catch_step(|| f(cpu)));
                 });
-                self.queue_job_internal(cpu, job)
+                self.machine()
+                    .queue_job_internal(cpu, job)
                     .map_err(|e| e.to_string())?;
                 match rx.recv_timeout(self.boot_timeout) {
                     Ok(r) => r,

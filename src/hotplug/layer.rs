@@ -1,26 +1,24 @@
 //! `HotplugLayer`: the hotplug layer's part of a runtime — the step table and its lock, the
-//! disable count, the per-CPU handshake words, the boot timeout, and the hook that starts a
-//! CPU's thread — on top of the [`StopLayer`] it embeds and derefs to.
+//! disable count, the per-CPU handshake words, the boot timeout, and what its CPU threads need
+//! (`thread.rs`) — on top of the [`StopLayer`] it holds (reached by `stop()`).
 
 use std::time::Duration;
 
 use super::HotplugState;
+use crate::cpu::machine::Machine;
 use crate::cpu::mask::CpuId;
+use crate::ipi::layer::IpiLayer;
 use crate::stop::layer::StopLayer;
-
-/// Starts CPU `cpu`'s thread (the runtime's CPU thread, which runs `ap::ap_boot` first and
-/// `ap::ap_exit` last). Registered by the runtime at build: the thread's body is the runtime's
-/// idle loop, a layer above this one. The caller has reset the CPU's state.
-pub(crate) type SpawnCpu = Box<dyn Fn(CpuId) -> std::io::Result<()> + Send + Sync>;
 
 /// The hotplug layer's state of one runtime, over its stop layer.
 pub(crate) struct HotplugLayer {
-    lower: StopLayer,
+    stop_layer: StopLayer,
     /// Hotplug's table, lock and per-CPU handshake state.
     pub(super) hotplug: HotplugState,
     /// How long bring-up waits for a CPU (and teardown for its thread).
     pub(super) boot_timeout: Duration,
-    spawn: SpawnCpu,
+    /// The CPU threads' configuration and shared flags (`thread.rs`).
+    pub(super) threads: super::thread::Threads,
 }
 
 impl HotplugLayer {
@@ -35,10 +33,7 @@ impl HotplugLayer {
     /// Whether `cpu`'s bring-up handshake is at rest (DEAD): no thread of it runs or is
     /// coming, so it may be brought up.
     pub(crate) fn handshake_dead(&self, cpu: CpuId) -> bool {
-        self.hotplug.cpus[cpu]
-            .handshake
-            .load(std::sync::atomic::Ordering::Acquire)
-            == super::handshake::DEAD
+        self.hotplug.cpus[cpu].handshake.state() == super::handshake::HsState::Dead
     }
 
     /// How long a handshake wait spins before it sleeps: [`futex::HANDSHAKE_SPIN`] when every
@@ -48,7 +43,7 @@ impl HotplugLayer {
     ///
     /// [`futex::HANDSHAKE_SPIN`]: crate::cpu::futex::HANDSHAKE_SPIN
     pub(crate) fn handshake_spin(&self) -> Duration {
-        if self.cpus().len() <= self.cores().len().max(1) {
+        if self.machine().cpus().len() <= self.machine().cores().len().max(1) {
             crate::cpu::futex::HANDSHAKE_SPIN
         } else {
             Duration::ZERO
@@ -63,28 +58,39 @@ impl HotplugLayer {
     }
 }
 
-impl std::ops::Deref for HotplugLayer {
-    type Target = StopLayer;
+impl HotplugLayer {
+    /// The `stop` layer below: stop routine, park policy, the CPU hotplug lock.
     #[inline]
-    fn deref(&self) -> &StopLayer {
-        &self.lower
+    pub(crate) fn stop(&self) -> &StopLayer {
+        &self.stop_layer
+    }
+
+    /// The `ipi` layer, through the stop layer.
+    #[inline]
+    pub(crate) fn ipi(&self) -> &IpiLayer {
+        self.stop_layer.ipi()
+    }
+
+    /// The `cpu` layer, through the stop layer.
+    #[inline]
+    pub(crate) fn machine(&self) -> &Machine {
+        self.stop_layer.machine()
     }
 }
 
 impl HotplugLayer {
-    /// The hotplug layer over `stop`, starting CPU threads with `spawn`.
-    pub(crate) fn new(stop: StopLayer, boot_timeout: Duration, spawn: SpawnCpu) -> Self {
-        let n = stop.cpus().len();
+    /// The hotplug layer over `stop`; its CPU threads are configured by `threads`.
+    pub(crate) fn new(
+        stop: StopLayer,
+        boot_timeout: Duration,
+        threads: super::thread::ThreadConfig,
+    ) -> Self {
+        let n = stop.machine().cpus().len();
         HotplugLayer {
-            lower: stop,
+            stop_layer: stop,
             hotplug: HotplugState::new(n),
             boot_timeout,
-            spawn,
+            threads: super::thread::Threads::new(threads),
         }
-    }
-
-    /// Starts CPU `cpu`'s thread through the runtime's hook.
-    pub(super) fn spawn_cpu(&self, cpu: CpuId) -> std::io::Result<()> {
-        (self.spawn)(cpu)
     }
 }

@@ -2,7 +2,7 @@
 //! and other threads use), and `Shared`, the state every thread of one runtime points at.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::builder::Config;
@@ -13,8 +13,8 @@ use crate::cpu::events::Event;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::machine::Machine;
 use crate::cpu::mask::{CpuId, CpuMask};
-use crate::cpu::state::{CpuRunState, CpuState};
-use crate::hotplug::layer::{HotplugLayer, SpawnCpu};
+use crate::cpu::state::CpuRunState;
+use crate::hotplug::layer::HotplugLayer;
 use crate::hotplug::HotplugError;
 use crate::ipi::layer::IpiLayer;
 use crate::stop::layer::StopLayer;
@@ -22,12 +22,12 @@ use crate::stop::layer::StopLayer;
 static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 
 /// State shared by all threads of one runtime. Lives as long as any of them. The runtime's own
-/// part; the layers' parts are below it (`Deref` to the hotplug layer's, which derefs to the
-/// stop layer's, and so on down to the `Machine`).
+/// part; the layers' parts are below it, each reached by name: [`Shared::hotplug`],
+/// [`Shared::stop`], [`Shared::ipi`], [`Shared::machine`].
 pub(crate) struct Shared {
-    lower: HotplugLayer,
+    /// Held by every CPU thread too (`hotplug/thread.rs`).
+    hotplug_layer: Arc<HotplugLayer>,
     pub(super) cfg: Config,
-    pin_warned: AtomicBool,
     shut: AtomicBool,
     logger: Mutex<Option<Logger>>,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
@@ -76,31 +76,33 @@ impl Shared {
     }
 }
 
-impl std::ops::Deref for Shared {
-    type Target = HotplugLayer;
+impl Shared {
+    /// The `hotplug` layer: step table, handshakes, `cpu_up`/`cpu_down`.
     #[inline]
-    fn deref(&self) -> &HotplugLayer {
-        &self.lower
+    pub(crate) fn hotplug(&self) -> &Arc<HotplugLayer> {
+        &self.hotplug_layer
+    }
+
+    /// The `stop` layer, through the hotplug layer.
+    #[inline]
+    pub(crate) fn stop(&self) -> &StopLayer {
+        self.hotplug_layer.stop()
+    }
+
+    /// The `ipi` layer, through the hotplug layer.
+    #[inline]
+    pub(crate) fn ipi(&self) -> &IpiLayer {
+        self.hotplug_layer.ipi()
+    }
+
+    /// The `cpu` layer, through the hotplug layer.
+    #[inline]
+    pub(crate) fn machine(&self) -> &Machine {
+        self.hotplug_layer.machine()
     }
 }
 
 impl Shared {
-    /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
-    /// unpinned if the host refuses.
-    pub(crate) fn pin_current(&self, st: &CpuState) {
-        if !self.cfg.pin || self.cores().is_empty() {
-            return;
-        }
-        let core = self.cores()[st.id() % self.cores().len()];
-        if crate::cpu::affinity::pin_current(core) {
-            st.set_core(core.id);
-        } else if !self.pin_warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
-            );
-        }
-    }
-
     pub(crate) fn drain_events(&self) -> Vec<Event> {
         match &*self.logger.lock_unpoisoned() {
             Some(l) => l.take_trace(),
@@ -114,26 +116,27 @@ impl Shared {
         if self.shut.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.hotplug().close_threads();
         if self.forked() {
             // A fork child has none of the CPU or logger threads: nothing to stop or join, and
             // their join handles and locks are the parent's (a lock held by one of its threads
             // at the fork stays held here). `Runtime::drop` leaks the state instead.
             return;
         }
-        for st in self.cpus().iter() {
+        for st in self.machine().cpus().iter() {
             st.request_exit();
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
-            self.stop_cpu(st.id()).release();
+            self.stop().stop_cpu(st.id()).release();
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
-        for st in self.cpus().iter() {
+        for st in self.machine().cpus().iter() {
             let handle = st.take_thread();
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
                 st.run_state() == crate::cpu::state::CpuRunState::Parked
-                    && !self.stop_cpu(st.id()).is_powered_off()
+                    && !self.stop().stop_cpu(st.id()).is_powered_off()
             };
             let park_deadline = Instant::now() + Duration::from_millis(50);
             while !h.is_finished() && Instant::now() < deadline {
@@ -261,32 +264,26 @@ impl Runtime {
         );
         let ipi = IpiLayer::new(machine, cfg.csd_pool, cfg.signals, cfg.call_timeout);
         let stop = StopLayer::new(ipi, cfg.park, cfg.stop.clone());
-        let shared = Arc::new_cyclic(|me: &Weak<Shared>| {
-            // Hotplug's bring-up starts CPU threads through this hook: the thread's body (the
-            // idle loop) is this layer's. A weak reference, or the runtime would own itself;
-            // whoever brings a CPU up holds a `Handle`, so the upgrade succeeds.
-            let me = me.clone();
-            let spawn: SpawnCpu = Box::new(move |cpu| match me.upgrade() {
-                // A cpu_up that raced with shutdown must not start a thread nobody joins.
-                Some(shared) if shared.usable().is_ok() => super::thread::spawn_cpu(&shared, cpu),
-                Some(_) => Err(std::io::Error::other("the runtime has shut down")),
-                None => Err(std::io::Error::other("the runtime is being dropped")),
-            });
-            Shared {
-                lower: HotplugLayer::new(stop, cfg.boot_timeout, spawn),
-                pin_warned: AtomicBool::new(false),
-                shut: AtomicBool::new(false),
-                logger: Mutex::new(None),
-                kexec_in_progress: AtomicBool::new(false),
-                builder_pid: std::process::id(),
-                fork_epoch,
-                cfg,
-            }
+        let threads = crate::hotplug::thread::ThreadConfig {
+            name: cfg.name.clone(),
+            pin: cfg.pin,
+            signals: cfg.signals,
+            signal_stack: cfg.signal_stack,
+            idle: cfg.idle,
+        };
+        let shared = Arc::new(Shared {
+            hotplug_layer: Arc::new(HotplugLayer::new(stop, cfg.boot_timeout, threads)),
+            shut: AtomicBool::new(false),
+            logger: Mutex::new(None),
+            kexec_in_progress: AtomicBool::new(false),
+            builder_pid: std::process::id(),
+            fork_epoch,
+            cfg,
         });
         for c in 0..n {
-            shared.possible().set(c);
+            shared.machine().possible().set(c);
             if !lost.contains(c) {
-                shared.present().set(c);
+                shared.machine().present().set(c);
             }
         }
         if shared.cfg.log_events || shared.cfg.collect_trace {
@@ -296,7 +293,7 @@ impl Runtime {
         let rt = Runtime {
             handle: Handle { shared },
         };
-        crate::hotplug::boot_all(&rt.handle.shared, first).map_err(|e| match e {
+        crate::hotplug::boot_all(rt.handle.shared.hotplug(), first).map_err(|e| match e {
             HotplugError::BootTimeout { cpu, timeout_ms } => {
                 RuntimeError::BootTimeout { cpu, timeout_ms }
             }
@@ -400,7 +397,7 @@ pub struct RuntimeStats {
 impl Handle {
     /// Number of logical CPUs (possible).
     pub fn cpus(&self) -> usize {
-        self.shared.cpus().len()
+        self.shared.machine().cpus().len()
     }
 
     /// This runtime's generation (0 for the first image, +1 per kexec).
@@ -410,36 +407,40 @@ impl Handle {
 
     /// `cpu_possible_mask`.
     pub fn possible_mask(&self) -> CpuMask {
-        self.shared.possible().load()
+        self.shared.machine().possible().load()
     }
     /// `cpu_present_mask`.
     pub fn present_mask(&self) -> CpuMask {
-        self.shared.present().load()
+        self.shared.machine().present().load()
     }
     /// `cpu_online_mask`.
     pub fn online_mask(&self) -> CpuMask {
-        self.shared.online().load()
+        self.shared.machine().online().load()
     }
     /// `cpu_active_mask`.
     pub fn active_mask(&self) -> CpuMask {
-        self.shared.active().load()
+        self.shared.machine().active().load()
     }
 
     /// Whether `cpu` is online.
     pub fn is_online(&self, cpu: CpuId) -> bool {
-        self.shared.online().contains(cpu)
+        self.shared.machine().online().contains(cpu)
     }
 
     /// Where CPU `cpu` is in its life, or `None` if it does not exist.
     pub fn cpu_state(&self, cpu: CpuId) -> Option<CpuRunState> {
-        self.shared.cpu(cpu).map(|c| c.run_state())
+        self.shared.machine().cpu(cpu).map(|c| c.run_state())
     }
 
     /// The OS thread id (`gettid`) of CPU `cpu`'s current thread, or `None` if it has none
     /// (offline, or not started). For `perf record -t`, `gdb` or `/proc/self/task/<tid>`: the
     /// thread behind a logical CPU changes at every bring-up.
     pub fn cpu_tid(&self, cpu: CpuId) -> Option<i32> {
-        self.shared.cpu(cpu).map(|c| c.tid()).filter(|&t| t > 0)
+        self.shared
+            .machine()
+            .cpu(cpu)
+            .map(|c| c.tid())
+            .filter(|&t| t > 0)
     }
 
     /// Runs `f` as an ordinary job on `cpu` (it may allocate and block). The job runs after
@@ -455,7 +456,7 @@ impl Handle {
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
         let mut job = crate::cpu::state::Job::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            super::thread::job_user_code_done();
+            crate::hotplug::thread::job_user_code_done();
             let _ = tx.send(r.map_err(|p| {
                 p.downcast_ref::<&str>()
                     .map(|s| s.to_string())
@@ -465,6 +466,7 @@ impl Handle {
         });
         job.at = Some(at.clone());
         self.shared
+            .machine()
             .queue_job(cpu, job)
             .map_err(|(e, _)| RuntimeError::from(e))?;
         Ok(JobHandle {
@@ -477,9 +479,10 @@ impl Handle {
     /// Snapshot of every counter.
     pub fn stats(&self) -> RuntimeStats {
         let s = &self.shared;
-        let t = s.totals();
-        let (csd_in_use, csd_pool) = s.csd_usage();
+        let t = s.ipi().totals();
+        let (csd_in_use, csd_pool) = s.ipi().csd_usage();
         let per_cpu = s
+            .machine()
             .cpus()
             .iter()
             .map(|c| {
@@ -508,8 +511,8 @@ impl Handle {
         let handled = t.handled.load(Ordering::SeqCst);
         let cancelled = t.cancelled.load(Ordering::SeqCst);
         RuntimeStats {
-            cpus: s.cpus().len(),
-            host_cores: s.cores().len(),
+            cpus: s.machine().cpus().len(),
+            host_cores: s.machine().cores().len(),
             generation: s.cfg.generation,
             ipis_sent: queued,
             ipis_handled: handled,
@@ -571,7 +574,7 @@ impl<R> JobHandle<R> {
     /// Whether the caller runs on `cpu` of this job's runtime.
     fn is_own_cpu(&self, cpu: CpuId) -> bool {
         crate::cpu::context::current()
-            .is_some_and(|(_, st)| std::ptr::eq(st, &*self.shared.cpus()[cpu]))
+            .is_some_and(|(_, st)| std::ptr::eq(st, &*self.shared.machine().cpus()[cpu]))
     }
 
     fn wait(self, deadline: Option<Instant>) -> Result<R, RuntimeError> {
@@ -595,7 +598,7 @@ impl<R> JobHandle<R> {
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     // The result may have been sent just before the stop: look once more.
-                    if self.shared.cpus()[cpu].is_stopped() && self.rx.is_empty() {
+                    if self.shared.machine().cpus()[cpu].is_stopped() && self.rx.is_empty() {
                         return Err(RuntimeError::JobStopped { cpu });
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -633,12 +636,12 @@ mod boot_all_tests {
     }
 
     fn fail(rt: &super::Runtime, cpu: usize, step: &str) {
-        rt.handle.shared.fail_next_step(cpu, step);
+        rt.handle.shared.hotplug().fail_next_step(cpu, step);
     }
 
     /// A second `boot_all` brings every CPU up, and each takes a call: nothing was left half up.
     fn boots_the_rest(rt: &super::Runtime) {
-        crate::hotplug::boot_all(&rt.handle.shared, 0).unwrap();
+        crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0).unwrap();
         assert_eq!(rt.online_mask().weight(), rt.cpus());
         rt.call_many(&rt.online_mask(), || {}, true).unwrap();
     }
@@ -646,7 +649,7 @@ mod boot_all_tests {
     fn all_dead_or_online(rt: &super::Runtime) {
         for c in 0..rt.cpus() {
             assert!(
-                rt.is_online(c) || rt.handle.shared.handshake_dead(c),
+                rt.is_online(c) || rt.handle.shared.hotplug().handshake_dead(c),
                 "CPU{c} neither online nor dead"
             );
         }
@@ -656,7 +659,7 @@ mod boot_all_tests {
     fn a_kick_phase_error_stops_the_kicking_and_finishes_the_kicked() {
         let rt = rt_with_offline(6, &[2, 3, 4, 5], Duration::from_secs(10));
         fail(&rt, 4, "smpcfd:prepare");
-        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+        match crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0) {
             Err(HotplugError::StepFailed {
                 cpu: 4,
                 step,
@@ -680,7 +683,7 @@ mod boot_all_tests {
         // handshake: both roll back to offline, and the CPUs kicked after them still come up.
         fail(&rt, 2, "ap:online");
         fail(&rt, 3, "sched:active");
-        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+        match crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0) {
             Err(HotplugError::StepFailed {
                 cpu: 2, up: true, ..
             }) => {}
@@ -701,9 +704,10 @@ mod boot_all_tests {
         // beaten by a controller descheduled that long beside a second runtime and CPU hogs).
         rt.handle
             .shared
+            .machine()
             .faults()
             .set_boot_delay(2, Duration::from_secs(2));
-        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+        match crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0) {
             Err(HotplugError::BootTimeout { cpu: 2, .. }) => {}
             other => panic!("boot_all with CPU2 booting too slowly: {other:?}"),
         }

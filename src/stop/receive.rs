@@ -87,8 +87,8 @@ pub(crate) fn park(
     });
     st.ring().record(EventKind::Stopped, crash as u64, regs.ip);
     // The acknowledgement: leaving the online mask (after the note, which it publishes).
-    shared.active().clear(st.id());
-    shared.online().clear(st.id());
+    shared.machine().active().clear(st.id());
+    shared.machine().online().clear(st.id());
     shared.stop.ack();
     if power_off {
         power_off_now(shared, st, unwind);
@@ -98,7 +98,7 @@ pub(crate) fn park(
     // image; only the runtime's teardown releases it, and only a safe one can then leave: the
     // idle loop, a job that opted in (`fault::resume_on_release`), or the CPU's own stop call
     // interrupted directly (no other handler of ours in between, which could be a callback).
-    let in_own_call = me.in_stop_call() && shared.ipi_cpu(st.id()).handlers_active() <= 1;
+    let in_own_call = me.in_stop_call() && shared.ipi().ipi_cpu(st.id()).handlers_active() <= 1;
     let depth = st.mask_for_park();
     me.wait_for_release(safe || st.resume_on_release() || in_own_call);
     st.restore_irq_depth(depth);
