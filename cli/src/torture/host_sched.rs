@@ -53,12 +53,77 @@ pub struct Window {
     start: Instant,
     cpus: Vec<(CpuId, i32, SchedStat)>,
     caller: Option<SchedStat>,
+    /// Every thread of the process at the opening: a thread not among them at the end was born
+    /// in the window.
+    tasks: Vec<i32>,
+}
+
+/// How long thread `tid` has been runnable but off a core right now, at most `window`: the
+/// kernel adds a wait to `schedstat` only once it ends (the thread gets a core), so a thread
+/// still waiting, or one the host has never run since its birth, shows none of it there and
+/// looked asleep (a bring-up whose AP never ran: "ran 0.0 ms and waited runnable 0.0 ms").
+/// Zero unless its state is R and it is not running: the time since it last ran
+/// (`se.exec_start` in `/proc/.../sched`, compared with the calling thread's, which is
+/// running now, on the same clock), or, never run, since its birth (`stat` field 22, in
+/// clock ticks: 10 ms steps, rounded down).
+fn ongoing_wait(tid: i32, window: Duration) -> Duration {
+    let dir = format!("/proc/self/task/{tid}");
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+    if rest.first() != Some(&"R") {
+        return Duration::ZERO;
+    }
+    let exec_start = |path: &str| -> Option<f64> {
+        std::fs::read_to_string(path)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("se.exec_start"))
+            .and_then(|v| v.trim_start_matches([' ', ':']).trim().parse().ok())
+    };
+    let waited = match exec_start(&format!("{dir}/sched")) {
+        Some(theirs) if theirs > 0.0 => {
+            let Some(mine) = exec_start("/proc/thread-self/sched") else {
+                return Duration::ZERO;
+            };
+            Duration::from_secs_f64(((mine - theirs) / 1e3).max(0.0))
+        }
+        _ => {
+            // Never run: runnable since its birth. `starttime` is field 22, `rest[19]`.
+            let ticks = |v: Option<&str>| v.and_then(|t| t.parse::<f64>().ok());
+            let hz = 100.0; // USER_HZ on Linux
+            let (Some(born), Some(up)) = (
+                ticks(rest.get(19).copied()),
+                std::fs::read_to_string("/proc/uptime")
+                    .ok()
+                    .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok()),
+            ) else {
+                return Duration::ZERO;
+            };
+            Duration::from_secs_f64((up - born / hz - 1.0 / hz).max(0.0))
+        }
+    };
+    waited.min(window)
+}
+
+/// The threads of this process now.
+fn tasks() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One thread's share of a window.
 struct Share {
-    /// `None`: the waiting thread.
+    /// `None`: the waiting thread, or a thread born in the window.
     cpu: Option<CpuId>,
+    /// 0 for the waiting thread.
+    tid: i32,
     who: String,
     run: Duration,
     wait: Duration,
@@ -77,22 +142,28 @@ impl Window {
             start: Instant::now(),
             cpus,
             caller: SchedStat::this_thread(),
+            tasks: tasks(),
         }
     }
 
     /// Every thread's run and wait since the window opened: each CPU thread of the opening
     /// (read by its tid, so a thread on its way out, its CPU's tid already cleared, still
-    /// counts), each CPU thread started meanwhile (counted from its birth), and the caller
-    /// (call from the opening thread).
+    /// counts), each CPU thread started meanwhile (counted from its birth), any other thread
+    /// born in the window (a CPU thread the host has not yet run records no tid: a bring-up
+    /// that timed out before its AP ever ran looked like an AP asleep), and the caller (call
+    /// from the opening thread).
     fn shares(&self, h: &Handle) -> Vec<Share> {
+        let window = self.start.elapsed();
         let mut v = Vec::new();
         let mut share = |c: CpuId, tid: i32, before: SchedStat| {
             if let Some(now) = SchedStat::of(tid) {
                 v.push(Share {
                     cpu: Some(c),
+                    tid,
                     who: format!("CPU{c} tid={tid}"),
                     run: Duration::from_nanos(now.run_ns.saturating_sub(before.run_ns)),
-                    wait: Duration::from_nanos(now.wait_ns.saturating_sub(before.wait_ns)),
+                    wait: Duration::from_nanos(now.wait_ns.saturating_sub(before.wait_ns))
+                        + ongoing_wait(tid, window),
                 });
             }
         };
@@ -107,9 +178,30 @@ impl Window {
                 _ => {}
             }
         }
+        for tid in tasks() {
+            let known = self.tasks.contains(&tid) || v.iter().any(|t| t.tid == tid);
+            if known {
+                continue;
+            }
+            if let Some(now) = SchedStat::of(tid) {
+                let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                    .unwrap_or_default();
+                v.push(Share {
+                    cpu: None,
+                    tid,
+                    who: format!(
+                        "thread {} tid={tid} (born in the window, no CPU's tid yet)",
+                        comm.trim()
+                    ),
+                    run: Duration::from_nanos(now.run_ns),
+                    wait: Duration::from_nanos(now.wait_ns) + ongoing_wait(tid, window),
+                });
+            }
+        }
         if let (Some(b), Some(now)) = (self.caller, SchedStat::this_thread()) {
             v.push(Share {
                 cpu: None,
+                tid: 0,
                 who: "the waiting thread".into(),
                 run: Duration::from_nanos(now.run_ns.saturating_sub(b.run_ns)),
                 wait: Duration::from_nanos(now.wait_ns.saturating_sub(b.wait_ns)),

@@ -10,7 +10,8 @@
 //!   core (`host_sched.rs`) is not counted, and an overrun that only it explains is
 //!   `host_starved`, not a violation;
 //! - `failed` is exactly the wedged CPU (`failed_to_stop` counts it; any other CPU there is
-//!   `escaped_cpus`), and every other CPU was stopped.
+//!   `escaped_cpus`, unless the host kept its thread runnable but off a core for half the
+//!   stop's waits or more: `host_starved`), and every other CPU was stopped.
 
 use std::time::{Duration, Instant};
 
@@ -136,7 +137,9 @@ impl Scenario for Wedged {
                     for c in out.failed.iter() {
                         if c == wedged && expect_failed {
                             ctx.count("failed_to_stop", 1);
-                        } else if let Some(numbers) = window.starved_cpu(&h, c) {
+                        } else if let Some(numbers) =
+                            window.starved_cpu_within(&h, c, bound - SLACK)
+                        {
                             ctx.note(
                                 "host_starved",
                                 format!("{}: CPU {c} not stopped, its thread starved by the host: {numbers}", mode_name(mode)),
@@ -145,7 +148,11 @@ impl Scenario for Wedged {
                             ctx.violation(
                                 "escaped_cpus",
                                 Some(c),
-                                format!("{}: CPU {c} still online after the stop (wedged: CPU {wedged})", mode_name(mode)),
+                                format!(
+                                    "{}: CPU {c} still online after the stop (wedged: CPU {wedged}; {})",
+                                    mode_name(mode),
+                                    window.describe(&h, c)
+                                ),
                             );
                         }
                     }
