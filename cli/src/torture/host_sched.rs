@@ -7,7 +7,10 @@
 //! by half the window (or half the timeout that expired, if shorter) or more was kept from
 //! running by the host, not by the protocol:
 //! [`Window::starved`] names it with its numbers, and [`Window::max_wait`] is the time the host
-//! took from the threads the wait depended on (what a wall-clock bound may discount).
+//! took from the threads the wait depended on (what a wall-clock bound may discount). Two
+//! things `schedstat` does not show are added: a wait still going on (the kernel adds a wait
+//! when it ends), and the hypervisor's steal on the thread's host core (`/proc/stat`): on a
+//! VM, a thread current on a stolen vCPU neither runs nor waits in its own numbers.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -56,6 +59,8 @@ pub struct Window {
     /// Every thread of the process at the opening: a thread not among them at the end was born
     /// in the window.
     tasks: Vec<i32>,
+    /// Each host core's steal at the opening.
+    steal: Vec<u64>,
 }
 
 /// How long thread `tid` has been runnable but off a core right now, at most `window`: the
@@ -127,6 +132,60 @@ struct Share {
     who: String,
     run: Duration,
     wait: Duration,
+    /// Time the hypervisor took the host core the thread last ran on away from this VM
+    /// (steal), at most the window: a thread current on a stolen core neither runs nor waits
+    /// in its own numbers.
+    stolen: Duration,
+}
+
+impl Share {
+    /// The time the host kept this thread off a core: runnable waits and its core's steal.
+    fn lost(&self) -> Duration {
+        self.wait + self.stolen
+    }
+
+    fn numbers(&self) -> String {
+        let mut s = format!(
+            "ran {:.1} ms, waited runnable {:.1} ms",
+            self.run.as_secs_f64() * 1e3,
+            self.wait.as_secs_f64() * 1e3
+        );
+        if !self.stolen.is_zero() {
+            let _ = write!(
+                s,
+                ", its host core stolen by the hypervisor {:.0} ms",
+                self.stolen.as_secs_f64() * 1e3
+            );
+        }
+        s
+    }
+}
+
+/// Steal time of each host core so far, in clock ticks (`/proc/stat`, the 8th value).
+fn steal_ticks() -> Vec<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(8)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The host core thread `tid` (0: the calling thread) last ran on (`stat` field 39).
+fn core_of(tid: i32) -> Option<usize> {
+    let path = if tid == 0 {
+        "/proc/thread-self/stat".to_string()
+    } else {
+        format!("/proc/self/task/{tid}/stat")
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(36)?.parse().ok()
 }
 
 impl Window {
@@ -143,6 +202,7 @@ impl Window {
             cpus,
             caller: SchedStat::this_thread(),
             tasks: tasks(),
+            steal: steal_ticks(),
         }
     }
 
@@ -154,6 +214,17 @@ impl Window {
     /// from the opening thread).
     fn shares(&self, h: &Handle) -> Vec<Share> {
         let window = self.start.elapsed();
+        let steal_now = steal_ticks();
+        let stolen = |tid: i32| -> Duration {
+            let Some(core) = core_of(tid) else {
+                return Duration::ZERO;
+            };
+            let (Some(a), Some(b)) = (self.steal.get(core), steal_now.get(core)) else {
+                return Duration::ZERO;
+            };
+            // Clock ticks of 10 ms (USER_HZ).
+            (Duration::from_millis(10) * b.saturating_sub(*a) as u32).min(window)
+        };
         let mut v = Vec::new();
         let mut share = |c: CpuId, tid: i32, before: SchedStat| {
             if let Some(now) = SchedStat::of(tid) {
@@ -164,6 +235,7 @@ impl Window {
                     run: Duration::from_nanos(now.run_ns.saturating_sub(before.run_ns)),
                     wait: Duration::from_nanos(now.wait_ns.saturating_sub(before.wait_ns))
                         + ongoing_wait(tid, window),
+                    stolen: stolen(tid),
                 });
             }
         };
@@ -195,6 +267,7 @@ impl Window {
                     ),
                     run: Duration::from_nanos(now.run_ns),
                     wait: Duration::from_nanos(now.wait_ns) + ongoing_wait(tid, window),
+                    stolen: stolen(tid),
                 });
             }
         }
@@ -205,6 +278,7 @@ impl Window {
                 who: "the waiting thread".into(),
                 run: Duration::from_nanos(now.run_ns.saturating_sub(b.run_ns)),
                 wait: Duration::from_nanos(now.wait_ns.saturating_sub(b.wait_ns)),
+                stolen: stolen(0),
             });
         }
         v
@@ -238,14 +312,13 @@ impl Window {
         let limit = bound.map_or(window, |b| b.min(window));
         let mut s = String::new();
         for t in self.shares(h).into_iter().filter(|t| pick(t.cpu)) {
-            if t.wait * 2 >= limit && !t.wait.is_zero() {
+            if t.lost() * 2 >= limit && !t.lost().is_zero() {
                 let _ = write!(
                     s,
-                    "{}{} ran {:.1} ms, waited runnable {:.1} ms",
+                    "{}{} {}",
                     if s.is_empty() { "" } else { "; " },
                     t.who,
-                    t.run.as_secs_f64() * 1e3,
-                    t.wait.as_secs_f64() * 1e3
+                    t.numbers()
                 );
             }
         }
@@ -270,13 +343,7 @@ impl Window {
             .filter(|t| t.cpu == Some(cpu) || t.cpu.is_none())
         {
             any |= t.cpu.is_some();
-            let _ = write!(
-                s,
-                ", {} ran {:.1} ms and waited runnable {:.1} ms",
-                t.who,
-                t.run.as_secs_f64() * 1e3,
-                t.wait.as_secs_f64() * 1e3
-            );
+            let _ = write!(s, ", {} {}", t.who, t.numbers());
         }
         if !any {
             let _ = write!(s, ", CPU{cpu} had no thread left to read");
@@ -289,7 +356,7 @@ impl Window {
     pub fn max_wait(&self, h: &Handle) -> Duration {
         self.shares(h)
             .iter()
-            .map(|t| t.wait)
+            .map(Share::lost)
             .max()
             .unwrap_or_default()
     }
