@@ -246,10 +246,10 @@ impl HotplugLayer {
     pub(crate) fn inject_step_failure(&self, cpu: CpuId, step: &str) -> Result<(), HotplugError> {
         let t = self.hp_lock("fail_step")?;
         self.check_cpu(cpu)?;
-        if !t.steps.iter().any(|s| s.name == step) {
+        let Some(id) = t.by_name(step) else {
             return Err(HotplugError::UnknownState(step.into()));
-        }
-        *self.hotplug.cpus[cpu].fail.lock_unpoisoned() = Some(step.into());
+        };
+        *self.hotplug.cpus[cpu].fail.lock_unpoisoned() = Some(id);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::ap::{self, ApFail, ApPlan};
 use super::handshake::{GiveUp, HsState};
 use super::layer::HotplugLayer;
-use super::states::Table;
+use super::states::{StepId, Table};
 use super::HotplugError;
 use crate::cpu::clock::now_ns;
 use crate::cpu::lock::LockUnpoisoned;
@@ -148,14 +148,8 @@ impl HotplugLayer {
                         .ap_failed
                         .lock_unpoisoned()
                         .take()
-                        .unwrap_or_else(|| ("bringup:cpu".into(), "AP died".into()));
-                    tracing::warn!("cpuhp: CPU{cpu} STARTING step {step} failed: {reason}");
-                    return Err(HotplugError::StepFailed {
-                        cpu,
-                        step,
-                        up: true,
-                        reason,
-                    });
+                        .unwrap_or((StepId::Bringup, "the CPU's thread died"));
+                    return Err(self.failed_step(cpu, t, step, true, reason));
                 }
                 _ if st.is_stopped() => {
                     // A stop caught the AP between its commit and its ONLINE report (the NMI
@@ -231,23 +225,20 @@ impl HotplugLayer {
         );
         match r {
             Ok(()) => {}
-            Err(crate::stop::machine::StopMachineError::Failed { code, .. })
-                if code >= -3 && code != -1 =>
-            {
-                let name = match code {
-                    -2 => "ap:online".to_string(),
-                    -3 => "bringup:cpu".to_string(),
-                    k => plan.steps[k as usize].name.clone(),
-                };
-                let k = t.steps.iter().position(|x| x.name == name).unwrap_or(0);
-                let why = if fail == ApFail::None {
-                    "DYING callback returned an error"
-                } else {
-                    "injected failure"
-                };
-                return Err(self.failed(cpu, t, k, false, why.into()));
+            Err(e) => {
+                // A step of take_cpu_down failed (and was undone): name it.
+                if let crate::stop::machine::StopMachineError::Failed { code, .. } = &e {
+                    if let Some(step) = ApFail::from_code(*code).and_then(|f| f.step(&plan)) {
+                        let why = if fail == ApFail::None {
+                            "DYING callback returned an error"
+                        } else {
+                            "injected failure"
+                        };
+                        return Err(self.failed_step(cpu, t, step, false, why));
+                    }
+                }
+                return Err(e.into());
             }
-            Err(e) => return Err(e.into()),
         }
         let st = &s.machine().cpus()[cpu];
         st.request_exit();

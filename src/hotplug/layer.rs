@@ -54,7 +54,9 @@ impl HotplugLayer {
     /// checking the name: for the crate's own tests.
     #[cfg(test)]
     pub(crate) fn fail_next_step(&self, cpu: CpuId, step: &str) {
-        *self.hotplug.cpus[cpu].fail.lock().unwrap() = Some(step.into());
+        let id = self.hotplug.lock.lock().unwrap().by_name(step);
+        assert!(id.is_some(), "no hotplug step {step}");
+        *self.hotplug.cpus[cpu].fail.lock().unwrap() = id;
     }
 }
 

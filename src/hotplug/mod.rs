@@ -206,11 +206,11 @@ pub(crate) struct HpCpu {
     /// Whether this CPU's thread holds an `init_mm` reference.
     pub(super) has_ref: AtomicBool,
     /// Fault injection: the step that fails next (one-shot, either direction).
-    pub(super) fail: Mutex<Option<String>>,
+    pub(super) fail: Mutex<Option<states::StepId>>,
     /// What the AP runs during bring-up, prepared by the controller.
     pub(super) plan: Mutex<Option<ap::ApPlan>>,
     /// A STARTING step the AP reported as failed: (step, reason).
-    pub(super) ap_failed: Mutex<Option<(String, String)>>,
+    pub(super) ap_failed: Mutex<Option<(states::StepId, &'static str)>>,
 }
 
 /// Runtime-wide hotplug state (lives in the hotplug layer, `layer.rs`).
