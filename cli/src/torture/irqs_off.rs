@@ -129,12 +129,13 @@ impl Scenario for IrqsOff {
                     "failed_to_stop",
                     Some(c),
                     format!(
-                        "{} mode, {}: CPU {c} still online after {} attempt(s) in {:.0} ms (masked: {})",
+                        "{} mode, {}: CPU {c} still online after {} attempt(s) in {:.0} ms (masked: {}; {})",
                         mode_name(mode),
                         if crash { "crash_stop" } else { "send_stop" },
                         out.attempts.len(),
                         took.as_secs_f64() * 1e3,
-                        cpus.iter().copied().collect::<CpuMask>()
+                        cpus.iter().copied().collect::<CpuMask>(),
+                        window.describe(&h, c)
                     ),
                 );
             }
