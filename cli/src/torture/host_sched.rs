@@ -250,21 +250,28 @@ impl Window {
                 _ => {}
             }
         }
+        // Only threads named as this runtime's CPU threads are (their comm without the CPU
+        // number): a process may hold unrelated threads (a test binary runs other tests in
+        // parallel), whose waits say nothing about this wait.
+        let comm = |tid: i32| {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .trim_end_matches(|c: char| c.is_ascii_digit())
+                .to_string()
+        };
+        let cpu_names: Vec<String> = v.iter().map(|t| comm(t.tid)).collect();
         for tid in tasks() {
             let known = self.tasks.contains(&tid) || v.iter().any(|t| t.tid == tid);
-            if known {
+            if known || !cpu_names.contains(&comm(tid)) {
                 continue;
             }
             if let Some(now) = SchedStat::of(tid) {
-                let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                    .unwrap_or_default();
+                let comm = comm(tid);
                 v.push(Share {
                     cpu: None,
                     tid,
-                    who: format!(
-                        "thread {} tid={tid} (born in the window, no CPU's tid yet)",
-                        comm.trim()
-                    ),
+                    who: format!("thread {comm} tid={tid} (born in the window, no CPU's tid yet)"),
                     run: Duration::from_nanos(now.run_ns),
                     wait: Duration::from_nanos(now.wait_ns) + ongoing_wait(tid, window),
                     stolen: stolen(tid),
