@@ -46,10 +46,12 @@
 //!
 //! A module may use its own layer and the ones below, and names the module an item lives in
 //! (never `crate::Item`); `tests/layering.rs` checks every `crate::` path against this table,
-//! and no import points up. Each layer's state embeds the one below and derefs to it: the
-//! `cpu` layer's `Machine` (CPUs, masks, jobs) in the `ipi` layer's `IpiLayer` (csd pool, NMI
-//! hooks), in `stop`'s `StopLayer`, in `hotplug`'s `HotplugLayer`, in the runtime's `Shared`,
-//! which [`Handle`] points at and forwards to. A lower layer that must act above it calls a
+//! and no import points up. Each layer's state holds the one below as a named field, reached
+//! by an accessor that names it (no `Deref` between layers): the `cpu` layer's `Machine` (CPUs,
+//! masks, jobs) in the `ipi` layer's `IpiLayer` (csd pool, NMI hooks; `ipi.machine()`), in
+//! `stop`'s `StopLayer` (`stop.ipi()`), in `hotplug`'s `HotplugLayer` (`hotplug.stop()`), in
+//! the runtime's `Shared` (`shared.hotplug()`, and `stop()`/`ipi()`/`machine()` straight to the
+//! lower ones), which [`Handle`] points at and forwards to. A lower layer that must act above it calls a
 //! hook registered at build: `irq_restore`'s replay (`cpu` -> `ipi`), the stop receiver
 //! (`ipi`'s handlers -> `stop`), the start of a CPU thread (`hotplug` -> `runtime`). Only
 //! [`ipi::signal`] touches signals; only `cpu/affinity.rs` touches CPU affinity.

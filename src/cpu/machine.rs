@@ -3,9 +3,10 @@
 //! outside the runtime, the fault injector, the job queues, and the "retired" flag of an image
 //! that has handed over (kexec).
 //!
-//! Each layer above embeds the one below and derefs to it (`ipi::layer::IpiLayer` holds a
-//! `Machine`, `stop::layer::StopLayer` an `IpiLayer`, and so on up to the runtime's `Shared`),
-//! so a layer's code takes its own part and reaches everything below it, never above.
+//! Each layer above holds the one below as a named field and reaches it through an accessor
+//! (`ipi.machine()`, `stop.ipi()`, `hotplug.stop()`, `shared.hotplug()`), never through `Deref`:
+//! a call site says which layer it touches, and a name defined at two layers cannot resolve to
+//! the wrong one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -67,10 +67,14 @@ fn teardown(step: &Step, cpu: usize) -> super::StepResult {
 /// The AP's boot hook (runs first on the new thread). False: the thread must exit.
 pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     let hc = &shared.hotplug.cpus[st.id()];
-    if let Some(delay) = shared.faults().take_boot_delay(st.id()) {
+    if let Some(delay) = shared.machine().faults().take_boot_delay(st.id()) {
         std::thread::sleep(delay); // fault injection: a slow AP
     }
-    if shared.faults().is_broken(Broken::BringupWithoutCas) {
+    if shared
+        .machine()
+        .faults()
+        .is_broken(Broken::BringupWithoutCas)
+    {
         // Seed 003 before the fix: the AP announces itself with a plain store, whatever the
         // controller decided, and goes on without waiting for a commit.
         hc.handshake.store(ALIVE, Ordering::Release);
@@ -91,7 +95,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
     shared.hotplug.init_mm.fetch_add(1, Ordering::AcqRel);
     hc.has_ref.store(true, Ordering::Release);
-    shared.reset_cpu_irq_state(st.id());
+    shared.ipi().reset_cpu_irq_state(st.id());
     let plan = hc.plan.lock_unpoisoned().take().unwrap_or_default();
     let fl = irq_save();
     let n = plan.steps.len();
@@ -128,25 +132,25 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     }
     // ap:online, one step: open the queue, join the online mask, tell the controller.
     st.queue().reopen();
-    shared.online().set(st.id());
+    shared.machine().online().set(st.id());
     // Deterministic stop (seed 000): the online bit is set (SeqCst) before the flag is read
     // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
     // targets this CPU or this CPU sees the flag and parks itself.
-    if shared.must_park_coming_online() {
+    if shared.stop().must_park_coming_online() {
         *hc.ap_failed.lock_unpoisoned() = Some((
             "ap:online".into(),
             "a stop is in progress: parked instead of going online".into(),
         ));
         // Leave the online mask before telling the controller, so that nobody who hears
         // "parked" can still see this CPU online.
-        shared.online().clear(st.id());
+        shared.machine().online().clear(st.id());
         st.set_run_state(CpuRunState::Parked);
         hc.handshake.store(PARKED, Ordering::Release);
         futex::wake(&hc.handshake, 1);
-        let crash = shared.stop_is_crash();
+        let crash = shared.stop().stop_is_crash();
         let regs = crate::ipi::signal::SavedRegs::default();
         // Thread context, not in a job: a safe point, so power-off returns here and we exit.
-        crate::stop::receive::park(shared, st, crash, regs, true, false);
+        crate::stop::receive::park(shared.stop(), st, crash, regs, true, false);
         irq_restore(fl);
         return false;
     }
@@ -205,10 +209,10 @@ pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
         return Err(plan.fail.code());
     }
     // ap:online teardown: __cpu_disable, then smpcfd_dying_cpu.
-    shared.online().clear(cpu);
-    shared.active().clear(cpu);
+    shared.machine().online().clear(cpu);
+    shared.machine().active().clear(cpu);
     st.set_run_state(CpuRunState::Dying);
-    if !shared.faults().is_broken(Broken::SkipDyingFlush) {
+    if !shared.machine().faults().is_broken(Broken::SkipDyingFlush) {
         crate::ipi::handler::close_and_flush(shared, st);
     }
     Ok(())

@@ -27,10 +27,12 @@ use crate::cpu::state::CpuRunState;
 ///
 /// Returns the first error; every CPU is then online or rolled back to offline.
 pub(crate) fn boot_all(h: &HotplugLayer, first: CpuId) -> Result<(), HotplugError> {
-    let present = h.present().load();
+    let present = h.machine().present().load();
     let order: Vec<CpuId> = std::iter::once(first)
         .chain(present.iter().filter(|&c| c != first))
-        .filter(|&c| present.contains(c) && h.cpus()[c].run_state() != CpuRunState::Online)
+        .filter(|&c| {
+            present.contains(c) && h.machine().cpus()[c].run_state() != CpuRunState::Online
+        })
         .collect();
     let t = h.hp_lock("cpu_up")?;
     let b = t.bringup();
@@ -113,10 +115,10 @@ impl HotplugLayer {
         if hp.disabled.load(Ordering::SeqCst) > 0 {
             return Err(HotplugError::Disabled { cpu });
         }
-        if !self.present().contains(cpu) {
+        if !self.machine().present().contains(cpu) {
             return Err(HotplugError::Parked { cpu });
         }
-        match self.cpus()[cpu].run_state() {
+        match self.machine().cpus()[cpu].run_state() {
             CpuRunState::Online => return Err(HotplugError::AlreadyOnline { cpu }),
             CpuRunState::Parked => return Err(HotplugError::Parked { cpu }),
             _ => {}
@@ -143,13 +145,13 @@ impl HotplugLayer {
         if s.hotplug.disabled.load(Ordering::SeqCst) > 0 {
             return Err(HotplugError::Disabled { cpu });
         }
-        if s.cpus()[cpu].run_state() != CpuRunState::Online {
+        if s.machine().cpus()[cpu].run_state() != CpuRunState::Online {
             return Err(HotplugError::AlreadyOffline { cpu });
         }
-        if s.online().weight() <= 1 {
+        if s.machine().online().weight() <= 1 {
             return Err(HotplugError::LastCpu { cpu });
         }
-        if s.this_cpu_here() == Some(cpu) {
+        if s.machine().this_cpu_here() == Some(cpu) {
             return Err(HotplugError::SelfDown { cpu });
         }
         self.walk_down(&t, cpu, t.steps.len())
@@ -186,7 +188,7 @@ impl HotplugLayer {
         let mut t = self.hp_lock("setup_state")?;
         self.check_not_retired()?;
         let (id, at) = t.insert(name, section, startup, teardown);
-        let online: Vec<CpuId> = self.online().load().iter().collect();
+        let online: Vec<CpuId> = self.machine().online().load().iter().collect();
         for (n, &cpu) in online.iter().enumerate() {
             if let Err(reason) = self.run_user(&t, at, cpu, true) {
                 for &undo in online[..n].iter().rev() {
@@ -213,6 +215,7 @@ impl HotplugLayer {
             .find(id)
             .ok_or_else(|| HotplugError::UnknownState(format!("{id:?}")))?;
         for cpu in self
+            .machine()
             .online()
             .load()
             .iter()
@@ -258,7 +261,7 @@ impl HotplugLayer {
         delay: Duration,
     ) -> Result<(), HotplugError> {
         self.check_cpu(cpu)?;
-        self.faults().set_boot_delay(cpu, delay);
+        self.machine().faults().set_boot_delay(cpu, delay);
         Ok(())
     }
 
@@ -271,7 +274,7 @@ impl HotplugLayer {
     pub(crate) fn wait_limbo_clear(&self, timeout: Duration) -> bool {
         let deadline = now_ns() + timeout.as_nanos() as u64;
         loop {
-            let busy = self.cpus().iter().any(|c| {
+            let busy = self.machine().cpus().iter().any(|c| {
                 c.run_state() == CpuRunState::Limbo
                     || (c.run_state() == CpuRunState::Offline && !self.handshake_dead(c.id()))
             });
@@ -287,9 +290,9 @@ impl HotplugLayer {
 
     /// After a handoff nothing may change this image (its CPU ids belong to the next one).
     pub(super) fn check_not_retired(&self) -> Result<(), HotplugError> {
-        if self.is_retired() {
+        if self.machine().is_retired() {
             return Err(HotplugError::Retired {
-                generation: self.generation(),
+                generation: self.machine().generation(),
             });
         }
         Ok(())
@@ -299,8 +302,9 @@ impl HotplugLayer {
     /// wait for (`cpu/cpus_lock.rs` step 3).
     pub(super) fn hp_lock(&self, op: &'static str) -> Result<Guard<'_>, HotplugError> {
         let cpus = self
+            .stop()
             .cpus_lock
-            .write(self.this_cpu_here())
+            .write(self.machine().this_cpu_here())
             .map_err(|_| HotplugError::Reentrant { op })?;
         Ok(Guard {
             table: self.hotplug.lock.lock_unpoisoned(),
@@ -310,15 +314,15 @@ impl HotplugLayer {
 
     pub(super) fn check_cpu(&self, cpu: CpuId) -> Result<(), HotplugError> {
         self.check_not_retired()?;
-        if cpu >= self.cpus().len() {
+        if cpu >= self.machine().cpus().len() {
             return Err(HotplugError::InvalidCpu {
                 cpu,
-                cpus: self.cpus().len(),
+                cpus: self.machine().cpus().len(),
             });
         }
         // A stopped image stays stopped: a CPU brought up after `crash_stop` would run calls
         // and jobs in an image whose CPUs the stop has parked or powered off for good.
-        if self.stop_in_progress() {
+        if self.stop().stop_in_progress() {
             return Err(HotplugError::Stopped { cpu });
         }
         Ok(())

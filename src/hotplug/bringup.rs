@@ -44,7 +44,7 @@ impl HotplugLayer {
         inject: bool,
     ) -> Result<u64, HotplugError> {
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // A previous thread has reported DEAD (checked by the caller): reap it.
         if let Some(old) = st.take_thread() {
@@ -60,7 +60,7 @@ impl HotplugLayer {
             fail,
         });
         *hc.ap_failed.lock_unpoisoned() = None;
-        self.reset_cpu_for_bringup(cpu);
+        self.stop().reset_cpu_for_bringup(cpu);
         if !handshake::kick(&hc.handshake) {
             return Err(HotplugError::Limbo { cpu });
         }
@@ -77,7 +77,7 @@ impl HotplugLayer {
     /// success the AP runs its STARTING steps and goes online on its own.
     pub(super) fn bringup_commit(&self, cpu: CpuId, kicked_at: u64) -> Result<(), HotplugError> {
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         // Wait for ALIVE, bounded by the boot timeout.
         let timeout = s.boot_timeout;
@@ -88,7 +88,7 @@ impl HotplugLayer {
             }
             let now = now_ns();
             if now >= deadline {
-                let verdict = if s.faults().is_broken(Broken::BringupWithoutCas) {
+                let verdict = if s.machine().faults().is_broken(Broken::BringupWithoutCas) {
                     hc.handshake.store(SHOULD_DIE, Ordering::Release); // blind: seed 003's bug
                     GiveUp::WillDie
                 } else {
@@ -118,7 +118,7 @@ impl HotplugLayer {
         // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
         let committed = handshake::commit(&hc.handshake);
         debug_assert!(
-            committed || s.faults().is_broken(Broken::BringupWithoutCas),
+            committed || s.machine().faults().is_broken(Broken::BringupWithoutCas),
             "an AP past KICKED must be ALIVE"
         );
         futex::wake(&hc.handshake, 1);
@@ -129,7 +129,7 @@ impl HotplugLayer {
     /// many steps are done.
     pub(super) fn bringup_online(&self, t: &Table, cpu: CpuId) -> Result<usize, HotplugError> {
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
         let timeout = s.boot_timeout;
         // After the commit the AP runs only STARTING steps, which must not block; this wait is
@@ -205,7 +205,7 @@ impl HotplugLayer {
             // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
             futex::wait(&hc.handshake, v, Some(nap));
         }
-        if let Some(h) = s.cpus()[cpu].take_thread() {
+        if let Some(h) = s.machine().cpus()[cpu].take_thread() {
             let _ = h.join();
         }
         true
@@ -230,7 +230,7 @@ impl HotplugLayer {
             fail,
         });
         let p2 = plan.clone();
-        let r = self.stop_machine(
+        let r = self.stop().stop_machine(
             move |c| ap::take_cpu_down(&p2, c),
             &crate::cpu::mask::CpuMask::single(cpu),
         );
@@ -254,7 +254,7 @@ impl HotplugLayer {
             }
             Err(e) => return Err(e.into()),
         }
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         st.request_exit();
         let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {

@@ -188,17 +188,17 @@ impl HotplugLayer {
             return Err(self.failed(cpu, t, k, true, "injected failure".into()));
         }
         let s = self;
-        let st = &s.cpus()[cpu];
+        let st = &s.machine().cpus()[cpu];
         match &step.kind {
             Kind::SmpcfdPrepare => {
-                self.smpcfd_prepare(cpu);
+                self.ipi().smpcfd_prepare(cpu);
                 Ok(k + 1)
             }
             Kind::Bringup => self.bringup(t, cpu, inject),
             Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
             Kind::SchedActive => {
                 st.set_job_gate(true);
-                s.active().set(cpu);
+                s.machine().active().set(cpu);
                 Ok(k + 1)
             }
             Kind::User { .. } => self
@@ -253,7 +253,7 @@ impl HotplugLayer {
                 // In IPI context on the CPU, like the kernel's irqs-off STARTING callbacks.
                 let r = Arc::new(std::sync::atomic::AtomicU32::new(0));
                 let r2 = r.clone();
-                let sent = self.call_single(
+                let sent = self.ipi().call_single(
                     cpu,
                     move || {
                         let c = crate::cpu::context::this_cpu().unwrap_or(usize::MAX);
@@ -284,8 +284,8 @@ impl HotplugLayer {
             // Called from a job on this very CPU (`setup_state` from a job): the step runs
             // here and now, in the same thread context a queued job would have; queued, it
             // would wait behind the caller for the whole boot timeout, fail, and run later.
-            Section::Online if self.this_cpu_here() == Some(cpu) => {
-                let _acting = self.cpus_lock.delegate();
+            Section::Online if self.machine().this_cpu_here() == Some(cpu) => {
+                let _acting = self.stop().cpus_lock.delegate();
                 catch_step(|| f(cpu))
             }
             Section::Online => {
@@ -297,7 +297,8 @@ impl HotplugLayer {
                     let _acting = crate::stop::layer::current().map(|l| l.cpus_lock.delegate());
                     let _ = tx.send(catch_step(|| f(cpu)));
                 });
-                self.queue_job_internal(cpu, job)
+                self.machine()
+                    .queue_job_internal(cpu, job)
                     .map_err(|e| e.to_string())?;
                 match rx.recv_timeout(self.boot_timeout) {
                     Ok(r) => r,

@@ -1,11 +1,13 @@
 //! `HotplugLayer`: the hotplug layer's part of a runtime — the step table and its lock, the
 //! disable count, the per-CPU handshake words, the boot timeout, and the hook that starts a
-//! CPU's thread — on top of the [`StopLayer`] it embeds and derefs to.
+//! CPU's thread — on top of the [`StopLayer`] it holds (reached by `stop()`).
 
 use std::time::Duration;
 
 use super::HotplugState;
+use crate::cpu::machine::Machine;
 use crate::cpu::mask::CpuId;
+use crate::ipi::layer::IpiLayer;
 use crate::stop::layer::StopLayer;
 
 /// Starts CPU `cpu`'s thread (the runtime's CPU thread, which runs `ap::ap_boot` first and
@@ -15,7 +17,7 @@ pub(crate) type SpawnCpu = Box<dyn Fn(CpuId) -> std::io::Result<()> + Send + Syn
 
 /// The hotplug layer's state of one runtime, over its stop layer.
 pub(crate) struct HotplugLayer {
-    lower: StopLayer,
+    stop_layer: StopLayer,
     /// Hotplug's table, lock and per-CPU handshake state.
     pub(super) hotplug: HotplugState,
     /// How long bring-up waits for a CPU (and teardown for its thread).
@@ -48,7 +50,7 @@ impl HotplugLayer {
     ///
     /// [`futex::HANDSHAKE_SPIN`]: crate::cpu::futex::HANDSHAKE_SPIN
     pub(crate) fn handshake_spin(&self) -> Duration {
-        if self.cpus().len() <= self.cores().len().max(1) {
+        if self.machine().cpus().len() <= self.machine().cores().len().max(1) {
             crate::cpu::futex::HANDSHAKE_SPIN
         } else {
             Duration::ZERO
@@ -63,20 +65,32 @@ impl HotplugLayer {
     }
 }
 
-impl std::ops::Deref for HotplugLayer {
-    type Target = StopLayer;
+impl HotplugLayer {
+    /// The `stop` layer below: stop routine, park policy, the CPU hotplug lock.
     #[inline]
-    fn deref(&self) -> &StopLayer {
-        &self.lower
+    pub(crate) fn stop(&self) -> &StopLayer {
+        &self.stop_layer
+    }
+
+    /// The `ipi` layer, through the stop layer.
+    #[inline]
+    pub(crate) fn ipi(&self) -> &IpiLayer {
+        self.stop_layer.ipi()
+    }
+
+    /// The `cpu` layer, through the stop layer.
+    #[inline]
+    pub(crate) fn machine(&self) -> &Machine {
+        self.stop_layer.machine()
     }
 }
 
 impl HotplugLayer {
     /// The hotplug layer over `stop`, starting CPU threads with `spawn`.
     pub(crate) fn new(stop: StopLayer, boot_timeout: Duration, spawn: SpawnCpu) -> Self {
-        let n = stop.cpus().len();
+        let n = stop.machine().cpus().len();
         HotplugLayer {
-            lower: stop,
+            stop_layer: stop,
             hotplug: HotplugState::new(n),
             boot_timeout,
             spawn,

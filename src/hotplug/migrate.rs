@@ -14,23 +14,23 @@ impl HotplugLayer {
     /// another online CPU, and wait for a running job to finish.
     pub(super) fn deactivate(&self, cpu: CpuId) -> Result<(), String> {
         let s = self;
-        let st = &s.cpus()[cpu];
-        s.active().clear(cpu);
+        let st = &s.machine().cpus()[cpu];
+        s.machine().active().clear(cpu);
         st.set_job_gate(false);
         let reopen = |why: String| {
             st.set_job_gate(true);
-            s.active().set(cpu);
+            s.machine().active().set(cpu);
             why
         };
         let mut moved = 0;
         while let Some(job) = st.drain_job() {
             let mut job = Some(job);
-            for to in s.active().load().iter().filter(|&c| c != cpu) {
+            for to in s.machine().active().load().iter().filter(|&c| c != cpu) {
                 let Some(j) = job.take() else { break };
                 if let Some(at) = &j.at {
                     at.store(to, Ordering::SeqCst);
                 }
-                match self.queue_job(to, j) {
+                match self.machine().queue_job(to, j) {
                     Ok(()) => break,
                     Err((_, back)) => job = Some(back),
                 }
@@ -40,7 +40,7 @@ impl HotplugLayer {
             }
             if let Some(back) = job {
                 // Nowhere to go: put it back and stay up rather than drop it.
-                let _ = self.queue_job_internal(cpu, back);
+                let _ = self.machine().queue_job_internal(cpu, back);
                 return Err(reopen(
                     "no other active CPU would take its queued jobs".into(),
                 ));
@@ -52,7 +52,7 @@ impl HotplugLayer {
         }
         let deadline = now_ns() + s.boot_timeout.as_nanos() as u64;
         while st.in_job() {
-            if s.cpus_lock.cpu_waits(cpu) {
+            if s.stop().cpus_lock.cpu_waits(cpu) {
                 // It waits for the hotplug lock this operation holds: it cannot finish first.
                 return Err(reopen(
                     "its running job waits for the hotplug lock (a stop_machine, hotplug call \

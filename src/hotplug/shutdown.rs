@@ -35,7 +35,7 @@ impl HotplugLayer {
         let mut going = Vec::new();
         // ONLINE-section teardowns (sched:active first), per CPU, as `walk_down` does.
         for &cpu in cpus {
-            if s.cpus()[cpu].run_state() != CpuRunState::Online {
+            if s.machine().cpus()[cpu].run_state() != CpuRunState::Online {
                 out.push((cpu, Err(HotplugError::AlreadyOffline { cpu })));
                 continue;
             }
@@ -54,9 +54,11 @@ impl HotplugLayer {
         });
         let p2 = plan.clone();
         let mask: CpuMask = going.iter().copied().collect();
-        let r = self.stop_machine(move |c| ap::take_cpu_down(&p2, c), &mask);
+        let r = self
+            .stop()
+            .stop_machine(move |c| ap::take_cpu_down(&p2, c), &mask);
         going.retain(|&cpu| {
-            if !s.online().contains(cpu) {
+            if !s.machine().online().contains(cpu) {
                 return true;
             }
             // Its take_cpu_down failed (or never ran) and it stayed up: restore its ONLINE steps.
@@ -69,11 +71,11 @@ impl HotplugLayer {
             false
         });
         for &cpu in &going {
-            s.cpus()[cpu].request_exit();
+            s.machine().cpus()[cpu].request_exit();
         }
         let timeout = s.boot_timeout;
         for &cpu in &going {
-            let st = &s.cpus()[cpu];
+            let st = &s.machine().cpus()[cpu];
             if !self.wait_dead(cpu, Some(timeout)) {
                 st.set_run_state(CpuRunState::Limbo);
                 let timeout_ms = timeout.as_millis() as u64;

@@ -39,7 +39,7 @@ pub(crate) const VECTOR_STOP: u64 = 1;
 
 /// Raises a dedicated vector on `cpu` and rings it. Async-signal-safe.
 pub(crate) fn send_vector(s: &IpiLayer, cpu: CpuId, v: u64) {
-    if let Some(st) = s.cpu(cpu) {
+    if let Some(st) = s.machine().cpu(cpu) {
         s.ipi_cpu(cpu).post_vector(v);
         ring(s, st);
     }
@@ -153,13 +153,13 @@ impl IpiLayer {
     }
 
     fn target(&self, cpu: CpuId) -> Result<&CpuState, IpiError> {
-        match self.cpu(cpu) {
+        match self.machine().cpu(cpu) {
             Some(st) => Ok(st),
             None => {
                 self.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
                 Err(IpiError::InvalidCpu {
                     cpu,
-                    cpus: self.cpus().len(),
+                    cpus: self.machine().cpus().len(),
                 })
             }
         }
@@ -171,7 +171,7 @@ impl IpiLayer {
     {
         let s = self;
         let st = self.target(cpu)?;
-        let me = s.this_cpu_here();
+        let me = s.machine().this_cpu_here();
         if me == Some(cpu) {
             run_local(s, st, f);
             return Ok(());
@@ -203,14 +203,14 @@ impl IpiLayer {
         F: FnOnce() + Clone + Send + 'static,
     {
         let s = self;
-        if let Some(bad) = mask.and_then(|m| m.iter().find(|&c| c >= s.cpus().len())) {
+        if let Some(bad) = mask.and_then(|m| m.iter().find(|&c| c >= s.machine().cpus().len())) {
             s.totals.invalid_ipis.fetch_add(1, Ordering::Relaxed);
             return Err(IpiError::InvalidCpu {
                 cpu: bad,
-                cpus: s.cpus().len(),
+                cpus: s.machine().cpus().len(),
             });
         }
-        let me = s.this_cpu_here();
+        let me = s.machine().this_cpu_here();
         if wait && me.is_some() && irqs_disabled() {
             return Err(IpiError::IrqsDisabled {
                 cpu: me.unwrap_or(0),
@@ -233,8 +233,8 @@ impl IpiLayer {
             }
         };
         let in_mask = |c: CpuId| mask.map_or(true, |m| m.contains(c));
-        let mut targets = (0..s.cpus().len())
-            .filter(|&c| in_mask(c) && Some(c) != me && s.online().contains(c))
+        let mut targets = (0..s.machine().cpus().len())
+            .filter(|&c| in_mask(c) && Some(c) != me && s.machine().online().contains(c))
             .peekable();
         // Batches of queued (cpu, slot): push a batch, ring it, then wait for it. A batch also
         // ends when the pool runs dry: its calls, published but not yet rung, hold slots that
@@ -245,7 +245,7 @@ impl IpiLayer {
             let mut batch = [(0usize, 0u32); BATCH];
             let mut n = 0;
             while let Some(&cpu) = targets.peek() {
-                let st = &s.cpus()[cpu];
+                let st = &s.machine().cpus()[cpu];
                 match publish(s, st, me, f.clone(), wait, n == 0) {
                     Ok(idx) => {
                         batch[n] = (cpu, idx);
@@ -261,11 +261,12 @@ impl IpiLayer {
                 }
             }
             for &(cpu, _) in &batch[..n] {
-                ring(s, &s.cpus()[cpu]);
+                ring(s, &s.machine().cpus()[cpu]);
             }
             if wait {
                 for &(cpu, idx) in &batch[..n] {
-                    if let Err(e) = wait_done(s, &s.cpus()[cpu], idx, Some(&mut deadline)) {
+                    if let Err(e) = wait_done(s, &s.machine().cpus()[cpu], idx, Some(&mut deadline))
+                    {
                         fail(cpu, e);
                     }
                 }
@@ -273,7 +274,7 @@ impl IpiLayer {
         }
         if incl_self {
             if let Some(me) = me.filter(|&c| in_mask(c)) {
-                run_local(s, &s.cpus()[me], f);
+                run_local(s, &s.machine().cpus()[me], f);
             }
         }
         if let Some(e) = first_atomic {
@@ -314,7 +315,7 @@ where
     F: FnOnce() + Send + 'static,
 {
     let cpu = st.id();
-    if !s.online().contains(cpu) {
+    if !s.machine().online().contains(cpu) {
         s.totals.offline_ipis.fetch_add(1, Ordering::Relaxed);
         return Err(IpiError::Offline { cpu });
     }
@@ -324,7 +325,7 @@ where
     crate::cpu::call_queue::prefetch_write(st.queue());
     // The call id and sender exist for the event log only (every ring records or none does):
     // without it, skip the shared counter's locked increment on every call.
-    let id = if s.ext_ring().is_enabled() {
+    let id = if s.machine().ext_ring().is_enabled() {
         let id = s.next_call_id.fetch_add(1, Ordering::Relaxed);
         let slot = s.pool.slot(idx);
         slot.sender
@@ -343,12 +344,14 @@ where
     s.totals.queued.fetch_add(1, Ordering::Relaxed);
     st.stats().calls_queued.fetch_add(1, Ordering::Relaxed);
     if let Some(me) = me {
-        s.cpus()[me]
+        s.machine().cpus()[me]
             .stats()
             .calls_sent
             .fetch_add(1, Ordering::Relaxed);
     }
-    s.ring_here().record(EventKind::IpiSend, cpu as u64, id);
+    s.machine()
+        .ring_here()
+        .record(EventKind::IpiSend, cpu as u64, id);
     Ok(idx)
 }
 
@@ -381,7 +384,7 @@ fn alloc_slot(s: &IpiLayer, cpu: CpuId, wait: bool) -> Result<u32, IpiError> {
 /// it held, and the stop timed out after 5 s (issue 18 item 1). Masked, the IPI waits the few
 /// hundred nanoseconds until the doorbell is out and is replayed at the restore.
 pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
-    if s.faults().is_broken(Broken::DoorbellNeverRings) {
+    if s.machine().faults().is_broken(Broken::DoorbellNeverRings) {
         return;
     }
     let fl = irq_save();
@@ -402,8 +405,8 @@ fn ring_masked(s: &IpiLayer, st: &CpuState) {
         Kick::Signal => {
             // Injected delay while the sender holds the token (`kick_pending`): the window in
             // which an interrupted sender once stalled every other sender's doorbell.
-            s.faults().doorbell_delay();
-            if s.faults().drop_doorbell() {
+            s.machine().faults().doorbell_delay();
+            if s.machine().faults().drop_doorbell() {
                 // Injected loss: as if the kernel dropped the signal. `kick_pending` stays
                 // set, so only a waiting sender's forced re-ring (step 5) or the CPU's own
                 // idle loop gets the call served.
@@ -413,7 +416,9 @@ fn ring_masked(s: &IpiLayer, st: &CpuState) {
             if tid != 0 && super::signal::tgkill(tid, s.signals.ipi).is_ok() {
                 s.totals.signals.fetch_add(1, Ordering::Relaxed);
                 st.stats().doorbells.fetch_add(1, Ordering::Relaxed);
-                s.ring_here().record(EventKind::Doorbell, st.id() as u64, 0);
+                s.machine()
+                    .ring_here()
+                    .record(EventKind::Doorbell, st.id() as u64, 0);
             } else {
                 // No thread to signal (it is exiting; its dying flush runs the call) or the
                 // signal was refused: let the next sender ring again.
@@ -422,10 +427,12 @@ fn ring_masked(s: &IpiLayer, st: &CpuState) {
         }
         Kick::Wake => {
             // Likewise while it holds the WAKING token.
-            s.faults().doorbell_delay();
+            s.machine().faults().doorbell_delay();
             st.idle().wake();
             st.stats().idle_wakes.fetch_add(1, Ordering::Relaxed);
-            s.ring_here().record(EventKind::IdleWake, st.id() as u64, 0);
+            s.machine()
+                .ring_here()
+                .record(EventKind::IdleWake, st.id() as u64, 0);
         }
         Kick::None | Kick::Coalesced => {}
     }
@@ -508,7 +515,8 @@ fn wait_done(
     let begun = deadline.at().saturating_sub(timeout_ns);
     let waited = now_ns().saturating_sub(begun);
     s.totals.csd_timeouts.fetch_add(1, Ordering::Relaxed);
-    s.ring_here()
+    s.machine()
+        .ring_here()
         .record(EventKind::CsdTimeout, st.id() as u64, waited);
     // The kernel's CSD_LOCK_WAIT_DEBUG prints the target's state beside the timeout: what a
     // user needs to tell a starved host core from a stuck CPU or a lost call.
@@ -518,7 +526,7 @@ fn wait_done(
          irq depth {}{}, {}in a job, {} handler(s) active, doorbell {}marked in flight) after {} ms",
         st.id(),
         st.run_state(),
-        if s.online().contains(st.id()) { "" } else { "not " },
+        if s.machine().online().contains(st.id()) { "" } else { "not " },
         st.idle().state_name(),
         st.queue().state_name(),
         irq_depth,

@@ -119,7 +119,7 @@ pub(crate) fn flush_queue(shared: &IpiLayer, cpu: &CpuState) -> usize {
     if h == EMPTY {
         return 0;
     }
-    let offline = !shared.online().contains(cpu.id());
+    let offline = !shared.machine().online().contains(cpu.id());
     run_list(shared, cpu, h, offline)
 }
 
@@ -154,7 +154,7 @@ fn run_list(shared: &IpiLayer, cpu: &CpuState, mut h: u32, warn_offline: bool) -
             shared.totals.ipi_on_offline.fetch_add(1, Ordering::Relaxed);
             cpu.ring().record(EventKind::OfflineIpi, id, 0);
         }
-        shared.faults().preempt_point();
+        shared.machine().faults().preempt_point();
         let ran = super::fatal::run(cpu.id(), "IPI callback", shared.pool.name(h), || {
             shared.pool.run(h, &mut freed)
         });

@@ -1,6 +1,6 @@
 //! `IpiLayer`: the IPI layer's part of a runtime — the csd pool, the call counters, the NMI
-//! hooks, the signal numbers and the call timeout — on top of the [`Machine`] it embeds and
-//! derefs to. And the thread-local that lets the signal handlers find it.
+//! hooks, the signal numbers and the call timeout — on top of the [`Machine`] it
+//! holds (reached by `machine()`). And the thread-local that lets the signal handlers find it.
 
 use std::cell::Cell;
 use std::sync::atomic::AtomicU64;
@@ -42,7 +42,7 @@ pub(crate) struct Totals {
 
 /// The IPI layer's state of one runtime, over its machine.
 pub(crate) struct IpiLayer {
-    lower: Machine,
+    machine: Machine,
     pub(super) pool: CsdPool,
     pub(super) totals: Totals,
     pub(super) next_call_id: AtomicU64,
@@ -57,11 +57,11 @@ pub(crate) struct IpiLayer {
     percpu: Box<[CachePadded<IpiCpu>]>,
 }
 
-impl std::ops::Deref for IpiLayer {
-    type Target = Machine;
+impl IpiLayer {
+    /// The `cpu` layer below: CPUs, masks, jobs.
     #[inline]
-    fn deref(&self) -> &Machine {
-        &self.lower
+    pub(crate) fn machine(&self) -> &Machine {
+        &self.machine
     }
 }
 
@@ -78,7 +78,7 @@ impl IpiLayer {
             percpu: (0..machine.cpus().len())
                 .map(|_| CachePadded::new(IpiCpu::new()))
                 .collect(),
-            lower: machine,
+            machine,
             pool: CsdPool::new(csd_pool),
             totals: Totals::default(),
             next_call_id: AtomicU64::new(1),
@@ -115,12 +115,12 @@ impl IpiLayer {
     /// pending from its previous life, here and in the CPU's own state.
     pub(crate) fn reset_cpu_for_bringup(&self, cpu: CpuId) {
         self.percpu[cpu].reset();
-        self.cpus()[cpu].reset_for_bringup();
+        self.machine().cpus()[cpu].reset_for_bringup();
     }
 
     /// The `smpcfd:prepare` step: no doorbell marked in flight, no stale NMI reason.
     pub(crate) fn smpcfd_prepare(&self, cpu: CpuId) {
-        self.cpus()[cpu].clear_kick_pending();
+        self.machine().cpus()[cpu].clear_kick_pending();
         self.percpu[cpu].clear_nmi();
     }
 
@@ -128,7 +128,7 @@ impl IpiLayer {
     /// pending.
     pub(crate) fn reset_cpu_irq_state(&self, cpu: CpuId) {
         self.percpu[cpu].clear_nmi();
-        self.cpus()[cpu].reset_irq_state();
+        self.machine().cpus()[cpu].reset_irq_state();
     }
 
     /// Registers the stop receiver an upper layer provides (see [`NmiHooks::set_stop`]).
@@ -151,7 +151,7 @@ pub(crate) unsafe fn set_current(ipi: Option<&IpiLayer>, cpu: CpuId) {
     let p = ipi.map_or(std::ptr::null(), |i| i as *const IpiLayer);
     CURRENT.with(|c| c.set((p, cpu)));
     // SAFETY: the same contract, for the machine `ipi` contains.
-    unsafe { crate::cpu::context::set_current(ipi.map(|i| &i.lower), cpu) };
+    unsafe { crate::cpu::context::set_current(ipi.map(|i| &i.machine), cpu) };
 }
 
 /// The calling thread's IPI layer and CPU, if it is a logical CPU. Async-signal-safe: one
@@ -166,5 +166,5 @@ pub(crate) fn current() -> Option<(&'static IpiLayer, &'static CpuState)> {
     // pointer is cleared before the thread drops its Arc. The 'static lifetime never escapes the
     // thread: callers use it within the current call.
     let ipi: &'static IpiLayer = unsafe { &*p };
-    Some((ipi, &ipi.cpus()[cpu]))
+    Some((ipi, &ipi.machine().cpus()[cpu]))
 }

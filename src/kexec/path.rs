@@ -138,7 +138,7 @@ impl Drop for Undo<'_> {
         }
         let s = &self.h.shared;
         if self.reboot_pinned {
-            s.pin_reboot_cpu(None);
+            s.hotplug().pin_reboot_cpu(None);
         }
         if self.hotplug_disabled {
             let _ = self.h.hotplug_enable();
@@ -183,7 +183,7 @@ impl Handle {
             return Err(KexecError::InProgress);
         }
         let mut undo = Undo::new(self);
-        tl.add(s.this_cpu_here(), "kexec in progress");
+        tl.add(s.machine().this_cpu_here(), "kexec in progress");
         // Step 2.
         self.hotplug_disable();
         undo.hotplug_disabled = true;
@@ -193,17 +193,17 @@ impl Handle {
         } else {
             self.online_mask().first().ok_or(KexecError::NoCpu)?
         };
-        if let Some(me) = s.this_cpu_here().filter(|&c| c != reboot) {
+        if let Some(me) = s.machine().this_cpu_here().filter(|&c| c != reboot) {
             return Err(KexecError::WrongCpu { caller: me, reboot });
         }
-        s.pin_reboot_cpu(Some(reboot));
+        s.hotplug().pin_reboot_cpu(Some(reboot));
         undo.reboot_pinned = true;
         tl.add(
             Some(reboot),
             "migrate_to_reboot_cpu (hotplug disabled, reboot CPU pinned)",
         );
         // Step 3, on the reboot CPU (inline if the caller already runs there).
-        let downs = if s.this_cpu_here() == Some(reboot) {
+        let downs = if s.machine().this_cpu_here() == Some(reboot) {
             self.shutdown_nonboot(reboot)
         } else {
             let h = self.clone();
@@ -244,7 +244,7 @@ impl Handle {
             t0: Instant::now(),
             v: Vec::new(),
         };
-        let me = s.this_cpu_here();
+        let me = s.machine().this_cpu_here();
         self.kexec_check_not_retired()?;
         if !s.begin_kexec() {
             // Exactly one proceeds. A losing caller that is a CPU gets stopped by the winner.
@@ -254,7 +254,7 @@ impl Handle {
         let mut undo = Undo::new(self);
         let crashed_at_ns = wall_ns();
         tl.add(me, format!("crash: {reason}"));
-        let out = match self.shared.stop_outcome_so_far() {
+        let out = match self.shared.stop().stop_outcome_so_far() {
             Some(out) => {
                 tl.add(me, "CPUs already stopped by the panic: not stopping again");
                 out
@@ -277,7 +277,7 @@ impl Handle {
         // Lost: CPUs still online (failed to stop) and CPUs parked instead of powered off.
         let mut lost = out.failed.clone();
         for c in 0..self.cpus() {
-            if Some(c) != me && s.cpus()[c].run_state() == CpuRunState::Parked {
+            if Some(c) != me && s.machine().cpus()[c].run_state() == CpuRunState::Parked {
                 lost.set(c);
             }
         }
@@ -324,12 +324,12 @@ impl Handle {
         reboot: CpuId,
     ) -> Vec<(CpuId, Result<(), crate::hotplug::HotplugError>)> {
         let others: Vec<CpuId> = self.online_mask().iter().filter(|&c| c != reboot).collect();
-        self.shared.cpu_down_many_for_kexec(&others)
+        self.shared.hotplug().cpu_down_many_for_kexec(&others)
     }
 
     fn kexec_check_not_retired(&self) -> Result<(), KexecError> {
         self.shared.usable()?;
-        if self.shared.is_retired() {
+        if self.shared.machine().is_retired() {
             return Err(KexecError::Retired {
                 generation: self.generation(),
             });
@@ -356,14 +356,14 @@ impl Handle {
             // and finds the image retired. (Without it a stop_machine sized its rendezvous for
             // CPUs cleared here, and timed out or ran its function nowhere.) Inside a hotplug
             // operation, which holds it already, there is nothing to wait for.
-            let _cpus = s.cpus_lock.write(s.this_cpu_here()).ok();
-            s.retire();
+            let _cpus = s.stop().cpus_lock.write(s.machine().this_cpu_here()).ok();
+            s.machine().retire();
             // The old image ends: whatever is still online leaves (the reboot CPU's thread
             // exits once the job running this path returns; nothing is joined from here).
-            for c in s.online().load().iter() {
-                s.active().clear(c);
-                s.online().clear(c);
-                s.cpus()[c].request_exit();
+            for c in s.machine().online().load().iter() {
+                s.machine().active().clear(c);
+                s.machine().online().clear(c);
+                s.machine().cpus()[c].request_exit();
             }
         }
         tl.add(Some(reboot), "old image retired");

@@ -30,7 +30,7 @@ impl Handle {
         F: FnOnce() + Send + 'static,
     {
         self.shared.usable()?;
-        self.shared.call_single(cpu, f, wait)
+        self.shared.ipi().call_single(cpu, f, wait)
     }
 
     /// Queues `f` on `cpu` and returns at once (`smp_call_function_single_async`). The csd
@@ -40,7 +40,7 @@ impl Handle {
         F: FnOnce() + Send + 'static,
     {
         self.shared.usable()?;
-        self.shared.call_single_async(cpu, f)
+        self.shared.ipi().call_single_async(cpu, f)
     }
 
     /// Runs a copy of `f` on every online CPU of `mask` except the calling one
@@ -54,7 +54,7 @@ impl Handle {
         F: FnOnce() + Clone + Send + 'static,
     {
         self.shared.usable()?;
-        self.shared.call_many(mask, f, wait)
+        self.shared.ipi().call_many(mask, f, wait)
     }
 
     /// `call_many` to every online CPU but the caller (`smp_call_function`).
@@ -63,7 +63,7 @@ impl Handle {
         F: FnOnce() + Clone + Send + 'static,
     {
         self.shared.usable()?;
-        self.shared.call_all_but_self(f, wait)
+        self.shared.ipi().call_all_but_self(f, wait)
     }
 
     /// Runs `f` on every online CPU, the caller included (`on_each_cpu`).
@@ -72,7 +72,7 @@ impl Handle {
         F: FnOnce() + Clone + Send + 'static,
     {
         self.shared.usable()?;
-        self.shared.on_each_cpu(f, wait)
+        self.shared.ipi().on_each_cpu(f, wait)
     }
 
     /// Sends an NMI asking `cpu` to sample its instruction pointer, waits up to `timeout` for
@@ -80,7 +80,7 @@ impl Handle {
     /// masked; fails on one that blocks the NMI signal too.
     pub fn nmi_backtrace(&self, cpu: CpuId, timeout: Duration) -> Result<u64, IpiError> {
         self.shared.usable()?;
-        self.shared.nmi_backtrace(cpu, timeout)
+        self.shared.ipi().nmi_backtrace(cpu, timeout)
     }
 }
 
@@ -91,7 +91,7 @@ impl Handle {
     /// thread. Never waits forever unless `StopConfig::wait_forever` is set.
     pub fn send_stop(&self) -> Result<StopOutcome, StopError> {
         self.shared.usable()?;
-        self.shared.send_stop()
+        self.shared.stop().send_stop()
     }
 
     /// Like [`Handle::send_stop`], but each stopped CPU first saves the registers of the code it
@@ -99,22 +99,22 @@ impl Handle {
     /// running.
     pub fn crash_stop(&self) -> Result<StopOutcome, StopError> {
         self.shared.usable()?;
-        self.shared.crash_stop()
+        self.shared.stop().crash_stop()
     }
 
     /// Whether a stop has started in this runtime (it is terminal: a stopped image stays so).
     pub fn stop_in_progress(&self) -> bool {
-        self.shared.stop_in_progress()
+        self.shared.stop().stop_in_progress()
     }
 
     /// CPU `cpu`'s crash note, if a crash-stop saved one.
     pub fn crash_note(&self, cpu: CpuId) -> Option<CrashNote> {
-        self.shared.crash_note(cpu)
+        self.shared.stop().crash_note(cpu)
     }
 
     /// The park policy this runtime uses.
     pub fn park_policy(&self) -> ParkPolicy {
-        self.shared.park_policy()
+        self.shared.stop().park_policy()
     }
 
     /// Runs `f` on every CPU of `cpus` while all online CPUs spin with irqs masked, and returns
@@ -125,7 +125,7 @@ impl Handle {
         F: Fn(CpuId) -> Result<(), i32> + Send + Sync + 'static,
     {
         self.shared.usable()?;
-        self.shared.stop_machine(f, cpus)
+        self.shared.stop().stop_machine(f, cpus)
     }
 }
 
@@ -136,7 +136,7 @@ impl Handle {
     /// thread will exit without touching shared state, and it cannot be brought up until then.
     pub fn cpu_up(&self, cpu: CpuId) -> Result<(), HotplugError> {
         self.shared.usable()?;
-        self.shared.cpu_up(cpu)
+        self.shared.hotplug().cpu_up(cpu)
     }
 
     /// Takes `cpu` offline through every hotplug step in reverse (`cpu_device_down`). Queued
@@ -144,20 +144,20 @@ impl Handle {
     /// CPU; a job running there finishes first (bounded by the boot timeout).
     pub fn cpu_down(&self, cpu: CpuId) -> Result<(), HotplugError> {
         self.shared.usable()?;
-        self.shared.cpu_down(cpu)
+        self.shared.hotplug().cpu_down(cpu)
     }
 
     /// `cpu_hotplug_disable`: while the count is non-zero, `cpu_up`/`cpu_down` fail with
     /// `Disabled`. Waits for an operation in progress to finish.
     pub fn hotplug_disable(&self) {
-        self.shared.hotplug_disable()
+        self.shared.hotplug().hotplug_disable()
     }
 
     /// `cpu_hotplug_enable`. An enable without a matching disable is reported and ignored (the
     /// count never underflows).
     pub fn hotplug_enable(&self) -> Result<(), HotplugError> {
         self.shared.usable()?;
-        self.shared.hotplug_enable()
+        self.shared.hotplug().hotplug_enable()
     }
 
     /// Adds a named step to the table and runs `startup` on every online CPU in its section's
@@ -171,29 +171,31 @@ impl Handle {
         teardown: Option<StepFn>,
     ) -> Result<StateId, HotplugError> {
         self.shared.usable()?;
-        self.shared.setup_state(name, section, startup, teardown)
+        self.shared
+            .hotplug()
+            .setup_state(name, section, startup, teardown)
     }
 
     /// Runs the state's teardown on every online CPU and removes it (`cpuhp_remove_state`).
     pub fn remove_state(&self, id: StateId) -> Result<(), HotplugError> {
         self.shared.usable()?;
-        self.shared.remove_state(id)
+        self.shared.hotplug().remove_state(id)
     }
 
     /// The step names, in order (OFFLINE -> ONLINE). Refused (`Reentrant`) from inside a
     /// hotplug operation, which holds the table.
     pub fn hotplug_steps(&self) -> Result<Vec<String>, HotplugError> {
-        self.shared.hotplug_steps()
+        self.shared.hotplug().hotplug_steps()
     }
 
     /// The `init_mm.mm_count` stand-in: references held by committed CPU threads. Equals the
     /// number of CPU threads past their handshake; never leaked, never dropped twice.
     pub fn init_mm_refs(&self) -> u64 {
-        self.shared.init_mm_refs()
+        self.shared.hotplug().init_mm_refs()
     }
 
     /// Waits until no CPU is in limbo (every timed-out AP has reported dead), up to `timeout`.
     pub fn wait_limbo_clear(&self, timeout: Duration) -> bool {
-        self.shared.wait_limbo_clear(timeout)
+        self.shared.hotplug().wait_limbo_clear(timeout)
     }
 }

@@ -40,52 +40,56 @@ impl Faults<'_> {
     /// Seeds the injector's random choices (drops, delays, preemption), so a run can be
     /// replayed. Reproducible up to the order in which the threads draw.
     pub fn set_seed(&self, seed: u64) {
-        self.h.shared.faults().set_seed(seed);
+        self.h.shared.machine().faults().set_seed(seed);
     }
 
     /// Every sender waits a random time in `0..=max` between queueing a call and ringing its
     /// doorbell (`Duration::ZERO` turns it off).
     pub fn set_doorbell_delay(&self, max: Duration) {
-        self.h.shared.faults().set_doorbell_delay(max);
+        self.h.shared.machine().faults().set_doorbell_delay(max);
     }
 
     /// Drops one in `one_in` doorbell signals (0 turns it off), as if the kernel had lost them.
     /// A synchronous sender re-rings every millisecond while it waits; an asynchronous call to
     /// a CPU busy in a long job waits for its next idle loop.
     pub fn set_doorbell_drop(&self, one_in: u32) {
-        self.h.shared.faults().set_doorbell_drop(one_in);
+        self.h.shared.machine().faults().set_doorbell_drop(one_in);
     }
 
     /// Host-level preemption: at one in `one_in` of their serve points (each idle-loop turn and
     /// each callback), CPU threads yield or sleep up to `max_sleep` (0 turns it off).
     pub fn set_preempt(&self, one_in: u32, max_sleep: Duration) {
-        self.h.shared.faults().set_preempt(one_in, max_sleep);
+        self.h
+            .shared
+            .machine()
+            .faults()
+            .set_preempt(one_in, max_sleep);
     }
 
     /// The next bring-up of `cpu` sleeps `delay` before its ALIVE step: a slow AP (seed 003).
     pub fn set_boot_delay(&self, cpu: CpuId, delay: Duration) -> Result<(), HotplugError> {
-        self.h.shared.inject_boot_delay(cpu, delay)
+        self.h.shared.hotplug().inject_boot_delay(cpu, delay)
     }
 
     /// The kernel's `st->fail`: the next time hotplug step `step` runs on `cpu`, in either
     /// direction, it fails instead (and is rolled back). See [`Handle::hotplug_steps`].
     pub fn fail_step(&self, cpu: CpuId, step: &str) -> Result<(), HotplugError> {
-        self.h.shared.inject_step_failure(cpu, step)
+        self.h.shared.hotplug().inject_step_failure(cpu, step)
     }
 
     /// Switches protocol variant `b` to its broken form (`true`) or back.
     pub fn set_broken(&self, b: Broken, on: bool) {
-        self.h.shared.faults().set_broken(b, on);
+        self.h.shared.machine().faults().set_broken(b, on);
     }
 
     /// Whether protocol variant `b` is broken now.
     pub fn is_broken(&self, b: Broken) -> bool {
-        self.h.shared.faults().is_broken(b)
+        self.h.shared.machine().faults().is_broken(b)
     }
 
     /// What the injector has done so far.
     pub fn counters(&self) -> FaultCounters {
-        self.h.shared.faults().counters()
+        self.h.shared.machine().faults().counters()
     }
 }
 

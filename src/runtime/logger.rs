@@ -62,12 +62,13 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>, trace: Arc<Mutex<Vec<Event>>>) {
             Err(crossbeam_channel::RecvTimeoutError::Timeout)
         );
         buf.clear();
-        for (i, c) in shared.cpus().iter().enumerate() {
+        for (i, c) in shared.machine().cpus().iter().enumerate() {
             c.ring().drain(i as u32, &mut buf);
         }
         shared
+            .machine()
             .ext_ring()
-            .drain(shared.cpus().len() as u32, &mut buf);
+            .drain(shared.machine().cpus().len() as u32, &mut buf);
         buf.sort_by_key(|e| e.ts_ns);
         if shared.cfg.log_events {
             for e in &buf {
@@ -86,7 +87,7 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>, trace: Arc<Mutex<Vec<Event>>>) {
 }
 
 fn who(shared: &Shared, ring: u32) -> String {
-    if ring as usize >= shared.cpus().len() {
+    if ring as usize >= shared.machine().cpus().len() {
         "ext".into()
     } else {
         format!("CPU{ring}")
@@ -118,6 +119,7 @@ fn emit(shared: &Shared, e: &Event) {
         ),
         EventKind::OfflineIpi => {
             let name = shared
+                .machine()
                 .cpus()
                 .get(e.ring as usize)
                 .map_or_else(String::new, |c| c.offline_name().load());

@@ -22,10 +22,10 @@ use crate::stop::layer::StopLayer;
 static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 
 /// State shared by all threads of one runtime. Lives as long as any of them. The runtime's own
-/// part; the layers' parts are below it (`Deref` to the hotplug layer's, which derefs to the
-/// stop layer's, and so on down to the `Machine`).
+/// part; the layers' parts are below it, each reached by name: [`Shared::hotplug`],
+/// [`Shared::stop`], [`Shared::ipi`], [`Shared::machine`].
 pub(crate) struct Shared {
-    lower: HotplugLayer,
+    hotplug_layer: HotplugLayer,
     pub(super) cfg: Config,
     pin_warned: AtomicBool,
     shut: AtomicBool,
@@ -76,11 +76,29 @@ impl Shared {
     }
 }
 
-impl std::ops::Deref for Shared {
-    type Target = HotplugLayer;
+impl Shared {
+    /// The `hotplug` layer: step table, handshakes, `cpu_up`/`cpu_down`.
     #[inline]
-    fn deref(&self) -> &HotplugLayer {
-        &self.lower
+    pub(crate) fn hotplug(&self) -> &HotplugLayer {
+        &self.hotplug_layer
+    }
+
+    /// The `stop` layer, through the hotplug layer.
+    #[inline]
+    pub(crate) fn stop(&self) -> &StopLayer {
+        self.hotplug_layer.stop()
+    }
+
+    /// The `ipi` layer, through the hotplug layer.
+    #[inline]
+    pub(crate) fn ipi(&self) -> &IpiLayer {
+        self.hotplug_layer.ipi()
+    }
+
+    /// The `cpu` layer, through the hotplug layer.
+    #[inline]
+    pub(crate) fn machine(&self) -> &Machine {
+        self.hotplug_layer.machine()
     }
 }
 
@@ -88,10 +106,10 @@ impl Shared {
     /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
     /// unpinned if the host refuses.
     pub(crate) fn pin_current(&self, st: &CpuState) {
-        if !self.cfg.pin || self.cores().is_empty() {
+        if !self.cfg.pin || self.machine().cores().is_empty() {
             return;
         }
-        let core = self.cores()[st.id() % self.cores().len()];
+        let core = self.machine().cores()[st.id() % self.machine().cores().len()];
         if crate::cpu::affinity::pin_current(core) {
             st.set_core(core.id);
         } else if !self.pin_warned.swap(true, Ordering::Relaxed) {
@@ -120,20 +138,20 @@ impl Shared {
             // at the fork stays held here). `Runtime::drop` leaks the state instead.
             return;
         }
-        for st in self.cpus().iter() {
+        for st in self.machine().cpus().iter() {
             st.request_exit();
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
-            self.stop_cpu(st.id()).release();
+            self.stop().stop_cpu(st.id()).release();
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
-        for st in self.cpus().iter() {
+        for st in self.machine().cpus().iter() {
             let handle = st.take_thread();
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
                 st.run_state() == crate::cpu::state::CpuRunState::Parked
-                    && !self.stop_cpu(st.id()).is_powered_off()
+                    && !self.stop().stop_cpu(st.id()).is_powered_off()
             };
             let park_deadline = Instant::now() + Duration::from_millis(50);
             while !h.is_finished() && Instant::now() < deadline {
@@ -273,7 +291,7 @@ impl Runtime {
                 None => Err(std::io::Error::other("the runtime is being dropped")),
             });
             Shared {
-                lower: HotplugLayer::new(stop, cfg.boot_timeout, spawn),
+                hotplug_layer: HotplugLayer::new(stop, cfg.boot_timeout, spawn),
                 pin_warned: AtomicBool::new(false),
                 shut: AtomicBool::new(false),
                 logger: Mutex::new(None),
@@ -284,9 +302,9 @@ impl Runtime {
             }
         });
         for c in 0..n {
-            shared.possible().set(c);
+            shared.machine().possible().set(c);
             if !lost.contains(c) {
-                shared.present().set(c);
+                shared.machine().present().set(c);
             }
         }
         if shared.cfg.log_events || shared.cfg.collect_trace {
@@ -296,7 +314,7 @@ impl Runtime {
         let rt = Runtime {
             handle: Handle { shared },
         };
-        crate::hotplug::boot_all(&rt.handle.shared, first).map_err(|e| match e {
+        crate::hotplug::boot_all(rt.handle.shared.hotplug(), first).map_err(|e| match e {
             HotplugError::BootTimeout { cpu, timeout_ms } => {
                 RuntimeError::BootTimeout { cpu, timeout_ms }
             }
@@ -400,7 +418,7 @@ pub struct RuntimeStats {
 impl Handle {
     /// Number of logical CPUs (possible).
     pub fn cpus(&self) -> usize {
-        self.shared.cpus().len()
+        self.shared.machine().cpus().len()
     }
 
     /// This runtime's generation (0 for the first image, +1 per kexec).
@@ -410,36 +428,40 @@ impl Handle {
 
     /// `cpu_possible_mask`.
     pub fn possible_mask(&self) -> CpuMask {
-        self.shared.possible().load()
+        self.shared.machine().possible().load()
     }
     /// `cpu_present_mask`.
     pub fn present_mask(&self) -> CpuMask {
-        self.shared.present().load()
+        self.shared.machine().present().load()
     }
     /// `cpu_online_mask`.
     pub fn online_mask(&self) -> CpuMask {
-        self.shared.online().load()
+        self.shared.machine().online().load()
     }
     /// `cpu_active_mask`.
     pub fn active_mask(&self) -> CpuMask {
-        self.shared.active().load()
+        self.shared.machine().active().load()
     }
 
     /// Whether `cpu` is online.
     pub fn is_online(&self, cpu: CpuId) -> bool {
-        self.shared.online().contains(cpu)
+        self.shared.machine().online().contains(cpu)
     }
 
     /// Where CPU `cpu` is in its life, or `None` if it does not exist.
     pub fn cpu_state(&self, cpu: CpuId) -> Option<CpuRunState> {
-        self.shared.cpu(cpu).map(|c| c.run_state())
+        self.shared.machine().cpu(cpu).map(|c| c.run_state())
     }
 
     /// The OS thread id (`gettid`) of CPU `cpu`'s current thread, or `None` if it has none
     /// (offline, or not started). For `perf record -t`, `gdb` or `/proc/self/task/<tid>`: the
     /// thread behind a logical CPU changes at every bring-up.
     pub fn cpu_tid(&self, cpu: CpuId) -> Option<i32> {
-        self.shared.cpu(cpu).map(|c| c.tid()).filter(|&t| t > 0)
+        self.shared
+            .machine()
+            .cpu(cpu)
+            .map(|c| c.tid())
+            .filter(|&t| t > 0)
     }
 
     /// Runs `f` as an ordinary job on `cpu` (it may allocate and block). The job runs after
@@ -465,6 +487,7 @@ impl Handle {
         });
         job.at = Some(at.clone());
         self.shared
+            .machine()
             .queue_job(cpu, job)
             .map_err(|(e, _)| RuntimeError::from(e))?;
         Ok(JobHandle {
@@ -477,9 +500,10 @@ impl Handle {
     /// Snapshot of every counter.
     pub fn stats(&self) -> RuntimeStats {
         let s = &self.shared;
-        let t = s.totals();
-        let (csd_in_use, csd_pool) = s.csd_usage();
+        let t = s.ipi().totals();
+        let (csd_in_use, csd_pool) = s.ipi().csd_usage();
         let per_cpu = s
+            .machine()
             .cpus()
             .iter()
             .map(|c| {
@@ -508,8 +532,8 @@ impl Handle {
         let handled = t.handled.load(Ordering::SeqCst);
         let cancelled = t.cancelled.load(Ordering::SeqCst);
         RuntimeStats {
-            cpus: s.cpus().len(),
-            host_cores: s.cores().len(),
+            cpus: s.machine().cpus().len(),
+            host_cores: s.machine().cores().len(),
             generation: s.cfg.generation,
             ipis_sent: queued,
             ipis_handled: handled,
@@ -571,7 +595,7 @@ impl<R> JobHandle<R> {
     /// Whether the caller runs on `cpu` of this job's runtime.
     fn is_own_cpu(&self, cpu: CpuId) -> bool {
         crate::cpu::context::current()
-            .is_some_and(|(_, st)| std::ptr::eq(st, &*self.shared.cpus()[cpu]))
+            .is_some_and(|(_, st)| std::ptr::eq(st, &*self.shared.machine().cpus()[cpu]))
     }
 
     fn wait(self, deadline: Option<Instant>) -> Result<R, RuntimeError> {
@@ -595,7 +619,7 @@ impl<R> JobHandle<R> {
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     // The result may have been sent just before the stop: look once more.
-                    if self.shared.cpus()[cpu].is_stopped() && self.rx.is_empty() {
+                    if self.shared.machine().cpus()[cpu].is_stopped() && self.rx.is_empty() {
                         return Err(RuntimeError::JobStopped { cpu });
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -633,12 +657,12 @@ mod boot_all_tests {
     }
 
     fn fail(rt: &super::Runtime, cpu: usize, step: &str) {
-        rt.handle.shared.fail_next_step(cpu, step);
+        rt.handle.shared.hotplug().fail_next_step(cpu, step);
     }
 
     /// A second `boot_all` brings every CPU up, and each takes a call: nothing was left half up.
     fn boots_the_rest(rt: &super::Runtime) {
-        crate::hotplug::boot_all(&rt.handle.shared, 0).unwrap();
+        crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0).unwrap();
         assert_eq!(rt.online_mask().weight(), rt.cpus());
         rt.call_many(&rt.online_mask(), || {}, true).unwrap();
     }
@@ -646,7 +670,7 @@ mod boot_all_tests {
     fn all_dead_or_online(rt: &super::Runtime) {
         for c in 0..rt.cpus() {
             assert!(
-                rt.is_online(c) || rt.handle.shared.handshake_dead(c),
+                rt.is_online(c) || rt.handle.shared.hotplug().handshake_dead(c),
                 "CPU{c} neither online nor dead"
             );
         }
@@ -656,7 +680,7 @@ mod boot_all_tests {
     fn a_kick_phase_error_stops_the_kicking_and_finishes_the_kicked() {
         let rt = rt_with_offline(6, &[2, 3, 4, 5], Duration::from_secs(10));
         fail(&rt, 4, "smpcfd:prepare");
-        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+        match crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0) {
             Err(HotplugError::StepFailed {
                 cpu: 4,
                 step,
@@ -680,7 +704,7 @@ mod boot_all_tests {
         // handshake: both roll back to offline, and the CPUs kicked after them still come up.
         fail(&rt, 2, "ap:online");
         fail(&rt, 3, "sched:active");
-        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+        match crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0) {
             Err(HotplugError::StepFailed {
                 cpu: 2, up: true, ..
             }) => {}
@@ -701,9 +725,10 @@ mod boot_all_tests {
         // beaten by a controller descheduled that long beside a second runtime and CPU hogs).
         rt.handle
             .shared
+            .machine()
             .faults()
             .set_boot_delay(2, Duration::from_secs(2));
-        match crate::hotplug::boot_all(&rt.handle.shared, 0) {
+        match crate::hotplug::boot_all(rt.handle.shared.hotplug(), 0) {
             Err(HotplugError::BootTimeout { cpu: 2, .. }) => {}
             other => panic!("boot_all with CPU2 booting too slowly: {other:?}"),
         }

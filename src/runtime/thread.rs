@@ -16,7 +16,7 @@ pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()>
     let handle = std::thread::Builder::new()
         .name(format!("{}-cpu{}", shared.cfg.name, cpu))
         .spawn(move || cpu_main(s, cpu))?;
-    let st = &shared.cpus()[cpu];
+    let st = &shared.machine().cpus()[cpu];
     let old = st.set_thread(handle);
     // A previous thread of this CPU has already been joined or reported by whoever took it down.
     drop(old);
@@ -26,11 +26,11 @@ pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()>
 /// The thread of a logical CPU (`secondary_start_kernel` + `cpu_startup_entry`): the AP side of
 /// the bring-up handshake, the idle loop, and the exit report that hotplug waits for.
 fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
-    let layers: &crate::stop::layer::StopLayer = &shared;
+    let layers: &crate::stop::layer::StopLayer = shared.stop();
     // SAFETY: this frame holds an Arc to `shared`, which contains `layers`, until after the
     // pointers are cleared below.
     unsafe { crate::stop::layer::set_current(Some(layers), cpu) };
-    let st = &shared.cpus()[cpu];
+    let st = &shared.machine().cpus()[cpu];
     // Whatever mask the thread inherited (the caller of `build()` or `cpu_up` may block the
     // real-time signals), this CPU takes its IPIs and NMIs.
     crate::ipi::signal::unblock_on_cpu_thread(&shared.cfg.signals);
@@ -46,24 +46,24 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
             None
         }
     };
-    if crate::hotplug::ap::ap_boot(&shared, st) {
+    if crate::hotplug::ap::ap_boot(shared.hotplug(), st) {
         idle_loop(&shared, st);
     }
-    if shared.stop_cpu(st.id()).is_powered_off() {
+    if shared.stop().stop_cpu(st.id()).is_powered_off() {
         // Powered off by a stop: tear down after it has finished (bounded; see there).
-        shared.wait_for_stop_done();
+        shared.stop().wait_for_stop_done();
     }
     drop(altstack);
     st.set_tid(0);
     // SAFETY: clearing the pointers; nothing uses them afterwards on this thread.
     unsafe { crate::stop::layer::set_current(None, 0) };
     // Last: DEAD. A controller that sees it may start a new thread for this CPU.
-    crate::hotplug::ap::ap_exit(&shared, st);
+    crate::hotplug::ap::ap_exit(shared.hotplug(), st);
 }
 
 fn idle_loop(shared: &Shared, st: &CpuState) {
     loop {
-        shared.faults().preempt_point();
+        shared.machine().faults().preempt_point();
         if st.exit_requested() {
             finish(shared, st);
             return;
@@ -75,7 +75,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
                 serve_if_queued(shared, st);
             }
-            if shared.stop_cpu(st.id()).is_powered_off() {
+            if shared.stop().stop_cpu(st.id()).is_powered_off() {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
                 // reports `JobLost`); nothing of this image runs here any more.
                 drop(job);
@@ -87,7 +87,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
                 break;
             }
         }
-        if st.queue().peek() || shared.ipi_cpu(st.id()).vectors_pending() {
+        if st.queue().peek() || shared.ipi().ipi_cpu(st.id()).vectors_pending() {
             serve_calls(shared, st);
             continue;
         }
@@ -96,12 +96,12 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
             || {
                 st.queue().peek()
                     || st.jobs_or_exit_hint()
-                    || shared.ipi_cpu(st.id()).vectors_pending()
+                    || shared.ipi().ipi_cpu(st.id()).vectors_pending()
             },
             || {
                 st.queue().has_work()
                     || st.jobs_or_exit_rmw()
-                    || shared.ipi_cpu(st.id()).vectors_pending_rmw()
+                    || shared.ipi().ipi_cpu(st.id()).vectors_pending_rmw()
             },
             || {
                 st.stats().polled.fetch_add(1, Ordering::Relaxed);
@@ -119,7 +119,7 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
 
 /// Serves the queue and vectors if an RMW read finds anything (idle.rs step 4).
 fn serve_if_queued(shared: &Shared, st: &CpuState) {
-    if st.queue().has_work() || shared.ipi_cpu(st.id()).vectors_pending_rmw() {
+    if st.queue().has_work() || shared.ipi().ipi_cpu(st.id()).vectors_pending_rmw() {
         serve_calls(shared, st);
     }
 }
@@ -128,8 +128,8 @@ fn serve_if_queued(shared: &Shared, st: &CpuState) {
 /// The idle loop is a safe point: a CPU powered off here leaves its loop at once.
 fn serve_calls(shared: &Shared, st: &CpuState) {
     let f = irq_save();
-    if !crate::ipi::handler::take_vectors(shared, st, std::ptr::null(), true) {
-        crate::ipi::handler::flush_queue(shared, st);
+    if !crate::ipi::handler::take_vectors(shared.ipi(), st, std::ptr::null(), true) {
+        crate::ipi::handler::flush_queue(shared.ipi(), st);
     }
     irq_restore(f);
 }
@@ -150,7 +150,7 @@ fn run_job(shared: &Shared, st: &CpuState, job: crate::cpu::state::Job) {
     st.set_running_job(true);
     // A stop that came before `running_job` was set powered the CPU off at a safe point and
     // returned here: the job must not start. One that comes after it parks the CPU in the job.
-    if shared.stop_cpu(st.id()).is_powered_off() {
+    if shared.stop().stop_cpu(st.id()).is_powered_off() {
         st.set_running_job(false);
         return;
     }
@@ -177,7 +177,7 @@ fn run_job(shared: &Shared, st: &CpuState, job: crate::cpu::state::Job) {
 /// queued, close the call queue and run what it held, then mark the CPU offline.
 fn finish(shared: &Shared, st: &CpuState) {
     st.set_job_gate(false);
-    if shared.stop_cpu(st.id()).is_powered_off() {
+    if shared.stop().stop_cpu(st.id()).is_powered_off() {
         // Stopped and powered off: nothing of this image may run here any more. Queued jobs
         // are dropped, so their handles report `JobLost`; queued calls stay unrun (their
         // synchronous senders time out).
@@ -190,16 +190,17 @@ fn finish(shared: &Shared, st: &CpuState) {
     let f = irq_save();
     // Re-checked with irqs masked: a stop that powered the CPU off after the check at the top
     // returned here, and nothing of this image may run any more.
-    if !shared.stop_cpu(st.id()).is_powered_off()
+    if !shared.stop().stop_cpu(st.id()).is_powered_off()
         && !shared
+            .machine()
             .faults()
             .is_broken(crate::inject::Broken::SkipDyingFlush)
     {
-        crate::ipi::handler::close_and_flush(shared, st);
+        crate::ipi::handler::close_and_flush(shared.ipi(), st);
     }
     irq_restore(f);
-    shared.online().clear(st.id());
-    shared.active().clear(st.id());
+    shared.machine().online().clear(st.id());
+    shared.machine().active().clear(st.id());
     if !matches!(
         st.run_state(),
         CpuRunState::Offline | CpuRunState::PoweredOff | CpuRunState::Parked

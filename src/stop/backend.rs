@@ -31,7 +31,7 @@ impl StopSender<'_> {
     /// signal itself).
     pub fn nmi(&self, mask: &CpuMask) {
         for cpu in mask.iter() {
-            if let Some(st) = self.ipi.cpu(cpu) {
+            if let Some(st) = self.ipi.machine().cpu(cpu) {
                 crate::ipi::nmi::send(self.ipi, st, crate::ipi::NmiReason::Stop);
             }
         }

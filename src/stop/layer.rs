@@ -1,6 +1,6 @@
 //! `StopLayer`: the stop layer's part of a runtime — the stop routine's state, the
 //! deterministic-stop "stopping" flag, the park policy and the stop settings — on top of the
-//! [`IpiLayer`] it embeds and derefs to. And the thread-local that lets the stop receiver,
+//! [`IpiLayer`] it holds (reached by `ipi()`). And the thread-local that lets the stop receiver,
 //! called from the IPI layer's handlers through a hook, find it.
 
 use std::cell::Cell;
@@ -9,12 +9,13 @@ use std::sync::atomic::AtomicBool;
 use super::percpu::StopCpu;
 use super::receive::ParkPolicy;
 use super::routine::{StopConfig, StopState};
+use crate::cpu::machine::Machine;
 use crate::cpu::mask::CpuId;
 use crate::ipi::layer::IpiLayer;
 
 /// The stop layer's state of one runtime, over its IPI layer.
 pub(crate) struct StopLayer {
-    lower: IpiLayer,
+    ipi_layer: IpiLayer,
     /// The stop routine's coordination word and acknowledgement count (`routine.rs`).
     pub(super) stop: StopState,
     /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
@@ -30,11 +31,17 @@ pub(crate) struct StopLayer {
     percpu: Box<[StopCpu]>,
 }
 
-impl std::ops::Deref for StopLayer {
-    type Target = IpiLayer;
+impl StopLayer {
+    /// The `ipi` layer below: csd pool, NMI hooks, signals.
     #[inline]
-    fn deref(&self) -> &IpiLayer {
-        &self.lower
+    pub(crate) fn ipi(&self) -> &IpiLayer {
+        &self.ipi_layer
+    }
+
+    /// The `cpu` layer, through the IPI layer.
+    #[inline]
+    pub(crate) fn machine(&self) -> &Machine {
+        self.ipi_layer.machine()
     }
 }
 
@@ -42,11 +49,13 @@ impl StopLayer {
     /// The stop layer over `ipi`; registers the stop receiver for the stop vector and the NMI.
     pub(crate) fn new(ipi: IpiLayer, park: ParkPolicy, config: StopConfig) -> Self {
         ipi.set_stop_hook(super::receive::stop_this_cpu);
-        let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.cpus().len());
+        let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.machine().cpus().len());
         StopLayer {
             cpus_lock,
-            percpu: (0..ipi.cpus().len()).map(|_| StopCpu::new()).collect(),
-            lower: ipi,
+            percpu: (0..ipi.machine().cpus().len())
+                .map(|_| StopCpu::new())
+                .collect(),
+            ipi_layer: ipi,
             stop: StopState::new(),
             stopping: AtomicBool::new(false),
             park,
@@ -77,7 +86,7 @@ impl StopLayer {
     /// this layer's per-CPU state and the layers' below.
     pub(crate) fn reset_cpu_for_bringup(&self, cpu: CpuId) {
         self.percpu[cpu].reset();
-        self.lower.reset_cpu_for_bringup(cpu);
+        self.ipi_layer.reset_cpu_for_bringup(cpu);
     }
 
     /// Called by a CPU right after it joined the online mask (SeqCst): whether a deterministic
@@ -103,7 +112,7 @@ pub(crate) unsafe fn set_current(stop: Option<&StopLayer>, cpu: CpuId) {
     let p = stop.map_or(std::ptr::null(), |s| s as *const StopLayer);
     CURRENT.with(|c| c.set(p));
     // SAFETY: the same contract, for the IPI layer `stop` contains.
-    unsafe { crate::ipi::layer::set_current(stop.map(|s| &s.lower), cpu) };
+    unsafe { crate::ipi::layer::set_current(stop.map(|s| &s.ipi_layer), cpu) };
 }
 
 /// The calling thread's stop layer, if it is a logical CPU. Async-signal-safe: one plain TLS

@@ -331,6 +331,7 @@ impl StopLayer {
     {
         let s = self;
         if let Some(cpu) = s
+            .machine()
             .this_cpu_here()
             .filter(|_| crate::cpu::context::irqs_disabled())
         {
@@ -338,13 +339,13 @@ impl StopLayer {
         }
         // No CPU comes or goes until this returns (`cpu/cpus_lock.rs`; a no-op inside a hotplug
         // operation, which holds it already). Bounded by the hotplug operation's own timeouts.
-        let _cpus = s.cpus_lock.read(s.this_cpu_here());
+        let _cpus = s.cpus_lock.read(s.machine().this_cpu_here());
         // Checked under the lock: a kexec's shutdown holds it for writing while it takes the
         // CPUs offline and retires the image, so past this point the online mask is the one
         // this image runs on until the call returns.
-        if s.is_retired() {
+        if s.machine().is_retired() {
             return Err(StopMachineError::Retired {
-                generation: s.generation(),
+                generation: s.machine().generation(),
             });
         }
         // Unbounded only as long as the running stop_machine takes (module comment).
@@ -352,9 +353,9 @@ impl StopLayer {
         if s.stop.coord.in_progress() {
             return Err(StopMachineError::Stopped);
         }
-        let online = s.online().load();
-        let me = s.this_cpu_here().filter(|&c| online.contains(c));
-        let spin_limit = if online.weight() <= s.cores().len().max(1) {
+        let online = s.machine().online().load();
+        let me = s.machine().this_cpu_here().filter(|&c| online.contains(c));
+        let spin_limit = if online.weight() <= s.machine().cores().len().max(1) {
             4096
         } else {
             64
@@ -367,7 +368,9 @@ impl StopLayer {
             f: Box::new(f),
             f_name: std::any::type_name::<F>(),
             left: AtomicU32::new(0),
-            arrived: (0..s.cpus().len()).map(|_| AtomicU32::new(0)).collect(),
+            arrived: (0..s.machine().cpus().len())
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             failed_cpu: AtomicUsize::new(usize::MAX),
             failed_code: AtomicI32::new(0),
             spin_limit,
@@ -375,7 +378,7 @@ impl StopLayer {
         ms.set_state(MsState::Prepare);
         let start = now_ns();
         let block = BlockPtr(Arc::as_ptr(&ms));
-        let sent = self.call_many(
+        let sent = self.ipi().call_many(
             &online,
             move || {
                 let block = block;
@@ -398,14 +401,14 @@ impl StopLayer {
         let rering = || {
             for c in online.iter() {
                 if Some(c) != me && !ms.arrived(c) {
-                    crate::ipi::call::ring_again(s, &s.cpus()[c]);
+                    crate::ipi::call::ring_again(s.ipi(), &s.machine().cpus()[c]);
                 }
             }
         };
         let caller = Caller {
             deadline: std::cell::Cell::new(Deadline::from(
                 start,
-                s.call_timeout().as_nanos() as u64,
+                s.ipi().call_timeout().as_nanos() as u64,
             )),
             next_ring: std::cell::Cell::new(start + RERING.as_nanos() as u64),
             rering: &rering,

@@ -79,8 +79,8 @@ pub(crate) fn park(
     });
     st.ring().record(EventKind::Stopped, crash as u64, regs.ip);
     // The acknowledgement: leaving the online mask (after the note, which it publishes).
-    shared.active().clear(st.id());
-    shared.online().clear(st.id());
+    shared.machine().active().clear(st.id());
+    shared.machine().online().clear(st.id());
     shared.stop.ack();
     if power_off {
         power_off_now(shared, st, unwind);

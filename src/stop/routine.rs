@@ -241,11 +241,11 @@ impl StopLayer {
         if !s.stop.done.load(Ordering::SeqCst) {
             return None;
         }
-        let me = s.this_cpu_here();
-        let stopped: CpuMask = (0..self.cpus().len())
-            .filter(|&c| s.cpus()[c].is_stopped())
+        let me = s.machine().this_cpu_here();
+        let stopped: CpuMask = (0..self.machine().cpus().len())
+            .filter(|&c| s.machine().cpus()[c].is_stopped())
             .collect();
-        let mut failed = s.online().load();
+        let mut failed = s.machine().online().load();
         if let Some(me) = me {
             failed.clear(me);
         }
@@ -267,7 +267,7 @@ impl StopLayer {
 
     /// Implements [`Handle::crash_note`](crate::Handle::crash_note).
     pub(crate) fn crash_note(&self, cpu: CpuId) -> Option<CrashNote> {
-        self.cpu(cpu)?;
+        self.machine().cpu(cpu)?;
         let regs = self.stop_cpu(cpu).crash_regs()?;
         Some(CrashNote { cpu, regs })
     }
@@ -279,7 +279,7 @@ impl StopLayer {
 
     fn smp_stop(&self, crash: bool) -> Result<StopOutcome, StopError> {
         let s = self;
-        let me = s.this_cpu_here();
+        let me = s.machine().this_cpu_here();
         // Step 1.
         match s.stop.coord.enter(crash) {
             Entered::Winner => {}
@@ -287,10 +287,11 @@ impl StopLayer {
                 if upgraded {
                     // A CPU loser may be in IPI context: record, the logger prints it.
                     match me {
-                        Some(_) => {
-                            s.ring_here()
-                                .record(crate::cpu::events::EventKind::StopUpgraded, 0, 0)
-                        }
+                        Some(_) => s.machine().ring_here().record(
+                            crate::cpu::events::EventKind::StopUpgraded,
+                            0,
+                            0,
+                        ),
                         None => tracing::warn!("SMP: stop upgraded to a crash-stop"),
                     }
                 }
@@ -304,11 +305,12 @@ impl StopLayer {
         s.stopping.store(true, Ordering::SeqCst);
         tracing::warn!("SMP: stopping secondary CPUs");
         let cfg = &s.config;
-        let send = StopSender { ipi: s };
+        let send = StopSender { ipi: s.ipi() };
         let mut attempts = Vec::new();
         let mut stopped = CpuMask::new();
         // Step 3.
         let attempts_max = if s
+            .machine()
             .faults()
             .is_broken(crate::inject::Broken::StopWithoutRetries)
         {
@@ -317,7 +319,7 @@ impl StopLayer {
             cfg.max_retries.max(1)
         };
         for attempt in 1..=attempts_max {
-            let mut mask = s.online().load();
+            let mut mask = s.machine().online().load();
             if let Some(me) = me {
                 mask.clear(me);
             }
@@ -346,7 +348,7 @@ impl StopLayer {
             // after that read changes the futex word, so the wait returns at once.
             let remaining = loop {
                 let p = s.stop.pending.load(Ordering::SeqCst);
-                let left = mask.and(&s.online().load());
+                let left = mask.and(&s.machine().online().load());
                 let elapsed = t0.elapsed();
                 if left.is_empty() || (!cfg.wait_forever && elapsed >= wait) {
                     break left;
@@ -373,14 +375,14 @@ impl StopLayer {
             });
         }
         // Step 4.
-        let mut failed = s.online().load();
+        let mut failed = s.machine().online().load();
         if let Some(me) = me {
             failed.clear(me);
         }
         let mut replaced_signals = Vec::new();
         if !failed.is_empty() {
             tracing::error!("SMP: failed to stop secondary CPUs {failed}");
-            replaced_signals = crate::ipi::handler::replaced_signals(s);
+            replaced_signals = crate::ipi::handler::replaced_signals(s.ipi());
             if !replaced_signals.is_empty() {
                 tracing::error!(
                     "SMP: signals {replaced_signals:?} no longer have usmp's handlers (replaced after build?): stops cannot reach those CPUs"
@@ -411,7 +413,7 @@ impl StopLayer {
     /// job it unwinds the job when it powers off; from IPI context it can only park for good.
     fn park_self(&self, me: CpuId) {
         let s = self;
-        let st = &s.cpus()[me];
+        let st = &s.machine().cpus()[me];
         let in_job = st.running_job();
         let here = 0u8;
         let regs = SavedRegs {
@@ -421,7 +423,7 @@ impl StopLayer {
         };
         let crash = s.stop.coord.is_crash();
         // A job (even with irqs soft-masked) can be unwound; a signal handler cannot.
-        let unwindable = in_job && self.ipi_cpu(st.id()).handlers_active() == 0;
+        let unwindable = in_job && self.ipi().ipi_cpu(st.id()).handlers_active() == 0;
         receive::park(s, st, crash, regs, unwindable, unwindable);
     }
 }
