@@ -470,6 +470,14 @@ fn wait_done(
         std::hint::spin_loop();
         i = i.wrapping_add(1);
         if i % 64 == 0 {
+            if !own_deadline {
+                // A `call_many`: its other targets may need this core (more CPUs than host
+                // cores, or busy ones that must be scheduled to take their doorbell). Spinning
+                // on held it from them: 4 busy CPUs on 2 cores answered in 100 us p50 against
+                // 21 us for a tgkill broadcast whose sender yields. With nothing else runnable
+                // the yield returns at once.
+                std::thread::yield_now();
+            }
             let now = now_ns();
             if start == 0 {
                 start = now;
