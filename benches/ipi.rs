@@ -1139,6 +1139,20 @@ fn guard() -> ! {
         batched,
         z,
     );
+    // call_many at 16 CPUs, idle and busy: a few seconds; the larger N are left to `cargo bench`.
+    for (key, wait) in [
+        ("call_many_idle_16", Wait::Pause),
+        ("call_many_busy_16", Wait::Busy),
+    ] {
+        guard_trip(
+            g,
+            key,
+            || ManyToAll::new(16, wait),
+            || BroadcastTrip(Broadcast::start(16, wait)),
+            single,
+            z,
+        );
+    }
     let (r, u, p) = common::alternating(
         GUARD_ROUNDS,
         || per_call_of(|| Usmp::new(Target::Polling), usmp_async_batch),

@@ -162,6 +162,21 @@ fn guard() -> ! {
         },
     );
     gd.check("crash_kexec", r, &format!("p50 {u:.0} ns vs {p:.0} ns"));
+    // One size of the `crash_kexec` group: 256 CPUs is a few seconds in all, 1024 is more.
+    let (r, u, p) = common::alternating(
+        3,
+        || {
+            let mut all = Vec::new();
+            handoffs(256, 5, true, &mut all);
+            p50(&all)
+        },
+        || {
+            let mut all = Vec::new();
+            floor(256, 5, &mut all);
+            p50(&all)
+        },
+    );
+    gd.check("crash_kexec_256", r, &format!("p50 {u:.0} ns vs {p:.0} ns"));
     report_short();
     gd.finish("kexec")
 }
