@@ -37,8 +37,8 @@
 //! | layer | modules | what |
 //! |---|---|---|
 //! | 6 | [`kexec`] | the handoff from one runtime (image) to the next, which it builds |
-//! | 5 | [`runtime`] | composition root: `Builder`, `Runtime`, `Handle`, the CPU thread and its idle loop |
-//! | 4 | [`hotplug`] | the step table, the bring-up handshake, `cpu_up`/`cpu_down` |
+//! | 5 | [`runtime`] | composition root: `Builder`, `Runtime`, `Handle` |
+//! | 4 | [`hotplug`] | the step table, the bring-up handshake, `cpu_up`/`cpu_down`, the CPU thread and its idle loop (smpboot) |
 //! | 3 | [`stop`] | `send_stop`/`crash_stop`, parking, `stop_machine` |
 //! | 2 | [`ipi`] | call queue, doorbell signal, NMI, signal handlers |
 //! | 1 | [`cpu`], `inject` | per-CPU state and primitives (masks, call queue, idle word, event rings, futex, clock, the thread-local CPU and soft irq mask); fault hooks |
@@ -53,7 +53,8 @@
 //! the runtime's `Shared` (`shared.hotplug()`, and `stop()`/`ipi()`/`machine()` straight to the
 //! lower ones), which [`Handle`] points at and forwards to. A lower layer that must act above it calls a
 //! hook registered at build: `irq_restore`'s replay (`cpu` -> `ipi`), the stop receiver
-//! (`ipi`'s handlers -> `stop`), the start of a CPU thread (`hotplug` -> `runtime`). Only
+//! (`ipi`'s handlers -> `stop`). The CPU thread belongs to `hotplug`, which starts it and
+//! hands it an `Arc` of its own layer (no hook back into the runtime). Only
 //! [`ipi::signal`] touches signals; only `cpu/affinity.rs` touches CPU affinity.
 //!
 //! ```

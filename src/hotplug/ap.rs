@@ -3,12 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use super::handshake::{self, ALIVE, FAILED, ONLINE, PARKED};
+use super::handshake::HsState;
 use super::layer::HotplugLayer;
-use super::states::{Kind, Step};
+use super::states::{Kind, Step, StepId};
 use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::events::EventKind;
-use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::inject::Broken;
@@ -27,14 +26,38 @@ pub(crate) enum ApFail {
     Bringup,
 }
 
+/// `take_cpu_down`'s code when it ran on a thread that is not a CPU of this runtime.
+pub(crate) const NOT_A_CPU: i32 = -1;
+
 impl ApFail {
-    /// The error code `take_cpu_down` returns for it through stop_machine.
+    /// The error code `take_cpu_down` returns for it through stop_machine (whose functions
+    /// return an `i32`, as the kernel's do). [`ApFail::from_code`] is its inverse.
     pub(crate) fn code(self) -> i32 {
         match self {
             ApFail::Step(k) => k as i32,
             ApFail::ApOnline => -2,
             ApFail::Bringup => -3,
-            ApFail::None => -1,
+            ApFail::None => NOT_A_CPU,
+        }
+    }
+
+    /// The failure `code` stands for; `None` for a code `take_cpu_down` does not return.
+    pub(crate) fn from_code(code: i32) -> Option<ApFail> {
+        match code {
+            -2 => Some(ApFail::ApOnline),
+            -3 => Some(ApFail::Bringup),
+            k if k >= 0 => Some(ApFail::Step(k as usize)),
+            _ => None,
+        }
+    }
+
+    /// The step that failed, in a plan whose STARTING steps are `plan.steps`.
+    pub(crate) fn step(self, plan: &ApPlan) -> Option<StepId> {
+        match self {
+            ApFail::Step(k) => plan.steps.get(k).map(Step::id),
+            ApFail::ApOnline => Some(StepId::ApOnline),
+            ApFail::Bringup => Some(StepId::Bringup),
+            ApFail::None => None,
         }
     }
 }
@@ -77,19 +100,18 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     {
         // Seed 003 before the fix: the AP announces itself with a plain store, whatever the
         // controller decided, and goes on without waiting for a commit.
-        hc.handshake.store(ALIVE, Ordering::Release);
-        futex::wake(&hc.handshake, 1);
+        hc.handshake.broken_ap_alive();
     } else {
         // Handshake step 2. On failure the controller gave up: touch nothing, just exit.
-        if !handshake::ap_alive(&hc.handshake) {
+        if !hc.handshake.ap_alive() {
             return false;
         }
-        futex::wake(&hc.handshake, 1);
         // Step 5: wait for the controller's commit. Unbounded by design: a controller that
         // sees ALIVE commits (handshake.rs step 3; in a parallel boot once it has kicked every
         // CPU, `hotplug::boot_all`), and it cannot give up on an ALIVE AP.
-        while !handshake::ap_committed(&hc.handshake) {
-            futex::spin_then_wait(&hc.handshake, ALIVE, shared.handshake_spin(), None);
+        while !hc.handshake.ap_committed() {
+            hc.handshake
+                .wait_while(HsState::Alive, shared.handshake_spin(), None);
         }
     }
     // Committed: only now does the AP touch shared state (seed 003's mm_count).
@@ -109,10 +131,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
             startup(&plan.steps[k], st.id())
         };
         if let Err(reason) = r {
-            let name = plan
-                .steps
-                .get(k)
-                .map_or_else(|| "ap:online".to_string(), |s| s.name.clone());
+            let failed = plan.steps.get(k).map_or(StepId::ApOnline, Step::id);
             for done in plan.steps[..k].iter().rev() {
                 if let Err(e) = teardown(done, st.id()) {
                     tracing::error!(
@@ -122,10 +141,9 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
                     );
                 }
             }
-            *hc.ap_failed.lock_unpoisoned() = Some((name, reason.to_string()));
+            *hc.ap_failed.lock_unpoisoned() = Some((failed, reason));
             irq_restore(fl);
-            hc.handshake.store(FAILED, Ordering::Release);
-            futex::wake(&hc.handshake, 1);
+            hc.handshake.ap_report(HsState::Failed);
             return false;
         }
         st.ring().record(EventKind::HotplugStep, k as u64, 1);
@@ -138,15 +156,14 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     // targets this CPU or this CPU sees the flag and parks itself.
     if shared.stop().must_park_coming_online() {
         *hc.ap_failed.lock_unpoisoned() = Some((
-            "ap:online".into(),
-            "a stop is in progress: parked instead of going online".into(),
+            StepId::ApOnline,
+            "a stop is in progress: parked instead of going online",
         ));
         // Leave the online mask before telling the controller, so that nobody who hears
         // "parked" can still see this CPU online.
         shared.machine().online().clear(st.id());
         st.set_run_state(CpuRunState::Parked);
-        hc.handshake.store(PARKED, Ordering::Release);
-        futex::wake(&hc.handshake, 1);
+        hc.handshake.ap_report(HsState::Parked);
         let crash = shared.stop().stop_is_crash();
         let regs = crate::ipi::signal::SavedRegs::default();
         // Thread context, not in a job: a safe point, so power-off returns here and we exit.
@@ -155,8 +172,7 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         return false;
     }
     st.set_run_state(CpuRunState::Online);
-    hc.handshake.store(ONLINE, Ordering::Release);
-    futex::wake(&hc.handshake, 1);
+    hc.handshake.ap_report(HsState::Online);
     irq_restore(fl);
     true
 }
@@ -173,8 +189,7 @@ pub(crate) fn ap_exit(shared: &HotplugLayer, st: &CpuState) {
     ) {
         st.set_run_state(CpuRunState::Offline);
     }
-    handshake::ap_exit(&hc.handshake);
-    futex::wake(&hc.handshake, 1);
+    hc.handshake.ap_exit();
 }
 
 /// `take_cpu_down`: runs on the dying CPU inside stop_machine (IPI context). DYING steps in
@@ -183,7 +198,7 @@ pub(crate) fn ap_exit(shared: &HotplugLayer, st: &CpuState) {
 /// of the failed step in `plan.steps`.
 pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
     let Some((shared, st)) = current() else {
-        return Err(-1);
+        return Err(NOT_A_CPU);
     };
     if plan.fail == ApFail::ApOnline {
         return Err(plan.fail.code());
@@ -198,7 +213,7 @@ pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
             for again in &plan.steps[k + 1..] {
                 let _ = startup(again, cpu);
             }
-            return Err(k as i32);
+            return Err(ApFail::Step(k).code());
         }
         st.ring().record(EventKind::HotplugStep, k as u64, 0);
     }

@@ -3,6 +3,7 @@
 //! with (step 1 of the protocol in `engine.rs`).
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::layer::HotplugLayer;
@@ -26,7 +27,7 @@ use crate::cpu::state::CpuRunState;
 ///    is left waiting for a commit.
 ///
 /// Returns the first error; every CPU is then online or rolled back to offline.
-pub(crate) fn boot_all(h: &HotplugLayer, first: CpuId) -> Result<(), HotplugError> {
+pub(crate) fn boot_all(h: &Arc<HotplugLayer>, first: CpuId) -> Result<(), HotplugError> {
     let present = h.machine().present().load();
     let order: Vec<CpuId> = std::iter::once(first)
         .chain(present.iter().filter(|&c| c != first))
@@ -102,7 +103,7 @@ impl std::ops::DerefMut for Guard<'_> {
 
 impl HotplugLayer {
     /// Implements [`Handle::cpu_up`](crate::Handle::cpu_up).
-    pub(crate) fn cpu_up(&self, cpu: CpuId) -> Result<(), HotplugError> {
+    pub(crate) fn cpu_up(self: &Arc<Self>, cpu: CpuId) -> Result<(), HotplugError> {
         let t = self.hp_lock("cpu_up")?;
         self.check_up(cpu)?;
         self.walk_up(&t, cpu, 0)
@@ -130,7 +131,7 @@ impl HotplugLayer {
     }
 
     /// Implements [`Handle::cpu_down`](crate::Handle::cpu_down).
-    pub(crate) fn cpu_down(&self, cpu: CpuId) -> Result<(), HotplugError> {
+    pub(crate) fn cpu_down(self: &Arc<Self>, cpu: CpuId) -> Result<(), HotplugError> {
         // A kexec's reboot CPU is refused at once, without queueing behind the kexec path that
         // holds the hotplug mutex (and again under it, below).
         if self.hotplug.reboot_cpu.load(Ordering::SeqCst) == cpu {
@@ -245,10 +246,10 @@ impl HotplugLayer {
     pub(crate) fn inject_step_failure(&self, cpu: CpuId, step: &str) -> Result<(), HotplugError> {
         let t = self.hp_lock("fail_step")?;
         self.check_cpu(cpu)?;
-        if !t.steps.iter().any(|s| s.name == step) {
+        let Some(id) = t.by_name(step) else {
             return Err(HotplugError::UnknownState(step.into()));
-        }
-        *self.hotplug.cpus[cpu].fail.lock_unpoisoned() = Some(step.into());
+        };
+        *self.hotplug.cpus[cpu].fail.lock_unpoisoned() = Some(id);
         Ok(())
     }
 

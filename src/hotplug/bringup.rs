@@ -2,17 +2,15 @@
 //! thread and run the handshake of `handshake.rs` with it; on the way down, `take_cpu_down`
 //! under stop_machine, then wait for the thread to report DEAD and reap it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::ap::{self, ApFail, ApPlan};
-use super::handshake::{self, GiveUp, DEAD, FAILED, KICKED, ONLINE, PARKED, SHOULD_DIE};
+use super::handshake::{GiveUp, HsState};
 use super::layer::HotplugLayer;
-use super::states::Table;
+use super::states::{StepId, Table};
 use super::HotplugError;
 use crate::cpu::clock::now_ns;
-use crate::cpu::futex;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::CpuRunState;
@@ -22,7 +20,7 @@ impl HotplugLayer {
     /// `bringup:cpu` (with the STARTING steps and `ap:online`, run by the AP): the kick, then
     /// the rest of the handshake.
     pub(super) fn bringup(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         inject: bool,
@@ -38,7 +36,7 @@ impl HotplugLayer {
     /// back to DEAD and offline; `Limbo` (the handshake left DEAD after the caller's check,
     /// which the hotplug lock rules out) leaves the handshake word as it found it.
     pub(super) fn bringup_kick(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         inject: bool,
@@ -61,11 +59,11 @@ impl HotplugLayer {
         });
         *hc.ap_failed.lock_unpoisoned() = None;
         self.stop().reset_cpu_for_bringup(cpu);
-        if !handshake::kick(&hc.handshake) {
+        if !hc.handshake.kick() {
             return Err(HotplugError::Limbo { cpu });
         }
-        if let Err(source) = s.spawn_cpu(cpu) {
-            hc.handshake.store(DEAD, Ordering::Release);
+        if let Err(source) = super::thread::spawn(self, cpu) {
+            hc.handshake.unkick();
             st.set_run_state(CpuRunState::Offline);
             return Err(HotplugError::Spawn { cpu, source });
         }
@@ -83,16 +81,16 @@ impl HotplugLayer {
         let timeout = s.boot_timeout;
         let deadline = kicked_at + timeout.as_nanos() as u64;
         loop {
-            if hc.handshake.load(Ordering::Acquire) != KICKED {
+            if hc.handshake.state() != HsState::Kicked {
                 break;
             }
             let now = now_ns();
             if now >= deadline {
                 let verdict = if s.machine().faults().is_broken(Broken::BringupWithoutCas) {
-                    hc.handshake.store(SHOULD_DIE, Ordering::Release); // blind: seed 003's bug
+                    hc.handshake.broken_give_up(); // blind: seed 003's bug
                     GiveUp::WillDie
                 } else {
-                    handshake::give_up(&hc.handshake)
+                    hc.handshake.give_up()
                 };
                 match verdict {
                     GiveUp::WillDie => {
@@ -108,20 +106,18 @@ impl HotplugLayer {
                     GiveUp::Alive => break,
                 }
             }
-            futex::spin_then_wait(
-                &hc.handshake,
-                KICKED,
+            hc.handshake.wait_while(
+                HsState::Kicked,
                 s.handshake_spin(),
                 Some(Duration::from_nanos(deadline - now)),
             );
         }
         // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
-        let committed = handshake::commit(&hc.handshake);
+        let committed = hc.handshake.commit();
         debug_assert!(
             committed || s.machine().faults().is_broken(Broken::BringupWithoutCas),
             "an AP past KICKED must be ALIVE"
         );
-        futex::wake(&hc.handshake, 1);
         Ok(())
     }
 
@@ -135,31 +131,25 @@ impl HotplugLayer {
         // After the commit the AP runs only STARTING steps, which must not block; this wait is
         // therefore unbounded by design, with a warning each boot timeout.
         loop {
-            match hc.handshake.load(Ordering::Acquire) {
-                ONLINE => {
+            match hc.handshake.state() {
+                HsState::Online => {
                     tracing::debug!("smpboot: CPU{cpu} is up");
                     return Ok(t.ap_online() + 1);
                 }
-                PARKED => {
+                HsState::Parked => {
                     tracing::warn!(
                         "smpboot: CPU{cpu} parked at its ONLINE step: a stop is in progress"
                     );
                     return Err(HotplugError::Parked { cpu });
                 }
-                FAILED | DEAD => {
+                HsState::Failed | HsState::Dead => {
                     self.wait_dead(cpu, None);
                     let (step, reason) = hc
                         .ap_failed
                         .lock_unpoisoned()
                         .take()
-                        .unwrap_or_else(|| ("bringup:cpu".into(), "AP died".into()));
-                    tracing::warn!("cpuhp: CPU{cpu} STARTING step {step} failed: {reason}");
-                    return Err(HotplugError::StepFailed {
-                        cpu,
-                        step,
-                        up: true,
-                        reason,
-                    });
+                        .unwrap_or((StepId::Bringup, "the CPU's thread died"));
+                    return Err(self.failed_step(cpu, t, step, true, reason));
                 }
                 _ if st.is_stopped() => {
                     // A stop caught the AP between its commit and its ONLINE report (the NMI
@@ -168,13 +158,12 @@ impl HotplugLayer {
                     return Err(HotplugError::Parked { cpu });
                 }
                 v => {
-                    futex::spin_then_wait(
-                        &hc.handshake,
+                    hc.handshake.wait_while(
                         v,
                         s.handshake_spin(),
                         Some(Duration::from_millis(10).min(timeout)),
                     );
-                    if hc.handshake.load(Ordering::Acquire) == v {
+                    if hc.handshake.state() == v {
                         tracing::warn!("smpboot: CPU{cpu} still running its STARTING steps");
                     }
                 }
@@ -188,8 +177,8 @@ impl HotplugLayer {
         let hc = &s.hotplug.cpus[cpu];
         let deadline = timeout.map(|d| now_ns() + d.as_nanos() as u64);
         loop {
-            let v = hc.handshake.load(Ordering::Acquire);
-            if v == DEAD {
+            let v = hc.handshake.state();
+            if v == HsState::Dead {
                 break;
             }
             let nap = match deadline {
@@ -203,7 +192,7 @@ impl HotplugLayer {
                 None => Duration::from_millis(10),
             };
             // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
-            futex::wait(&hc.handshake, v, Some(nap));
+            hc.handshake.wait_while(v, Duration::ZERO, Some(nap));
         }
         if let Some(h) = s.machine().cpus()[cpu].take_thread() {
             let _ = h.join();
@@ -236,23 +225,20 @@ impl HotplugLayer {
         );
         match r {
             Ok(()) => {}
-            Err(crate::stop::machine::StopMachineError::Failed { code, .. })
-                if code >= -3 && code != -1 =>
-            {
-                let name = match code {
-                    -2 => "ap:online".to_string(),
-                    -3 => "bringup:cpu".to_string(),
-                    k => plan.steps[k as usize].name.clone(),
-                };
-                let k = t.steps.iter().position(|x| x.name == name).unwrap_or(0);
-                let why = if fail == ApFail::None {
-                    "DYING callback returned an error"
-                } else {
-                    "injected failure"
-                };
-                return Err(self.failed(cpu, t, k, false, why.into()));
+            Err(e) => {
+                // A step of take_cpu_down failed (and was undone): name it.
+                if let crate::stop::machine::StopMachineError::Failed { code, .. } = &e {
+                    if let Some(step) = ApFail::from_code(*code).and_then(|f| f.step(&plan)) {
+                        let why = if fail == ApFail::None {
+                            "DYING callback returned an error"
+                        } else {
+                            "injected failure"
+                        };
+                        return Err(self.failed_step(cpu, t, step, false, why));
+                    }
+                }
+                return Err(e.into());
             }
-            Err(e) => return Err(e.into()),
         }
         let st = &s.machine().cpus()[cpu];
         st.request_exit();

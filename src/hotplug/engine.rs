@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use super::ap::ApFail;
 use super::layer::HotplugLayer;
-use super::states::{Kind, Section, Table};
+use super::states::{Kind, Section, StepId, Table};
 use super::HotplugError;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
@@ -31,7 +31,7 @@ impl HotplugLayer {
     /// Consumes an injected failure for step `k`, if it targets it.
     pub(super) fn injected(&self, t: &Table, cpu: CpuId, k: usize) -> bool {
         let mut f = self.hotplug.cpus[cpu].fail.lock_unpoisoned();
-        if f.as_deref() == Some(t.steps[k].name.as_str()) {
+        if *f == Some(t.steps[k].id()) {
             *f = None;
             true
         } else {
@@ -42,22 +42,20 @@ impl HotplugLayer {
     /// Takes an injected failure aimed at a step that runs on the CPU itself.
     pub(super) fn injected_ap(&self, t: &Table, cpu: CpuId, down: bool) -> ApFail {
         let mut f = self.hotplug.cpus[cpu].fail.lock_unpoisoned();
-        let Some(name) = f.as_deref() else {
-            return ApFail::None;
-        };
-        let hit = if name == "ap:online" {
-            ApFail::ApOnline
-        } else if name == "bringup:cpu" && down {
-            ApFail::Bringup
-        } else if let Some(k) = t.starting().iter().position(|s| s.name == name) {
-            ApFail::Step(k)
-        } else {
-            return ApFail::None;
+        let hit = match *f {
+            Some(StepId::ApOnline) => ApFail::ApOnline,
+            Some(StepId::Bringup) if down => ApFail::Bringup,
+            Some(id @ StepId::User(_)) => match t.starting().iter().position(|s| s.id() == id) {
+                Some(k) => ApFail::Step(k),
+                None => return ApFail::None,
+            },
+            _ => return ApFail::None,
         };
         *f = None;
         hit
     }
 
+    /// The error for step `k` of `t` failing on `cpu`, logged.
     pub(super) fn failed(
         &self,
         cpu: CpuId,
@@ -66,28 +64,45 @@ impl HotplugLayer {
         up: bool,
         reason: String,
     ) -> HotplugError {
+        self.failed_step(cpu, t, t.steps[k].id(), up, &reason)
+    }
+
+    /// The error for step `step` failing on `cpu`, logged.
+    pub(super) fn failed_step(
+        &self,
+        cpu: CpuId,
+        t: &Table,
+        step: StepId,
+        up: bool,
+        reason: &str,
+    ) -> HotplugError {
+        let step = t.name_of(step);
         tracing::warn!(
-            "cpuhp: CPU{cpu} step {} failed on the way {}: {reason}",
-            t.steps[k].name,
+            "cpuhp: CPU{cpu} step {step} failed on the way {}: {reason}",
             if up { "up" } else { "down" }
         );
         HotplugError::StepFailed {
             cpu,
-            step: t.steps[k].name.clone(),
+            step,
             up,
-            reason,
+            reason: reason.to_string(),
         }
     }
 
     /// Step 2: startups from `from`; on failure, undo down to `from`.
-    pub(super) fn walk_up(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+    pub(super) fn walk_up(
+        self: &Arc<Self>,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+    ) -> Result<(), HotplugError> {
         self.walk_up_span(t, cpu, from, t.steps.len(), from)
     }
 
     /// Startups from `from` until at least `to` steps are done; on failure, undo down to
     /// `base` (at most `from`), so an operation that walks in spans rolls back as one.
     pub(super) fn walk_up_span(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         from: usize,
@@ -108,14 +123,19 @@ impl HotplugLayer {
     }
 
     /// Step 3: teardowns from `from` down to step 0; on failure, redo up to `from`.
-    pub(super) fn walk_down(&self, t: &Table, cpu: CpuId, from: usize) -> Result<(), HotplugError> {
+    pub(super) fn walk_down(
+        self: &Arc<Self>,
+        t: &Table,
+        cpu: CpuId,
+        from: usize,
+    ) -> Result<(), HotplugError> {
         self.walk_down_to(t, cpu, from, 0)
     }
 
     /// Teardowns from `from` down to `to` (`to` steps stay done); on failure, redo up to
     /// `from`, so the CPU is back where it started.
     pub(super) fn walk_down_to(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         from: usize,
@@ -163,7 +183,7 @@ impl HotplugLayer {
         let _ = self.teardown_anyway(t, cpu, done, to, false);
     }
 
-    pub(super) fn rollback_up(&self, t: &Table, cpu: CpuId, mut done: usize, to: usize) {
+    pub(super) fn rollback_up(self: &Arc<Self>, t: &Table, cpu: CpuId, mut done: usize, to: usize) {
         while done < to {
             match self.step_up(t, cpu, done, false) {
                 Ok(next) => done = next,
@@ -177,7 +197,7 @@ impl HotplugLayer {
 
     /// Runs startup of step `k`; returns how many steps are done afterwards.
     pub(super) fn step_up(
-        &self,
+        self: &Arc<Self>,
         t: &Table,
         cpu: CpuId,
         k: usize,

@@ -1,6 +1,6 @@
 //! `HotplugLayer`: the hotplug layer's part of a runtime — the step table and its lock, the
-//! disable count, the per-CPU handshake words, the boot timeout, and the hook that starts a
-//! CPU's thread — on top of the [`StopLayer`] it holds (reached by `stop()`).
+//! disable count, the per-CPU handshake words, the boot timeout, and what its CPU threads need
+//! (`thread.rs`) — on top of the [`StopLayer`] it holds (reached by `stop()`).
 
 use std::time::Duration;
 
@@ -10,11 +10,6 @@ use crate::cpu::mask::CpuId;
 use crate::ipi::layer::IpiLayer;
 use crate::stop::layer::StopLayer;
 
-/// Starts CPU `cpu`'s thread (the runtime's CPU thread, which runs `ap::ap_boot` first and
-/// `ap::ap_exit` last). Registered by the runtime at build: the thread's body is the runtime's
-/// idle loop, a layer above this one. The caller has reset the CPU's state.
-pub(crate) type SpawnCpu = Box<dyn Fn(CpuId) -> std::io::Result<()> + Send + Sync>;
-
 /// The hotplug layer's state of one runtime, over its stop layer.
 pub(crate) struct HotplugLayer {
     stop_layer: StopLayer,
@@ -22,7 +17,8 @@ pub(crate) struct HotplugLayer {
     pub(super) hotplug: HotplugState,
     /// How long bring-up waits for a CPU (and teardown for its thread).
     pub(super) boot_timeout: Duration,
-    spawn: SpawnCpu,
+    /// The CPU threads' configuration and shared flags (`thread.rs`).
+    pub(super) threads: super::thread::Threads,
 }
 
 impl HotplugLayer {
@@ -37,10 +33,7 @@ impl HotplugLayer {
     /// Whether `cpu`'s bring-up handshake is at rest (DEAD): no thread of it runs or is
     /// coming, so it may be brought up.
     pub(crate) fn handshake_dead(&self, cpu: CpuId) -> bool {
-        self.hotplug.cpus[cpu]
-            .handshake
-            .load(std::sync::atomic::Ordering::Acquire)
-            == super::handshake::DEAD
+        self.hotplug.cpus[cpu].handshake.state() == super::handshake::HsState::Dead
     }
 
     /// How long a handshake wait spins before it sleeps: [`futex::HANDSHAKE_SPIN`] when every
@@ -61,7 +54,9 @@ impl HotplugLayer {
     /// checking the name: for the crate's own tests.
     #[cfg(test)]
     pub(crate) fn fail_next_step(&self, cpu: CpuId, step: &str) {
-        *self.hotplug.cpus[cpu].fail.lock().unwrap() = Some(step.into());
+        let id = self.hotplug.lock.lock().unwrap().by_name(step);
+        assert!(id.is_some(), "no hotplug step {step}");
+        *self.hotplug.cpus[cpu].fail.lock().unwrap() = id;
     }
 }
 
@@ -86,19 +81,18 @@ impl HotplugLayer {
 }
 
 impl HotplugLayer {
-    /// The hotplug layer over `stop`, starting CPU threads with `spawn`.
-    pub(crate) fn new(stop: StopLayer, boot_timeout: Duration, spawn: SpawnCpu) -> Self {
+    /// The hotplug layer over `stop`; its CPU threads are configured by `threads`.
+    pub(crate) fn new(
+        stop: StopLayer,
+        boot_timeout: Duration,
+        threads: super::thread::ThreadConfig,
+    ) -> Self {
         let n = stop.machine().cpus().len();
         HotplugLayer {
             stop_layer: stop,
             hotplug: HotplugState::new(n),
             boot_timeout,
-            spawn,
+            threads: super::thread::Threads::new(threads),
         }
-    }
-
-    /// Starts CPU `cpu`'s thread through the runtime's hook.
-    pub(super) fn spawn_cpu(&self, cpu: CpuId) -> std::io::Result<()> {
-        (self.spawn)(cpu)
     }
 }

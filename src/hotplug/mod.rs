@@ -3,12 +3,13 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `layer.rs` | `HotplugLayer`: this layer's state over the stop layer, and the CPU-thread spawn hook |
+//! | `layer.rs` | `HotplugLayer`: this layer's state over the stop layer |
 //! | `api.rs` | the public API: `cpu_up`, `cpu_down`, `setup_state`, disable/enable, probes |
 //! | `states.rs` | the step table and `Section` (`cpuhp_hp_states[]`) |
 //! | `engine.rs` | the step engine: walk the table up or down, roll back a failed walk |
 //! | `handshake.rs` | the bring-up handshake (`cpuhp_ap_sync`), loom-checked |
 //! | `bringup.rs` | the controller's side of bring-up and tear-down (spawn, handshake, reap) |
+//! | `thread.rs` | the CPU's thread (smpboot): start-up, the idle loop, jobs, the dying flush, exit |
 //! | `ap.rs` | what runs on the CPU itself: boot, STARTING steps, going online, DYING, exit |
 //! | `migrate.rs` | `sched:active` teardown: queued jobs move to another CPU |
 //! | `shutdown.rs` | the kexec path's shutdown of all non-boot CPUs, on the same engine |
@@ -27,6 +28,7 @@ pub(crate) mod layer;
 mod migrate;
 mod shutdown;
 pub mod states;
+pub(crate) mod thread;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Mutex;
@@ -200,15 +202,15 @@ pub enum HotplugError {
 /// Per-CPU hotplug bookkeeping.
 pub(crate) struct HpCpu {
     /// The handshake word (`handshake.rs`).
-    pub(super) handshake: crate::sync::AtomicU32,
+    pub(super) handshake: handshake::Handshake,
     /// Whether this CPU's thread holds an `init_mm` reference.
     pub(super) has_ref: AtomicBool,
     /// Fault injection: the step that fails next (one-shot, either direction).
-    pub(super) fail: Mutex<Option<String>>,
+    pub(super) fail: Mutex<Option<states::StepId>>,
     /// What the AP runs during bring-up, prepared by the controller.
     pub(super) plan: Mutex<Option<ap::ApPlan>>,
     /// A STARTING step the AP reported as failed: (step, reason).
-    pub(super) ap_failed: Mutex<Option<(String, String)>>,
+    pub(super) ap_failed: Mutex<Option<(states::StepId, &'static str)>>,
 }
 
 /// Runtime-wide hotplug state (lives in the hotplug layer, `layer.rs`).
@@ -233,7 +235,7 @@ impl HotplugState {
             reboot_cpu: std::sync::atomic::AtomicUsize::new(usize::MAX),
             cpus: (0..n)
                 .map(|_| HpCpu {
-                    handshake: crate::sync::AtomicU32::new(handshake::DEAD),
+                    handshake: handshake::Handshake::new(),
                     has_ref: AtomicBool::new(false),
                     fail: Mutex::new(None),
                     plan: Mutex::new(None),

@@ -18,7 +18,7 @@ impl HotplugLayer {
     /// stop_machine round per CPU. A CPU whose ONLINE or DYING teardown fails is rolled back
     /// and reported; the others still go down.
     pub(crate) fn cpu_down_many_for_kexec(
-        &self,
+        self: &Arc<Self>,
         cpus: &[CpuId],
     ) -> Vec<(CpuId, Result<(), HotplugError>)> {
         let Ok(t) = self.hp_lock("kexec shutdown") else {

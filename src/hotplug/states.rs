@@ -42,6 +42,34 @@ pub type StepFn = Arc<dyn Fn(CpuId) -> StepResult + Send + Sync>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StateId(pub(crate) u64);
 
+/// A step of the table by identity: the built-in steps by name, a user step by the id
+/// `setup_state` gave it. Fault injection, the AP's failure report and errors name steps by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StepId {
+    /// `smpcfd:prepare`.
+    SmpcfdPrepare,
+    /// `bringup:cpu`.
+    Bringup,
+    /// `ap:online`.
+    ApOnline,
+    /// `sched:active`.
+    SchedActive,
+    /// A step added with `setup_state`.
+    User(StateId),
+}
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepId::SmpcfdPrepare => f.write_str("smpcfd:prepare"),
+            StepId::Bringup => f.write_str("bringup:cpu"),
+            StepId::ApOnline => f.write_str("ap:online"),
+            StepId::SchedActive => f.write_str("sched:active"),
+            StepId::User(StateId(n)) => write!(f, "state #{n}"),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) enum Kind {
     SmpcfdPrepare,
@@ -63,11 +91,22 @@ pub(crate) struct Step {
 }
 
 impl Step {
-    fn builtin(name: &str, section: Section, kind: Kind) -> Self {
+    fn builtin(id: StepId, section: Section, kind: Kind) -> Self {
         Step {
-            name: name.into(),
+            name: id.to_string(),
             section,
             kind,
+        }
+    }
+
+    /// Which step this is.
+    pub(crate) fn id(&self) -> StepId {
+        match &self.kind {
+            Kind::SmpcfdPrepare => StepId::SmpcfdPrepare,
+            Kind::Bringup => StepId::Bringup,
+            Kind::ApOnline => StepId::ApOnline,
+            Kind::SchedActive => StepId::SchedActive,
+            Kind::User { id, .. } => StepId::User(*id),
         }
     }
 }
@@ -83,25 +122,47 @@ impl Table {
     pub(crate) fn new() -> Self {
         Table {
             steps: vec![
-                Step::builtin("smpcfd:prepare", Section::Prepare, Kind::SmpcfdPrepare),
-                Step::builtin("bringup:cpu", Section::Prepare, Kind::Bringup),
-                Step::builtin("ap:online", Section::Starting, Kind::ApOnline),
-                Step::builtin("sched:active", Section::Online, Kind::SchedActive),
+                Step::builtin(StepId::SmpcfdPrepare, Section::Prepare, Kind::SmpcfdPrepare),
+                Step::builtin(StepId::Bringup, Section::Prepare, Kind::Bringup),
+                Step::builtin(StepId::ApOnline, Section::Starting, Kind::ApOnline),
+                Step::builtin(StepId::SchedActive, Section::Online, Kind::SchedActive),
             ],
             next_id: 1,
         }
     }
 
-    pub(crate) fn index_of(&self, pred: impl Fn(&Kind) -> bool) -> usize {
-        self.steps.iter().position(|s| pred(&s.kind)).unwrap_or(0)
+    /// Where step `id` is, if it is in the table.
+    pub(crate) fn index(&self, id: StepId) -> Option<usize> {
+        self.steps.iter().position(|s| s.id() == id)
     }
 
+    /// The step called `name` (the first, if two user steps share it).
+    pub(crate) fn by_name(&self, name: &str) -> Option<StepId> {
+        self.steps.iter().find(|s| s.name == name).map(Step::id)
+    }
+
+    /// How step `id` is named in messages: its name, or its id if it has left the table.
+    pub(crate) fn name_of(&self, id: StepId) -> String {
+        self.index(id)
+            .map_or_else(|| id.to_string(), |k| self.steps[k].name.clone())
+    }
+
+    fn count(&self, section: Section) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| s.section == section && matches!(s.kind, Kind::User { .. }))
+            .count()
+    }
+
+    /// Index of `bringup:cpu`: after `smpcfd:prepare` and the user PREPARE steps. (Computed
+    /// from the layout that `new` and `insert` keep, not searched for.)
     pub(crate) fn bringup(&self) -> usize {
-        self.index_of(|k| matches!(k, Kind::Bringup))
+        1 + self.count(Section::Prepare)
     }
 
+    /// Index of `ap:online`: after `bringup:cpu` and the user STARTING steps.
     pub(crate) fn ap_online(&self) -> usize {
-        self.index_of(|k| matches!(k, Kind::ApOnline))
+        self.bringup() + 1 + self.count(Section::Starting)
     }
 
     /// Inserts a user step at the end of its section; returns its id and index.
@@ -176,5 +237,10 @@ mod tests {
         );
         assert_eq!(t.find(id), Some(6));
         assert_eq!(t.starting().len(), 1);
+        assert_eq!(t.index(StepId::Bringup), Some(t.bringup()));
+        assert_eq!(t.index(StepId::ApOnline), Some(t.ap_online()));
+        assert_eq!(t.by_name("c:online"), Some(StepId::User(id)));
+        assert_eq!(t.by_name("sched:active"), Some(StepId::SchedActive));
+        assert_eq!(t.by_name("nope"), None);
     }
 }

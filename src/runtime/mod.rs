@@ -27,5 +27,4 @@ pub(crate) mod liveness;
 pub(crate) mod logger;
 pub mod percpu;
 pub mod rt;
-pub(crate) mod thread;
 pub mod trace;

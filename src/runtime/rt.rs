@@ -2,7 +2,7 @@
 //! and other threads use), and `Shared`, the state every thread of one runtime points at.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::builder::Config;
@@ -13,8 +13,8 @@ use crate::cpu::events::Event;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::machine::Machine;
 use crate::cpu::mask::{CpuId, CpuMask};
-use crate::cpu::state::{CpuRunState, CpuState};
-use crate::hotplug::layer::{HotplugLayer, SpawnCpu};
+use crate::cpu::state::CpuRunState;
+use crate::hotplug::layer::HotplugLayer;
 use crate::hotplug::HotplugError;
 use crate::ipi::layer::IpiLayer;
 use crate::stop::layer::StopLayer;
@@ -25,9 +25,9 @@ static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 /// part; the layers' parts are below it, each reached by name: [`Shared::hotplug`],
 /// [`Shared::stop`], [`Shared::ipi`], [`Shared::machine`].
 pub(crate) struct Shared {
-    hotplug_layer: HotplugLayer,
+    /// Held by every CPU thread too (`hotplug/thread.rs`).
+    hotplug_layer: Arc<HotplugLayer>,
     pub(super) cfg: Config,
-    pin_warned: AtomicBool,
     shut: AtomicBool,
     logger: Mutex<Option<Logger>>,
     /// A kexec or crash-kexec has started in this image (exactly one proceeds).
@@ -79,7 +79,7 @@ impl Shared {
 impl Shared {
     /// The `hotplug` layer: step table, handshakes, `cpu_up`/`cpu_down`.
     #[inline]
-    pub(crate) fn hotplug(&self) -> &HotplugLayer {
+    pub(crate) fn hotplug(&self) -> &Arc<HotplugLayer> {
         &self.hotplug_layer
     }
 
@@ -103,22 +103,6 @@ impl Shared {
 }
 
 impl Shared {
-    /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
-    /// unpinned if the host refuses.
-    pub(crate) fn pin_current(&self, st: &CpuState) {
-        if !self.cfg.pin || self.machine().cores().is_empty() {
-            return;
-        }
-        let core = self.machine().cores()[st.id() % self.machine().cores().len()];
-        if crate::cpu::affinity::pin_current(core) {
-            st.set_core(core.id);
-        } else if !self.pin_warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
-            );
-        }
-    }
-
     pub(crate) fn drain_events(&self) -> Vec<Event> {
         match &*self.logger.lock_unpoisoned() {
             Some(l) => l.take_trace(),
@@ -132,6 +116,7 @@ impl Shared {
         if self.shut.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.hotplug().close_threads();
         if self.forked() {
             // A fork child has none of the CPU or logger threads: nothing to stop or join, and
             // their join handles and locks are the parent's (a lock held by one of its threads
@@ -279,27 +264,21 @@ impl Runtime {
         );
         let ipi = IpiLayer::new(machine, cfg.csd_pool, cfg.signals, cfg.call_timeout);
         let stop = StopLayer::new(ipi, cfg.park, cfg.stop.clone());
-        let shared = Arc::new_cyclic(|me: &Weak<Shared>| {
-            // Hotplug's bring-up starts CPU threads through this hook: the thread's body (the
-            // idle loop) is this layer's. A weak reference, or the runtime would own itself;
-            // whoever brings a CPU up holds a `Handle`, so the upgrade succeeds.
-            let me = me.clone();
-            let spawn: SpawnCpu = Box::new(move |cpu| match me.upgrade() {
-                // A cpu_up that raced with shutdown must not start a thread nobody joins.
-                Some(shared) if shared.usable().is_ok() => super::thread::spawn_cpu(&shared, cpu),
-                Some(_) => Err(std::io::Error::other("the runtime has shut down")),
-                None => Err(std::io::Error::other("the runtime is being dropped")),
-            });
-            Shared {
-                hotplug_layer: HotplugLayer::new(stop, cfg.boot_timeout, spawn),
-                pin_warned: AtomicBool::new(false),
-                shut: AtomicBool::new(false),
-                logger: Mutex::new(None),
-                kexec_in_progress: AtomicBool::new(false),
-                builder_pid: std::process::id(),
-                fork_epoch,
-                cfg,
-            }
+        let threads = crate::hotplug::thread::ThreadConfig {
+            name: cfg.name.clone(),
+            pin: cfg.pin,
+            signals: cfg.signals,
+            signal_stack: cfg.signal_stack,
+            idle: cfg.idle,
+        };
+        let shared = Arc::new(Shared {
+            hotplug_layer: Arc::new(HotplugLayer::new(stop, cfg.boot_timeout, threads)),
+            shut: AtomicBool::new(false),
+            logger: Mutex::new(None),
+            kexec_in_progress: AtomicBool::new(false),
+            builder_pid: std::process::id(),
+            fork_epoch,
+            cfg,
         });
         for c in 0..n {
             shared.machine().possible().set(c);
@@ -477,7 +456,7 @@ impl Handle {
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
         let mut job = crate::cpu::state::Job::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            super::thread::job_user_code_done();
+            crate::hotplug::thread::job_user_code_done();
             let _ = tx.send(r.map_err(|p| {
                 p.downcast_ref::<&str>()
                     .map(|s| s.to_string())

@@ -1,43 +1,120 @@
-//! The logical CPU's thread: start-up (TLS, tid, pinning), the boot hook, the idle loop that
-//! runs jobs and serves the call queue, and exit.
+//! The logical CPU's thread (the kernel's smpboot: `secondary_start_kernel` +
+//! `cpu_startup_entry`): start-up (TLS, tid, pinning, signal stack), the AP side of the
+//! bring-up handshake (`ap.rs`), the idle loop that runs jobs and serves the call queue, the
+//! dying CPU's last flush, and the exit report that bring-up and tear-down wait for.
+//!
+//! Hotplug starts it (`bringup.rs`) and reaps it; the thread holds an `Arc` to the hotplug
+//! layer, which holds every layer below, so the state outlives every thread that points at it.
+//! From the runtime it needs only [`ThreadConfig`].
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::rt::Shared;
+use super::layer::HotplugLayer;
 use crate::cpu::context::{irq_restore, irq_save};
+use crate::cpu::idle::IdlePolicy;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::{CpuRunState, CpuState};
+use crate::ipi::signal::Signals;
 
-/// Spawns CPU `cpu`'s thread. The caller (hotplug's bring-up) has reset its per-CPU state.
-pub(crate) fn spawn_cpu(shared: &Arc<Shared>, cpu: CpuId) -> std::io::Result<()> {
-    let s = shared.clone();
+/// What a CPU thread takes from the runtime's configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct ThreadConfig {
+    /// Thread names are `{name}-cpu{N}`.
+    pub name: String,
+    /// Pin each CPU thread to a host core, round-robin over the allowed ones.
+    pub pin: bool,
+    /// The IPI and NMI signals the thread must not block.
+    pub signals: Signals,
+    /// Size of the alternate signal stack IPI callbacks run on.
+    pub signal_stack: usize,
+    /// How the idle loop waits for work.
+    pub idle: IdlePolicy,
+}
+
+/// The thread side of the hotplug layer: its configuration, and the two flags CPU threads
+/// share.
+#[derive(Debug)]
+pub(crate) struct Threads {
+    pub(super) config: ThreadConfig,
+    /// Warned once that pinning failed.
+    pin_warned: AtomicBool,
+    /// No thread may start any more (the runtime is shutting down).
+    closed: AtomicBool,
+}
+
+impl Threads {
+    pub(super) fn new(config: ThreadConfig) -> Self {
+        Threads {
+            config,
+            pin_warned: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl HotplugLayer {
+    /// The CPU threads' configuration.
+    pub(crate) fn thread_config(&self) -> &ThreadConfig {
+        &self.threads.config
+    }
+
+    /// From now on no CPU thread starts: a `cpu_up` that raced with shutdown fails with
+    /// `Spawn` instead of starting a thread nobody joins.
+    pub(crate) fn close_threads(&self) {
+        self.threads.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
+    /// unpinned if the host refuses.
+    fn pin_current(&self, st: &CpuState) {
+        let cores = self.machine().cores();
+        if !self.threads.config.pin || cores.is_empty() {
+            return;
+        }
+        let core = cores[st.id() % cores.len()];
+        if crate::cpu::affinity::pin_current(core) {
+            st.set_core(core.id);
+        } else if !self.threads.pin_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
+            );
+        }
+    }
+}
+
+/// Starts CPU `cpu`'s thread. The caller (bring-up) has reset its per-CPU state.
+pub(super) fn spawn(hp: &Arc<HotplugLayer>, cpu: CpuId) -> std::io::Result<()> {
+    if hp.threads.closed.load(Ordering::SeqCst) {
+        return Err(std::io::Error::other("the runtime has shut down"));
+    }
+    let me = hp.clone();
     let handle = std::thread::Builder::new()
-        .name(format!("{}-cpu{}", shared.cfg.name, cpu))
-        .spawn(move || cpu_main(s, cpu))?;
-    let st = &shared.machine().cpus()[cpu];
+        .name(format!("{}-cpu{}", hp.threads.config.name, cpu))
+        .spawn(move || cpu_main(me, cpu))?;
+    let st = &hp.machine().cpus()[cpu];
     let old = st.set_thread(handle);
     // A previous thread of this CPU has already been joined or reported by whoever took it down.
     drop(old);
     Ok(())
 }
 
-/// The thread of a logical CPU (`secondary_start_kernel` + `cpu_startup_entry`): the AP side of
-/// the bring-up handshake, the idle loop, and the exit report that hotplug waits for.
-fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
-    let layers: &crate::stop::layer::StopLayer = shared.stop();
-    // SAFETY: this frame holds an Arc to `shared`, which contains `layers`, until after the
-    // pointers are cleared below.
-    unsafe { crate::stop::layer::set_current(Some(layers), cpu) };
-    let st = &shared.machine().cpus()[cpu];
+/// The thread of a logical CPU: the AP side of the bring-up handshake, the idle loop, and the
+/// exit report that hotplug waits for.
+fn cpu_main(hp: Arc<HotplugLayer>, cpu: CpuId) {
+    let cfg = &hp.threads.config;
+    // SAFETY: this frame holds an Arc to the hotplug layer, which contains the stop layer,
+    // until after the pointers are cleared below.
+    unsafe { crate::stop::layer::set_current(Some(hp.stop()), cpu) };
+    let st = &hp.machine().cpus()[cpu];
     // Whatever mask the thread inherited (the caller of `build()` or `cpu_up` may block the
     // real-time signals), this CPU takes its IPIs and NMIs.
-    crate::ipi::signal::unblock_on_cpu_thread(&shared.cfg.signals);
+    crate::ipi::signal::unblock_on_cpu_thread(&cfg.signals);
     st.set_tid(crate::ipi::signal::gettid());
-    shared.pin_current(st);
+    hp.pin_current(st);
     // Before anything can signal this thread: IPI callbacks run on this stack.
-    let altstack = match crate::ipi::signal::AltStack::install(shared.cfg.signal_stack) {
+    let altstack = match crate::ipi::signal::AltStack::install(cfg.signal_stack) {
         Ok(a) => Some(a),
         Err(e) => {
             tracing::error!(
@@ -46,26 +123,26 @@ fn cpu_main(shared: Arc<Shared>, cpu: CpuId) {
             None
         }
     };
-    if crate::hotplug::ap::ap_boot(shared.hotplug(), st) {
-        idle_loop(&shared, st);
+    if super::ap::ap_boot(&hp, st) {
+        idle_loop(&hp, st);
     }
-    if shared.stop().stop_cpu(st.id()).is_powered_off() {
+    if hp.stop().stop_cpu(st.id()).is_powered_off() {
         // Powered off by a stop: tear down after it has finished (bounded; see there).
-        shared.stop().wait_for_stop_done();
+        hp.stop().wait_for_stop_done();
     }
     drop(altstack);
     st.set_tid(0);
     // SAFETY: clearing the pointers; nothing uses them afterwards on this thread.
     unsafe { crate::stop::layer::set_current(None, 0) };
     // Last: DEAD. A controller that sees it may start a new thread for this CPU.
-    crate::hotplug::ap::ap_exit(shared.hotplug(), st);
+    super::ap::ap_exit(&hp, st);
 }
 
-fn idle_loop(shared: &Shared, st: &CpuState) {
+fn idle_loop(hp: &HotplugLayer, st: &CpuState) {
     loop {
-        shared.machine().faults().preempt_point();
+        hp.machine().faults().preempt_point();
         if st.exit_requested() {
-            finish(shared, st);
+            finish(hp, st);
             return;
         }
         // `take_job` marks the CPU as holding a job before it looks, so a CPU being
@@ -73,35 +150,35 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
         while let Some(job) = st.take_job() {
             if st.idle().enter_running() {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
-                serve_if_queued(shared, st);
+                serve_if_queued(hp, st);
             }
-            if shared.stop().stop_cpu(st.id()).is_powered_off() {
+            if hp.stop().stop_cpu(st.id()).is_powered_off() {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
                 // reports `JobLost`); nothing of this image runs here any more.
                 drop(job);
                 st.set_in_job(false);
                 break;
             }
-            run_job(shared, st, job);
+            run_job(hp, st, job);
             if st.exit_requested() {
                 break;
             }
         }
-        if st.queue().peek() || shared.ipi().ipi_cpu(st.id()).vectors_pending() {
-            serve_calls(shared, st);
+        if st.queue().peek() || hp.ipi().ipi_cpu(st.id()).vectors_pending() {
+            serve_calls(hp, st);
             continue;
         }
         st.idle().wait_for_work(
-            shared.cfg.idle,
+            hp.thread_config().idle,
             || {
                 st.queue().peek()
                     || st.jobs_or_exit_hint()
-                    || shared.ipi().ipi_cpu(st.id()).vectors_pending()
+                    || hp.ipi().ipi_cpu(st.id()).vectors_pending()
             },
             || {
                 st.queue().has_work()
                     || st.jobs_or_exit_rmw()
-                    || shared.ipi().ipi_cpu(st.id()).vectors_pending_rmw()
+                    || hp.ipi().ipi_cpu(st.id()).vectors_pending_rmw()
             },
             || {
                 st.stats().polled.fetch_add(1, Ordering::Relaxed);
@@ -113,23 +190,23 @@ fn idle_loop(shared: &Shared, st: &CpuState) {
         // idle.rs step 4: a sleep ended in RUNNING, and a sender that saw SLEEPING or WAKING
         // (its job's wake-up in flight) rang no doorbell: serve before the next job starts.
         // (After a poll hit the CPU is still POLLING and the job loop's `enter_running` does it.)
-        serve_if_queued(shared, st);
+        serve_if_queued(hp, st);
     }
 }
 
 /// Serves the queue and vectors if an RMW read finds anything (idle.rs step 4).
-fn serve_if_queued(shared: &Shared, st: &CpuState) {
-    if st.queue().has_work() || shared.ipi().ipi_cpu(st.id()).vectors_pending_rmw() {
-        serve_calls(shared, st);
+fn serve_if_queued(hp: &HotplugLayer, st: &CpuState) {
+    if st.queue().has_work() || hp.ipi().ipi_cpu(st.id()).vectors_pending_rmw() {
+        serve_calls(hp, st);
     }
 }
 
 /// Takes pending vectors and queued calls from thread context, as IPI context (irqs masked).
 /// The idle loop is a safe point: a CPU powered off here leaves its loop at once.
-fn serve_calls(shared: &Shared, st: &CpuState) {
+fn serve_calls(hp: &HotplugLayer, st: &CpuState) {
     let f = irq_save();
-    if !crate::ipi::handler::take_vectors(shared.ipi(), st, std::ptr::null(), true) {
-        crate::ipi::handler::flush_queue(shared.ipi(), st);
+    if !crate::ipi::handler::take_vectors(hp.ipi(), st, std::ptr::null(), true) {
+        crate::ipi::handler::flush_queue(hp.ipi(), st);
     }
     irq_restore(f);
 }
@@ -145,12 +222,12 @@ pub(crate) fn job_user_code_done() {
     }
 }
 
-fn run_job(shared: &Shared, st: &CpuState, job: crate::cpu::state::Job) {
+fn run_job(hp: &HotplugLayer, st: &CpuState, job: crate::cpu::state::Job) {
     st.set_in_job(true);
     st.set_running_job(true);
     // A stop that came before `running_job` was set powered the CPU off at a safe point and
     // returned here: the job must not start. One that comes after it parks the CPU in the job.
-    if shared.stop().stop_cpu(st.id()).is_powered_off() {
+    if hp.stop().stop_cpu(st.id()).is_powered_off() {
         st.set_running_job(false);
         return;
     }
@@ -175,9 +252,9 @@ fn run_job(shared: &Shared, st: &CpuState, job: crate::cpu::state::Job) {
 
 /// Leaving the idle loop (shutdown, or after the dying steps of `cpu_down`): run the jobs still
 /// queued, close the call queue and run what it held, then mark the CPU offline.
-fn finish(shared: &Shared, st: &CpuState) {
+fn finish(hp: &HotplugLayer, st: &CpuState) {
     st.set_job_gate(false);
-    if shared.stop().stop_cpu(st.id()).is_powered_off() {
+    if hp.stop().stop_cpu(st.id()).is_powered_off() {
         // Stopped and powered off: nothing of this image may run here any more. Queued jobs
         // are dropped, so their handles report `JobLost`; queued calls stay unrun (their
         // synchronous senders time out).
@@ -185,22 +262,22 @@ fn finish(shared: &Shared, st: &CpuState) {
         return;
     }
     while let Some(job) = st.drain_job() {
-        run_job(shared, st, job);
+        run_job(hp, st, job);
     }
     let f = irq_save();
     // Re-checked with irqs masked: a stop that powered the CPU off after the check at the top
     // returned here, and nothing of this image may run any more.
-    if !shared.stop().stop_cpu(st.id()).is_powered_off()
-        && !shared
+    if !hp.stop().stop_cpu(st.id()).is_powered_off()
+        && !hp
             .machine()
             .faults()
             .is_broken(crate::inject::Broken::SkipDyingFlush)
     {
-        crate::ipi::handler::close_and_flush(shared.ipi(), st);
+        crate::ipi::handler::close_and_flush(hp.ipi(), st);
     }
     irq_restore(f);
-    shared.machine().online().clear(st.id());
-    shared.machine().active().clear(st.id());
+    hp.machine().online().clear(st.id());
+    hp.machine().active().clear(st.id());
     if !matches!(
         st.run_state(),
         CpuRunState::Offline | CpuRunState::PoweredOff | CpuRunState::Parked
