@@ -266,8 +266,8 @@ pub const TARGETS: &[Target] = &[
         "thread_spawn_join",
         "thread spawn + join (floor)",
         Latency,
-        Some(1.5),
-        "≤ 1.5×",
+        Some(0.5),
+        "≤ 0.5×",
     ),
     row(
         "send_stop_slope",

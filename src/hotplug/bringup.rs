@@ -44,10 +44,6 @@ impl HotplugLayer {
         let s = self;
         let st = &s.machine().cpus()[cpu];
         let hc = &s.hotplug.cpus[cpu];
-        // A previous thread has reported DEAD (checked by the caller): reap it.
-        if let Some(old) = st.take_thread() {
-            let _ = old.join();
-        }
         let fail = if inject {
             self.injected_ap(t, cpu, false)
         } else {
@@ -62,7 +58,8 @@ impl HotplugLayer {
         if !hc.handshake.kick() {
             return Err(HotplugError::Limbo { cpu });
         }
-        if let Err(source) = super::thread::spawn(self, cpu) {
+        // A previous thread has reported DEAD (checked by the caller): wake it or reap it.
+        if let Err(source) = super::thread::start(self, cpu) {
             hc.handshake.unkick();
             st.set_run_state(CpuRunState::Offline);
             return Err(HotplugError::Spawn { cpu, source });
@@ -194,8 +191,11 @@ impl HotplugLayer {
             // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
             hc.handshake.wait_while(v, Duration::ZERO, Some(nap));
         }
-        if let Some(h) = s.machine().cpus()[cpu].take_thread() {
-            let _ = h.join();
+        // A parked thread stays for the next cpu_up; any other is leaving: reap it.
+        if !self.thread_parked(cpu) {
+            if let Some(h) = s.machine().cpus()[cpu].take_thread() {
+                let _ = h.join();
+            }
         }
         true
     }
@@ -241,6 +241,8 @@ impl HotplugLayer {
             }
         }
         let st = &s.machine().cpus()[cpu];
+        // The thread parks when it leaves, for the next cpu_up (`thread.rs`).
+        self.keep_thread(cpu);
         st.request_exit();
         let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {

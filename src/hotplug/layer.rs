@@ -92,7 +92,7 @@ impl HotplugLayer {
             stop_layer: stop,
             hotplug: HotplugState::new(n),
             boot_timeout,
-            threads: super::thread::Threads::new(threads),
+            threads: super::thread::Threads::new(threads, n),
         }
     }
 }

@@ -137,6 +137,7 @@ impl Table {
     }
 
     /// The step called `name` (the first, if two user steps share it).
+    #[cfg(any(test, feature = "fault-injection"))]
     pub(crate) fn by_name(&self, name: &str) -> Option<StepId> {
         self.steps.iter().find(|s| s.name == name).map(Step::id)
     }

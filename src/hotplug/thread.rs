@@ -6,9 +6,36 @@
 //! Hotplug starts it (`bringup.rs`) and reaps it; the thread holds an `Arc` to the hotplug
 //! layer, which holds every layer below, so the state outlives every thread that points at it.
 //! From the runtime it needs only [`ThreadConfig`].
+//!
+//! ## Parking across offline time
+//!
+//! As the kernel keeps each CPU's idle task across hotplug (`idle_threads_get`) and parks its
+//! per-CPU threads (`kthread_park`), a CPU taken down by `cpu_down` keeps its thread: after
+//! the dying steps and its DEAD report it sleeps on its [`Parking`] word (offline, its queue
+//! closed, tid 0 so that nobody signals it), and `cpu_up` wakes it instead of spawning one.
+//! The bring-up handshake is unchanged (KICKED, ALIVE, commit, ONLINE), so every bring-up race
+//! stays covered. One word per CPU, moved by compare-and-swap:
+//!
+//! ```text
+//!   controller                            CPU thread
+//!   1. cpu_down, after take_cpu_down:
+//!      RUN -> KEEP, then ask it to leave
+//!                                         2. leaving its idle loop: CAS KEEP -> PARKED, then
+//!                                            DEAD in the handshake, then sleep while PARKED
+//!   3. cpu_up: DEAD -> KICKED in the
+//!      handshake, then CAS PARKED -> UNPARK
+//!      and wake                           4. UNPARK -> RUN, boot again (handshake step 2 on)
+//!   5. shutdown / kexec retire:
+//!      CAS KEEP or PARKED -> END, wake    6. END (or RUN: not asked to park, powered off by a
+//!                                            stop, a failed boot): the thread ends
+//! ```
+//!
+//! The controller reads PARKED only after DEAD (which the thread stores after its CAS), so a
+//! thread it sees DEAD and PARKED is asleep or about to be, and is not joined. Every change the
+//! sleeper waits for is a CAS away from PARKED followed by a wake, so no wake-up is lost.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::layer::HotplugLayer;
@@ -33,11 +60,91 @@ pub(crate) struct ThreadConfig {
     pub idle: IdlePolicy,
 }
 
-/// The thread side of the hotplug layer: its configuration, and the two flags CPU threads
-/// share.
+/// One CPU's parking word (the protocol at the top of this file).
+#[derive(Debug)]
+pub(crate) struct Parking(AtomicU32);
+
+/// The thread runs as its CPU, and ends when the CPU goes down.
+const RUN: u32 = 0;
+/// `cpu_down` asks it to park instead of ending.
+const KEEP: u32 = 1;
+/// Parked: offline and asleep on this word.
+const PARKED: u32 = 2;
+/// `cpu_up` kicked it: boot again.
+const UNPARK: u32 = 3;
+/// End the thread (shutdown, a kexec's retire).
+const END: u32 = 4;
+
+impl Parking {
+    fn new() -> Self {
+        Parking(AtomicU32::new(RUN))
+    }
+
+    /// Step 1 (controller, under the hotplug lock, the CPU running).
+    fn request_keep(&self) {
+        self.0.store(KEEP, Ordering::SeqCst);
+    }
+
+    /// Step 2 (thread): true if it must park.
+    fn begin_park(&self) -> bool {
+        self.0
+            .compare_exchange(KEEP, PARKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Whether the thread parked (controller, after it reported DEAD).
+    fn is_parked(&self) -> bool {
+        self.0.load(Ordering::Acquire) == PARKED
+    }
+
+    /// Step 3 (controller, after the kick): true if a parked thread was woken to boot.
+    fn unpark(&self) -> bool {
+        let ok = self
+            .0
+            .compare_exchange(PARKED, UNPARK, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if ok {
+            crate::cpu::futex::wake(&self.0, 1);
+        }
+        ok
+    }
+
+    /// Step 5: a thread asked to park, or parked, ends instead.
+    fn end(&self) {
+        for from in [KEEP, PARKED] {
+            if self
+                .0
+                .compare_exchange(from, END, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                crate::cpu::futex::wake(&self.0, 1);
+                return;
+            }
+        }
+    }
+
+    /// Step 4/6 (thread, parked): sleeps until unparked (true) or ended (false). Unbounded by
+    /// design: an offline CPU waits for `cpu_up`, a shutdown or a kexec, as long as that takes.
+    fn wait(&self) -> bool {
+        loop {
+            match self.0.load(Ordering::Acquire) {
+                UNPARK => {
+                    self.0.store(RUN, Ordering::Release);
+                    return true;
+                }
+                END => return false,
+                v => crate::cpu::futex::wait(&self.0, v, None),
+            }
+        }
+    }
+}
+
+/// The thread side of the hotplug layer: its configuration, each CPU's parking word, and the
+/// flags CPU threads share.
 #[derive(Debug)]
 pub(crate) struct Threads {
     pub(super) config: ThreadConfig,
+    parking: Box<[Parking]>,
     /// Warned once that pinning failed.
     pin_warned: AtomicBool,
     /// No thread may start any more (the runtime is shutting down).
@@ -45,9 +152,10 @@ pub(crate) struct Threads {
 }
 
 impl Threads {
-    pub(super) fn new(config: ThreadConfig) -> Self {
+    pub(super) fn new(config: ThreadConfig, cpus: usize) -> Self {
         Threads {
             config,
+            parking: (0..cpus).map(|_| Parking::new()).collect(),
             pin_warned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
@@ -61,9 +169,30 @@ impl HotplugLayer {
     }
 
     /// From now on no CPU thread starts: a `cpu_up` that raced with shutdown fails with
-    /// `Spawn` instead of starting a thread nobody joins.
+    /// `Spawn` instead of starting a thread nobody joins. Parked threads end.
     pub(crate) fn close_threads(&self) {
         self.threads.closed.store(true, Ordering::SeqCst);
+        self.end_parked_threads();
+    }
+
+    /// Every thread parked on an offline CPU, or asked to park, ends (shutdown; a kexec's
+    /// retire, after which no CPU of this image comes back). Does not wait for them: whoever
+    /// joins the CPU threads (`Runtime`'s drop) does.
+    pub(crate) fn end_parked_threads(&self) {
+        for p in self.threads.parking.iter() {
+            p.end();
+        }
+    }
+
+    /// `cpu_down`, once the CPU is offline and before it is asked to leave its idle loop: its
+    /// thread parks instead of ending.
+    pub(super) fn keep_thread(&self, cpu: CpuId) {
+        self.threads.parking[cpu].request_keep();
+    }
+
+    /// Whether CPU `cpu`'s thread is parked (read after its DEAD report): it is not joined.
+    pub(super) fn thread_parked(&self, cpu: CpuId) -> bool {
+        self.threads.parking[cpu].is_parked()
     }
 
     /// Pins the calling CPU thread round-robin over the allowed host cores; warns once and runs
@@ -84,10 +213,19 @@ impl HotplugLayer {
     }
 }
 
-/// Starts CPU `cpu`'s thread. The caller (bring-up) has reset its per-CPU state.
-pub(super) fn spawn(hp: &Arc<HotplugLayer>, cpu: CpuId) -> std::io::Result<()> {
+/// Starts CPU `cpu`'s thread, after the handshake's kick: wakes its parked thread, or reaps a
+/// previous one (which has reported DEAD) and spawns a new one. The caller (bring-up) has
+/// reset the CPU's per-CPU state.
+pub(super) fn start(hp: &Arc<HotplugLayer>, cpu: CpuId) -> std::io::Result<()> {
     if hp.threads.closed.load(Ordering::SeqCst) {
         return Err(std::io::Error::other("the runtime has shut down"));
+    }
+    if hp.threads.parking[cpu].unpark() {
+        return Ok(());
+    }
+    // Not parked (or ending): a thread that reported DEAD and is leaving, or none.
+    if let Some(old) = hp.machine().cpus()[cpu].take_thread() {
+        let _ = old.join();
     }
     let me = hp.clone();
     let handle = std::thread::Builder::new()
@@ -123,19 +261,38 @@ fn cpu_main(hp: Arc<HotplugLayer>, cpu: CpuId) {
             None
         }
     };
-    if super::ap::ap_boot(&hp, st) {
-        idle_loop(&hp, st);
-    }
-    if hp.stop().stop_cpu(st.id()).is_powered_off() {
-        // Powered off by a stop: tear down after it has finished (bounded; see there).
-        hp.stop().wait_for_stop_done();
-    }
+    let parking = &hp.threads.parking[cpu];
+    let reported = loop {
+        if super::ap::ap_boot(&hp, st) {
+            idle_loop(&hp, st);
+        }
+        if hp.stop().stop_cpu(st.id()).is_powered_off() {
+            // Powered off by a stop: tear down after it has finished (bounded; see there).
+            hp.stop().wait_for_stop_done();
+            break false;
+        }
+        if !parking.begin_park() {
+            break false;
+        }
+        // Parked (the protocol at the top): no signals to an offline CPU, DEAD for the
+        // controller, then sleep until cpu_up or the end.
+        st.set_tid(0);
+        super::ap::ap_exit(&hp, st);
+        if !parking.wait() {
+            break true;
+        }
+        // Unparked after the kick: signals may come once the controller commits, after ALIVE.
+        st.set_tid(crate::ipi::signal::gettid());
+    };
     drop(altstack);
     st.set_tid(0);
     // SAFETY: clearing the pointers; nothing uses them afterwards on this thread.
     unsafe { crate::stop::layer::set_current(None, 0) };
-    // Last: DEAD. A controller that sees it may start a new thread for this CPU.
-    super::ap::ap_exit(&hp, st);
+    // Last: DEAD (a parked thread reported it before it parked). A controller that sees it may
+    // start a new thread for this CPU.
+    if !reported {
+        super::ap::ap_exit(&hp, st);
+    }
 }
 
 fn idle_loop(hp: &HotplugLayer, st: &CpuState) {

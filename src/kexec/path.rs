@@ -370,6 +370,9 @@ impl Handle {
                 s.machine().online().clear(c);
                 s.machine().cpus()[c].request_exit();
             }
+            // Threads parked on CPUs that an earlier cpu_down took offline end too: no CPU of
+            // a retired image comes back.
+            s.hotplug().end_parked_threads();
         }
         tl.add(Some(reboot), "old image retired");
         let generation = s.config().generation + 1;

@@ -433,8 +433,9 @@ impl Handle {
     }
 
     /// The OS thread id (`gettid`) of CPU `cpu`'s current thread, or `None` if it has none
-    /// (offline, or not started). For `perf record -t`, `gdb` or `/proc/self/task/<tid>`: the
-    /// thread behind a logical CPU changes at every bring-up.
+    /// (offline, or not started). For `perf record -t`, `gdb` or `/proc/self/task/<tid>`: a
+    /// CPU keeps its thread across `cpu_down`/`cpu_up` (parked while offline); a kexec's new
+    /// image, or a CPU whose boot failed, gets new ones.
     pub fn cpu_tid(&self, cpu: CpuId) -> Option<i32> {
         self.shared
             .machine()
