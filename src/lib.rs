@@ -160,6 +160,7 @@ mod cpu {
 #[cfg(loom)]
 mod hotplug {
     pub(crate) mod handshake;
+    pub(crate) mod parking;
 }
 #[cfg(loom)]
 mod stop {
