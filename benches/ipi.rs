@@ -20,6 +20,13 @@
 //!   policy, sender not pinned: 16 CPUs share 2 cores), `call_single` to one of them, and
 //!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, the kernel's own IPI to every CPU running
 //!   this process, as the reference for "all".
+//! - `call_many`: `call_many` to every CPU of an N-CPU runtime (N in 4, 16, 64, 256, sender
+//!   outside the runtime and unpinned) beside the floor that does the same work, `tgkill` to N
+//!   plain threads and a wait for N acks (`common::floors::Broadcast`, `send_stop`'s floor).
+//!   `usmp_idle/N`: `IdlePolicy::SleepOnly`, every CPU asleep on its idle futex, against
+//!   `tgkill_pause/N`, N threads in `pause()`. `usmp_busy/N`: every CPU in a job that loops on
+//!   `sched_yield` (so every call needs the doorbell signal), against `tgkill_busy/N`, N
+//!   threads in the same loop. Calls back to back, as the floor's broadcasts are.
 //! - `irq_mask`: soft `irq_save`/`irq_restore` pair on a CPU vs `pthread_sigmask` block+unblock.
 //!
 //! Every call, usmp's and the peers', runs the same closure: it bumps a counter through a
@@ -56,6 +63,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::floors::{Broadcast, Wait};
 use common::{single_trips, write_percentiles, Guard};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
@@ -575,6 +583,19 @@ fn measure(
     sampling: Sampling,
     fx: &mut impl Trip,
 ) {
+    measure_n(g, group, id, gap, sampling, SAMPLES, fx)
+}
+
+/// `measure`, with `samples` percentile samples.
+fn measure_n(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    group: &str,
+    id: &str,
+    gap: Duration,
+    sampling: Sampling,
+    samples: usize,
+    fx: &mut impl Trip,
+) {
     // Set when criterion runs the figure (not when a command-line filter skips it), so a
     // skipped figure keeps the percentiles that match its last estimates.
     let mut ran = false;
@@ -594,7 +615,7 @@ fn measure(
     if !ran {
         return;
     }
-    let p = single_trips(SAMPLES, gap, sampling.batch(), || fx.trip());
+    let p = single_trips(samples, gap, sampling.batch(), || fx.trip());
     write_percentiles(group, id, &p);
 }
 
@@ -878,6 +899,115 @@ fn ipi_call_many(c: &mut Criterion) {
     assert_eq!(rt.shutdown().lost_calls, 0);
 }
 
+// ---- call_many to N CPUs beside the tgkill broadcast floor ----
+
+/// CPU counts of the `call_many` group.
+const BROADCAST: [usize; 4] = [4, 16, 64, 256];
+
+/// Percentile samples at `n` CPUs: about as much time per figure at every N.
+fn broadcast_samples(n: usize) -> usize {
+    (20_000 / n).clamp(300, 2_000)
+}
+
+/// The job of a busy CPU, and the loop of a busy floor thread (`Wait::Busy`): user code that
+/// gives up its core every round, so 256 of them on 2 cores leave the sender a turn.
+fn yielding_job(stop: Arc<AtomicBool>) -> impl FnOnce() + Send + 'static {
+    move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// usmp: `call_many` to all N CPUs of an N-CPU runtime, from outside it.
+struct ManyToAll {
+    rt: usmp::Runtime,
+    mask: usmp::CpuMask,
+    stop: Arc<AtomicBool>,
+    jobs: Vec<usmp::JobHandle<()>>,
+}
+
+impl ManyToAll {
+    fn new(n: usize, wait: Wait) -> Self {
+        let b = usmp::Builder::new().cpus(n).log_events(false);
+        let b = match wait {
+            Wait::Pause => b.idle(usmp::IdlePolicy::SleepOnly),
+            Wait::Busy => b,
+        };
+        let rt = b.build().expect("build runtime");
+        let stop = Arc::new(AtomicBool::new(false));
+        let jobs = match wait {
+            Wait::Pause => Vec::new(),
+            Wait::Busy => (0..n)
+                .map(|c| rt.run_on(c, yielding_job(stop.clone())).expect("run_on"))
+                .collect(),
+        };
+        ManyToAll {
+            mask: rt.online_mask(),
+            rt,
+            stop,
+            jobs,
+        }
+    }
+}
+
+impl Trip for ManyToAll {
+    fn trip(&mut self) {
+        self.rt
+            .call_many(&self.mask, work(), true)
+            .expect("call_many");
+    }
+}
+
+impl Drop for ManyToAll {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for j in self.jobs.drain(..) {
+            j.join().expect("job");
+        }
+    }
+}
+
+/// The floor: one `tgkill` broadcast to N threads and the wait for N acks.
+struct BroadcastTrip(Broadcast);
+
+impl Trip for BroadcastTrip {
+    fn trip(&mut self) {
+        self.0.broadcast();
+    }
+}
+
+/// The `call_many` group's ids: (usmp, floor) for targets waiting as `wait` says.
+fn broadcast_ids(wait: Wait, n: usize) -> (String, String) {
+    match wait {
+        Wait::Pause => (format!("usmp_idle/{n}"), format!("tgkill_pause/{n}")),
+        Wait::Busy => (format!("usmp_busy/{n}"), format!("tgkill_busy/{n}")),
+    }
+}
+
+fn call_many_vs_broadcast(c: &mut Criterion) {
+    const G: &str = "call_many";
+    let mut g = c.benchmark_group(G);
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20);
+    for n in BROADCAST {
+        for wait in [Wait::Pause, Wait::Busy] {
+            let (usmp_id, floor_id) = broadcast_ids(wait, n);
+            let k = broadcast_samples(n);
+            let z = Duration::ZERO;
+            {
+                let mut fx = BroadcastTrip(Broadcast::start(n, wait));
+                measure_n(&mut g, G, &floor_id, z, Sampling::Single, k, &mut fx);
+            }
+            let mut fx = ManyToAll::new(n, wait);
+            measure_n(&mut g, G, &usmp_id, z, Sampling::Single, k, &mut fx);
+            drop(fx);
+        }
+    }
+    g.finish();
+}
+
 fn irq_mask(c: &mut Criterion) {
     let mut g = c.benchmark_group("irq_mask");
 
@@ -1009,6 +1139,20 @@ fn guard() -> ! {
         batched,
         z,
     );
+    // call_many at 16 CPUs, idle and busy: a few seconds; the larger N are left to `cargo bench`.
+    for (key, wait) in [
+        ("call_many_idle_16", Wait::Pause),
+        ("call_many_busy_16", Wait::Busy),
+    ] {
+        guard_trip(
+            g,
+            key,
+            || ManyToAll::new(16, wait),
+            || BroadcastTrip(Broadcast::start(16, wait)),
+            single,
+            z,
+        );
+    }
     let (r, u, p) = common::alternating(
         GUARD_ROUNDS,
         || per_call_of(|| Usmp::new(Target::Polling), usmp_async_batch),
@@ -1040,6 +1184,7 @@ fn main() {
     ipi_polling_idle(&mut c);
     ipi_async_throughput(&mut c);
     ipi_call_many(&mut c);
+    call_many_vs_broadcast(&mut c);
     irq_mask(&mut c);
     c.final_summary();
 }

@@ -5,7 +5,8 @@
 //!   `send_stop()` (one maskable attempt: every idle CPU takes the stop vector, leaves the
 //!   online mask and powers off), then drops the runtime (untimed).
 //! - `tgkill_broadcast`: the floor. N plain threads blocked in `pause()`; one iteration sends
-//!   each a real-time signal with `tgkill` and waits until all N handlers have bumped an atomic.
+//!   each a real-time signal with `tgkill` and waits until all N handlers have bumped an atomic
+//!   (`common::floors::Broadcast`, shared with the `call_many` rows of `ipi.rs`).
 //!
 //! Every timed iteration (warm-up included) is also recorded here, and after criterion's own
 //! report a summary prints the medians, the ratio to the floor, the per-CPU slope between
@@ -28,10 +29,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::floors::Broadcast;
 use common::{Guard, Percentiles};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 
@@ -81,110 +82,7 @@ fn one_stop(n: usize) -> Duration {
     took
 }
 
-// ---- the floor: tgkill to N threads in pause(), each handler acks once ----
-
-static ACKS: AtomicUsize = AtomicUsize::new(0);
-
-extern "C" fn ack(_sig: libc::c_int) {
-    ACKS.fetch_add(1, Ordering::Release);
-}
-
-fn floor_signal() -> libc::c_int {
-    // Clear of usmp's own pair (SIGRTMIN+2/+3).
-    libc::SIGRTMIN() + 8
-}
-
-fn install_floor_handler() {
-    // SAFETY: a zeroed sigaction with a plain handler that only touches an atomic is valid;
-    // the pointers passed are to live locals.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = ack as extern "C" fn(libc::c_int) as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        sa.sa_flags = 0;
-        assert_eq!(
-            libc::sigaction(floor_signal(), &sa, std::ptr::null_mut()),
-            0
-        );
-    }
-}
-
-struct Sleepers {
-    tids: Vec<libc::pid_t>,
-    quit: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Sleepers {
-    fn start(n: usize) -> Sleepers {
-        let quit = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let threads = (0..n)
-            .map(|i| {
-                let (q, tx) = (quit.clone(), tx.clone());
-                std::thread::Builder::new()
-                    .stack_size(64 * 1024)
-                    .spawn(move || {
-                        // SAFETY: gettid has no preconditions.
-                        tx.send((i, unsafe { libc::gettid() })).unwrap();
-                        while !q.load(Ordering::Acquire) {
-                            // SAFETY: pause has no preconditions; it returns after a handler.
-                            unsafe { libc::pause() };
-                        }
-                    })
-                    .unwrap()
-            })
-            .collect();
-        // By spawn index, so `tids[i]` is `threads[i]`'s.
-        let mut tids = vec![0; n];
-        for _ in 0..n {
-            let (i, tid) = rx.recv().unwrap();
-            tids[i] = tid;
-        }
-        // Let every thread reach pause().
-        std::thread::sleep(Duration::from_millis(20));
-        Sleepers {
-            tids,
-            quit,
-            threads,
-        }
-    }
-
-    fn broadcast(&self) -> Duration {
-        ACKS.store(0, Ordering::Relaxed);
-        // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() };
-        let n = self.tids.len();
-        let t0 = Instant::now();
-        for &tid in &self.tids {
-            // SAFETY: tgkill to a live thread of this process, with a handled signal.
-            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, floor_signal()) };
-        }
-        while ACKS.load(Ordering::Acquire) < n {
-            std::thread::yield_now();
-        }
-        t0.elapsed()
-    }
-}
-
-impl Drop for Sleepers {
-    fn drop(&mut self) {
-        self.quit.store(true, Ordering::Release);
-        // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() };
-        for (t, &tid) in self.threads.drain(..).zip(&self.tids) {
-            while !t.is_finished() {
-                // SAFETY: as in `broadcast`.
-                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, floor_signal()) };
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            t.join().unwrap();
-        }
-    }
-}
-
 fn bench_stop(c: &mut Criterion) {
-    install_floor_handler();
     let mut g = c.benchmark_group("send_stop");
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
@@ -194,7 +92,7 @@ fn bench_stop(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new(USMP, n), &n, |b, &n| {
             b.iter_custom(|iters| timed(&SAMPLES, USMP, n, iters, || one_stop(n)))
         });
-        let sleepers = Sleepers::start(n);
+        let sleepers = Broadcast::sleepers(n);
         g.bench_with_input(BenchmarkId::new(FLOOR, n), &n, |b, &n| {
             b.iter_custom(|iters| timed(&SAMPLES, FLOOR, n, iters, || sleepers.broadcast()))
         });
@@ -204,7 +102,6 @@ fn bench_stop(c: &mut Criterion) {
 }
 
 fn bench_stop_machine(c: &mut Criterion) {
-    install_floor_handler();
     let mut g = c.benchmark_group("stop_machine");
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
@@ -229,7 +126,7 @@ fn bench_stop_machine(c: &mut Criterion) {
         });
         assert_eq!(rt.online_mask(), all);
         drop(rt);
-        let sleepers = Sleepers::start(n);
+        let sleepers = Broadcast::sleepers(n);
         g.bench_with_input(BenchmarkId::new(FLOOR, n), &n, |b, &n| {
             b.iter_custom(|iters| timed(&SM_SAMPLES, FLOOR, n, iters, || sleepers.broadcast()))
         });
@@ -338,7 +235,6 @@ fn median_of(k: usize, mut f: impl FnMut() -> Duration) -> f64 {
 }
 
 fn guard() -> ! {
-    install_floor_handler();
     let mut gd = Guard::default();
     let mut at256 = Vec::new();
     let (r, u, p) = common::alternating(
@@ -349,7 +245,7 @@ fn guard() -> ! {
             (b - a) / 252.0
         },
         || {
-            let (s4, s256) = (Sleepers::start(4), Sleepers::start(256));
+            let (s4, s256) = (Broadcast::sleepers(4), Broadcast::sleepers(256));
             let a = median_of(10, || s4.broadcast());
             let b = median_of(10, || s256.broadcast());
             (b - a) / 252.0

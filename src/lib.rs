@@ -16,14 +16,14 @@
 //! [`Handle::nmi_backtrace`]; errors: [`IpiError`]. Callbacks run in IPI context: read the
 //! rules in [`ipi`].
 //!
-//! **Hotplug** ([`hotplug`]) — [`Handle::cpu_up`] · [`Handle::cpu_down`] ·
+//! **Hotplug** (`hotplug`) — [`Handle::cpu_up`] · [`Handle::cpu_down`] ·
 //! [`Handle::setup_state`] / [`Handle::remove_state`] · [`Handle::hotplug_disable`] /
 //! [`Handle::hotplug_enable`] · [`Handle::stop_machine`]; errors: [`HotplugError`].
 //!
-//! **Stop** ([`stop`]) — [`Handle::send_stop`] · [`Handle::crash_stop`] ([`StopOutcome`],
+//! **Stop** (`stop`) — [`Handle::send_stop`] · [`Handle::crash_stop`] ([`StopOutcome`],
 //! [`CrashNote`]) · [`StopBackend`] (told the attempt number) · [`ParkPolicy`] · [`StopMode`].
 //!
-//! **Kexec** ([`kexec`]) — [`Handle::kexec`] · [`Handle::crash_kexec`] ([`KexecOutcome`],
+//! **Kexec** (`kexec`) — [`Handle::kexec`] · [`Handle::crash_kexec`] ([`KexecOutcome`],
 //! [`KexecReport`], [`CrashRecord`]).
 //!
 //! **Masks** — [`CpuMask`] (kernel list format "0-3,7" both ways) · possible / present / online
@@ -36,12 +36,12 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | 6 | [`kexec`] | the handoff from one runtime (image) to the next, which it builds |
-//! | 5 | [`runtime`] | composition root: `Builder`, `Runtime`, `Handle` |
-//! | 4 | [`hotplug`] | the step table, the bring-up handshake, `cpu_up`/`cpu_down`, the CPU thread and its idle loop (smpboot) |
-//! | 3 | [`stop`] | `send_stop`/`crash_stop`, parking, `stop_machine` |
+//! | 6 | `kexec` | the handoff from one runtime (image) to the next, which it builds |
+//! | 5 | `runtime` | composition root: `Builder`, `Runtime`, `Handle` |
+//! | 4 | `hotplug` | the step table, the bring-up handshake, `cpu_up`/`cpu_down`, the CPU thread and its idle loop (smpboot) |
+//! | 3 | `stop` | `send_stop`/`crash_stop`, parking, `stop_machine` |
 //! | 2 | [`ipi`] | call queue, doorbell signal, NMI, signal handlers |
-//! | 1 | [`cpu`], `inject` | per-CPU state and primitives (masks, call queue, idle word, event rings, futex, clock, the thread-local CPU and soft irq mask); fault hooks |
+//! | 1 | `cpu`, `inject` | per-CPU state and primitives (masks, call queue, idle word, event rings, futex, clock, the thread-local CPU and soft irq mask); fault hooks |
 //! | 0 | `sync` | the loom facade the protocol files import their atomics from |
 //!
 //! A module may use its own layer and the ones below, and names the module an item lives in
@@ -55,7 +55,7 @@
 //! hook registered at build: `irq_restore`'s replay (`cpu` -> `ipi`), the stop receiver
 //! (`ipi`'s handlers -> `stop`). The CPU thread belongs to `hotplug`, which starts it and
 //! hands it an `Arc` of its own layer (no hook back into the runtime). Only
-//! [`ipi::signal`] touches signals; only `cpu/affinity.rs` touches CPU affinity.
+//! `ipi::signal` touches signals; only `cpu/affinity.rs` touches CPU affinity.
 //!
 //! ```
 //! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
@@ -89,18 +89,20 @@ pub mod fault {
 }
 
 #[cfg(not(loom))]
-pub mod cpu;
+mod cpu;
 #[cfg(not(loom))]
-pub mod hotplug;
+mod hotplug;
 #[cfg(not(loom))]
 pub mod ipi;
 #[cfg(not(loom))]
-pub mod kexec;
+mod kexec;
 #[cfg(not(loom))]
-pub mod runtime;
+mod runtime;
 #[cfg(not(loom))]
-pub mod stop;
+mod stop;
 
+#[cfg(not(loom))]
+pub use cpu::events::{Event, EventKind};
 #[cfg(not(loom))]
 pub use cpu::idle::IdlePolicy;
 #[cfg(not(loom))]
@@ -112,7 +114,11 @@ pub use hotplug::{HotplugError, Section, StateId, StepFn, StepResult};
 #[cfg(not(loom))]
 pub use ipi::IpiError;
 #[cfg(not(loom))]
-pub use kexec::{CrashRecord, Handoff, KexecError, KexecOutcome, KexecReport, RecordError};
+pub use kexec::exec;
+#[cfg(not(loom))]
+pub use kexec::{
+    CrashRecord, Handoff, KexecError, KexecOutcome, KexecReport, RecordError, TimelineEntry,
+};
 #[cfg(not(loom))]
 pub use runtime::builder::{Builder, Config, DEFAULT_SIGNAL_STACK, MAX_CPUS};
 #[cfg(not(loom))]
@@ -128,7 +134,7 @@ pub use runtime::trace;
 #[cfg(not(loom))]
 pub use stop::{
     Attempt, CrashNote, DefaultBackend, IpiOnlyBackend, ParkPolicy, StopBackend, StopConfig,
-    StopError, StopMachineError, StopMode, StopOutcome, StopSender,
+    StopError, StopFn, StopMachineError, StopMode, StopOutcome, StopSender,
 };
 
 #[cfg(doctest)]
@@ -154,6 +160,7 @@ mod cpu {
 #[cfg(loom)]
 mod hotplug {
     pub(crate) mod handshake;
+    pub(crate) mod parking;
 }
 #[cfg(loom)]
 mod stop {

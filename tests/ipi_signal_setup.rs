@@ -41,7 +41,7 @@ fn a_foreign_nmi_handler_fails_build_and_leaves_no_ipi_handler_behind() {
         r.err()
     );
     assert!(
-        !usmp::ipi::signal::has_handler(ipi),
+        !usmp::ipi::has_handler(ipi),
         "build() failed but left its handler on the IPI signal"
     );
     restore(nmi, &old);

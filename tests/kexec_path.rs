@@ -250,7 +250,7 @@ fn the_image_booted_from_a_record_brings_up_only_what_it_hands_over() {
         handoff_at_ns: 2,
     };
     let b = usmp::Builder::new().cpus(2).log_events(false);
-    let rt = usmp::kexec::exec::boot_next_image(b, &rec).unwrap();
+    let rt = usmp::exec::boot_next_image(b, &rec).unwrap();
     assert_eq!(rt.generation(), 4);
     assert_eq!(rt.cpus(), 4);
     assert_eq!(rt.online_mask().to_string(), "1,3");
@@ -261,7 +261,7 @@ fn the_image_booted_from_a_record_brings_up_only_what_it_hands_over() {
     all_lost.lost = "0-3".into();
     let b = usmp::Builder::new().log_events(false);
     assert!(matches!(
-        usmp::kexec::exec::boot_next_image(b, &all_lost),
+        usmp::exec::boot_next_image(b, &all_lost),
         Err(usmp::RuntimeError::BadConfig(_))
     ));
 }

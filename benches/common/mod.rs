@@ -18,6 +18,7 @@
 
 #![allow(dead_code)] // each bench binary uses only some of these helpers
 
+pub mod floors;
 pub mod targets;
 
 use std::path::PathBuf;

@@ -73,7 +73,7 @@ pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
             anyhow!("--exec needs --crash (an orderly kexec has no crash record)")
         })?;
         drop(next);
-        let fd = usmp::kexec::exec::seal_record(&rec).context("sealing the crash record")?;
+        let fd = usmp::exec::seal_record(&rec).context("sealing the crash record")?;
         let exe = std::env::current_exe().context("finding this binary")?;
         // A closed stderr must not stop the handoff.
         let _ = writeln!(
@@ -124,7 +124,7 @@ fn resume_fd(fd: i32) -> anyhow::Result<OwnedFd> {
 /// The next process image: prints the record, then boots what it hands over (its CPU count
 /// wins over `--cpus`).
 fn resume(fd: i32, json: bool) -> anyhow::Result<()> {
-    let rec = usmp::kexec::exec::read_record(resume_fd(fd)?)?;
+    let rec = usmp::exec::read_record(resume_fd(fd)?)?;
     let mut out = std::io::stdout().lock();
     let (failed, lost) = (rec.failed_mask(), rec.lost_mask());
     if !json {
@@ -152,7 +152,7 @@ fn resume(fd: i32, json: bool) -> anyhow::Result<()> {
         out.flush()?;
     }
     // The record decides what boots: its CPUs minus the lost ones, at its next generation.
-    let rt = usmp::kexec::exec::boot_next_image(Builder::new(), &rec)?;
+    let rt = usmp::exec::boot_next_image(Builder::new(), &rec)?;
     if json {
         let v = serde_json::json!({
             "generation": rt.generation(),

@@ -123,6 +123,7 @@ impl std::fmt::Debug for EventRing {
 
 impl EventRing {
     /// A ring of `cap` events (rounded up to a power of two, at least 16).
+    #[cfg(test)]
     pub fn new(cap: usize) -> Self {
         Self::with_enabled(cap, true)
     }

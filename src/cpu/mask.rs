@@ -34,10 +34,10 @@ pub enum CpuListError {
         /// The limit: every id must be below it.
         limit: usize,
     },
-    /// The list has more than [`MAX_LIST_PARTS`] elements.
+    /// The list has more than `MAX_LIST_PARTS` elements.
     #[error("cpulist has more than {limit} elements")]
     TooManyParts {
-        /// The most elements a list may have ([`MAX_LIST_PARTS`]).
+        /// The most elements a list may have (`MAX_LIST_PARTS`).
         limit: usize,
     },
 }
@@ -234,7 +234,7 @@ impl serde::Serialize for CpuMask {
 /// Parses the kernel's cpulist format ("0-3,7", whitespace around elements allowed, "" = empty).
 ///
 /// Time is linear in the text plus the mask's width: the ranges are collected first (at most
-/// [`MAX_LIST_PARTS`] of them), then applied a word at a time, so a hostile list such as many
+/// `MAX_LIST_PARTS` of them), then applied a word at a time, so a hostile list such as many
 /// copies of "0-1048575" costs no more than reading it.
 impl FromStr for CpuMask {
     type Err = CpuListError;

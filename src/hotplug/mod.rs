@@ -10,6 +10,7 @@
 //! | `handshake.rs` | the bring-up handshake (`cpuhp_ap_sync`), loom-checked |
 //! | `bringup.rs` | the controller's side of bring-up and tear-down (spawn, handshake, reap) |
 //! | `thread.rs` | the CPU's thread (smpboot): start-up, the idle loop, jobs, the dying flush, exit |
+//! | `parking.rs` | the parking word: a CPU's thread sleeps across its offline time, loom-checked |
 //! | `ap.rs` | what runs on the CPU itself: boot, STARTING steps, going online, DYING, exit |
 //! | `migrate.rs` | `sched:active` teardown: queued jobs move to another CPU |
 //! | `shutdown.rs` | the kexec path's shutdown of all non-boot CPUs, on the same engine |
@@ -26,6 +27,7 @@ mod engine;
 pub(crate) mod handshake;
 pub(crate) mod layer;
 mod migrate;
+mod parking;
 mod shutdown;
 pub mod states;
 pub(crate) mod thread;

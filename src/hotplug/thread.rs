@@ -7,35 +7,13 @@
 //! layer, which holds every layer below, so the state outlives every thread that points at it.
 //! From the runtime it needs only [`ThreadConfig`].
 //!
-//! ## Parking across offline time
-//!
-//! As the kernel keeps each CPU's idle task across hotplug (`idle_threads_get`) and parks its
-//! per-CPU threads (`kthread_park`), a CPU taken down by `cpu_down` keeps its thread: after
-//! the dying steps and its DEAD report it sleeps on its [`Parking`] word (offline, its queue
-//! closed, tid 0 so that nobody signals it), and `cpu_up` wakes it instead of spawning one.
-//! The bring-up handshake is unchanged (KICKED, ALIVE, commit, ONLINE), so every bring-up race
-//! stays covered. One word per CPU, moved by compare-and-swap:
-//!
-//! ```text
-//!   controller                            CPU thread
-//!   1. cpu_down, after take_cpu_down:
-//!      RUN -> KEEP, then ask it to leave
-//!                                         2. leaving its idle loop: CAS KEEP -> PARKED, then
-//!                                            DEAD in the handshake, then sleep while PARKED
-//!   3. cpu_up: DEAD -> KICKED in the
-//!      handshake, then CAS PARKED -> UNPARK
-//!      and wake                           4. UNPARK -> RUN, boot again (handshake step 2 on)
-//!   5. shutdown / kexec retire:
-//!      CAS KEEP or PARKED -> END, wake    6. END (or RUN: not asked to park, powered off by a
-//!                                            stop, a failed boot): the thread ends
-//! ```
-//!
-//! The controller reads PARKED only after DEAD (which the thread stores after its CAS), so a
-//! thread it sees DEAD and PARKED is asleep or about to be, and is not joined. Every change the
-//! sleeper waits for is a CAS away from PARKED followed by a wake, so no wake-up is lost.
+//! A CPU taken down by `cpu_down` keeps its thread, parked on its `parking.rs` word, as the
+//! kernel keeps each CPU's idle task across hotplug.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::parking::Parking;
 use std::sync::Arc;
 
 use super::layer::HotplugLayer;
@@ -58,85 +36,6 @@ pub(crate) struct ThreadConfig {
     pub signal_stack: usize,
     /// How the idle loop waits for work.
     pub idle: IdlePolicy,
-}
-
-/// One CPU's parking word (the protocol at the top of this file).
-#[derive(Debug)]
-pub(crate) struct Parking(AtomicU32);
-
-/// The thread runs as its CPU, and ends when the CPU goes down.
-const RUN: u32 = 0;
-/// `cpu_down` asks it to park instead of ending.
-const KEEP: u32 = 1;
-/// Parked: offline and asleep on this word.
-const PARKED: u32 = 2;
-/// `cpu_up` kicked it: boot again.
-const UNPARK: u32 = 3;
-/// End the thread (shutdown, a kexec's retire).
-const END: u32 = 4;
-
-impl Parking {
-    fn new() -> Self {
-        Parking(AtomicU32::new(RUN))
-    }
-
-    /// Step 1 (controller, under the hotplug lock, the CPU running).
-    fn request_keep(&self) {
-        self.0.store(KEEP, Ordering::SeqCst);
-    }
-
-    /// Step 2 (thread): true if it must park.
-    fn begin_park(&self) -> bool {
-        self.0
-            .compare_exchange(KEEP, PARKED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    /// Whether the thread parked (controller, after it reported DEAD).
-    fn is_parked(&self) -> bool {
-        self.0.load(Ordering::Acquire) == PARKED
-    }
-
-    /// Step 3 (controller, after the kick): true if a parked thread was woken to boot.
-    fn unpark(&self) -> bool {
-        let ok = self
-            .0
-            .compare_exchange(PARKED, UNPARK, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if ok {
-            crate::cpu::futex::wake(&self.0, 1);
-        }
-        ok
-    }
-
-    /// Step 5: a thread asked to park, or parked, ends instead.
-    fn end(&self) {
-        for from in [KEEP, PARKED] {
-            if self
-                .0
-                .compare_exchange(from, END, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                crate::cpu::futex::wake(&self.0, 1);
-                return;
-            }
-        }
-    }
-
-    /// Step 4/6 (thread, parked): sleeps until unparked (true) or ended (false). Unbounded by
-    /// design: an offline CPU waits for `cpu_up`, a shutdown or a kexec, as long as that takes.
-    fn wait(&self) -> bool {
-        loop {
-            match self.0.load(Ordering::Acquire) {
-                UNPARK => {
-                    self.0.store(RUN, Ordering::Release);
-                    return true;
-                }
-                END => return false,
-                v => crate::cpu::futex::wait(&self.0, v, None),
-            }
-        }
-    }
 }
 
 /// The thread side of the hotplug layer: its configuration, each CPU's parking word, and the

@@ -32,7 +32,8 @@ pub(crate) mod handler;
 pub(crate) mod layer;
 pub(crate) mod nmi;
 pub(crate) mod percpu;
-pub mod signal;
+pub(crate) mod signal;
+pub use signal::has_handler;
 
 pub use csd::CSD_INLINE_BYTES;
 pub use nmi::NmiReason;

@@ -101,7 +101,7 @@ pub fn seal_record(rec: &CrashRecord) -> std::io::Result<OwnedFd> {
 ///
 /// Only a memfd sealed with `F_SEAL_WRITE`, `F_SEAL_GROW` and `F_SEAL_SHRINK` is accepted;
 /// anything else is refused before any read, so no fd can make this block. The read itself is
-/// one `pread` of at most [`MAX_FRAME`] bytes from memory, after a bounded readiness check.
+/// one `pread` of at most `MAX_FRAME` bytes from memory, after a bounded readiness check.
 pub fn read_record(fd: OwnedFd) -> Result<CrashRecord, ExecRecordError> {
     let raw = fd.as_raw_fd();
     let io = |source| ExecRecordError::Io { fd: raw, source };

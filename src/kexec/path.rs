@@ -148,6 +148,8 @@ impl Drop for Undo<'_> {
                 tracing::error!("kexec: undo: could not bring CPU{cpu} back up: {e}");
             }
         }
+        // A crash kexec's stop cannot be undone; its powered-off CPUs may now tear down.
+        s.stop().release_teardown();
         s.end_kexec();
         tracing::info!("kexec: failed before the handover; every step undone");
     }
@@ -252,6 +254,9 @@ impl Handle {
         }
         // A stop that happened cannot be undone; only the in-progress mark can.
         let mut undo = Undo::new(self);
+        // The CPUs the stop powers off keep their threads until the next image is online
+        // (`handover`, or `undo` on failure): their teardown would compete with its bring-up.
+        self.shared.stop().hold_teardown();
         let crashed_at_ns = wall_ns();
         tl.add(me, format!("crash: {reason}"));
         let out = match self.shared.stop().stop_outcome_so_far() {
@@ -373,7 +378,10 @@ impl Handle {
         let generation = s.config().generation + 1;
         let mut cfg = s.config().clone();
         cfg.generation = generation;
-        let next = Runtime::start_image(cfg, reboot, &lost)?;
+        let next = Runtime::start_image(cfg, reboot, &lost);
+        // The old image's powered-off CPUs (held by `crash_kexec`) tear down from here on.
+        s.stop().release_teardown();
+        let next = next?;
         tl.add(
             Some(reboot),
             format!("generation {generation} booted on the reboot CPU"),

@@ -71,6 +71,17 @@ impl StopLayer {
         self.stop.wait_for_stop_done();
     }
 
+    /// A crash kexec: powered-off CPUs keep their threads until `release_teardown` (see
+    /// `StopState::hold_teardown`).
+    pub(crate) fn hold_teardown(&self) {
+        self.stop.hold_teardown();
+    }
+
+    /// The next image is up (or the kexec failed): powered-off CPUs may tear down.
+    pub(crate) fn release_teardown(&self) {
+        self.stop.release_teardown();
+    }
+
     /// Whether the stop in progress is a crash stop (its receivers save a crash note).
     pub(crate) fn stop_is_crash(&self) -> bool {
         self.stop.coord.is_crash()

@@ -90,6 +90,9 @@ pub(crate) struct StopState {
     /// 0 until the winner has finished (then 1, for good): the futex word powered-off CPUs
     /// wait on before their thread's teardown (see `wait_for_stop_done`).
     pub(super) done_word: std::sync::atomic::AtomicU32,
+    /// A crash kexec holds the teardown of powered-off CPUs until the next image is online
+    /// (`hold_teardown`): `finish` then leaves `done_word` at 0 and `release_teardown` sets it.
+    pub(super) teardown_held: std::sync::atomic::AtomicBool,
 }
 
 impl StopState {
@@ -100,6 +103,7 @@ impl StopState {
             done: std::sync::atomic::AtomicBool::new(false),
             pending: std::sync::atomic::AtomicU32::new(0),
             done_word: std::sync::atomic::AtomicU32::new(0),
+            teardown_held: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -118,10 +122,17 @@ impl StopState {
     /// stop itself slower by about 30 us per CPU (profile of send_stop at 256 CPUs:
     /// `rwsem_down_write_slowpath`, `smp_call_function_many_cond`, `native_write_msr`). The
     /// bound keeps a thread from lingering if the stop takes long (an unresponsive CPU holds
-    /// it for its first-attempt wait).
+    /// it for its first-attempt wait). While a crash kexec holds the teardown the bound is
+    /// `HELD_TEARDOWN_WAIT` instead (a safety net: the kexec path releases it in every case).
     pub(crate) fn wait_for_stop_done(&self) {
-        let deadline = crate::cpu::clock::now_ns() + STOP_DONE_WAIT.as_nanos() as u64;
+        let start = crate::cpu::clock::now_ns();
         while self.done_word.load(Ordering::Acquire) == 0 {
+            let bound = if self.teardown_held.load(Ordering::SeqCst) {
+                HELD_TEARDOWN_WAIT
+            } else {
+                STOP_DONE_WAIT
+            };
+            let deadline = start + bound.as_nanos() as u64;
             let now = crate::cpu::clock::now_ns();
             if now >= deadline {
                 return;
@@ -142,6 +153,30 @@ impl StopState {
     /// before `send_stop` could return (about 1 ms at 256 CPUs, 50-100 us at 4).
     fn finish(&self) {
         self.done.store(true, Ordering::SeqCst);
+        if !self.teardown_held.load(Ordering::SeqCst) {
+            self.open_teardown();
+        }
+    }
+
+    /// Before a crash kexec's stop: powered-off CPUs keep their threads (asleep) until
+    /// `release_teardown`. 1023 threads tearing down (unmapping stacks: the mmap lock and a
+    /// TLB flush of every core each) while the next image started its 1024 made that image's
+    /// bring-up 190-330 ms instead of 60-100 ms on 2 cores.
+    pub(crate) fn hold_teardown(&self) {
+        self.teardown_held.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends `hold_teardown`; if the stop has finished, its powered-off CPUs tear down now.
+    /// Idempotent. SeqCst against `finish`: of the two, at least one opens the word.
+    pub(crate) fn release_teardown(&self) {
+        self.teardown_held.store(false, Ordering::SeqCst);
+        if self.done.load(Ordering::SeqCst) {
+            self.open_teardown();
+        }
+    }
+
+    /// Lets the powered-off CPUs tear down: wakes one, which wakes the next (see `finish`).
+    fn open_teardown(&self) {
         self.done_word.store(1, Ordering::Release);
         crate::cpu::futex::wake(&self.done_word, 1);
     }
@@ -149,6 +184,11 @@ impl StopState {
 
 /// How long a powered-off CPU's thread waits for the stop to finish before its teardown.
 const STOP_DONE_WAIT: Duration = Duration::from_millis(50);
+
+/// The same while a crash kexec holds the teardown (`hold_teardown`): longer than the next
+/// image's bring-up of 1024 CPUs on a loaded 2-core host, short enough that a thread does not
+/// linger for good if a release were ever missed.
+const HELD_TEARDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// The winner's longest nap between two looks at the online mask (step 3): a bound in case an
 /// acknowledgement's wake-up was spent on a spurious one.

@@ -36,7 +36,7 @@ impl std::fmt::Display for Violation {
     }
 }
 
-/// `CLOCK_MONOTONIC` in ns, the clock of `usmp::cpu::events::Event::ts_ns`.
+/// `CLOCK_MONOTONIC` in ns, the clock of `usmp::Event::ts_ns`.
 pub fn mono_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64

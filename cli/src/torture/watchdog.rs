@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use usmp::cpu::events::Event;
+use usmp::Event;
 use usmp::Handle;
 
 use super::check::{mono_ns, Tally};
