@@ -6,13 +6,11 @@
 //! busy delay after the announcement adds load at different points of each phase; the
 //! assertion holds for any delay.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[path = "common/cli.rs"]
 mod cli;
-use cli::usmp;
+use cli::{run_reacting, usmp};
 
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -42,52 +40,32 @@ fn interrupt_at(
     cpus: &str,
 ) -> (Option<i32>, String, String) {
     let duration = if ends_by_itself { "30ms" } else { "30s" };
-    let mut child = usmp()
-        .args([
-            "run",
-            "--workload",
-            "demo",
-            "--cpus",
-            cpus,
-            "--duration",
-            duration,
-            "--json",
-        ])
-        .env("USMP_ANNOUNCE_PHASES", "1")
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stdout = child.stdout.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut stderr = String::new();
+    let mut cmd = usmp();
+    cmd.args([
+        "run",
+        "--workload",
+        "demo",
+        "--cpus",
+        cpus,
+        "--duration",
+        duration,
+        "--json",
+    ])
+    .env("USMP_ANNOUNCE_PHASES", "1")
+    .env("RUST_LOG", "error");
     let want = format!("usmp: phase: {phase}");
-    let started = Instant::now();
-    let mut line = String::new();
-    let mut sent = false;
     // The run is bounded by the workload (30 s at most): reading stops at EOF.
-    while err.read_line(&mut line).unwrap_or(0) > 0 {
-        stderr.push_str(&line);
-        if !sent && line.trim_end() == want {
-            spin(delay);
-            // SAFETY: kill(2) on our own child, which has not been reaped yet.
-            unsafe { libc::kill(pid, libc::SIGINT) };
-            sent = true;
+    let r = run_reacting(&mut cmd, BOUND, |line, pid| {
+        if line != want {
+            return false;
         }
-        line.clear();
-        assert!(started.elapsed() < BOUND, "{phase}: run did not end");
-    }
-    let status = child.wait().unwrap();
-    assert!(sent, "{phase}: never announced; stderr: {stderr}");
-    (status.code(), out_reader.join().unwrap(), stderr)
+        spin(delay);
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        true
+    });
+    assert!(r.acted, "{phase}: never announced; stderr: {}", r.stderr);
+    (r.status.code(), r.stdout, r.stderr)
 }
 
 #[test]

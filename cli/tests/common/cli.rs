@@ -77,3 +77,58 @@ pub fn wait_bounded(mut child: Child, t: Instant, bound: Duration) -> Finished {
         took,
     }
 }
+
+/// What [`run_reacting`] saw.
+pub struct Reacted {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// Whether `on_line` acted on some line.
+    pub acted: bool,
+}
+
+/// Spawns `cmd` (stdout and stderr piped), reads its stderr line by line as it runs and calls
+/// `on_line(line, pid)` on each until it returns true (it has acted: sent a signal on an
+/// announced phase, say). The run ends at the child's EOF; past `bound` the child is killed and
+/// the test panics.
+pub fn run_reacting(
+    cmd: &mut Command,
+    bound: Duration,
+    mut on_line: impl FnMut(&str, libc::pid_t) -> bool,
+) -> Reacted {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let (mut stderr, mut line, mut acted) = (String::new(), String::new(), false);
+    let started = Instant::now();
+    while err.read_line(&mut line).unwrap_or(0) > 0 {
+        stderr.push_str(&line);
+        if !acted {
+            acted = on_line(line.trim_end(), pid);
+        }
+        line.clear();
+        if started.elapsed() > bound {
+            let _ = child.kill();
+            panic!("the run did not end within {bound:?}; stderr: {stderr}");
+        }
+    }
+    let status = child.wait().unwrap();
+    Reacted {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr,
+        acted,
+    }
+}
