@@ -50,6 +50,9 @@ pub enum EventKind {
     /// A crash-stop arrived while a plain stop ran and upgraded it (logged by the loser, which
     /// may be in IPI context and so cannot print).
     StopUpgraded,
+    /// A stop signal found the CPU inside the C library and was declined, to be sent again
+    /// (`stop/parkable.rs`): `b` = the interrupted ip.
+    StopDeferred,
 }
 
 impl EventKind {
@@ -70,6 +73,7 @@ impl EventKind {
             12 => HotplugStep,
             13 => Stopped,
             14 => StopUpgraded,
+            15 => StopDeferred,
             _ => return None,
         })
     }

@@ -155,14 +155,17 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
     // (SeqCst), and a stop sets the flag before it reads the online mask, so either the stop
     // targets this CPU or this CPU sees the flag and parks itself.
     if shared.stop().must_park_coming_online() {
+        // Leave the online mask before telling the controller, so that nobody who hears
+        // "parked" can still see this CPU online. Parked before taking `ap_failed`'s lock: a
+        // stop signal sent while this CPU was online may still arrive, and it must find the
+        // CPU stopped (it returns at once) rather than park it for good holding the lock, which
+        // the controller takes next.
+        shared.machine().online().clear(st.id());
+        st.set_run_state(CpuRunState::Parked);
         *hc.ap_failed.lock_unpoisoned() = Some((
             StepId::ApOnline,
             "a stop is in progress: parked instead of going online",
         ));
-        // Leave the online mask before telling the controller, so that nobody who hears
-        // "parked" can still see this CPU online.
-        shared.machine().online().clear(st.id());
-        st.set_run_state(CpuRunState::Parked);
         hc.handshake.ap_report(HsState::Parked);
         let crash = shared.stop().stop_is_crash();
         let regs = crate::ipi::signal::SavedRegs::default();

@@ -138,6 +138,10 @@ fn emit(shared: &Shared, e: &Event) {
             if e.b == 1 { "up" } else { "down" }
         ),
         EventKind::StopUpgraded => tracing::warn!("{w}: SMP: stop upgraded to a crash-stop"),
+        EventKind::StopDeferred => tracing::debug!(
+            "{w}: stop deferred: inside the C library at ip={:#x} (sent again)",
+            e.b
+        ),
         EventKind::Stopped => tracing::debug!(
             "{w}: stopped{} ip={:#x}",
             if e.a == 1 {

@@ -68,6 +68,10 @@ pub fn chrome_trace(events: &[Event], cpus: usize) -> Value {
                 json!({"up": e.b == 1}),
             )),
             EventKind::StopUpgraded => out.push(inst("stop upgraded to crash".into(), json!({}))),
+            EventKind::StopDeferred => out.push(inst(
+                "stop deferred (in the C library)".into(),
+                json!({"ip": format!("{:#x}", e.b)}),
+            )),
             EventKind::Stopped => out.push(inst(
                 "stopped".into(),
                 json!({"crash": e.a == 1, "ip": format!("{:#x}", e.b)}),

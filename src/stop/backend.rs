@@ -39,7 +39,9 @@ impl StopSender<'_> {
 }
 
 /// The backend hooks (the seed's `arch_smp_stop_call` / `arch_smp_crash_call` /
-/// `arch_smp_cpus_stop_complete`). `attempt` starts at 1.
+/// `arch_smp_cpus_stop_complete`). `attempt` starts at 1. Within one attempt the routine may
+/// call `stop_call`/`crash_call` again for CPUs that declined the stop because it found them
+/// inside the C library (they would have parked holding its locks).
 pub trait StopBackend: Send + Sync + Debug {
     /// Asks the CPUs in `mask` to stop.
     fn stop_call(&self, send: &StopSender<'_>, mask: &CpuMask, attempt: u32);

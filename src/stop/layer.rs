@@ -49,6 +49,8 @@ impl StopLayer {
     /// The stop layer over `ipi`; registers the stop receiver for the stop vector and the NMI.
     pub(crate) fn new(ipi: IpiLayer, park: ParkPolicy, config: StopConfig) -> Self {
         ipi.set_stop_hook(super::receive::stop_this_cpu);
+        // Before any CPU can be stopped: the receiver reads the table in handler context.
+        super::parkable::init();
         let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.machine().cpus().len());
         StopLayer {
             cpus_lock,

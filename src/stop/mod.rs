@@ -9,11 +9,13 @@
 //! | `routine.rs` | `send_stop` / `crash_stop`: the retry loop and its outcome |
 //! | `backend.rs` | `StopBackend` (told the attempt number) and the default backend |
 //! | `receive.rs` | what a stopped CPU does: crash note, leave online, park / power off |
+//! | `parkable.rs` | where a CPU may be parked for good: not inside the C library's locks |
 
 pub mod backend;
 pub(crate) mod coord;
 pub(crate) mod layer;
 pub mod machine;
+pub(crate) mod parkable;
 pub(crate) mod percpu;
 pub(crate) mod receive;
 pub mod routine;

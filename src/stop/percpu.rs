@@ -13,6 +13,9 @@
 //!    there has interrupted runtime code that only goes on to park the CPU itself, so the
 //!    teardown's release may resume it (it then unwinds its job and leaves, step 2).
 //! 5. The controller clears all of it before a new thread starts for the CPU (`reset`).
+//! 6. `deferred` is raised by a receiver that declined to park because the CPU was inside the
+//!    C library (`parkable.rs`); the stopping CPU takes it (`take_deferred`) and sends the stop
+//!    again. A flag, not a count: two deferrals before one re-send need one re-send.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -31,6 +34,7 @@ pub(crate) struct StopCpu {
     park_word: AtomicU32,
     powered_off: AtomicBool,
     in_stop_call: AtomicBool,
+    deferred: AtomicBool,
 }
 
 impl StopCpu {
@@ -43,6 +47,7 @@ impl StopCpu {
             park_word: AtomicU32::new(0),
             powered_off: AtomicBool::new(false),
             in_stop_call: AtomicBool::new(false),
+            deferred: AtomicBool::new(false),
         }
     }
 
@@ -103,6 +108,16 @@ impl StopCpu {
         self.in_stop_call.load(Ordering::SeqCst)
     }
 
+    /// Step 6, the receiver: it declined this stop signal. Async-signal-safe.
+    pub(super) fn defer(&self) {
+        self.deferred.store(true, Ordering::SeqCst);
+    }
+
+    /// Step 6, the stopping CPU: whether the CPU declined since the last look (and clears it).
+    pub(super) fn take_deferred(&self) -> bool {
+        self.deferred.load(Ordering::Relaxed) && self.deferred.swap(false, Ordering::SeqCst)
+    }
+
     /// Step 5: before a new thread starts for the CPU (the controller, under the hotplug
     /// lock). A CPU powered off by a stop can come back (best-effort mode): start it clean.
     pub(super) fn reset(&self) {
@@ -110,5 +125,6 @@ impl StopCpu {
         self.crash_saved.store(false, Ordering::SeqCst);
         self.park_word.store(0, Ordering::SeqCst);
         self.in_stop_call.store(false, Ordering::SeqCst);
+        self.deferred.store(false, Ordering::SeqCst);
     }
 }

@@ -31,7 +31,8 @@ pub enum ParkPolicy {
 /// The stop receiver (registered as the NMI/vector stop hook, `ipi::nmi::NmiHook`), on `st`'s
 /// own thread. Async-signal-safe. `uc`: the interrupted context (null if not interrupted by a
 /// signal); `safe`: the interrupted point is the idle loop. Returns true (the CPU is stopped)
-/// unless it was not a CPU of a stopping runtime.
+/// unless it was not a CPU of a stopping runtime or it declined because it was inside the C
+/// library (`parkable.rs`; the stopping CPU sends the stop again).
 pub(crate) fn stop_this_cpu(st: &CpuState, uc: *const libc::c_void, safe: bool) -> bool {
     if st.is_stopped() {
         return true;
@@ -41,6 +42,16 @@ pub(crate) fn stop_this_cpu(st: &CpuState, uc: *const libc::c_void, safe: bool) 
     };
     let crash = shared.stop.coord.is_crash();
     let here = 0u8;
+    // Not at a safe point and inside the C library (parkable.rs step 2): parked here, the CPU
+    // could hold a malloc arena or loader lock for good. Decline; the stopping CPU sends again.
+    // SAFETY: `uc` is null or the live ucontext of the handler we are running in.
+    if !safe && unsafe { super::parkable::holds_foreign_locks(uc) } {
+        shared.stop_cpu(st.id()).defer();
+        // SAFETY: as above; a non-null `uc` is this handler's live ucontext.
+        let ip = unsafe { SavedRegs::from_ucontext(uc) }.ip;
+        st.ring().record(EventKind::StopDeferred, 0, ip);
+        return false;
+    }
     let regs = if !crash {
         SavedRegs::default()
     } else if uc.is_null() {

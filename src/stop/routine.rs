@@ -205,6 +205,9 @@ pub struct Attempt {
     pub targeted: CpuMask,
     /// Targeted CPUs still online when the attempt's wait ended.
     pub remaining: CpuMask,
+    /// Stop signals sent again because the CPU was inside the C library when one arrived and
+    /// declined to park there (it could have held a malloc or loader lock for good).
+    pub deferred: u32,
     /// How long the attempt took, in microseconds.
     pub took_us: u64,
 }
@@ -415,6 +418,7 @@ impl StopLayer {
             // Sleep until the last acknowledgement wakes us (`StopState::ack`), re-checking
             // the mask at least every `ACK_NAP`. Reading `pending` before the mask: an ack
             // after that read changes the futex word, so the wait returns at once.
+            let mut deferred = 0u32;
             let remaining = loop {
                 let p = s.stop.pending.load(Ordering::SeqCst);
                 let left = mask.and(&s.machine().online().load());
@@ -422,11 +426,30 @@ impl StopLayer {
                 if left.is_empty() || (!cfg.wait_forever && elapsed >= wait) {
                     break left;
                 }
-                if p as i32 > 0 {
-                    let nap = if cfg.wait_forever {
-                        ACK_NAP
+                // CPUs that declined because they were inside the C library (parkable.rs
+                // step 3): send again by this attempt's means, and look again soon.
+                let again: CpuMask = left
+                    .iter()
+                    .filter(|&c| s.stop_cpu(c).take_deferred())
+                    .collect();
+                if !again.is_empty() {
+                    deferred += again.weight() as u32;
+                    if crash_now {
+                        cfg.backend.crash_call(&send, &again, attempt);
                     } else {
-                        (wait - elapsed).min(ACK_NAP)
+                        cfg.backend.stop_call(&send, &again, attempt);
+                    }
+                }
+                if p as i32 > 0 {
+                    let nap_max = if deferred > 0 {
+                        super::parkable::DEFER_POLL
+                    } else {
+                        ACK_NAP
+                    };
+                    let nap = if cfg.wait_forever {
+                        nap_max
+                    } else {
+                        (wait - elapsed).min(nap_max)
                     };
                     crate::cpu::futex::wait(&s.stop.pending, p, Some(nap));
                 } else {
@@ -440,6 +463,7 @@ impl StopLayer {
                 crash: crash_now,
                 targeted: mask,
                 remaining,
+                deferred,
                 took_us: t0.elapsed().as_micros() as u64,
             });
         }

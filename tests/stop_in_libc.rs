@@ -1,0 +1,126 @@
+//! A stop never parks a CPU inside the C library (`stop/parkable.rs`): parked there for good, a
+//! CPU interrupted inside `malloc` would hold its arena's lock for good, and every later
+//! allocation from that arena (the next image's threads, the teardown, the caller's own code)
+//! would hang the process. This binary runs alone (its own process) because it sets the
+//! process-wide malloc arena limit to one, so every thread shares the arena the jobs use.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+mod common;
+
+use common::{wait_until, PATIENCE};
+use usmp::Builder;
+
+/// Jobs on CPUs 1 and 2 allocate and free blocks too big for glibc's per-thread cache, so each
+/// call takes the arena lock; main crash-stops them (they park for good: they are in jobs).
+/// A thread started before the stop then allocates: it must finish. A round that does not end
+/// is the process-wide hang (the test's own thread hangs first, in the stop's allocations),
+/// reported by a watchdog thread with a raw write and `_exit` (printing and unwinding would
+/// allocate). With the library's check switched off by hand the first round hung so. The stops must also have found CPUs inside the library
+/// and sent again (`Attempt::deferred`), or the rounds did not exercise the case.
+#[test]
+fn a_stop_never_parks_a_cpu_holding_the_malloc_lock() {
+    // SAFETY: mallopt only changes the allocator's tuning; no allocation is in flight on another
+    // thread of this test binary yet (this is its only test).
+    assert_eq!(unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) }, 1);
+    let rounds = 20;
+    let progress = Arc::new(AtomicUsize::new(0));
+    watchdog(progress.clone());
+    let mut deferred = 0u32;
+    for round in 0..rounds {
+        let rt = Builder::new()
+            .cpus(3)
+            .log_events(false)
+            .pin(false)
+            .build()
+            .unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let mut jobs = Vec::new();
+        for cpu in 1..3 {
+            let running = running.clone();
+            jobs.push(
+                rt.run_on(cpu, move || {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    // Unbounded by design: the stop parks this job where it finds it.
+                    let mut i = 0usize;
+                    loop {
+                        let v: Vec<u8> = Vec::with_capacity(1536 + i % 1024);
+                        black_box(&v);
+                        i += 1;
+                    }
+                })
+                .unwrap(),
+            );
+        }
+        assert!(
+            wait_until(PATIENCE, || running.load(Ordering::SeqCst) == 2),
+            "round {round}: the jobs did not start"
+        );
+        // The checker is started before the stop: starting a thread allocates.
+        let go = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let checker = {
+            let (go, done) = (go.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !go.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                for i in 0..2000usize {
+                    let v: Vec<u8> = Vec::with_capacity(1536 + i % 1024);
+                    black_box(&v);
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let out = rt.handle().crash_stop().unwrap();
+        deferred += out.attempts.iter().map(|a| a.deferred).sum::<u32>();
+        go.store(true, Ordering::SeqCst);
+        // Unbounded here; the watchdog bounds the round.
+        while !done.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        checker.join().unwrap();
+        assert!(
+            out.failed.is_empty(),
+            "round {round}: CPUs {} failed to stop: {out:?}",
+            out.failed
+        );
+        drop(jobs);
+        drop(rt);
+        progress.fetch_add(1, Ordering::SeqCst);
+    }
+    assert!(
+        deferred > 0,
+        "no stop found a CPU inside the C library in {rounds} rounds: the test never reached the case it is for"
+    );
+    eprintln!("stop_in_libc: {rounds} rounds, {deferred} stop signals sent again");
+}
+
+/// Ends the process with a message if `progress` stands still for `PATIENCE` * 3. It never
+/// allocates after it starts: the hang it reports is one where allocation blocks forever.
+fn watchdog(progress: Arc<AtomicUsize>) {
+    std::thread::spawn(move || {
+        let mut last = progress.load(Ordering::SeqCst);
+        let mut since = Instant::now();
+        loop {
+            // A timer, not synchronization: the watchdog only looks at a counter.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = progress.load(Ordering::SeqCst);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() > PATIENCE * 3 {
+                let msg =
+                    b"stop_in_libc: a round hung: a CPU was parked holding the malloc arena lock\n";
+                // SAFETY: write(2) of a static buffer, then _exit: no allocation, no unwinding,
+                // neither of which could finish with the arena lock held for good.
+                unsafe {
+                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    libc::_exit(1);
+                }
+            }
+        }
+    });
+}
