@@ -83,6 +83,7 @@ pub(crate) struct FaultState {
     /// One-shot delay before the AP's ALIVE step, per CPU (ns).
     boot_delay_ns: Box<[AtomicU64]>,
     stop_call_delay_ns: AtomicU64,
+    park_in_libc: AtomicBool,
     any: AtomicBool,
     delayed: AtomicU64,
     dropped: AtomicU64,
@@ -104,6 +105,7 @@ impl FaultState {
             preempt_max_ns: AtomicU64::new(0),
             boot_delay_ns: (0..cpus).map(|_| AtomicU64::new(0)).collect(),
             stop_call_delay_ns: AtomicU64::new(0),
+            park_in_libc: AtomicBool::new(false),
             any: AtomicBool::new(false),
             delayed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -221,6 +223,18 @@ impl FaultState {
 
     pub(crate) fn set_seed(&self, seed: u64) {
         self.rng.store(seed, Ordering::Relaxed);
+    }
+
+    /// The stop receiver's check before `stop/parkable.rs`: park a CPU wherever the stop finds
+    /// it, inside the C library too. Async-signal-safe.
+    #[inline(always)]
+    pub(crate) fn parks_in_libc(&self) -> bool {
+        self.armed() && self.park_in_libc.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_park_in_libc(&self, on: bool) {
+        self.arm();
+        self.park_in_libc.store(on, Ordering::Relaxed);
     }
 
     pub(crate) fn set_broken(&self, b: Broken, on: bool) {

@@ -7,9 +7,12 @@
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod common;
+
+/// Runs the test's copy with the receiver's check off (`Faults::set_park_in_libc`).
+const BROKEN_ENV: &str = "USMP_TEST_PARK_IN_LIBC";
 
 use common::{wait_until, PATIENCE};
 use usmp::Builder;
@@ -19,16 +22,21 @@ use usmp::Builder;
 /// A thread started before the stop then allocates: it must finish. A round that does not end
 /// is the process-wide hang (the test's own thread hangs first, in the stop's allocations),
 /// reported by a watchdog thread with a raw write and `_exit` (printing and unwinding would
-/// allocate). With the library's check switched off by hand the first round hung so. The stops must also have found CPUs inside the library
+/// allocate). The stops must also have found CPUs inside the library
 /// and sent again (`Attempt::deferred`), or the rounds did not exercise the case.
 #[test]
 fn a_stop_never_parks_a_cpu_holding_the_malloc_lock() {
-    // SAFETY: mallopt only changes the allocator's tuning; no allocation is in flight on another
-    // thread of this test binary yet (this is its only test).
+    // SAFETY: mallopt only changes the allocator's tuning and is thread-safe (glibc takes the
+    // main arena's lock); later arenas are simply not created.
     assert_eq!(unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) }, 1);
+    // Set by `the_check_is_what_prevents_the_hang` for the copy of this test it runs.
+    let broken = std::env::var_os(BROKEN_ENV).is_some();
     let rounds = 20;
     let progress = Arc::new(AtomicUsize::new(0));
-    watchdog(progress.clone());
+    watchdog(
+        progress.clone(),
+        if broken { PATIENCE / 2 } else { PATIENCE * 3 },
+    );
     let mut deferred = 0u32;
     for round in 0..rounds {
         let rt = Builder::new()
@@ -37,6 +45,9 @@ fn a_stop_never_parks_a_cpu_holding_the_malloc_lock() {
             .pin(false)
             .build()
             .unwrap();
+        if broken {
+            rt.handle().faults().set_park_in_libc(true);
+        }
         let running = Arc::new(AtomicUsize::new(0));
         let mut jobs = Vec::new();
         for cpu in 1..3 {
@@ -99,9 +110,9 @@ fn a_stop_never_parks_a_cpu_holding_the_malloc_lock() {
     eprintln!("stop_in_libc: {rounds} rounds, {deferred} stop signals sent again");
 }
 
-/// Ends the process with a message if `progress` stands still for `PATIENCE` * 3. It never
+/// Ends the process with a message if `progress` stands still for `bound`. It never
 /// allocates after it starts: the hang it reports is one where allocation blocks forever.
-fn watchdog(progress: Arc<AtomicUsize>) {
+fn watchdog(progress: Arc<AtomicUsize>, bound: Duration) {
     std::thread::spawn(move || {
         let mut last = progress.load(Ordering::SeqCst);
         let mut since = Instant::now();
@@ -111,7 +122,7 @@ fn watchdog(progress: Arc<AtomicUsize>) {
             let now = progress.load(Ordering::SeqCst);
             if now != last {
                 (last, since) = (now, Instant::now());
-            } else if since.elapsed() > PATIENCE * 3 {
+            } else if since.elapsed() > bound {
                 let msg =
                     b"stop_in_libc: a round hung: a CPU was parked holding the malloc arena lock\n";
                 // SAFETY: write(2) of a static buffer, then _exit: no allocation, no unwinding,
@@ -123,4 +134,42 @@ fn watchdog(progress: Arc<AtomicUsize>) {
             }
         }
     });
+}
+
+/// The broken variant: the same test, with the stop receiver parking CPUs inside the C library
+/// as it did before `stop/parkable.rs`, must hang and be ended by its watchdog. Run as a child
+/// process (the hang takes the whole process); bounded by `PATIENCE` * 6 here.
+#[test]
+fn the_check_is_what_prevents_the_hang() {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_stop_never_parks_a_cpu_holding_the_malloc_lock",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(BROKEN_ENV, "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > PATIENCE * 6 {
+            child.kill().unwrap();
+            panic!("the broken variant neither hung into its watchdog nor ended");
+        }
+        // Polling a child's exit: std has no wait with a timeout.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the broken variant was not caught (stderr: {err})"
+    );
+    assert!(err.contains("a round hung"), "stderr: {err}");
 }

@@ -88,6 +88,14 @@ impl Faults<'_> {
         self.h.shared.machine().faults().set_broken(b, on);
     }
 
+    /// A stop parks a CPU wherever it finds it, inside the C library too (the receiver before
+    /// `stop/parkable.rs`). Not a `Broken` variant: what it breaks is a process-wide hang (a CPU
+    /// parked holding a malloc arena lock), which only a test that runs alone in its process
+    /// can observe (`tests/stop_in_libc.rs`), not `usmp stress`.
+    pub fn set_park_in_libc(&self, on: bool) {
+        self.h.shared.machine().faults().set_park_in_libc(on);
+    }
+
     /// Whether protocol variant `b` is broken now.
     pub fn is_broken(&self, b: Broken) -> bool {
         self.h.shared.machine().faults().is_broken(b)

@@ -44,8 +44,11 @@ pub(crate) fn stop_this_cpu(st: &CpuState, uc: *const libc::c_void, safe: bool) 
     let here = 0u8;
     // Not at a safe point and inside the C library (parkable.rs step 2): parked here, the CPU
     // could hold a malloc arena or loader lock for good. Decline; the stopping CPU sends again.
-    // SAFETY: `uc` is null or the live ucontext of the handler we are running in.
-    if !safe && unsafe { super::parkable::holds_foreign_locks(uc) } {
+    let in_libc = !safe && !shared.machine().faults().parks_in_libc() && {
+        // SAFETY: `uc` is null or the live ucontext of the handler we are running in.
+        unsafe { super::parkable::holds_foreign_locks(uc) }
+    };
+    if in_libc {
         shared.stop_cpu(st.id()).defer();
         // SAFETY: as above; a non-null `uc` is this handler's live ucontext.
         let ip = unsafe { SavedRegs::from_ucontext(uc) }.ip;
