@@ -113,6 +113,21 @@ fn ongoing_wait(tid: i32, window: Duration) -> Duration {
 }
 
 /// The threads of this process now.
+/// Thread `tid`'s name (`comm`), empty if it is gone.
+fn comm(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// A CPU thread's name without its CPU number (`usmp-cpu` of `usmp-cpu11`).
+fn cpu_comm_prefix(tid: i32) -> String {
+    comm(tid)
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .to_string()
+}
+
 fn tasks() -> Vec<i32> {
     std::fs::read_dir("/proc/self/task")
         .map(|d| {
@@ -191,12 +206,27 @@ fn core_of(tid: i32) -> Option<usize> {
 impl Window {
     /// Opens a window on `h`'s CPU threads and the calling thread.
     pub fn open(h: &Handle) -> Window {
-        let cpus = (0..h.cpus())
+        let mut cpus: Vec<(CpuId, i32, SchedStat)> = (0..h.cpus())
             .filter_map(|c| {
                 let tid = h.cpu_tid(c)?;
                 Some((c, tid, SchedStat::of(tid)?))
             })
             .collect();
+        // An offline CPU's thread is kept, parked, with no tid published (nothing may signal
+        // it), and a `cpu_up` wakes that same thread: found by its name, or the host's delay
+        // in running it after the wake-up went unseen ("CPU11 had no thread left to read").
+        if let Some(&(_, tid, _)) = cpus.first() {
+            let prefix = cpu_comm_prefix(tid);
+            let named: Vec<(i32, String)> = tasks().into_iter().map(|t| (t, comm(t))).collect();
+            for c in (0..h.cpus()).filter(|&c| h.cpu_tid(c).is_none()) {
+                let want = format!("{prefix}{c}");
+                if let Some(&(t, _)) = named.iter().find(|(_, n)| *n == want) {
+                    if let Some(st) = SchedStat::of(t) {
+                        cpus.push((c, t, st));
+                    }
+                }
+            }
+        }
         Window {
             start: Instant::now(),
             cpus,
@@ -253,17 +283,10 @@ impl Window {
         // Only threads named as this runtime's CPU threads are (their comm without the CPU
         // number): a process may hold unrelated threads (a test binary runs other tests in
         // parallel), whose waits say nothing about this wait.
-        let comm = |tid: i32| {
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                .unwrap_or_default()
-                .trim()
-                .trim_end_matches(|c: char| c.is_ascii_digit())
-                .to_string()
-        };
-        let cpu_names: Vec<String> = v.iter().map(|t| comm(t.tid)).collect();
+        let cpu_names: Vec<String> = v.iter().map(|t| cpu_comm_prefix(t.tid)).collect();
         for tid in tasks() {
             let known = self.tasks.contains(&tid) || v.iter().any(|t| t.tid == tid);
-            if known || !cpu_names.contains(&comm(tid)) {
+            if known || !cpu_names.contains(&cpu_comm_prefix(tid)) {
                 continue;
             }
             if let Some(now) = SchedStat::of(tid) {
