@@ -189,7 +189,7 @@ impl Machine {
     #[inline]
     pub(crate) fn this_cpu_here(&self) -> Option<CpuId> {
         match super::context::current() {
-            Some((m, c)) if m.id == self.id => Some(c.id),
+            Some((m, c)) if m.id == self.id => Some(c.id()),
             _ => None,
         }
     }

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `machine.rs` | `Machine`: the CPUs of one runtime, their masks, job queueing (every layer's base) |
 //! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; jobs |
+//! | `identity.rs` | `CpuIdentity`: the CPU's number and the OS thread that runs it (tid, core, handle) |
 //! | `context.rs` | `this_cpu()`, `irq_save()`/`irq_restore()`, `cpu_relax()`: the thread-local CPU |
 //! | `call_queue.rs` | the per-CPU closable lock-free call queue (the kernel's llist), loom-checked |
 //! | `mask.rs` | `CpuMask`, `AtomicCpuMask` and the kernel's list format |
@@ -21,6 +22,7 @@ pub(crate) mod context;
 pub(crate) mod cpus_lock;
 pub mod events;
 pub(crate) mod futex;
+pub(crate) mod identity;
 pub mod idle;
 pub(crate) mod lock;
 pub(crate) mod machine;

@@ -2,14 +2,14 @@
 //! send it IPIs share. One `CpuState` per possible CPU, cache-padded, allocated at `build()` and
 //! never freed while any thread of the runtime runs.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::cpu::call_queue::CallQueue;
 use crate::cpu::events::EventRing;
+use crate::cpu::identity::CpuIdentity;
 use crate::cpu::idle::IdleWord;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
@@ -101,9 +101,8 @@ pub(crate) struct CpuCounters {
 /// methods, which carry the protocols (the idle word and the call queue through their own
 /// types' read-modify-write methods, the job hand-off, the soft irq mask's handler side).
 pub(crate) struct CpuState {
-    pub(super) id: CpuId,
-    /// Kernel tid of the CPU's current thread, 0 when it has none.
-    pub(super) tid: AtomicI32,
+    /// Which CPU this is and which OS thread runs it (`identity.rs`).
+    pub(super) identity: CpuIdentity,
     /// `CpuRunState` as u32.
     pub(super) run_state: AtomicU32,
     /// The idle word (`cpu/idle.rs`), also the idle futex word; RMW-only by construction. On
@@ -140,9 +139,6 @@ pub(crate) struct CpuState {
     pub(super) job_gate: Mutex<bool>,
     pub(super) job_tx: Sender<Job>,
     pub(super) job_rx: Receiver<Job>,
-    pub(super) thread: Mutex<Option<JoinHandle<()>>>,
-    /// Host core this CPU is pinned to, or -1.
-    pub(super) core: AtomicI32,
     pub(super) ring: EventRing,
     pub(super) stats: CpuCounters,
     /// The name of the last callback found on this CPU after it went offline, copied in by the
@@ -197,8 +193,7 @@ impl CpuState {
     pub(crate) fn new(id: CpuId, ring_cap: usize, log: bool) -> Self {
         let (job_tx, job_rx) = crossbeam_channel::unbounded();
         Self {
-            id,
-            tid: AtomicI32::new(0),
+            identity: CpuIdentity::new(id),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
             idle: crossbeam_utils::CachePadded::new(IdleWord::new()),
             kick_pending: crate::sync::AtomicBool::new(false),
@@ -214,8 +209,6 @@ impl CpuState {
             job_gate: Mutex::new(false),
             job_tx,
             job_rx,
-            thread: Mutex::new(None),
-            core: AtomicI32::new(-1),
             ring: EventRing::with_enabled(ring_cap, log),
             stats: CpuCounters::default(),
             offline_name: OfflineName::new(),
@@ -260,37 +253,13 @@ impl CpuState {
     /// This CPU's number.
     #[inline]
     pub(crate) fn id(&self) -> CpuId {
-        self.id
+        self.identity.id()
     }
 
-    /// Kernel tid of the CPU's current thread, 0 when it has none.
+    /// Which OS thread runs this CPU: its tid, host core and join handle (`identity.rs`).
     #[inline]
-    pub(crate) fn tid(&self) -> i32 {
-        self.tid.load(Ordering::SeqCst)
-    }
-
-    /// On the CPU's thread: its tid when it starts, 0 when it ends.
-    pub(crate) fn set_tid(&self, tid: i32) {
-        self.tid.store(tid, Ordering::SeqCst);
-    }
-
-    /// Host core this CPU is pinned to, if any.
-    pub(crate) fn core(&self) -> Option<usize> {
-        usize::try_from(self.core.load(Ordering::Relaxed)).ok()
-    }
-
-    pub(crate) fn set_core(&self, core: usize) {
-        self.core.store(core as i32, Ordering::Relaxed);
-    }
-
-    /// Keeps the handle of the CPU's new thread; returns the previous one, if any.
-    pub(crate) fn set_thread(&self, h: JoinHandle<()>) -> Option<JoinHandle<()>> {
-        self.thread.lock_unpoisoned().replace(h)
-    }
-
-    /// Takes the handle of the CPU's thread, to join or abandon it.
-    pub(crate) fn take_thread(&self) -> Option<JoinHandle<()>> {
-        self.thread.lock_unpoisoned().take()
+    pub(crate) fn identity(&self) -> &CpuIdentity {
+        &self.identity
     }
 
     /// The idle word (`idle.rs`): read-modify-write methods only.

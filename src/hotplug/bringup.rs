@@ -193,7 +193,7 @@ impl HotplugLayer {
         }
         // A parked thread stays for the next cpu_up; any other is leaving: reap it.
         if !self.thread_parked(cpu) {
-            if let Some(h) = s.machine().cpus()[cpu].take_thread() {
+            if let Some(h) = s.machine().cpus()[cpu].identity().take_thread() {
                 let _ = h.join();
             }
         }

@@ -103,7 +103,7 @@ impl HotplugLayer {
         }
         let core = cores[st.id() % cores.len()];
         if crate::cpu::affinity::pin_current(core) {
-            st.set_core(core.id);
+            st.identity().set_core(core.id);
         } else if !self.threads.pin_warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
@@ -123,7 +123,7 @@ pub(super) fn start(hp: &Arc<HotplugLayer>, cpu: CpuId) -> std::io::Result<()> {
         return Ok(());
     }
     // Not parked (or ending): a thread that reported DEAD and is leaving, or none.
-    if let Some(old) = hp.machine().cpus()[cpu].take_thread() {
+    if let Some(old) = hp.machine().cpus()[cpu].identity().take_thread() {
         let _ = old.join();
     }
     let me = hp.clone();
@@ -131,7 +131,7 @@ pub(super) fn start(hp: &Arc<HotplugLayer>, cpu: CpuId) -> std::io::Result<()> {
         .name(format!("{}-cpu{}", hp.threads.config.name, cpu))
         .spawn(move || cpu_main(me, cpu))?;
     let st = &hp.machine().cpus()[cpu];
-    let old = st.set_thread(handle);
+    let old = st.identity().set_thread(handle);
     // A previous thread of this CPU has already been joined or reported by whoever took it down.
     drop(old);
     Ok(())
@@ -148,7 +148,7 @@ fn cpu_main(hp: Arc<HotplugLayer>, cpu: CpuId) {
     // Whatever mask the thread inherited (the caller of `build()` or `cpu_up` may block the
     // real-time signals), this CPU takes its IPIs and NMIs.
     crate::ipi::signal::unblock_on_cpu_thread(&cfg.signals);
-    st.set_tid(crate::ipi::signal::gettid());
+    st.identity().set_tid(crate::ipi::signal::gettid());
     hp.pin_current(st);
     // Before anything can signal this thread: IPI callbacks run on this stack.
     let altstack = match crate::ipi::signal::AltStack::install(cfg.signal_stack) {
@@ -175,16 +175,16 @@ fn cpu_main(hp: Arc<HotplugLayer>, cpu: CpuId) {
         }
         // Parked (the protocol at the top): no signals to an offline CPU, DEAD for the
         // controller, then sleep until cpu_up or the end.
-        st.set_tid(0);
+        st.identity().set_tid(0);
         super::ap::ap_exit(&hp, st);
         if !parking.wait() {
             break true;
         }
         // Unparked after the kick: signals may come once the controller commits, after ALIVE.
-        st.set_tid(crate::ipi::signal::gettid());
+        st.identity().set_tid(crate::ipi::signal::gettid());
     };
     drop(altstack);
-    st.set_tid(0);
+    st.identity().set_tid(0);
     // SAFETY: clearing the pointers; nothing uses them afterwards on this thread.
     unsafe { crate::stop::layer::set_current(None, 0) };
     // Last: DEAD (a parked thread reported it before it parked). A controller that sees it may

@@ -417,7 +417,7 @@ fn ring_masked(s: &IpiLayer, st: &CpuState) {
                 // idle loop gets the call served.
                 return;
             }
-            let tid = st.tid();
+            let tid = st.identity().tid();
             if tid != 0 && super::signal::tgkill(tid, s.signals.ipi).is_ok() {
                 s.totals.signals.fetch_add(1, Ordering::Relaxed);
                 st.stats().doorbells.fetch_add(1, Ordering::Relaxed);

@@ -131,7 +131,7 @@ impl Shared {
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
         for st in self.machine().cpus().iter() {
-            let handle = st.take_thread();
+            let handle = st.identity().take_thread();
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
@@ -440,7 +440,7 @@ impl Handle {
         self.shared
             .machine()
             .cpu(cpu)
-            .map(|c| c.tid())
+            .map(|c| c.identity().tid())
             .filter(|&t| t > 0)
     }
 
@@ -491,7 +491,7 @@ impl Handle {
                 CpuStats {
                     cpu: c.id(),
                     state: c.run_state(),
-                    core: c.core(),
+                    core: c.identity().core(),
                     calls_queued: st.calls_queued.load(Ordering::Relaxed),
                     calls_handled: st.calls_handled.load(Ordering::Relaxed),
                     calls_sent: st.calls_sent.load(Ordering::Relaxed),
