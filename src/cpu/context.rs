@@ -141,7 +141,7 @@ pub fn irqs_disabled() -> bool {
 #[cold]
 fn replay(shared: &Machine, cpu: &CpuState) {
     let mut n = 0;
-    let safe = !cpu.running_job.load(Ordering::Relaxed);
+    let safe = !cpu.jobs().in_job_code();
     while cpu.irq_pending.swap(false, Ordering::Relaxed) {
         cpu.irq_depth.store(1, Ordering::Relaxed);
         compiler_fence(Ordering::SeqCst);

@@ -1,7 +1,7 @@
 //! The idle loop's sleep and the doorbell decision (the kernel's `TIF_POLLING_NRFLAG` trick).
 //!
 //! Protocol (sender S publishes work for CPU C; C goes idle):
-//! 1. S publishes with an RMW on the work word (queue push, `jobs_queued += 1`, `exit_req`).
+//! 1. S publishes with an RMW on the work word (queue push, a job counted in `jobs.rs`, `exit_req`).
 //! 2. S reads C's idle word with an RMW (`fetch_or(0)`) and acts on it:
 //!    POLLING  -> nothing: C is spinning on its queue and will see the work;
 //!    SLEEPING -> CAS SLEEPING -> WAKING and futex-wake C (one waker wins);

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_utils::CachePadded;
 
 use super::events::EventRing;
-use super::lock::LockUnpoisoned;
+use super::jobs::Job;
 use super::mask::{AtomicCpuMask, CpuId};
-use super::state::{CpuState, Job};
+use super::state::CpuState;
 
 /// The soft irq mask's replay hook, registered by the IPI layer (`irq_restore` calls it, see
 /// `cpu/context.rs`): take the pending vectors and run the queued calls of `cpu`, the calling
@@ -211,7 +211,7 @@ impl Machine {
             let generation = self.generation;
             return Err((JobRefused::Retired { generation }, job));
         }
-        let gate = st.job_gate.lock_unpoisoned();
+        let gate = st.jobs().lock_gate();
         if !*gate {
             return Err((JobRefused::Offline { cpu }, job));
         }
@@ -228,11 +228,8 @@ impl Machine {
 
     fn push_job(&self, cpu: CpuId, job: Job) -> Result<(), (JobRefused, Job)> {
         let st = &self.cpus[cpu];
-        // Count before sending, so the counter never underflows when the CPU takes the job.
-        st.jobs_queued.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = st.job_tx.send(job) {
-            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            return Err((JobRefused::Offline { cpu }, e.into_inner()));
+        if let Err(job) = st.jobs().push(job) {
+            return Err((JobRefused::Offline { cpu }, job));
         }
         st.wake_for_job();
         Ok(())

@@ -3,7 +3,8 @@
 //! | file | what |
 //! |---|---|
 //! | `machine.rs` | `Machine`: the CPUs of one runtime, their masks, job queueing (every layer's base) |
-//! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; jobs |
+//! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; counters |
+//! | `jobs.rs` | `Job`, `JobHandoff`: the job channel, its gate, and the held / in-job-code flags |
 //! | `identity.rs` | `CpuIdentity`: the CPU's number and the OS thread that runs it (tid, core, handle) |
 //! | `context.rs` | `this_cpu()`, `irq_save()`/`irq_restore()`, `cpu_relax()`: the thread-local CPU |
 //! | `call_queue.rs` | the per-CPU closable lock-free call queue (the kernel's llist), loom-checked |
@@ -24,6 +25,7 @@ pub mod events;
 pub(crate) mod futex;
 pub(crate) mod identity;
 pub mod idle;
+pub(crate) mod jobs;
 pub(crate) mod lock;
 pub(crate) mod machine;
 pub mod mask;

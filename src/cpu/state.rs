@@ -3,15 +3,12 @@
 //! never freed while any thread of the runtime runs.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
-
-use crossbeam_channel::{Receiver, Sender};
 
 use crate::cpu::call_queue::CallQueue;
 use crate::cpu::events::EventRing;
 use crate::cpu::identity::CpuIdentity;
 use crate::cpu::idle::IdleWord;
-use crate::cpu::lock::LockUnpoisoned;
+use crate::cpu::jobs::JobHandoff;
 use crate::cpu::mask::CpuId;
 
 /// Where a logical CPU is in its life (read it with [`crate::Handle::cpu_state`]).
@@ -44,23 +41,6 @@ impl CpuRunState {
             5 => Self::PoweredOff,
             6 => Self::Limbo,
             _ => Self::Offline,
-        }
-    }
-}
-
-/// An ordinary job queued on a CPU (may allocate and block).
-pub(crate) struct Job {
-    pub run: Box<dyn FnOnce() + Send + 'static>,
-    /// Where the job is queued now, shared with its `JobHandle`; hotplug updates it when it
-    /// moves the job off a dying CPU.
-    pub at: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
-}
-
-impl Job {
-    pub(crate) fn new(f: impl FnOnce() + Send + 'static) -> Self {
-        Job {
-            run: Box::new(f),
-            at: None,
         }
     }
 }
@@ -123,22 +103,9 @@ pub(crate) struct CpuState {
     pub(super) masked_since: AtomicU64,
     /// The thread should leave its idle loop (offline / shutdown).
     pub(super) exit_req: crate::sync::AtomicBool,
-    /// Jobs queued and not yet started (an RMW-read counter, see `idle`).
-    pub(super) jobs_queued: crate::sync::AtomicUsize,
-    /// Whether the thread is executing a job's code right now (set only around the call). A
-    /// stop that interrupts such a CPU cannot power it off: see `stop/receive.rs`.
-    pub(super) running_job: AtomicBool,
-    /// The running job may be resumed when a park inside it is released at teardown
-    /// (`fault::resume_on_release`); cleared when the job ends.
-    pub(super) resume_on_release: AtomicBool,
-    /// Whether the thread holds a job (set before it takes one from its queue, so hotplug's
-    /// drain never sees it idle while it holds a job it just took).
-    pub(super) in_job: AtomicBool,
-    /// Open while the CPU takes jobs; submit and migration hold this lock, so a job is either
-    /// queued before the gate closes (and run or moved) or refused.
-    pub(super) job_gate: Mutex<bool>,
-    pub(super) job_tx: Sender<Job>,
-    pub(super) job_rx: Receiver<Job>,
+    /// The job channel, its gate, and what the thread says about the job it holds
+    /// (`jobs.rs`).
+    pub(super) jobs: JobHandoff,
     pub(super) ring: EventRing,
     pub(super) stats: CpuCounters,
     /// The name of the last callback found on this CPU after it went offline, copied in by the
@@ -191,7 +158,6 @@ impl OfflineName {
 
 impl CpuState {
     pub(crate) fn new(id: CpuId, ring_cap: usize, log: bool) -> Self {
-        let (job_tx, job_rx) = crossbeam_channel::unbounded();
         Self {
             identity: CpuIdentity::new(id),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
@@ -202,13 +168,7 @@ impl CpuState {
             irq_pending: AtomicBool::new(false),
             masked_since: AtomicU64::new(0),
             exit_req: crate::sync::AtomicBool::new(false),
-            jobs_queued: crate::sync::AtomicUsize::new(0),
-            running_job: AtomicBool::new(false),
-            resume_on_release: AtomicBool::new(false),
-            in_job: AtomicBool::new(false),
-            job_gate: Mutex::new(false),
-            job_tx,
-            job_rx,
+            jobs: JobHandoff::new(),
             ring: EventRing::with_enabled(ring_cap, log),
             stats: CpuCounters::default(),
             offline_name: OfflineName::new(),
@@ -236,8 +196,7 @@ impl CpuState {
     /// what its previous life, or a stop that powered it off, left behind, and mark it booting.
     pub(crate) fn reset_for_bringup(&self) {
         self.exit_req.store(false, Ordering::SeqCst);
-        self.running_job.store(false, Ordering::SeqCst);
-        self.in_job.store(false, Ordering::SeqCst);
+        self.jobs.reset();
         self.idle.reset_running();
         self.set_run_state(CpuRunState::Booting);
     }
@@ -377,74 +336,20 @@ impl CpuState {
     /// The idle loop's poll: a job queued or an exit asked (plain loads).
     #[inline]
     pub(crate) fn jobs_or_exit_hint(&self) -> bool {
-        self.jobs_queued.load(Ordering::Relaxed) > 0 || self.exit_req.load(Ordering::Relaxed)
+        self.jobs.queued_hint() || self.exit_req.load(Ordering::Relaxed)
     }
 
     /// The idle loop's last check before it sleeps (`idle.rs` step 3): the same, read with
     /// read-modify-writes so they are ordered with the senders' RMWs on the idle word.
     #[inline]
     pub(crate) fn jobs_or_exit_rmw(&self) -> bool {
-        self.jobs_queued.fetch_add(0, Ordering::AcqRel) > 0
-            || self.exit_req.fetch_or(false, Ordering::AcqRel)
+        self.jobs.queued_rmw() || self.exit_req.fetch_or(false, Ordering::AcqRel)
     }
 
-    // The job hand-off: `machine.rs` queues behind the gate; the CPU's idle loop takes.
-
-    /// The CPU takes its next job. `in_job` is set before it looks, so a CPU being deactivated
-    /// is never seen idle while it holds a job it just took (`sched:active` teardown).
-    pub(crate) fn take_job(&self) -> Option<Job> {
-        self.in_job.store(true, Ordering::SeqCst);
-        match self.job_rx.try_recv() {
-            Ok(job) => {
-                self.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-                Some(job)
-            }
-            Err(_) => {
-                self.in_job.store(false, Ordering::SeqCst);
-                None
-            }
-        }
-    }
-
-    /// Takes a queued job without holding it as running (to drop it, or move it elsewhere).
-    pub(crate) fn drain_job(&self) -> Option<Job> {
-        let job = self.job_rx.try_recv().ok()?;
-        self.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-        Some(job)
-    }
-
-    /// Opens or closes the job gate (`sched:active`; `finish`).
-    pub(crate) fn set_job_gate(&self, open: bool) {
-        *self.job_gate.lock_unpoisoned() = open;
-    }
-
-    /// Whether the thread holds a job.
-    pub(crate) fn in_job(&self) -> bool {
-        self.in_job.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_in_job(&self, on: bool) {
-        self.in_job.store(on, Ordering::SeqCst);
-    }
-
-    /// Whether the thread is executing a job's code right now (a stop there cannot power the
-    /// CPU off). Relaxed: read on this CPU, by its own handlers.
+    /// The job hand-off (`jobs.rs`): `machine.rs` queues behind the gate; the idle loop takes.
     #[inline]
-    pub(crate) fn running_job(&self) -> bool {
-        self.running_job.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_running_job(&self, on: bool) {
-        self.running_job.store(on, Ordering::SeqCst);
-    }
-
-    /// Whether the running job may be resumed when its park is released (and cleared by it).
-    pub(crate) fn resume_on_release(&self) -> bool {
-        self.resume_on_release.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_resume_on_release(&self, on: bool) {
-        self.resume_on_release.store(on, Ordering::SeqCst);
+    pub(crate) fn jobs(&self) -> &JobHandoff {
+        &self.jobs
     }
 
     /// Whether a stop has parked or powered off this CPU.

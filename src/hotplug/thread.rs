@@ -201,9 +201,9 @@ fn idle_loop(hp: &HotplugLayer, st: &CpuState) {
             finish(hp, st);
             return;
         }
-        // `take_job` marks the CPU as holding a job before it looks, so a CPU being
+        // `jobs().take()` marks the CPU as holding a job before it looks, so a CPU being
         // deactivated is never seen idle while it holds a job it just took.
-        while let Some(job) = st.take_job() {
+        while let Some(job) = st.jobs().take() {
             if st.idle().enter_running() {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
                 serve_if_queued(hp, st);
@@ -212,7 +212,7 @@ fn idle_loop(hp: &HotplugLayer, st: &CpuState) {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
                 // reports `JobLost`); nothing of this image runs here any more.
                 drop(job);
-                st.set_in_job(false);
+                st.jobs().set_holds_job(false);
                 break;
             }
             run_job(hp, st, job);
@@ -274,24 +274,24 @@ fn serve_calls(hp: &HotplugLayer, st: &CpuState) {
 /// parked and lost (tests/kexec_resources.rs, about one cycle in a thousand).
 pub(crate) fn job_user_code_done() {
     if let Some((_, st)) = crate::cpu::context::current() {
-        st.set_running_job(false);
+        st.jobs().set_in_job_code(false);
     }
 }
 
-fn run_job(hp: &HotplugLayer, st: &CpuState, job: crate::cpu::state::Job) {
-    st.set_in_job(true);
-    st.set_running_job(true);
-    // A stop that came before `running_job` was set powered the CPU off at a safe point and
+fn run_job(hp: &HotplugLayer, st: &CpuState, job: crate::cpu::jobs::Job) {
+    st.jobs().set_holds_job(true);
+    st.jobs().set_in_job_code(true);
+    // A stop that came before `in_job_code` was set powered the CPU off at a safe point and
     // returned here: the job must not start. One that comes after it parks the CPU in the job.
     if hp.stop().stop_cpu(st.id()).is_powered_off() {
-        st.set_running_job(false);
+        st.jobs().set_in_job_code(false);
         return;
     }
     // Job wrappers report panics to their handles; this catch keeps the CPU alive whatever a
     // job does (ipi/fatal.rs states the policy).
     let _ = catch_unwind(AssertUnwindSafe(job.run));
-    st.set_running_job(false);
-    st.set_resume_on_release(false);
+    st.jobs().set_in_job_code(false);
+    st.jobs().set_resume_on_release(false);
     // A job that unwound (or returned) between irq_save and irq_restore must not leave every
     // later job and IPI of this CPU masked; the kernel warns likewise when a softirq or
     // workqueue item returns with irqs disabled.
@@ -302,22 +302,22 @@ fn run_job(hp: &HotplugLayer, st: &CpuState, job: crate::cpu::state::Job) {
             st.id()
         );
     }
-    st.set_in_job(false);
+    st.jobs().set_holds_job(false);
     st.stats().jobs.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Leaving the idle loop (shutdown, or after the dying steps of `cpu_down`): run the jobs still
 /// queued, close the call queue and run what it held, then mark the CPU offline.
 fn finish(hp: &HotplugLayer, st: &CpuState) {
-    st.set_job_gate(false);
+    st.jobs().set_gate(false);
     if hp.stop().stop_cpu(st.id()).is_powered_off() {
         // Stopped and powered off: nothing of this image may run here any more. Queued jobs
         // are dropped, so their handles report `JobLost`; queued calls stay unrun (their
         // synchronous senders time out).
-        while st.drain_job().is_some() {}
+        while st.jobs().drain().is_some() {}
         return;
     }
-    while let Some(job) = st.drain_job() {
+    while let Some(job) = st.jobs().drain() {
         run_job(hp, st, job);
     }
     let f = irq_save();

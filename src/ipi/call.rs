@@ -544,7 +544,7 @@ fn wait_done(
         st.queue().state_name(),
         irq_depth,
         if irq_pending { " with an IPI deferred" } else { "" },
-        if st.in_job() { "" } else { "not " },
+        if st.jobs().holds_job() { "" } else { "not " },
         s.ipi_cpu(st.id()).handlers_active(),
         if st.kick_pending() { "" } else { "not " },
         waited / 1_000_000

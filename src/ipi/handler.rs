@@ -64,7 +64,7 @@ extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *m
         if cpu.irqs_masked() {
             cpu.defer_irq();
         } else {
-            let safe = !cpu.running_job();
+            let safe = !cpu.jobs().in_job_code();
             cpu.mask_in_handler();
             compiler_fence(Ordering::SeqCst);
             if !take_vectors(shared, cpu, uc, safe) {

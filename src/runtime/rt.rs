@@ -455,7 +455,7 @@ impl Handle {
         self.shared.usable()?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
-        let mut job = crate::cpu::state::Job::new(move || {
+        let mut job = crate::cpu::jobs::Job::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             crate::hotplug::thread::job_user_code_done();
             let _ = tx.send(r.map_err(|p| {

@@ -100,7 +100,7 @@ pub(crate) fn park(
     // interrupted directly (no other handler of ours in between, which could be a callback).
     let in_own_call = me.in_stop_call() && shared.ipi().ipi_cpu(st.id()).handlers_active() <= 1;
     let depth = st.mask_for_park();
-    me.wait_for_release(safe || st.resume_on_release() || in_own_call);
+    me.wait_for_release(safe || st.jobs().resume_on_release() || in_own_call);
     st.restore_irq_depth(depth);
     st.set_run_state(CpuRunState::PoweredOff);
     power_off_now(shared, st, unwind);
