@@ -13,14 +13,12 @@
 //! | `events.rs` | the NMI-safe per-CPU event rings |
 //! | `futex.rs`, `clock.rs` | async-signal-safe sleep/wake and time |
 //! | `affinity.rs` | the only user of the affinity API |
-//! | `cpus_lock.rs` | the hotplug read-write lock: hotplug writes, `stop_machine` reads |
 //! | `lock.rs` | `lock_unpoisoned()`: the mutex lock that survives a panicking holder |
 
 pub(crate) mod affinity;
 pub(crate) mod call_queue;
 pub(crate) mod clock;
 pub(crate) mod context;
-pub(crate) mod cpus_lock;
 pub mod events;
 pub(crate) mod futex;
 pub(crate) mod identity;

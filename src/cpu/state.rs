@@ -2,7 +2,7 @@
 //! send it IPIs share. One `CpuState` per possible CPU, cache-padded, allocated at `build()` and
 //! never freed while any thread of the runtime runs.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::cpu::call_queue::CallQueue;
 use crate::cpu::events::EventRing;
@@ -89,18 +89,10 @@ pub(crate) struct CpuState {
     /// its own cache line: every sender RMW-reads it after each push, and a polling CPU does not
     /// touch it, so on the polling round trip it stays in the sender's cache.
     pub(super) idle: crossbeam_utils::CachePadded<IdleWord>,
-    /// Go's `signalPending`: a doorbell is in flight, do not ring again.
-    pub(super) kick_pending: crate::sync::AtomicBool,
     /// The call queue (closed while the CPU is offline). On its own cache line: senders CAS
     /// it and the CPU spins on it, and sharing the line with the idle word (senders) or
     /// `irq_depth` (this CPU) cost two extra line transfers per polled call.
     pub(super) queue: crossbeam_utils::CachePadded<CallQueue>,
-    /// Soft irq mask nesting depth (only this CPU's thread and its handlers touch it).
-    pub(super) irq_depth: AtomicU32,
-    /// An IPI arrived while masked: replay at `irq_restore`.
-    pub(super) irq_pending: AtomicBool,
-    /// When the outermost mask started (ns), when accounting is on.
-    pub(super) masked_since: AtomicU64,
     /// The thread should leave its idle loop (offline / shutdown).
     pub(super) exit_req: crate::sync::AtomicBool,
     /// The job channel, its gate, and what the thread says about the job it holds
@@ -162,34 +154,13 @@ impl CpuState {
             identity: CpuIdentity::new(id),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
             idle: crossbeam_utils::CachePadded::new(IdleWord::new()),
-            kick_pending: crate::sync::AtomicBool::new(false),
             queue: crossbeam_utils::CachePadded::new(CallQueue::new_closed()),
-            irq_depth: AtomicU32::new(0),
-            irq_pending: AtomicBool::new(false),
-            masked_since: AtomicU64::new(0),
             exit_req: crate::sync::AtomicBool::new(false),
             jobs: JobHandoff::new(),
             ring: EventRing::with_enabled(ring_cap, log),
             stats: CpuCounters::default(),
             offline_name: OfflineName::new(),
         }
-    }
-
-    /// Asks the CPU's thread to leave its idle loop, waking it if it sleeps (it checks
-    /// between jobs, so a running job finishes first).
-    pub(crate) fn request_exit(&self) {
-        self.exit_req.store(true, Ordering::SeqCst);
-        self.wake_for_job();
-    }
-
-    /// `idle.rs` step 2 for a job or an exit request, with irqs soft-masked on a calling CPU:
-    /// a WAKING idle word is a token that stops every other sender from waking this CPU, so
-    /// its holder must not be interrupted between the CAS and the futex wake (an IPI handler
-    /// that waits for this CPU there, `stop_machine`'s rendezvous, would wait for good).
-    pub(crate) fn wake_for_job(&self) {
-        let fl = crate::cpu::context::irq_save();
-        self.idle.wake_for_job();
-        crate::cpu::context::irq_restore(fl);
     }
 
     /// Before a new thread starts for this CPU (the controller, under the hotplug lock): clear
@@ -199,14 +170,6 @@ impl CpuState {
         self.jobs.reset();
         self.idle.reset_running();
         self.set_run_state(CpuRunState::Booting);
-    }
-
-    /// On the CPU's new thread, once committed: irqs unmasked, no doorbell marked in flight,
-    /// nothing pending from its previous life.
-    pub(crate) fn reset_irq_state(&self) {
-        self.kick_pending.store(false, Ordering::Release);
-        self.irq_pending.store(false, Ordering::Relaxed);
-        self.irq_depth.store(0, Ordering::Relaxed);
     }
 
     /// This CPU's number.
@@ -250,76 +213,6 @@ impl CpuState {
         &self.offline_name
     }
 
-    // The doorbell (`idle.rs` step 2): `kick_pending` is Go's `signalPending`.
-
-    /// Sender: the idle word's decision for an IPI, marking a doorbell in flight if it rings.
-    #[inline]
-    pub(crate) fn kick_for_ipi(&self) -> crate::cpu::idle::Kick {
-        self.idle.kick_for_ipi(&self.kick_pending)
-    }
-
-    /// The doorbell was not sent after all (or the CPU is being prepared): none in flight.
-    pub(crate) fn clear_kick_pending(&self) {
-        self.kick_pending.store(false, Ordering::Release);
-    }
-
-    /// The IPI handler, before it drains: a sender that marks one after this rings again.
-    #[inline]
-    pub(crate) fn take_kick_pending(&self) {
-        self.kick_pending.swap(false, Ordering::AcqRel);
-    }
-
-    /// For a report: whether a doorbell is marked in flight.
-    pub(crate) fn kick_pending(&self) -> bool {
-        self.kick_pending.load(Ordering::Relaxed)
-    }
-
-    // The soft irq mask's handler side (`context.rs` holds the thread side). Only this CPU's
-    // thread and its handlers touch these, so Relaxed suffices.
-
-    /// Whether irqs are soft-masked on this CPU.
-    #[inline]
-    pub(crate) fn irqs_masked(&self) -> bool {
-        self.irq_depth.load(Ordering::Relaxed) != 0
-    }
-
-    /// The IPI handler found irqs masked: the IPI is replayed at `irq_restore`.
-    #[inline]
-    pub(crate) fn defer_irq(&self) {
-        self.irq_pending.store(true, Ordering::Relaxed);
-        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A handler masks irqs while it runs callbacks (irqs were unmasked).
-    #[inline]
-    pub(crate) fn mask_in_handler(&self) {
-        self.irq_depth.store(1, Ordering::Relaxed);
-    }
-
-    /// A handler's callbacks are done: irqs unmasked again.
-    #[inline]
-    pub(crate) fn unmask_in_handler(&self) {
-        self.irq_depth.store(0, Ordering::Relaxed);
-    }
-
-    /// A parking CPU masks irqs; returns the depth to restore if it is ever released.
-    pub(crate) fn mask_for_park(&self) -> u32 {
-        self.irq_depth.swap(1, Ordering::Relaxed)
-    }
-
-    /// Restores the depth `mask_for_park` returned.
-    pub(crate) fn restore_irq_depth(&self, depth: u32) {
-        self.irq_depth.store(depth, Ordering::Relaxed);
-    }
-
-    /// For a report: the mask's nesting depth and whether an IPI waits for the unmask.
-    pub(crate) fn irq_report(&self) -> (u32, bool) {
-        (
-            self.irq_depth.load(Ordering::Relaxed),
-            self.irq_pending.load(Ordering::Relaxed),
-        )
-    }
-
     // Leaving the idle loop.
 
     /// Whether the thread was asked to leave its idle loop.
@@ -328,7 +221,8 @@ impl CpuState {
         self.exit_req.load(Ordering::SeqCst)
     }
 
-    /// Asks the thread to leave without waking it (it is the caller, in a stop receiver).
+    /// Asks the thread to leave without waking it (the caller is that thread, or wakes it:
+    /// [`Machine::request_exit`](crate::cpu::machine::Machine::request_exit)).
     pub(crate) fn mark_exit(&self) {
         self.exit_req.store(true, Ordering::SeqCst);
     }

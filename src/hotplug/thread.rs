@@ -17,10 +17,10 @@ use super::parking::Parking;
 use std::sync::Arc;
 
 use super::layer::HotplugLayer;
-use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::idle::IdlePolicy;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::{CpuRunState, CpuState};
+use crate::ipi::irq::{irq_restore, irq_save};
 use crate::ipi::signal::Signals;
 
 /// What a CPU thread takes from the runtime's configuration.
@@ -295,7 +295,7 @@ fn run_job(hp: &HotplugLayer, st: &CpuState, job: crate::cpu::jobs::Job) {
     // A job that unwound (or returned) between irq_save and irq_restore must not leave every
     // later job and IPI of this CPU masked; the kernel warns likewise when a softirq or
     // workqueue item returns with irqs disabled.
-    if crate::cpu::context::irq_unmask_after_job() {
+    if crate::ipi::irq::irq_unmask_after_job() {
         st.stats().irq_leaks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             "usmp: CPU{}: a job ended with irqs masked (it panicked or forgot irq_restore); unmasked",

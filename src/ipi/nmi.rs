@@ -93,7 +93,7 @@ pub(crate) extern "C" fn nmi_handler(
             me.set_last_ip(regs.ip);
         }
         if bits & NmiReason::Stop as u64 != 0 {
-            let safe = !cpu.jobs().in_job_code() && !cpu.irqs_masked();
+            let safe = !cpu.jobs().in_job_code() && !me.irq().masked();
             shared.nmi_hooks.call_stop(cpu, uc, safe);
         }
         me.leave_handler();

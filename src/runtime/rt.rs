@@ -124,7 +124,7 @@ impl Shared {
             return;
         }
         for st in self.machine().cpus().iter() {
-            st.request_exit();
+            self.machine().request_exit(st.id());
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
             self.stop().stop_cpu(st.id()).release();
@@ -260,9 +260,14 @@ impl Runtime {
             log,
             cores,
             cfg.generation,
+        );
+        let ipi = IpiLayer::new(
+            machine,
+            cfg.csd_pool,
+            cfg.signals,
+            cfg.call_timeout,
             cfg.irq_accounting,
         );
-        let ipi = IpiLayer::new(machine, cfg.csd_pool, cfg.signals, cfg.call_timeout);
         let stop = StopLayer::new(ipi, cfg.park, cfg.stop.clone());
         let threads = crate::hotplug::thread::ThreadConfig {
             name: cfg.name.clone(),
