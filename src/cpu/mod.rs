@@ -6,7 +6,7 @@
 //! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; counters |
 //! | `jobs.rs` | `Job`, `JobHandoff`: the job channel, its gate, and the held / in-job-code flags |
 //! | `identity.rs` | `CpuIdentity`: the CPU's number and the OS thread that runs it (tid, core, handle) |
-//! | `context.rs` | `this_cpu()`, `irq_save()`/`irq_restore()`, `cpu_relax()`: the thread-local CPU |
+//! | `context.rs` | `this_cpu()`, `cpu_relax()`: the thread-local CPU |
 //! | `call_queue.rs` | the per-CPU closable lock-free call queue (the kernel's llist), loom-checked |
 //! | `mask.rs` | `CpuMask`, `AtomicCpuMask` and the kernel's list format |
 //! | `idle.rs` | poll-then-sleep and the doorbell decision (a loom-checked protocol) |

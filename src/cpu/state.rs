@@ -77,9 +77,11 @@ pub(crate) struct CpuCounters {
     pub irq_leaks: AtomicU64,
 }
 
-/// One logical CPU. The fields are private to the `cpu` layer: the layers above use the
-/// methods, which carry the protocols (the idle word and the call queue through their own
-/// types' read-modify-write methods, the job hand-off, the soft irq mask's handler side).
+/// One logical CPU, as the bottom layer sees it: who runs it (`identity.rs`), its run state,
+/// its idle word, call queue and job hand-off (each a protocol with its own type), the exit
+/// request, its event ring and counters. The fields are private to the `cpu` layer; the layers
+/// above use the methods. What the upper layers keep per CPU (the doorbell flag and the soft
+/// irq mask: `ipi/percpu.rs`) they hold themselves.
 pub(crate) struct CpuState {
     /// Which CPU this is and which OS thread runs it (`identity.rs`).
     pub(super) identity: CpuIdentity,
@@ -90,8 +92,8 @@ pub(crate) struct CpuState {
     /// touch it, so on the polling round trip it stays in the sender's cache.
     pub(super) idle: crossbeam_utils::CachePadded<IdleWord>,
     /// The call queue (closed while the CPU is offline). On its own cache line: senders CAS
-    /// it and the CPU spins on it, and sharing the line with the idle word (senders) or
-    /// `irq_depth` (this CPU) cost two extra line transfers per polled call.
+    /// it and the CPU spins on it, and sharing the line with the idle word (senders) or the
+    /// soft irq mask (this CPU) cost two extra line transfers per polled call.
     pub(super) queue: crossbeam_utils::CachePadded<CallQueue>,
     /// The thread should leave its idle loop (offline / shutdown).
     pub(super) exit_req: crate::sync::AtomicBool,

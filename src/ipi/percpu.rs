@@ -18,6 +18,8 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 use super::irq::SoftIrqMask;
 use crate::cpu::idle::{IdleWord, Kick};
 
@@ -25,8 +27,9 @@ use crate::cpu::idle::{IdleWord, Kick};
 pub(crate) struct IpiCpu {
     /// A doorbell is in flight, do not ring again (Go's `signalPending`).
     kick_pending: crate::sync::AtomicBool,
-    /// The soft irq mask (`irq.rs`).
-    irq: SoftIrqMask,
+    /// The soft irq mask (`irq.rs`). On its own cache line: only this CPU writes it, on every
+    /// `irq_save`, and senders write the words beside it (doorbell flag, vectors, NMI reasons).
+    irq: CachePadded<SoftIrqMask>,
     /// NMI reasons pending (bits, see `nmi.rs`).
     nmi_pending: AtomicU64,
     /// Dedicated IPI vectors pending (bits, see `call::VECTOR_*`), taken before the queue.
@@ -41,7 +44,7 @@ impl IpiCpu {
     pub(super) fn new() -> Self {
         IpiCpu {
             kick_pending: crate::sync::AtomicBool::new(false),
-            irq: SoftIrqMask::new(),
+            irq: CachePadded::new(SoftIrqMask::new()),
             nmi_pending: AtomicU64::new(0),
             vectors: AtomicU64::new(0),
             last_ip: AtomicU64::new(0),
@@ -59,7 +62,7 @@ impl IpiCpu {
     /// doorbell in flight if it rings.
     #[inline]
     pub(super) fn kick(&self, idle: &IdleWord) -> Kick {
-        idle.kick_for_ipi(&self.kick_pending)
+        idle.kick_for_call(&self.kick_pending)
     }
 
     /// The doorbell was not sent after all (or the CPU is being prepared): none in flight.
