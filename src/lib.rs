@@ -40,8 +40,8 @@
 //! | 5 | `runtime` | composition root: `Builder`, `Runtime`, `Handle` |
 //! | 4 | `hotplug` | the step table, the bring-up handshake, `cpu_up`/`cpu_down`, the CPU thread and its idle loop (smpboot) |
 //! | 3 | `stop` | `send_stop`/`crash_stop`, parking, `stop_machine` |
-//! | 2 | [`ipi`] | call queue, doorbell signal, NMI, signal handlers |
-//! | 1 | `cpu`, `inject` | per-CPU state and primitives (masks, call queue, idle word, event rings, futex, clock, the thread-local CPU and soft irq mask); fault hooks |
+//! | 2 | [`ipi`] | call queue, doorbell signal and its in-flight flag, the soft irq mask, NMI, signal handlers |
+//! | 1 | `cpu`, `inject` | per-CPU state and primitives (masks, call queue, idle word, job hand-off, event rings, futex, clock, the thread-local CPU); fault hooks |
 //! | 0 | `sync` | the loom facade the protocol files import their atomics from |
 //!
 //! A module may use its own layer and the ones below, and names the module an item lives in
@@ -52,8 +52,8 @@
 //! `stop`'s `StopLayer` (`stop.ipi()`), in `hotplug`'s `HotplugLayer` (`hotplug.stop()`), in
 //! the runtime's `Shared` (`shared.hotplug()`, and `stop()`/`ipi()`/`machine()` straight to the
 //! lower ones), which [`Handle`] points at and forwards to. A lower layer that must act above it calls a
-//! hook registered at build: `irq_restore`'s replay (`cpu` -> `ipi`), the stop receiver
-//! (`ipi`'s handlers -> `stop`). The CPU thread belongs to `hotplug`, which starts it and
+//! hook registered at build: the masked section the job wake-up runs in (`cpu` -> `ipi`'s
+//! soft irq mask), the stop receiver (`ipi`'s handlers -> `stop`). The CPU thread belongs to `hotplug`, which starts it and
 //! hands it an `Arc` of its own layer (no hook back into the runtime). Only
 //! `ipi::signal` touches signals; only `cpu/affinity.rs` touches CPU affinity.
 //!
@@ -150,7 +150,6 @@ mod ipi {
 #[cfg(loom)]
 mod cpu {
     pub(crate) mod call_queue;
-    pub(crate) mod cpus_lock;
     pub(crate) mod idle;
     /// The CPU id type, as in `mask.rs` (the rest of that file is not a protocol).
     pub(crate) mod mask {
@@ -165,4 +164,5 @@ mod hotplug {
 #[cfg(loom)]
 mod stop {
     pub(crate) mod coord;
+    pub(crate) mod cpus_lock;
 }

@@ -59,13 +59,6 @@ pub(crate) fn wake_addr(word: *const u32, n: i32) {
     };
 }
 
-/// How long a hotplug handshake wait spins before it sleeps. On a VM, waking a thread whose
-/// vCPU went idle costs tens of microseconds, and one bring-up has three such hand-offs
-/// (ALIVE, commit, ONLINE); the other side usually answers within a few microseconds, so a
-/// short spin saves the sleep and the wake-up. (The kernel's `cpuhp_wait_for_sync_state`
-/// spins likewise before it sleeps.)
-pub(crate) const HANDSHAKE_SPIN: Duration = Duration::from_micros(50);
-
 /// [`wait`], after spinning for up to `spin` while `*word == expected`. Returns at once if
 /// the word changed during the spin; callers re-check their condition either way. Not for
 /// signal handlers (it reads the clock through the vDSO).

@@ -1,7 +1,7 @@
 //! The idle loop's sleep and the doorbell decision (the kernel's `TIF_POLLING_NRFLAG` trick).
 //!
 //! Protocol (sender S publishes work for CPU C; C goes idle):
-//! 1. S publishes with an RMW on the work word (queue push, `jobs_queued += 1`, `exit_req`).
+//! 1. S publishes with an RMW on the work word (queue push, job count, `exit_req`).
 //! 2. S reads C's idle word with an RMW (`fetch_or(0)`) and acts on it:
 //!    POLLING  -> nothing: C is spinning on its queue and will see the work;
 //!    SLEEPING -> CAS SLEEPING -> WAKING and futex-wake C (one waker wins);
@@ -48,9 +48,9 @@ pub(crate) enum Kick {
     Coalesced,
 }
 
-/// Step 2 for an IPI. Async-signal-safe.
+/// Step 2 for a call queued on the CPU. Async-signal-safe.
 #[inline]
-pub(crate) fn kick_for_ipi(idle: &AtomicU32, kick_pending: &AtomicBool) -> Kick {
+pub(crate) fn kick_for_call(idle: &AtomicU32, kick_pending: &AtomicBool) -> Kick {
     match idle.fetch_or(0, Ordering::AcqRel) {
         POLLING | WAKING => Kick::None,
         SLEEPING => wake_decision(idle),
@@ -103,10 +103,10 @@ impl IdleWord {
         IdleWord(std::sync::atomic::AtomicU32::new(RUNNING))
     }
 
-    /// Step 2 for an IPI. Async-signal-safe.
+    /// Step 2 for a call queued on the CPU. Async-signal-safe.
     #[inline]
-    pub(crate) fn kick_for_ipi(&self, kick_pending: &AtomicBool) -> Kick {
-        kick_for_ipi(&self.0, kick_pending)
+    pub(crate) fn kick_for_call(&self, kick_pending: &AtomicBool) -> Kick {
+        kick_for_call(&self.0, kick_pending)
     }
 
     /// Step 2 for a job or an exit request, and the futex wake it may call for.
@@ -260,7 +260,7 @@ mod loom_idle {
             let (q2, i2, k2, l2) = (q.clone(), idle.clone(), kick.clone(), l.clone());
             let sender = loom::thread::spawn(move || {
                 q2.push(0, &*l2).unwrap();
-                kick_for_ipi(&i2, &k2)
+                kick_for_call(&i2, &k2)
             });
             // The CPU: poll briefly, then announce sleep and re-check.
             idle.swap(POLLING, Ordering::AcqRel);
@@ -301,7 +301,7 @@ mod loom_idle {
             let (q2, i2, k2, l2) = (q.clone(), idle.clone(), kick.clone(), l.clone());
             let mut call_sender = Some(loom::thread::spawn(move || {
                 q2.push(0, &*l2).unwrap();
-                kick_for_ipi(&i2, &k2)
+                kick_for_call(&i2, &k2)
             }));
             // The CPU: announce SLEEPING and re-check (step 3).
             idle.swap(SLEEPING, Ordering::AcqRel);

@@ -13,15 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_utils::CachePadded;
 
 use super::events::EventRing;
-use super::lock::LockUnpoisoned;
+use super::jobs::Job;
 use super::mask::{AtomicCpuMask, CpuId};
-use super::state::{CpuState, Job};
+use super::state::CpuState;
 
-/// The soft irq mask's replay hook, registered by the IPI layer (`irq_restore` calls it, see
-/// `cpu/context.rs`): take the pending vectors and run the queued calls of `cpu`, the calling
-/// CPU, with irqs masked. `safe`: the interrupted point may be left for good. Returns how many
-/// calls ran, or `None` if the CPU is now stopped and must run nothing more.
-pub(crate) type IrqReplay = fn(cpu: &CpuState, safe: bool) -> Option<usize>;
+/// A section run with the calling CPU's interrupts held off, registered by the layer above
+/// (the IPI layer's soft irq mask) at build: the job wake-up runs in it. Without one
+/// registered the section runs as is.
+pub(crate) type MaskedSection = fn(f: &mut dyn FnMut());
 
 /// Why a job was not queued (the runtime turns it into its `RuntimeError`, with the same
 /// message).
@@ -60,9 +59,7 @@ pub(crate) struct Machine {
     pub(super) retired: AtomicBool,
     /// Generation of this image (0 for the first; each kexec adds one).
     pub(super) generation: u64,
-    /// Whether `irq_save`/`irq_restore` account the time spent masked.
-    pub(super) irq_accounting: bool,
-    irq_replay: Option<IrqReplay>,
+    masked_section: Option<MaskedSection>,
 }
 
 impl Machine {
@@ -141,7 +138,6 @@ impl Machine {
         log: bool,
         cores: Vec<core_affinity::CoreId>,
         generation: u64,
-        irq_accounting: bool,
     ) -> Self {
         Machine {
             id,
@@ -157,23 +153,32 @@ impl Machine {
             faults: crate::inject::FaultState::new(n),
             retired: AtomicBool::new(false),
             generation,
-            irq_accounting,
-            irq_replay: None,
+            masked_section: None,
         }
     }
 
-    /// Registers the replay hook (at build, by the IPI layer, before any CPU runs).
-    pub(crate) fn set_irq_replay(&mut self, hook: IrqReplay) {
-        self.irq_replay = Some(hook);
+    /// Registers the masked section (at build, by the layer above, before any CPU runs).
+    pub(crate) fn set_masked_section(&mut self, hook: MaskedSection) {
+        self.masked_section = Some(hook);
     }
 
-    /// Calls the replay hook (see [`IrqReplay`]). Async-signal-safe as far as the callbacks are.
-    #[inline]
-    pub(crate) fn irq_replay(&self, cpu: &CpuState, safe: bool) -> Option<usize> {
-        match self.irq_replay {
-            Some(hook) => hook(cpu, safe),
-            None => Some(0),
+    /// `idle.rs` step 2 for a job or an exit request, with the caller's interrupts held off
+    /// ([`MaskedSection`]) when it is a CPU: a WAKING idle word is a token that stops every
+    /// other sender from waking `cpu`, so its holder must not be interrupted between the CAS
+    /// and the futex wake (a handler that waits for `cpu` there would wait for good).
+    fn wake_for_job(&self, cpu: &CpuState) {
+        match self.masked_section {
+            Some(section) => section(&mut || cpu.idle().wake_for_job()),
+            None => cpu.idle().wake_for_job(),
         }
+    }
+
+    /// Asks CPU `cpu`'s thread to leave its idle loop, waking it if it sleeps (it checks
+    /// between jobs, so a running job finishes first).
+    pub(crate) fn request_exit(&self, cpu: CpuId) {
+        let st = &self.cpus[cpu];
+        st.mark_exit();
+        self.wake_for_job(st);
     }
 
     /// The event ring of the calling thread: its CPU's, or the external one.
@@ -189,7 +194,7 @@ impl Machine {
     #[inline]
     pub(crate) fn this_cpu_here(&self) -> Option<CpuId> {
         match super::context::current() {
-            Some((m, c)) if m.id == self.id => Some(c.id),
+            Some((m, c)) if m.id == self.id => Some(c.id()),
             _ => None,
         }
     }
@@ -211,7 +216,7 @@ impl Machine {
             let generation = self.generation;
             return Err((JobRefused::Retired { generation }, job));
         }
-        let gate = st.job_gate.lock_unpoisoned();
+        let gate = st.jobs().lock_gate();
         if !*gate {
             return Err((JobRefused::Offline { cpu }, job));
         }
@@ -228,13 +233,10 @@ impl Machine {
 
     fn push_job(&self, cpu: CpuId, job: Job) -> Result<(), (JobRefused, Job)> {
         let st = &self.cpus[cpu];
-        // Count before sending, so the counter never underflows when the CPU takes the job.
-        st.jobs_queued.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = st.job_tx.send(job) {
-            st.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-            return Err((JobRefused::Offline { cpu }, e.into_inner()));
+        if let Err(job) = st.jobs().push(job) {
+            return Err((JobRefused::Offline { cpu }, job));
         }
-        st.wake_for_job();
+        self.wake_for_job(st);
         Ok(())
     }
 }

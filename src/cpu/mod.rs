@@ -3,25 +3,27 @@
 //! | file | what |
 //! |---|---|
 //! | `machine.rs` | `Machine`: the CPUs of one runtime, their masks, job queueing (every layer's base) |
-//! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; jobs |
-//! | `context.rs` | `this_cpu()`, `irq_save()`/`irq_restore()`, `cpu_relax()`: the thread-local CPU |
+//! | `state.rs` | `CpuState`: what one logical CPU shares with others; `CpuRunState`; counters |
+//! | `jobs.rs` | `Job`, `JobHandoff`: the job channel, its gate, and the held / in-job-code flags |
+//! | `identity.rs` | `CpuIdentity`: the CPU's number and the OS thread that runs it (tid, core, handle) |
+//! | `context.rs` | `this_cpu()`, `cpu_relax()`: the thread-local CPU |
 //! | `call_queue.rs` | the per-CPU closable lock-free call queue (the kernel's llist), loom-checked |
 //! | `mask.rs` | `CpuMask`, `AtomicCpuMask` and the kernel's list format |
 //! | `idle.rs` | poll-then-sleep and the doorbell decision (a loom-checked protocol) |
 //! | `events.rs` | the NMI-safe per-CPU event rings |
 //! | `futex.rs`, `clock.rs` | async-signal-safe sleep/wake and time |
 //! | `affinity.rs` | the only user of the affinity API |
-//! | `cpus_lock.rs` | the hotplug read-write lock: hotplug writes, `stop_machine` reads |
 //! | `lock.rs` | `lock_unpoisoned()`: the mutex lock that survives a panicking holder |
 
 pub(crate) mod affinity;
 pub(crate) mod call_queue;
 pub(crate) mod clock;
 pub(crate) mod context;
-pub(crate) mod cpus_lock;
 pub mod events;
 pub(crate) mod futex;
+pub(crate) mod identity;
 pub mod idle;
+pub(crate) mod jobs;
 pub(crate) mod lock;
 pub(crate) mod machine;
 pub mod mask;

@@ -2,16 +2,13 @@
 //! send it IPIs share. One `CpuState` per possible CPU, cache-padded, allocated at `build()` and
 //! never freed while any thread of the runtime runs.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::thread::JoinHandle;
-
-use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::cpu::call_queue::CallQueue;
 use crate::cpu::events::EventRing;
+use crate::cpu::identity::CpuIdentity;
 use crate::cpu::idle::IdleWord;
-use crate::cpu::lock::LockUnpoisoned;
+use crate::cpu::jobs::JobHandoff;
 use crate::cpu::mask::CpuId;
 
 /// Where a logical CPU is in its life (read it with [`crate::Handle::cpu_state`]).
@@ -48,23 +45,6 @@ impl CpuRunState {
     }
 }
 
-/// An ordinary job queued on a CPU (may allocate and block).
-pub(crate) struct Job {
-    pub run: Box<dyn FnOnce() + Send + 'static>,
-    /// Where the job is queued now, shared with its `JobHandle`; hotplug updates it when it
-    /// moves the job off a dying CPU.
-    pub at: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
-}
-
-impl Job {
-    pub(crate) fn new(f: impl FnOnce() + Send + 'static) -> Self {
-        Job {
-            run: Box::new(f),
-            at: None,
-        }
-    }
-}
-
 /// Counters a CPU keeps about itself (all Relaxed: statistics, not synchronisation).
 #[derive(Default)]
 pub(crate) struct CpuCounters {
@@ -97,52 +77,29 @@ pub(crate) struct CpuCounters {
     pub irq_leaks: AtomicU64,
 }
 
-/// One logical CPU. The fields are private to the `cpu` layer: the layers above use the
-/// methods, which carry the protocols (the idle word and the call queue through their own
-/// types' read-modify-write methods, the job hand-off, the soft irq mask's handler side).
+/// One logical CPU, as the bottom layer sees it: who runs it (`identity.rs`), its run state,
+/// its idle word, call queue and job hand-off (each a protocol with its own type), the exit
+/// request, its event ring and counters. The fields are private to the `cpu` layer; the layers
+/// above use the methods. What the upper layers keep per CPU (the doorbell flag and the soft
+/// irq mask: `ipi/percpu.rs`) they hold themselves.
 pub(crate) struct CpuState {
-    pub(super) id: CpuId,
-    /// Kernel tid of the CPU's current thread, 0 when it has none.
-    pub(super) tid: AtomicI32,
+    /// Which CPU this is and which OS thread runs it (`identity.rs`).
+    pub(super) identity: CpuIdentity,
     /// `CpuRunState` as u32.
     pub(super) run_state: AtomicU32,
     /// The idle word (`cpu/idle.rs`), also the idle futex word; RMW-only by construction. On
     /// its own cache line: every sender RMW-reads it after each push, and a polling CPU does not
     /// touch it, so on the polling round trip it stays in the sender's cache.
     pub(super) idle: crossbeam_utils::CachePadded<IdleWord>,
-    /// Go's `signalPending`: a doorbell is in flight, do not ring again.
-    pub(super) kick_pending: crate::sync::AtomicBool,
     /// The call queue (closed while the CPU is offline). On its own cache line: senders CAS
-    /// it and the CPU spins on it, and sharing the line with the idle word (senders) or
-    /// `irq_depth` (this CPU) cost two extra line transfers per polled call.
+    /// it and the CPU spins on it, and sharing the line with the idle word (senders) or the
+    /// soft irq mask (this CPU) cost two extra line transfers per polled call.
     pub(super) queue: crossbeam_utils::CachePadded<CallQueue>,
-    /// Soft irq mask nesting depth (only this CPU's thread and its handlers touch it).
-    pub(super) irq_depth: AtomicU32,
-    /// An IPI arrived while masked: replay at `irq_restore`.
-    pub(super) irq_pending: AtomicBool,
-    /// When the outermost mask started (ns), when accounting is on.
-    pub(super) masked_since: AtomicU64,
     /// The thread should leave its idle loop (offline / shutdown).
     pub(super) exit_req: crate::sync::AtomicBool,
-    /// Jobs queued and not yet started (an RMW-read counter, see `idle`).
-    pub(super) jobs_queued: crate::sync::AtomicUsize,
-    /// Whether the thread is executing a job's code right now (set only around the call). A
-    /// stop that interrupts such a CPU cannot power it off: see `stop/receive.rs`.
-    pub(super) running_job: AtomicBool,
-    /// The running job may be resumed when a park inside it is released at teardown
-    /// (`fault::resume_on_release`); cleared when the job ends.
-    pub(super) resume_on_release: AtomicBool,
-    /// Whether the thread holds a job (set before it takes one from its queue, so hotplug's
-    /// drain never sees it idle while it holds a job it just took).
-    pub(super) in_job: AtomicBool,
-    /// Open while the CPU takes jobs; submit and migration hold this lock, so a job is either
-    /// queued before the gate closes (and run or moved) or refused.
-    pub(super) job_gate: Mutex<bool>,
-    pub(super) job_tx: Sender<Job>,
-    pub(super) job_rx: Receiver<Job>,
-    pub(super) thread: Mutex<Option<JoinHandle<()>>>,
-    /// Host core this CPU is pinned to, or -1.
-    pub(super) core: AtomicI32,
+    /// The job channel, its gate, and what the thread says about the job it holds
+    /// (`jobs.rs`).
+    pub(super) jobs: JobHandoff,
     pub(super) ring: EventRing,
     pub(super) stats: CpuCounters,
     /// The name of the last callback found on this CPU after it went offline, copied in by the
@@ -195,102 +152,38 @@ impl OfflineName {
 
 impl CpuState {
     pub(crate) fn new(id: CpuId, ring_cap: usize, log: bool) -> Self {
-        let (job_tx, job_rx) = crossbeam_channel::unbounded();
         Self {
-            id,
-            tid: AtomicI32::new(0),
+            identity: CpuIdentity::new(id),
             run_state: AtomicU32::new(CpuRunState::Offline as u32),
             idle: crossbeam_utils::CachePadded::new(IdleWord::new()),
-            kick_pending: crate::sync::AtomicBool::new(false),
             queue: crossbeam_utils::CachePadded::new(CallQueue::new_closed()),
-            irq_depth: AtomicU32::new(0),
-            irq_pending: AtomicBool::new(false),
-            masked_since: AtomicU64::new(0),
             exit_req: crate::sync::AtomicBool::new(false),
-            jobs_queued: crate::sync::AtomicUsize::new(0),
-            running_job: AtomicBool::new(false),
-            resume_on_release: AtomicBool::new(false),
-            in_job: AtomicBool::new(false),
-            job_gate: Mutex::new(false),
-            job_tx,
-            job_rx,
-            thread: Mutex::new(None),
-            core: AtomicI32::new(-1),
+            jobs: JobHandoff::new(),
             ring: EventRing::with_enabled(ring_cap, log),
             stats: CpuCounters::default(),
             offline_name: OfflineName::new(),
         }
     }
 
-    /// Asks the CPU's thread to leave its idle loop, waking it if it sleeps (it checks
-    /// between jobs, so a running job finishes first).
-    pub(crate) fn request_exit(&self) {
-        self.exit_req.store(true, Ordering::SeqCst);
-        self.wake_for_job();
-    }
-
-    /// `idle.rs` step 2 for a job or an exit request, with irqs soft-masked on a calling CPU:
-    /// a WAKING idle word is a token that stops every other sender from waking this CPU, so
-    /// its holder must not be interrupted between the CAS and the futex wake (an IPI handler
-    /// that waits for this CPU there, `stop_machine`'s rendezvous, would wait for good).
-    pub(crate) fn wake_for_job(&self) {
-        let fl = crate::cpu::context::irq_save();
-        self.idle.wake_for_job();
-        crate::cpu::context::irq_restore(fl);
-    }
-
     /// Before a new thread starts for this CPU (the controller, under the hotplug lock): clear
     /// what its previous life, or a stop that powered it off, left behind, and mark it booting.
     pub(crate) fn reset_for_bringup(&self) {
         self.exit_req.store(false, Ordering::SeqCst);
-        self.running_job.store(false, Ordering::SeqCst);
-        self.in_job.store(false, Ordering::SeqCst);
+        self.jobs.reset();
         self.idle.reset_running();
         self.set_run_state(CpuRunState::Booting);
-    }
-
-    /// On the CPU's new thread, once committed: irqs unmasked, no doorbell marked in flight,
-    /// nothing pending from its previous life.
-    pub(crate) fn reset_irq_state(&self) {
-        self.kick_pending.store(false, Ordering::Release);
-        self.irq_pending.store(false, Ordering::Relaxed);
-        self.irq_depth.store(0, Ordering::Relaxed);
     }
 
     /// This CPU's number.
     #[inline]
     pub(crate) fn id(&self) -> CpuId {
-        self.id
+        self.identity.id()
     }
 
-    /// Kernel tid of the CPU's current thread, 0 when it has none.
+    /// Which OS thread runs this CPU: its tid, host core and join handle (`identity.rs`).
     #[inline]
-    pub(crate) fn tid(&self) -> i32 {
-        self.tid.load(Ordering::SeqCst)
-    }
-
-    /// On the CPU's thread: its tid when it starts, 0 when it ends.
-    pub(crate) fn set_tid(&self, tid: i32) {
-        self.tid.store(tid, Ordering::SeqCst);
-    }
-
-    /// Host core this CPU is pinned to, if any.
-    pub(crate) fn core(&self) -> Option<usize> {
-        usize::try_from(self.core.load(Ordering::Relaxed)).ok()
-    }
-
-    pub(crate) fn set_core(&self, core: usize) {
-        self.core.store(core as i32, Ordering::Relaxed);
-    }
-
-    /// Keeps the handle of the CPU's new thread; returns the previous one, if any.
-    pub(crate) fn set_thread(&self, h: JoinHandle<()>) -> Option<JoinHandle<()>> {
-        self.thread.lock_unpoisoned().replace(h)
-    }
-
-    /// Takes the handle of the CPU's thread, to join or abandon it.
-    pub(crate) fn take_thread(&self) -> Option<JoinHandle<()>> {
-        self.thread.lock_unpoisoned().take()
+    pub(crate) fn identity(&self) -> &CpuIdentity {
+        &self.identity
     }
 
     /// The idle word (`idle.rs`): read-modify-write methods only.
@@ -322,76 +215,6 @@ impl CpuState {
         &self.offline_name
     }
 
-    // The doorbell (`idle.rs` step 2): `kick_pending` is Go's `signalPending`.
-
-    /// Sender: the idle word's decision for an IPI, marking a doorbell in flight if it rings.
-    #[inline]
-    pub(crate) fn kick_for_ipi(&self) -> crate::cpu::idle::Kick {
-        self.idle.kick_for_ipi(&self.kick_pending)
-    }
-
-    /// The doorbell was not sent after all (or the CPU is being prepared): none in flight.
-    pub(crate) fn clear_kick_pending(&self) {
-        self.kick_pending.store(false, Ordering::Release);
-    }
-
-    /// The IPI handler, before it drains: a sender that marks one after this rings again.
-    #[inline]
-    pub(crate) fn take_kick_pending(&self) {
-        self.kick_pending.swap(false, Ordering::AcqRel);
-    }
-
-    /// For a report: whether a doorbell is marked in flight.
-    pub(crate) fn kick_pending(&self) -> bool {
-        self.kick_pending.load(Ordering::Relaxed)
-    }
-
-    // The soft irq mask's handler side (`context.rs` holds the thread side). Only this CPU's
-    // thread and its handlers touch these, so Relaxed suffices.
-
-    /// Whether irqs are soft-masked on this CPU.
-    #[inline]
-    pub(crate) fn irqs_masked(&self) -> bool {
-        self.irq_depth.load(Ordering::Relaxed) != 0
-    }
-
-    /// The IPI handler found irqs masked: the IPI is replayed at `irq_restore`.
-    #[inline]
-    pub(crate) fn defer_irq(&self) {
-        self.irq_pending.store(true, Ordering::Relaxed);
-        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A handler masks irqs while it runs callbacks (irqs were unmasked).
-    #[inline]
-    pub(crate) fn mask_in_handler(&self) {
-        self.irq_depth.store(1, Ordering::Relaxed);
-    }
-
-    /// A handler's callbacks are done: irqs unmasked again.
-    #[inline]
-    pub(crate) fn unmask_in_handler(&self) {
-        self.irq_depth.store(0, Ordering::Relaxed);
-    }
-
-    /// A parking CPU masks irqs; returns the depth to restore if it is ever released.
-    pub(crate) fn mask_for_park(&self) -> u32 {
-        self.irq_depth.swap(1, Ordering::Relaxed)
-    }
-
-    /// Restores the depth `mask_for_park` returned.
-    pub(crate) fn restore_irq_depth(&self, depth: u32) {
-        self.irq_depth.store(depth, Ordering::Relaxed);
-    }
-
-    /// For a report: the mask's nesting depth and whether an IPI waits for the unmask.
-    pub(crate) fn irq_report(&self) -> (u32, bool) {
-        (
-            self.irq_depth.load(Ordering::Relaxed),
-            self.irq_pending.load(Ordering::Relaxed),
-        )
-    }
-
     // Leaving the idle loop.
 
     /// Whether the thread was asked to leave its idle loop.
@@ -400,7 +223,8 @@ impl CpuState {
         self.exit_req.load(Ordering::SeqCst)
     }
 
-    /// Asks the thread to leave without waking it (it is the caller, in a stop receiver).
+    /// Asks the thread to leave without waking it (the caller is that thread, or wakes it:
+    /// [`Machine::request_exit`](crate::cpu::machine::Machine::request_exit)).
     pub(crate) fn mark_exit(&self) {
         self.exit_req.store(true, Ordering::SeqCst);
     }
@@ -408,74 +232,20 @@ impl CpuState {
     /// The idle loop's poll: a job queued or an exit asked (plain loads).
     #[inline]
     pub(crate) fn jobs_or_exit_hint(&self) -> bool {
-        self.jobs_queued.load(Ordering::Relaxed) > 0 || self.exit_req.load(Ordering::Relaxed)
+        self.jobs.queued_hint() || self.exit_req.load(Ordering::Relaxed)
     }
 
     /// The idle loop's last check before it sleeps (`idle.rs` step 3): the same, read with
     /// read-modify-writes so they are ordered with the senders' RMWs on the idle word.
     #[inline]
     pub(crate) fn jobs_or_exit_rmw(&self) -> bool {
-        self.jobs_queued.fetch_add(0, Ordering::AcqRel) > 0
-            || self.exit_req.fetch_or(false, Ordering::AcqRel)
+        self.jobs.queued_rmw() || self.exit_req.fetch_or(false, Ordering::AcqRel)
     }
 
-    // The job hand-off: `machine.rs` queues behind the gate; the CPU's idle loop takes.
-
-    /// The CPU takes its next job. `in_job` is set before it looks, so a CPU being deactivated
-    /// is never seen idle while it holds a job it just took (`sched:active` teardown).
-    pub(crate) fn take_job(&self) -> Option<Job> {
-        self.in_job.store(true, Ordering::SeqCst);
-        match self.job_rx.try_recv() {
-            Ok(job) => {
-                self.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-                Some(job)
-            }
-            Err(_) => {
-                self.in_job.store(false, Ordering::SeqCst);
-                None
-            }
-        }
-    }
-
-    /// Takes a queued job without holding it as running (to drop it, or move it elsewhere).
-    pub(crate) fn drain_job(&self) -> Option<Job> {
-        let job = self.job_rx.try_recv().ok()?;
-        self.jobs_queued.fetch_sub(1, Ordering::AcqRel);
-        Some(job)
-    }
-
-    /// Opens or closes the job gate (`sched:active`; `finish`).
-    pub(crate) fn set_job_gate(&self, open: bool) {
-        *self.job_gate.lock_unpoisoned() = open;
-    }
-
-    /// Whether the thread holds a job.
-    pub(crate) fn in_job(&self) -> bool {
-        self.in_job.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_in_job(&self, on: bool) {
-        self.in_job.store(on, Ordering::SeqCst);
-    }
-
-    /// Whether the thread is executing a job's code right now (a stop there cannot power the
-    /// CPU off). Relaxed: read on this CPU, by its own handlers.
+    /// The job hand-off (`jobs.rs`): `machine.rs` queues behind the gate; the idle loop takes.
     #[inline]
-    pub(crate) fn running_job(&self) -> bool {
-        self.running_job.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_running_job(&self, on: bool) {
-        self.running_job.store(on, Ordering::SeqCst);
-    }
-
-    /// Whether the running job may be resumed when its park is released (and cleared by it).
-    pub(crate) fn resume_on_release(&self) -> bool {
-        self.resume_on_release.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_resume_on_release(&self, on: bool) {
-        self.resume_on_release.store(on, Ordering::SeqCst);
+    pub(crate) fn jobs(&self) -> &JobHandoff {
+        &self.jobs
     }
 
     /// Whether a stop has parked or powered off this CPU.

@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use super::handshake::HsState;
 use super::layer::HotplugLayer;
 use super::states::{Kind, Step, StepId};
-use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::events::EventKind;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::state::{CpuRunState, CpuState};
 use crate::inject::Broken;
+use crate::ipi::irq::{irq_restore, irq_save};
 use crate::ipi::layer::current;
 
 /// Where an injected failure hits the part of the table that runs on the CPU itself.

@@ -81,11 +81,11 @@ pub(crate) fn boot_all(h: &Arc<HotplugLayer>, first: CpuId) -> Result<(), Hotplu
 }
 
 /// The hotplug lock held by one operation: the CPU hotplug lock for writing (so no
-/// `stop_machine` runs meanwhile, `cpu/cpus_lock.rs`), then the table's mutex. Fields drop in
+/// `stop_machine` runs meanwhile, `stop/cpus_lock.rs`), then the table's mutex. Fields drop in
 /// order, so the table is released first.
 pub(super) struct Guard<'a> {
     table: std::sync::MutexGuard<'a, Table>,
-    _cpus: crate::cpu::cpus_lock::WriteGuard<'a>,
+    _cpus: crate::stop::cpus_lock::WriteGuard<'a>,
 }
 
 impl std::ops::Deref for Guard<'_> {
@@ -300,7 +300,7 @@ impl HotplugLayer {
     }
 
     /// Takes the hotplug lock for `op`; refused inside a hotplug operation, which `op` would
-    /// wait for (`cpu/cpus_lock.rs` step 3).
+    /// wait for (`stop/cpus_lock.rs` step 3).
     pub(super) fn hp_lock(&self, op: &'static str) -> Result<Guard<'_>, HotplugError> {
         let cpus = self
             .stop()

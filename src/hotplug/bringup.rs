@@ -193,7 +193,7 @@ impl HotplugLayer {
         }
         // A parked thread stays for the next cpu_up; any other is leaving: reap it.
         if !self.thread_parked(cpu) {
-            if let Some(h) = s.machine().cpus()[cpu].take_thread() {
+            if let Some(h) = s.machine().cpus()[cpu].identity().take_thread() {
                 let _ = h.join();
             }
         }
@@ -243,7 +243,7 @@ impl HotplugLayer {
         let st = &s.machine().cpus()[cpu];
         // The thread parks when it leaves, for the next cpu_up (`thread.rs`).
         self.keep_thread(cpu);
-        st.request_exit();
+        s.machine().request_exit(cpu);
         let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {
             st.set_run_state(CpuRunState::Limbo);

@@ -217,7 +217,7 @@ impl HotplugLayer {
             Kind::Bringup => self.bringup(t, cpu, inject),
             Kind::ApOnline => Ok(k + 1), // done by the AP inside bring-up
             Kind::SchedActive => {
-                st.set_job_gate(true);
+                st.jobs().set_gate(true);
                 s.machine().active().set(cpu);
                 Ok(k + 1)
             }
@@ -310,7 +310,7 @@ impl HotplugLayer {
             }
             Section::Online => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
-                let job = crate::cpu::state::Job::new(move || {
+                let job = crate::cpu::jobs::Job::new(move || {
                     // The step runs for this operation, which holds the hotplug lock and
                     // waits for it: a stop_machine in the step must not take it again. (A job
                     // runs on a CPU of this runtime, whose stop layer the thread-local names.)

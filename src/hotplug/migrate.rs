@@ -16,14 +16,14 @@ impl HotplugLayer {
         let s = self;
         let st = &s.machine().cpus()[cpu];
         s.machine().active().clear(cpu);
-        st.set_job_gate(false);
+        st.jobs().set_gate(false);
         let reopen = |why: String| {
-            st.set_job_gate(true);
+            st.jobs().set_gate(true);
             s.machine().active().set(cpu);
             why
         };
         let mut moved = 0;
-        while let Some(job) = st.drain_job() {
+        while let Some(job) = st.jobs().drain() {
             let mut job = Some(job);
             for to in s.machine().active().load().iter().filter(|&c| c != cpu) {
                 let Some(j) = job.take() else { break };
@@ -51,7 +51,7 @@ impl HotplugLayer {
             tracing::debug!("cpuhp: CPU{cpu}: moved {moved} queued job(s)");
         }
         let deadline = now_ns() + s.boot_timeout.as_nanos() as u64;
-        while st.in_job() {
+        while st.jobs().holds_job() {
             if s.stop().cpus_lock.cpu_waits(cpu) {
                 // It waits for the hotplug lock this operation holds: it cannot finish first.
                 return Err(reopen(

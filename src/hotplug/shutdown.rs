@@ -71,7 +71,7 @@ impl HotplugLayer {
             false
         });
         for &cpu in &going {
-            s.machine().cpus()[cpu].request_exit();
+            s.machine().request_exit(cpu);
         }
         let timeout = s.boot_timeout;
         for &cpu in &going {

@@ -17,10 +17,10 @@ use super::parking::Parking;
 use std::sync::Arc;
 
 use super::layer::HotplugLayer;
-use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::idle::IdlePolicy;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::{CpuRunState, CpuState};
+use crate::ipi::irq::{irq_restore, irq_save};
 use crate::ipi::signal::Signals;
 
 /// What a CPU thread takes from the runtime's configuration.
@@ -103,7 +103,7 @@ impl HotplugLayer {
         }
         let core = cores[st.id() % cores.len()];
         if crate::cpu::affinity::pin_current(core) {
-            st.set_core(core.id);
+            st.identity().set_core(core.id);
         } else if !self.threads.pin_warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "usmp: cannot pin CPU threads to host cores (restricted cpuset?); running unpinned"
@@ -123,7 +123,7 @@ pub(super) fn start(hp: &Arc<HotplugLayer>, cpu: CpuId) -> std::io::Result<()> {
         return Ok(());
     }
     // Not parked (or ending): a thread that reported DEAD and is leaving, or none.
-    if let Some(old) = hp.machine().cpus()[cpu].take_thread() {
+    if let Some(old) = hp.machine().cpus()[cpu].identity().take_thread() {
         let _ = old.join();
     }
     let me = hp.clone();
@@ -131,7 +131,7 @@ pub(super) fn start(hp: &Arc<HotplugLayer>, cpu: CpuId) -> std::io::Result<()> {
         .name(format!("{}-cpu{}", hp.threads.config.name, cpu))
         .spawn(move || cpu_main(me, cpu))?;
     let st = &hp.machine().cpus()[cpu];
-    let old = st.set_thread(handle);
+    let old = st.identity().set_thread(handle);
     // A previous thread of this CPU has already been joined or reported by whoever took it down.
     drop(old);
     Ok(())
@@ -148,7 +148,7 @@ fn cpu_main(hp: Arc<HotplugLayer>, cpu: CpuId) {
     // Whatever mask the thread inherited (the caller of `build()` or `cpu_up` may block the
     // real-time signals), this CPU takes its IPIs and NMIs.
     crate::ipi::signal::unblock_on_cpu_thread(&cfg.signals);
-    st.set_tid(crate::ipi::signal::gettid());
+    st.identity().set_tid(crate::ipi::signal::gettid());
     hp.pin_current(st);
     // Before anything can signal this thread: IPI callbacks run on this stack.
     let altstack = match crate::ipi::signal::AltStack::install(cfg.signal_stack) {
@@ -175,16 +175,16 @@ fn cpu_main(hp: Arc<HotplugLayer>, cpu: CpuId) {
         }
         // Parked (the protocol at the top): no signals to an offline CPU, DEAD for the
         // controller, then sleep until cpu_up or the end.
-        st.set_tid(0);
+        st.identity().set_tid(0);
         super::ap::ap_exit(&hp, st);
         if !parking.wait() {
             break true;
         }
         // Unparked after the kick: signals may come once the controller commits, after ALIVE.
-        st.set_tid(crate::ipi::signal::gettid());
+        st.identity().set_tid(crate::ipi::signal::gettid());
     };
     drop(altstack);
-    st.set_tid(0);
+    st.identity().set_tid(0);
     // SAFETY: clearing the pointers; nothing uses them afterwards on this thread.
     unsafe { crate::stop::layer::set_current(None, 0) };
     // Last: DEAD (a parked thread reported it before it parked). A controller that sees it may
@@ -201,9 +201,9 @@ fn idle_loop(hp: &HotplugLayer, st: &CpuState) {
             finish(hp, st);
             return;
         }
-        // `take_job` marks the CPU as holding a job before it looks, so a CPU being
+        // `jobs().take()` marks the CPU as holding a job before it looks, so a CPU being
         // deactivated is never seen idle while it holds a job it just took.
-        while let Some(job) = st.take_job() {
+        while let Some(job) = st.jobs().take() {
             if st.idle().enter_running() {
                 // idle.rs step 4: leaving POLLING for a job, which may be long.
                 serve_if_queued(hp, st);
@@ -212,7 +212,7 @@ fn idle_loop(hp: &HotplugLayer, st: &CpuState) {
                 // A stop powered this CPU off just before it took the job: drop it (its handle
                 // reports `JobLost`); nothing of this image runs here any more.
                 drop(job);
-                st.set_in_job(false);
+                st.jobs().set_holds_job(false);
                 break;
             }
             run_job(hp, st, job);
@@ -274,50 +274,50 @@ fn serve_calls(hp: &HotplugLayer, st: &CpuState) {
 /// parked and lost (tests/kexec_resources.rs, about one cycle in a thousand).
 pub(crate) fn job_user_code_done() {
     if let Some((_, st)) = crate::cpu::context::current() {
-        st.set_running_job(false);
+        st.jobs().set_in_job_code(false);
     }
 }
 
-fn run_job(hp: &HotplugLayer, st: &CpuState, job: crate::cpu::state::Job) {
-    st.set_in_job(true);
-    st.set_running_job(true);
-    // A stop that came before `running_job` was set powered the CPU off at a safe point and
+fn run_job(hp: &HotplugLayer, st: &CpuState, job: crate::cpu::jobs::Job) {
+    st.jobs().set_holds_job(true);
+    st.jobs().set_in_job_code(true);
+    // A stop that came before `in_job_code` was set powered the CPU off at a safe point and
     // returned here: the job must not start. One that comes after it parks the CPU in the job.
     if hp.stop().stop_cpu(st.id()).is_powered_off() {
-        st.set_running_job(false);
+        st.jobs().set_in_job_code(false);
         return;
     }
     // Job wrappers report panics to their handles; this catch keeps the CPU alive whatever a
     // job does (ipi/fatal.rs states the policy).
     let _ = catch_unwind(AssertUnwindSafe(job.run));
-    st.set_running_job(false);
-    st.set_resume_on_release(false);
+    st.jobs().set_in_job_code(false);
+    st.jobs().set_resume_on_release(false);
     // A job that unwound (or returned) between irq_save and irq_restore must not leave every
     // later job and IPI of this CPU masked; the kernel warns likewise when a softirq or
     // workqueue item returns with irqs disabled.
-    if crate::cpu::context::irq_unmask_after_job() {
+    if crate::ipi::irq::irq_unmask_after_job() {
         st.stats().irq_leaks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             "usmp: CPU{}: a job ended with irqs masked (it panicked or forgot irq_restore); unmasked",
             st.id()
         );
     }
-    st.set_in_job(false);
+    st.jobs().set_holds_job(false);
     st.stats().jobs.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Leaving the idle loop (shutdown, or after the dying steps of `cpu_down`): run the jobs still
 /// queued, close the call queue and run what it held, then mark the CPU offline.
 fn finish(hp: &HotplugLayer, st: &CpuState) {
-    st.set_job_gate(false);
+    st.jobs().set_gate(false);
     if hp.stop().stop_cpu(st.id()).is_powered_off() {
         // Stopped and powered off: nothing of this image may run here any more. Queued jobs
         // are dropped, so their handles report `JobLost`; queued calls stay unrun (their
         // synchronous senders time out).
-        while st.drain_job().is_some() {}
+        while st.jobs().drain().is_some() {}
         return;
     }
-    while let Some(job) = st.drain_job() {
+    while let Some(job) = st.jobs().drain() {
         run_job(hp, st, job);
     }
     let f = irq_save();

@@ -22,10 +22,10 @@ use crate::inject::Broken;
 use std::time::Duration;
 
 use super::csd::{GiveUp, DONE};
+use super::irq::{irq_restore, irq_save, irqs_disabled};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
 use crate::cpu::clock::{now_ns, Deadline};
-use crate::cpu::context::{irq_restore, irq_save, irqs_disabled};
 use crate::cpu::events::{EventKind, NO_CPU};
 use crate::cpu::idle::Kick;
 use crate::cpu::mask::{CpuId, CpuMask};
@@ -401,12 +401,12 @@ pub(crate) fn ring(s: &IpiLayer, st: &CpuState) {
 /// is marked in flight: the mark may belong to a signal the host lost or merged, or to a
 /// sender that is itself descheduled. Costs a spurious signal at worst. Async-signal-safe.
 pub(crate) fn ring_again(s: &IpiLayer, st: &CpuState) {
-    st.clear_kick_pending();
+    s.ipi_cpu(st.id()).clear_kick_pending();
     ring(s, st);
 }
 
 fn ring_masked(s: &IpiLayer, st: &CpuState) {
-    match st.kick_for_ipi() {
+    match s.ipi_cpu(st.id()).kick(st.idle()) {
         Kick::Signal => {
             // Injected delay while the sender holds the token (`kick_pending`): the window in
             // which an interrupted sender once stalled every other sender's doorbell.
@@ -417,7 +417,7 @@ fn ring_masked(s: &IpiLayer, st: &CpuState) {
                 // idle loop gets the call served.
                 return;
             }
-            let tid = st.tid();
+            let tid = st.identity().tid();
             if tid != 0 && super::signal::tgkill(tid, s.signals.ipi).is_ok() {
                 s.totals.signals.fetch_add(1, Ordering::Relaxed);
                 st.stats().doorbells.fetch_add(1, Ordering::Relaxed);
@@ -427,7 +427,7 @@ fn ring_masked(s: &IpiLayer, st: &CpuState) {
             } else {
                 // No thread to signal (it is exiting; its dying flush runs the call) or the
                 // signal was refused: let the next sender ring again.
-                st.clear_kick_pending();
+                s.ipi_cpu(st.id()).clear_kick_pending();
             }
         }
         Kick::Wake => {
@@ -533,7 +533,7 @@ fn wait_done(
         .record(EventKind::CsdTimeout, st.id() as u64, waited);
     // The kernel's CSD_LOCK_WAIT_DEBUG prints the target's state beside the timeout: what a
     // user needs to tell a starved host core from a stuck CPU or a lost call.
-    let (irq_depth, irq_pending) = st.irq_report();
+    let (irq_depth, irq_pending) = s.ipi_cpu(st.id()).irq().report();
     tracing::warn!(
         "csd: non-responsive CSD lock: CPU {} ({:?}, {}online, idle word {}, queue {}, \
          irq depth {}{}, {}in a job, {} handler(s) active, doorbell {}marked in flight) after {} ms",
@@ -544,9 +544,9 @@ fn wait_done(
         st.queue().state_name(),
         irq_depth,
         if irq_pending { " with an IPI deferred" } else { "" },
-        if st.in_job() { "" } else { "not " },
+        if st.jobs().holds_job() { "" } else { "not " },
         s.ipi_cpu(st.id()).handlers_active(),
-        if st.kick_pending() { "" } else { "not " },
+        if s.ipi_cpu(st.id()).kick_pending() { "" } else { "not " },
         waited / 1_000_000
     );
     let started = match s.pool.give_up(idx) {

@@ -59,19 +59,20 @@ extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *m
         me.enter_handler();
         // Clear before draining: a sender that sets it after this sees its request drained or
         // rings again (idle.rs protocol step 2).
-        cpu.take_kick_pending();
+        me.take_kick_pending();
         cpu.stats().irqs.fetch_add(1, Ordering::Relaxed);
-        if cpu.irqs_masked() {
-            cpu.defer_irq();
+        if me.irq().masked() {
+            me.irq().defer();
+            cpu.stats().deferred.fetch_add(1, Ordering::Relaxed);
         } else {
-            let safe = !cpu.running_job();
-            cpu.mask_in_handler();
+            let safe = !cpu.jobs().in_job_code();
+            me.irq().mask_in_handler();
             compiler_fence(Ordering::SeqCst);
             if !take_vectors(shared, cpu, uc, safe) {
                 flush_queue(shared, cpu);
             }
             compiler_fence(Ordering::SeqCst);
-            cpu.unmask_in_handler();
+            me.irq().unmask_in_handler();
         }
         me.leave_handler();
     }
@@ -98,13 +99,10 @@ pub(crate) fn take_vectors(
     false
 }
 
-/// The soft irq mask's replay (`cpu::machine::IrqReplay`, registered at build): on the calling
-/// CPU, irqs masked, take the vectors and then the queue, as the handler does. `None`: the CPU
-/// is now stopped. Async-signal-safe as far as the callbacks are.
-pub(crate) fn replay_deferred(cpu: &CpuState, safe: bool) -> Option<usize> {
-    let Some((shared, _)) = current() else {
-        return Some(0);
-    };
+/// The soft irq mask's replay (`irq.rs` step 3): on the calling CPU, irqs masked, take the
+/// vectors and then the queue, as the handler does. `None`: the CPU is now stopped.
+/// Async-signal-safe as far as the callbacks are.
+pub(super) fn replay_deferred(shared: &IpiLayer, cpu: &CpuState, safe: bool) -> Option<usize> {
     if take_vectors(shared, cpu, std::ptr::null(), safe) {
         return None;
     }

@@ -51,6 +51,8 @@ pub(crate) struct IpiLayer {
     pub(super) signals: Signals,
     /// How long a synchronous call waits.
     pub(super) call_timeout: Duration,
+    /// Whether `irq_save`/`irq_restore` account the time spent masked.
+    irq_accounting: bool,
     /// Each CPU's NMI reasons, vectors, backtrace sample and handler count (`percpu.rs`).
     /// Padded: a CPU's handlers write its handler count on every IPI, and a neighbour's idle
     /// loop polls its own vectors word; unpadded, four CPUs' words share one line.
@@ -66,14 +68,16 @@ impl IpiLayer {
 }
 
 impl IpiLayer {
-    /// The IPI layer over `machine`; registers the soft irq mask's replay hook with it.
+    /// The IPI layer over `machine`; registers the soft irq mask as the machine's masked
+    /// section (the job wake-up runs with irqs masked).
     pub(crate) fn new(
         mut machine: Machine,
         csd_pool: usize,
         signals: Signals,
         call_timeout: Duration,
+        irq_accounting: bool,
     ) -> Self {
-        machine.set_irq_replay(super::handler::replay_deferred);
+        machine.set_masked_section(super::irq::masked_section);
         IpiLayer {
             percpu: (0..machine.cpus().len())
                 .map(|_| CachePadded::new(IpiCpu::new()))
@@ -85,6 +89,7 @@ impl IpiLayer {
             nmi_hooks: NmiHooks::new(),
             signals,
             call_timeout,
+            irq_accounting,
         }
     }
 }
@@ -93,6 +98,12 @@ impl IpiLayer {
     /// How long a synchronous call waits.
     pub(crate) fn call_timeout(&self) -> Duration {
         self.call_timeout
+    }
+
+    /// Whether `irq_save`/`irq_restore` account the time spent masked.
+    #[inline]
+    pub(crate) fn irq_accounting(&self) -> bool {
+        self.irq_accounting
     }
 
     /// The runtime-wide call counters (Relaxed statistics).
@@ -120,15 +131,14 @@ impl IpiLayer {
 
     /// The `smpcfd:prepare` step: no doorbell marked in flight, no stale NMI reason.
     pub(crate) fn smpcfd_prepare(&self, cpu: CpuId) {
-        self.machine().cpus()[cpu].clear_kick_pending();
+        self.percpu[cpu].clear_kick_pending();
         self.percpu[cpu].clear_nmi();
     }
 
     /// On the CPU's new thread, once committed: irqs unmasked, no doorbell in flight, nothing
     /// pending.
     pub(crate) fn reset_cpu_irq_state(&self, cpu: CpuId) {
-        self.percpu[cpu].clear_nmi();
-        self.machine().cpus()[cpu].reset_irq_state();
+        self.percpu[cpu].reset_irq_state();
     }
 
     /// Registers the stop receiver an upper layer provides (see [`NmiHooks::set_stop`]).
@@ -152,6 +162,19 @@ pub(crate) unsafe fn set_current(ipi: Option<&IpiLayer>, cpu: CpuId) {
     CURRENT.with(|c| c.set((p, cpu)));
     // SAFETY: the same contract, for the machine `ipi` contains.
     unsafe { crate::cpu::context::set_current(ipi.map(|i| &i.machine), cpu) };
+}
+
+/// The calling thread's IPI layer and CPU number, if it is a logical CPU, without indexing the
+/// CPU's state (the soft irq mask's fast path needs only its `IpiCpu`). Async-signal-safe.
+#[inline]
+pub(super) fn current_id() -> Option<(&'static IpiLayer, CpuId)> {
+    let (p, cpu) = CURRENT.with(|c| c.get());
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: as in `current`.
+    let ipi: &'static IpiLayer = unsafe { &*p };
+    Some((ipi, cpu))
 }
 
 /// The calling thread's IPI layer and CPU, if it is a logical CPU. Async-signal-safe: one

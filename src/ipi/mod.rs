@@ -7,6 +7,8 @@
 //! | `csd.rs` | the preallocated csd pool and the slot lifetime protocol |
 //! | `call.rs` | `call_single`, `call_many`, ...: publish, ring, wait |
 //! | `fatal.rs` | a panic in IPI context aborts with one line (the policy for user code) |
+//! | `percpu.rs` | `IpiCpu`: one CPU's doorbell flag, soft irq mask, NMI reasons and vectors |
+//! | `irq.rs` | the soft irq mask: `irq_save`/`irq_restore` and the handler's side of it |
 //! | `handler.rs` | the IPI signal handler and the queue flush (`flush_smp_call_function_queue`) |
 //! | `nmi.rs` | the NMI signal: reasons, hooks for upper layers, backtrace sampling |
 //!
@@ -29,6 +31,7 @@ pub(crate) mod call;
 pub(crate) mod csd;
 pub(crate) mod fatal;
 pub(crate) mod handler;
+pub(crate) mod irq;
 pub(crate) mod layer;
 pub(crate) mod nmi;
 pub(crate) mod percpu;

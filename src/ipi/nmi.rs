@@ -66,7 +66,7 @@ pub(crate) fn send(shared: &IpiLayer, cpu: &CpuState, reason: NmiReason) -> bool
     if prev != 0 {
         return true; // coalesced with an NMI in flight
     }
-    let tid = cpu.tid();
+    let tid = cpu.identity().tid();
     if tid == 0 || signal::tgkill(tid, shared.signals.nmi).is_err() {
         // Nothing will take the bit: clear it, or every later NMI would think one is in flight.
         me.withdraw_nmi(reason as u64);
@@ -93,7 +93,7 @@ pub(crate) extern "C" fn nmi_handler(
             me.set_last_ip(regs.ip);
         }
         if bits & NmiReason::Stop as u64 != 0 {
-            let safe = !cpu.running_job() && !cpu.irqs_masked();
+            let safe = !cpu.jobs().in_job_code() && !me.irq().masked();
             shared.nmi_hooks.call_stop(cpu, uc, safe);
         }
         me.leave_handler();

@@ -1,5 +1,6 @@
-//! One CPU's part of the IPI layer's state: NMI reasons and dedicated vectors pending, the
-//! backtrace NMI's sample, and how many of our handlers run on it. The fields are private;
+//! One CPU's part of the IPI layer's state: the doorbell's in-flight flag, the soft irq mask
+//! (`irq.rs`), NMI reasons and dedicated vectors pending, the backtrace NMI's sample, and how
+//! many of our handlers run on it. The fields are private;
 //! the handlers (`handler.rs`, `nmi.rs`) and the senders (`call.rs`) use the methods below.
 //! Every method is async-signal-safe (one atomic operation).
 //!
@@ -10,11 +11,25 @@
 //!    coalesced with one that will never arrive.
 //! 3. The controller clears the words before a new thread starts for the CPU (`reset`), and
 //!    the CPU's PREPARE step (`smpcfd:prepare`) clears stale NMI reasons again.
+//!
+//! The doorbell flag (Go's `signalPending`) is `cpu/idle.rs` step 2's: a sender that decides
+//! to ring sets it with a swap and rings only if it was clear; the handler clears it before it
+//! drains the queue, so a sender that sets it after that rings again.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
+
+use super::irq::SoftIrqMask;
+use crate::cpu::idle::{IdleWord, Kick};
+
 /// The IPI layer's state of one CPU.
 pub(crate) struct IpiCpu {
+    /// A doorbell is in flight, do not ring again (Go's `signalPending`).
+    kick_pending: crate::sync::AtomicBool,
+    /// The soft irq mask (`irq.rs`). On its own cache line: only this CPU writes it, on every
+    /// `irq_save`, and senders write the words beside it (doorbell flag, vectors, NMI reasons).
+    irq: CachePadded<SoftIrqMask>,
     /// NMI reasons pending (bits, see `nmi.rs`).
     nmi_pending: AtomicU64,
     /// Dedicated IPI vectors pending (bits, see `call::VECTOR_*`), taken before the queue.
@@ -28,11 +43,42 @@ pub(crate) struct IpiCpu {
 impl IpiCpu {
     pub(super) fn new() -> Self {
         IpiCpu {
+            kick_pending: crate::sync::AtomicBool::new(false),
+            irq: CachePadded::new(SoftIrqMask::new()),
             nmi_pending: AtomicU64::new(0),
             vectors: AtomicU64::new(0),
             last_ip: AtomicU64::new(0),
             in_handler: AtomicU32::new(0),
         }
+    }
+
+    /// The soft irq mask of this CPU (`irq.rs`).
+    #[inline]
+    pub(crate) fn irq(&self) -> &SoftIrqMask {
+        &self.irq
+    }
+
+    /// Doorbell sender: `idle`'s decision for an IPI (`cpu/idle.rs` step 2), marking a
+    /// doorbell in flight if it rings.
+    #[inline]
+    pub(super) fn kick(&self, idle: &IdleWord) -> Kick {
+        idle.kick_for_call(&self.kick_pending)
+    }
+
+    /// The doorbell was not sent after all (or the CPU is being prepared): none in flight.
+    pub(super) fn clear_kick_pending(&self) {
+        self.kick_pending.store(false, Ordering::Release);
+    }
+
+    /// The IPI handler, before it drains: a sender that marks one after this rings again.
+    #[inline]
+    pub(super) fn take_kick_pending(&self) {
+        self.kick_pending.swap(false, Ordering::AcqRel);
+    }
+
+    /// For a report: whether a doorbell is marked in flight.
+    pub(super) fn kick_pending(&self) -> bool {
+        self.kick_pending.load(Ordering::Relaxed)
     }
 
     /// Step 1, NMI sender: sets `reason`; returns the reasons that were already pending (an
@@ -103,6 +149,14 @@ impl IpiCpu {
         self.nmi_pending.store(0, Ordering::Release);
         self.vectors.store(0, Ordering::SeqCst);
         self.last_ip.store(0, Ordering::Release);
+    }
+
+    /// On the CPU's new thread, once committed: irqs unmasked, no doorbell marked in flight,
+    /// no NMI reason pending from its previous life.
+    pub(super) fn reset_irq_state(&self) {
+        self.clear_nmi();
+        self.kick_pending.store(false, Ordering::Release);
+        self.irq.reset();
     }
 
     /// Step 3, the PREPARE step: no stale NMI reason.

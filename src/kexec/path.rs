@@ -368,7 +368,7 @@ impl Handle {
             for c in s.machine().online().load().iter() {
                 s.machine().active().clear(c);
                 s.machine().online().clear(c);
-                s.machine().cpus()[c].request_exit();
+                s.machine().request_exit(c);
             }
             // Threads parked on CPUs that an earlier cpu_down took offline end too: no CPU of
             // a retired image comes back.

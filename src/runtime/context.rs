@@ -1,4 +1,4 @@
-//! "Which CPU am I?" and the soft irq mask.
+//! "Which CPU am I?" and the soft irq mask, re-exported for users.
 //!
 //! A logical CPU's thread (and every signal handler that interrupts it) finds its CPU through a
 //! const-initialised thread-local pointer: no lazy initialisation, no destructor, so reading it
@@ -11,8 +11,8 @@
 //! flag, so Relaxed atomics plus a compiler fence (the C `atomic_signal_fence`) order it.
 
 //!
-//! These live in the bottom layer (`cpu/context.rs`), where every layer can reach them.
+//! The thread-local CPU lives in the bottom layer (`cpu/context.rs`), the soft irq mask in the
+//! IPI layer that it masks (`ipi/irq.rs`), where every layer above can reach them.
 
-pub use crate::cpu::context::{
-    cpu_relax, irq_restore, irq_save, irqs_disabled, this_cpu, IrqFlags,
-};
+pub use crate::cpu::context::{cpu_relax, this_cpu};
+pub use crate::ipi::irq::{irq_restore, irq_save, irqs_disabled, IrqFlags};

@@ -117,7 +117,7 @@ impl Faults<'_> {
 pub fn resume_on_release() -> bool {
     match crate::cpu::context::current() {
         Some((_, st)) => {
-            st.set_resume_on_release(true);
+            st.jobs().set_resume_on_release(true);
             true
         }
         None => false,

@@ -124,14 +124,14 @@ impl Shared {
             return;
         }
         for st in self.machine().cpus().iter() {
-            st.request_exit();
+            self.machine().request_exit(st.id());
             // Let parked CPUs go: one parked at a safe point leaves; one parked inside a job
             // or IPI context cannot, and is left behind below.
             self.stop().stop_cpu(st.id()).release();
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
         for st in self.machine().cpus().iter() {
-            let handle = st.take_thread();
+            let handle = st.identity().take_thread();
             let Some(h) = handle else { continue };
             // A CPU still parked after its release is lost for good: do not wait for it.
             let lost = || {
@@ -260,9 +260,14 @@ impl Runtime {
             log,
             cores,
             cfg.generation,
+        );
+        let ipi = IpiLayer::new(
+            machine,
+            cfg.csd_pool,
+            cfg.signals,
+            cfg.call_timeout,
             cfg.irq_accounting,
         );
-        let ipi = IpiLayer::new(machine, cfg.csd_pool, cfg.signals, cfg.call_timeout);
         let stop = StopLayer::new(ipi, cfg.park, cfg.stop.clone());
         let threads = crate::hotplug::thread::ThreadConfig {
             name: cfg.name.clone(),
@@ -440,7 +445,7 @@ impl Handle {
         self.shared
             .machine()
             .cpu(cpu)
-            .map(|c| c.tid())
+            .map(|c| c.identity().tid())
             .filter(|&t| t > 0)
     }
 
@@ -455,7 +460,7 @@ impl Handle {
         self.shared.usable()?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let at = Arc::new(std::sync::atomic::AtomicUsize::new(cpu));
-        let mut job = crate::cpu::state::Job::new(move || {
+        let mut job = crate::cpu::jobs::Job::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             crate::hotplug::thread::job_user_code_done();
             let _ = tx.send(r.map_err(|p| {
@@ -491,7 +496,7 @@ impl Handle {
                 CpuStats {
                     cpu: c.id(),
                     state: c.run_state(),
-                    core: c.core(),
+                    core: c.identity().core(),
                     calls_queued: st.calls_queued.load(Ordering::Relaxed),
                     calls_handled: st.calls_handled.load(Ordering::Relaxed),
                     calls_sent: st.calls_sent.load(Ordering::Relaxed),

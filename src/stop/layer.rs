@@ -26,7 +26,7 @@ pub(crate) struct StopLayer {
     /// Retries, waits, mode and backend.
     pub(super) config: StopConfig,
     /// The CPU hotplug lock: `stop_machine` reads it, hotplug (the layer above) writes it.
-    pub(crate) cpus_lock: crate::cpu::cpus_lock::CpusLock,
+    pub(crate) cpus_lock: crate::stop::cpus_lock::CpusLock,
     /// Each CPU's crash note, park word and power-off mark (`percpu.rs`).
     percpu: Box<[StopCpu]>,
 }
@@ -51,7 +51,7 @@ impl StopLayer {
         ipi.set_stop_hook(super::receive::stop_this_cpu);
         // Before any CPU can be stopped: the receiver reads the table in handler context.
         super::parkable::init();
-        let cpus_lock = crate::cpu::cpus_lock::CpusLock::new(ipi.machine().cpus().len());
+        let cpus_lock = crate::stop::cpus_lock::CpusLock::new(ipi.machine().cpus().len());
         StopLayer {
             cpus_lock,
             percpu: (0..ipi.machine().cpus().len())

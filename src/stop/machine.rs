@@ -31,7 +31,7 @@
 //! wait for its ack forever: the caller aborts as soon as it sees a stop in progress.
 //!
 //! No CPU comes or goes during a call: the caller first takes the CPU hotplug lock for reading
-//! (`cpu/cpus_lock.rs`, the kernel's `cpus_read_lock`), so the online mask of step 1 holds until
+//! (`stop/cpus_lock.rs`, the kernel's `cpus_read_lock`), so the online mask of step 1 holds until
 //! every participant has left and a CPU coming up cannot run between two words of an update.
 //! Hotplug's own calls (`take_cpu_down`, steps that call this) hold the lock already and skip it.
 //!
@@ -47,9 +47,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cpu::clock::{now_ns, Deadline};
-use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{CpuId, CpuMask};
+use crate::ipi::irq::{irq_restore, irq_save};
 
 use super::layer::StopLayer;
 
@@ -333,11 +333,11 @@ impl StopLayer {
         if let Some(cpu) = s
             .machine()
             .this_cpu_here()
-            .filter(|_| crate::cpu::context::irqs_disabled())
+            .filter(|_| crate::ipi::irq::irqs_disabled())
         {
             return Err(crate::ipi::IpiError::IrqsDisabled { cpu }.into());
         }
-        // No CPU comes or goes until this returns (`cpu/cpus_lock.rs`; a no-op inside a hotplug
+        // No CPU comes or goes until this returns (`stop/cpus_lock.rs`; a no-op inside a hotplug
         // operation, which holds it already). Bounded by the hotplug operation's own timeouts.
         let _cpus = s.cpus_lock.read(s.machine().this_cpu_here());
         // Checked under the lock: a kexec's shutdown holds it for writing while it takes the

@@ -113,9 +113,9 @@ pub(crate) fn park(
     // idle loop, a job that opted in (`fault::resume_on_release`), or the CPU's own stop call
     // interrupted directly (no other handler of ours in between, which could be a callback).
     let in_own_call = me.in_stop_call() && shared.ipi().ipi_cpu(st.id()).handlers_active() <= 1;
-    let depth = st.mask_for_park();
-    me.wait_for_release(safe || st.resume_on_release() || in_own_call);
-    st.restore_irq_depth(depth);
+    let depth = shared.ipi().ipi_cpu(st.id()).irq().mask_for_park();
+    me.wait_for_release(safe || st.jobs().resume_on_release() || in_own_call);
+    shared.ipi().ipi_cpu(st.id()).irq().restore_depth(depth);
     st.set_run_state(CpuRunState::PoweredOff);
     power_off_now(shared, st, unwind);
     true
@@ -130,7 +130,7 @@ fn power_off_now(shared: &StopLayer, st: &CpuState, unwind: bool) {
         // Thread context (a job), not a signal handler: unwind the job to the CPU loop, which
         // then exits. The job's handle reports this message. The job's irq flags are never
         // restored, so unmask here for the loop's exit path.
-        st.restore_irq_depth(0);
+        shared.ipi().ipi_cpu(st.id()).irq().restore_depth(0);
         std::panic::resume_unwind(Box::new("CPU parked: another CPU is stopping the system"));
     }
 }

@@ -328,7 +328,7 @@ impl StopLayer {
         // flag comes before the job's own `fault::resume_on_release` is cleared, so no
         // instant is covered by neither; from here the stop call's rule applies.
         let in_call = me.filter(|&c| {
-            s.machine().cpus()[c].running_job() && s.ipi().ipi_cpu(c).handlers_active() == 0
+            s.machine().cpus()[c].jobs().in_job_code() && s.ipi().ipi_cpu(c).handlers_active() == 0
         });
         if let Some(c) = in_call {
             if !s
@@ -338,7 +338,7 @@ impl StopLayer {
             {
                 s.stop_cpu(c).set_in_stop_call(true);
             }
-            s.machine().cpus()[c].set_resume_on_release(false);
+            s.machine().cpus()[c].jobs().set_resume_on_release(false);
             // The host may take the caller off its core here, and another caller's stop may
             // then catch it before it parks itself (the case step 4 of percpu.rs is for).
             s.machine().faults().stop_call_delay();
@@ -507,7 +507,7 @@ impl StopLayer {
     fn park_self(&self, me: CpuId) {
         let s = self;
         let st = &s.machine().cpus()[me];
-        let in_job = st.running_job();
+        let in_job = st.jobs().in_job_code();
         let here = 0u8;
         let regs = SavedRegs {
             ip: park_marker as *const () as u64,

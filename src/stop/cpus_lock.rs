@@ -1,5 +1,7 @@
 //! The CPU hotplug lock (the kernel's `cpu_hotplug_lock`): hotplug operations hold it for
 //! writing, `stop_machine` for reading, so no CPU comes or goes while a stop_machine runs.
+//! It lives in the `stop` layer, the lowest one that takes it (`StopLayer` holds it; hotplug
+//! and kexec, above, take it for writing through `stop().cpus_lock`).
 //!
 //! Protocol:
 //! 1. A hotplug operation (`cpu_up`, `cpu_down`, the kexec shutdown and handover, state setup)
@@ -34,7 +36,7 @@
 
 use std::cell::Cell;
 
-use super::mask::CpuId;
+use crate::cpu::mask::CpuId;
 use crate::sync::{AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 
 crate::sync::protocol_thread_local! {
