@@ -1,5 +1,5 @@
 //! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did, or
-//! torture it (`usmp stress`, in `torture/`).
+//! torture it (`usmp stress`, in `stress/`); `usmp run`'s workloads are in `workloads/`.
 //!
 //! Exit codes: 0 the run finished (also after Ctrl-C), or stdout was closed by its reader
 //! (a broken pipe ends the output, quietly); 1 `usmp stress` saw an invariant violated; 2 bad
@@ -32,7 +32,7 @@ mod kexec_cmd;
 mod latency;
 mod rng;
 mod stress;
-mod torture;
+mod workloads;
 use usmp::{Handle, RuntimeStats, MAX_CPUS};
 
 #[derive(Parser)]
@@ -54,7 +54,7 @@ enum Cmd {
     Kexec(kexec_cmd::KexecArgs),
     /// Torture the runtime: scenarios that race IPIs, hotplug, stop and kexec with injected
     /// faults and check every invariant as they go (exit 1 on a violation).
-    Stress(torture::StressArgs),
+    Stress(stress::StressArgs),
     /// Map IPI latency between every pair of host cores: cache-line ping-pong (the floor) and
     /// call_single to a polling, a busy and a sleeping CPU, p50/p99 per pair.
     Latency(latency::LatencyArgs),
@@ -97,15 +97,15 @@ struct RunArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     /// Boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, and traffic in
-    /// the next generation (`stress::lifecycle`).
+    /// the next generation (`workloads::lifecycle`).
     Lifecycle,
-    /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`stress::demo`).
+    /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`workloads::demo`).
     Demo,
     /// Random CPU online/offline churn while IPIs flow: the `onoff` stress scenario with a
-    /// fixed seed (`torture::hotplug_churn`).
+    /// fixed seed (`stress::hotplug_churn`).
     Hotplug,
     /// CPU 1 panics and crash-stops a busy runtime; CPU 2, irqs masked, needs the NMI attempt
-    /// (`stress::crash`).
+    /// (`workloads::crash`).
     Crash,
 }
 
@@ -131,7 +131,7 @@ impl Workload {
     }
 }
 
-/// The fewest CPUs the lifecycle workload runs on (`stress::lifecycle`).
+/// The fewest CPUs the lifecycle workload runs on (`workloads::lifecycle`).
 const LIFECYCLE_MIN_CPUS: usize = 4;
 
 /// A validated `usmp run`.
@@ -148,10 +148,10 @@ struct RunPlan {
 
 /// What a workload reported.
 enum Outcome {
-    Lifecycle(stress::LifecycleReport),
-    Demo(stress::DemoReport),
-    Hotplug(torture::OnOffReport),
-    Crash(stress::CrashReport),
+    Lifecycle(workloads::LifecycleReport),
+    Demo(workloads::DemoReport),
+    Hotplug(stress::OnOffReport),
+    Crash(workloads::CrashReport),
 }
 
 impl Outcome {
@@ -180,13 +180,13 @@ struct RunReport<'a> {
     workload: &'static str,
     duration_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    lifecycle: Option<&'a stress::LifecycleReport>,
+    lifecycle: Option<&'a workloads::LifecycleReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    demo: Option<&'a stress::DemoReport>,
+    demo: Option<&'a workloads::DemoReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    onoff: Option<&'a torture::OnOffReport>,
+    onoff: Option<&'a stress::OnOffReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    crash: Option<&'a stress::CrashReport>,
+    crash: Option<&'a workloads::CrashReport>,
     #[serde(flatten)]
     stats: &'a RuntimeStats,
 }
@@ -215,7 +215,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Run(args) => start_signal_thread(signals).and_then(|sig| run(plan(args)?, sig)),
         Cmd::Stress(args) => start_signal_thread(signals).and_then(|sig| {
-            if torture::stress(args, sig.stop, sig.quit_target)? {
+            if stress::stress(args, sig.stop, sig.quit_target)? {
                 let _ = std::io::stdout().flush();
                 std::process::exit(1);
             }
@@ -463,18 +463,18 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
     announce("workload");
     let outcome = match p.workload {
         Workload::Lifecycle => {
-            let cfg = stress::LifecycleConfig::split(p.duration);
-            stress::lifecycle(&h, cfg, &stop)
+            let cfg = workloads::LifecycleConfig::split(p.duration);
+            workloads::lifecycle(&h, cfg, &stop)
                 .map(Outcome::Lifecycle)
                 .map_err(anyhow::Error::from)
         }
-        Workload::Demo => stress::demo(&h, p.duration, &stop)
+        Workload::Demo => workloads::demo(&h, p.duration, &stop)
             .map(Outcome::Demo)
             .map_err(anyhow::Error::from),
-        Workload::Hotplug => torture::hotplug_churn(&h, p.duration, &stop)
+        Workload::Hotplug => stress::hotplug_churn(&h, p.duration, &stop)
             .map(Outcome::Hotplug)
             .map_err(anyhow::Error::from),
-        Workload::Crash => stress::crash_demo(&h, p.duration, &stop)
+        Workload::Crash => workloads::crash_demo(&h, p.duration, &stop)
             .map(Outcome::Crash)
             .map_err(anyhow::Error::from),
     };
@@ -661,7 +661,7 @@ fn print_summary(
 }
 
 /// rcutorture-style onoff accounting, after the usual summary.
-fn print_onoff(out: &mut impl Write, o: &torture::OnOffReport) -> std::io::Result<()> {
+fn print_onoff(out: &mut impl Write, o: &stress::OnOffReport) -> std::io::Result<()> {
     writeln!(
         out,
         "onoff: {} onlines (min/avg/max {}/{}/{} us), {} offlines (min/avg/max {}/{}/{} us)",

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use super::crash::{resolve_note, spin_masked, ResolvedNote, MASKED_CPU, PANIC_CPU};
 use super::{demo, DemoError, DemoReport};
-use crate::torture::{hotplug_churn, HotplugChurnError, OnOffReport};
+use crate::stress::{hotplug_churn, HotplugChurnError, OnOffReport};
 use usmp::{
     CpuId, CpuMask, CpuRunState, Handle, IpiError, KexecError, KexecOutcome, KexecReport,
     ParkPolicy, RuntimeError, RuntimeStats, StopError, StopOutcome,
