@@ -12,7 +12,9 @@ use std::os::unix::process::CommandExt;
 
 use anyhow::{anyhow, Context};
 use clap::Args;
-use usmp::{Builder, KexecReport, ParkPolicy, MAX_CPUS};
+use usmp::{Builder, KexecReport};
+
+use crate::args::{cpus, host_cores, Park};
 
 #[derive(Args)]
 pub struct KexecArgs {
@@ -20,11 +22,11 @@ pub struct KexecArgs {
     #[arg(long)]
     crash: bool,
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = cpus::<1>)]
     cpus: Option<usize>,
     /// What stopped CPUs do: power-off (the next image can use them) or spin (lost).
-    #[arg(long, value_name = "POLICY", default_value = "power-off")]
-    park: String,
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = Park::PowerOff)]
+    park: Park,
     /// Hand over to a real new process (execve of this binary) with the crash record.
     #[arg(long)]
     exec: bool,
@@ -38,22 +40,14 @@ pub struct KexecArgs {
 }
 
 pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
-    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpus = a.cpus.unwrap_or(host.max(4));
-    if cpus == 0 || cpus > MAX_CPUS {
-        return Err(anyhow!(
-            "--cpus must be between 1 and {MAX_CPUS}, got {cpus}"
-        ));
-    }
-    let park = match a.park.as_str() {
-        "power-off" => ParkPolicy::PowerOff,
-        "spin" => ParkPolicy::Spin,
-        p => return Err(anyhow!("--park must be power-off or spin, got '{p}'")),
-    };
+    let cpus = a.cpus.unwrap_or(host_cores().max(4));
     if let Some(fd) = a.resume_fd {
         return resume(fd, a.json);
     }
-    let rt = Builder::new().cpus(cpus).park_policy(park).build()?;
+    let rt = Builder::new()
+        .cpus(cpus)
+        .park_policy(a.park.into())
+        .build()?;
     let image = |h: &usmp::Handle, _: &usmp::Handoff| h.generation();
     let (report, next) = if a.crash {
         // The panic happens on a CPU (CPU 1 when there is one), which then reboots.

@@ -28,12 +28,14 @@ use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
+mod args;
 mod kexec_cmd;
 mod latency;
 mod rng;
 mod stress;
 mod workloads;
-use usmp::{Handle, RuntimeStats, MAX_CPUS};
+use usmp::{Handle, RuntimeStats};
+use workloads::{Outcome, Workload};
 
 #[derive(Parser)]
 #[command(
@@ -63,12 +65,11 @@ enum Cmd {
 #[derive(Args)]
 struct RunArgs {
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = args::cpus::<1>)]
     cpus: Option<usize>,
-    /// Workload to run (lifecycle, demo, hotplug, crash) [default: lifecycle; demo below 4
-    /// CPUs, which the lifecycle needs].
-    #[arg(long, value_name = "NAME")]
-    workload: Option<String>,
+    /// Workload to run [default: lifecycle; demo below 4 CPUs, which the lifecycle needs].
+    #[arg(long, value_name = "NAME", value_parser = workloads::parser())]
+    workload: Option<&'static dyn Workload>,
     /// How long the workload sends IPIs, e.g. "2s", "500ms" (lifecycle: split over its phases).
     #[arg(
         long,
@@ -93,102 +94,16 @@ struct RunArgs {
     trace: Option<PathBuf>,
 }
 
-/// The workloads `--workload` accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Workload {
-    /// Boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, and traffic in
-    /// the next generation (`workloads::lifecycle`).
-    Lifecycle,
-    /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`workloads::demo`).
-    Demo,
-    /// Random CPU online/offline churn while IPIs flow: the `onoff` stress scenario with a
-    /// fixed seed (`stress::hotplug_churn`).
-    Hotplug,
-    /// CPU 1 panics and crash-stops a busy runtime; CPU 2, irqs masked, needs the NMI attempt
-    /// (`workloads::crash`).
-    Crash,
-}
-
-impl Workload {
-    const ALL: &'static [Workload] = &[
-        Workload::Lifecycle,
-        Workload::Demo,
-        Workload::Hotplug,
-        Workload::Crash,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Workload::Lifecycle => "lifecycle",
-            Workload::Demo => "demo",
-            Workload::Hotplug => "hotplug",
-            Workload::Crash => "crash",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Workload> {
-        Self::ALL.iter().copied().find(|w| w.name() == s)
-    }
-}
-
-/// The fewest CPUs the lifecycle workload runs on (`workloads::lifecycle`).
-const LIFECYCLE_MIN_CPUS: usize = 4;
-
 /// A validated `usmp run`.
 struct RunPlan {
     cpus: usize,
     host_cores: usize,
-    workload: Workload,
+    workload: &'static dyn Workload,
     duration: Duration,
     stop_wait: Duration,
     call_timeout: Option<Duration>,
     json: bool,
     trace: Option<(PathBuf, File)>,
-}
-
-/// What a workload reported.
-enum Outcome {
-    Lifecycle(workloads::LifecycleReport),
-    Demo(workloads::DemoReport),
-    Hotplug(stress::OnOffReport),
-    Crash(workloads::CrashReport),
-}
-
-impl Outcome {
-    fn elapsed_ms(&self) -> u64 {
-        match self {
-            Outcome::Lifecycle(l) => l.elapsed_ms,
-            Outcome::Demo(d) => d.elapsed_ms,
-            Outcome::Hotplug(o) => o.elapsed_ms,
-            Outcome::Crash(_) => 0,
-        }
-    }
-
-    fn interrupted(&self) -> bool {
-        match self {
-            Outcome::Lifecycle(l) => l.interrupted,
-            Outcome::Demo(d) => d.interrupted,
-            Outcome::Hotplug(o) => o.interrupted,
-            Outcome::Crash(_) => false,
-        }
-    }
-}
-
-/// What `--json` prints: the runtime's statistics plus what the run was.
-#[derive(serde::Serialize)]
-struct RunReport<'a> {
-    workload: &'static str,
-    duration_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lifecycle: Option<&'a workloads::LifecycleReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    demo: Option<&'a workloads::DemoReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    onoff: Option<&'a stress::OnOffReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    crash: Option<&'a workloads::CrashReport>,
-    #[serde(flatten)]
-    stats: &'a RuntimeStats,
 }
 
 fn main() {
@@ -366,34 +281,27 @@ fn start_signal_thread(set: SigSet) -> anyhow::Result<SignalState> {
 
 /// Checks every argument (and opens the trace file) before anything starts.
 fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
-    let host_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let host_cores = args::host_cores();
     let cpus = a.cpus.unwrap_or(host_cores.max(4));
-    if cpus == 0 || cpus > MAX_CPUS {
-        return Err(anyhow!(
-            "--cpus must be between 1 and {MAX_CPUS}, got {cpus}"
-        ));
-    }
-    let workload = match &a.workload {
-        Some(name) => Workload::parse(name).ok_or_else(|| {
-            let valid: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
-            anyhow!("unknown workload '{name}' (valid: {})", valid.join(", "))
-        })?,
-        None if cpus >= LIFECYCLE_MIN_CPUS => Workload::Lifecycle,
+    let workload = match a.workload {
+        Some(w) => w,
+        None if cpus >= workloads::DEFAULT.min_cpus() => workloads::DEFAULT,
         None => {
-            // The lifecycle needs a boot CPU, a CPU that panics, an irq-masked one and a
-            // spare; below that the default is the IPI phase on its own.
+            let (dflt, small) = (workloads::DEFAULT, workloads::SMALL_DEFAULT);
             let _ = writeln!(
                 std::io::stderr(),
-                "usmp: note: the lifecycle workload needs {LIFECYCLE_MIN_CPUS} CPUs; running the demo workload on {cpus}"
+                "usmp: note: the {} workload needs {} CPUs; running the {} workload on {cpus}",
+                dflt.name(),
+                dflt.min_cpus(),
+                small.name()
             );
-            Workload::Demo
+            small
         }
     };
     let duration = positive_duration("--duration", &a.duration, "2s, 500ms, 1m")?;
     let stop_wait = match &a.stop_wait {
         Some(s) => positive_duration("--stop-wait", s, "100ms, 1s")?,
-        None if workload == Workload::Lifecycle => Duration::from_millis(100),
-        None => Duration::from_secs(1),
+        None => workload.stop_waits().first,
     };
     let call_timeout = match &a.call_timeout {
         Some(s) => Some(positive_duration("--call-timeout", s, "300ms, 5s")?),
@@ -440,18 +348,11 @@ fn positive_duration(flag: &str, v: &str, examples: &str) -> anyhow::Result<Dura
 fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
     let stop = sig.stop;
 
-    // The NMI attempts' wait is a bound, not a delay: lifecycle gives its loaded, oversubscribed
-    // default run 100 ms for the masked CPU's thread to be scheduled; the others keep the
-    // kernel's 10 ms.
-    let nmi_wait = match p.workload {
-        Workload::Lifecycle => Duration::from_millis(100),
-        _ => Duration::from_millis(10),
-    };
     let mut b = usmp::Builder::new()
         .cpus(p.cpus)
         .irq_accounting(true)
         .collect_trace(p.trace.is_some())
-        .stop_waits(p.stop_wait, nmi_wait);
+        .stop_waits(p.stop_wait, p.workload.stop_waits().nmi);
     if let Some(d) = p.call_timeout {
         b = b.call_timeout(d);
     }
@@ -461,23 +362,7 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
     announce("built");
 
     announce("workload");
-    let outcome = match p.workload {
-        Workload::Lifecycle => {
-            let cfg = workloads::LifecycleConfig::split(p.duration);
-            workloads::lifecycle(&h, cfg, &stop)
-                .map(Outcome::Lifecycle)
-                .map_err(anyhow::Error::from)
-        }
-        Workload::Demo => workloads::demo(&h, p.duration, &stop)
-            .map(Outcome::Demo)
-            .map_err(anyhow::Error::from),
-        Workload::Hotplug => stress::hotplug_churn(&h, p.duration, &stop)
-            .map(Outcome::Hotplug)
-            .map_err(anyhow::Error::from),
-        Workload::Crash => workloads::crash_demo(&h, p.duration, &stop)
-            .map(Outcome::Crash)
-            .map_err(anyhow::Error::from),
-    };
+    let outcome = p.workload.run(&h, p.duration, &stop);
     announce("drained");
     // The runtime is idle now (the workload drained); snapshot it, then shut it down and check
     // that nothing was lost on the way out.
@@ -490,16 +375,8 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
     stats.lost_calls = fin.lost_calls;
     announce("shutdown");
 
-    let mut outcome = outcome.context("workload failed")?;
-    if let Outcome::Crash(c) = &mut outcome {
-        // Calls queued to a CPU when it stopped never run (by design): report, not an error.
-        c.stranded_calls = fin.lost_calls;
-    } else if fin.lost_calls != 0 {
-        return Err(anyhow!(
-            "{} calls were accepted but neither ran nor were cancelled",
-            fin.lost_calls
-        ));
-    }
+    let mut outcome = outcome.map_err(|e| anyhow!(e)).context("workload failed")?;
+    outcome.lost_calls(fin.lost_calls).map_err(|e| anyhow!(e))?;
     if let Some((path, file)) = p.trace.take() {
         let mut w = BufWriter::new(file);
         usmp::trace::write_chrome_trace(&h.take_trace(), p.cpus, &mut w)
@@ -507,186 +384,30 @@ fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write trace file {}", path.display()))?;
     }
 
-    print_run(&p, &outcome, &stats).context("writing to stdout")
+    print_run(&p, outcome.as_ref(), &stats).context("writing to stdout")
 }
 
-/// The run's report on stdout: the JSON object, or the timeline and the per-CPU table.
-fn print_run(p: &RunPlan, outcome: &Outcome, stats: &RuntimeStats) -> anyhow::Result<()> {
+/// The run's report on stdout: the JSON object, or the workload's text around the per-CPU
+/// table.
+fn print_run(p: &RunPlan, outcome: &dyn Outcome, stats: &RuntimeStats) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if p.json {
-        let report = RunReport {
+        let json = workloads::Json {
             workload: p.workload.name(),
             duration_ms: p.duration.as_millis() as u64,
-            lifecycle: match &outcome {
-                Outcome::Lifecycle(l) => Some(l),
-                _ => None,
-            },
-            demo: match &outcome {
-                Outcome::Demo(d) => Some(d),
-                _ => None,
-            },
-            onoff: match &outcome {
-                Outcome::Hotplug(o) => Some(o),
-                _ => None,
-            },
-            crash: match &outcome {
-                Outcome::Crash(c) => Some(c),
-                _ => None,
-            },
             stats,
         };
-        kexec_cmd::write_json(&mut out, &report)?;
+        outcome.write_json(&mut out, &json)?;
     } else {
-        match &outcome {
-            Outcome::Crash(c) => c.write_summary(&mut out)?,
-            Outcome::Lifecycle(l) => {
-                l.write_timeline(&mut out)?;
-                print_summary(&mut out, p, outcome, stats)?
-            }
-            _ => print_summary(&mut out, p, outcome, stats)?,
-        }
+        let table = workloads::Table {
+            workload: p.workload.name(),
+            host_cores: p.host_cores,
+            stats,
+        };
+        outcome.write_text(&mut out, &table)?;
     }
     out.flush()?;
     Ok(())
-}
-
-fn print_summary(
-    out: &mut impl Write,
-    p: &RunPlan,
-    outcome: &Outcome,
-    s: &RuntimeStats,
-) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "usmp run: workload {}, {} logical CPUs on {} host cores, {} ms{}",
-        p.workload.name(),
-        s.cpus,
-        p.host_cores,
-        outcome.elapsed_ms(),
-        if outcome.interrupted() {
-            " (interrupted)"
-        } else {
-            ""
-        }
-    )?;
-    writeln!(
-        out,
-        "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
-        "cpu",
-        "state",
-        "core",
-        "handled",
-        "sent",
-        "doorbells",
-        "deferred",
-        "polled",
-        "wakes",
-        "nmis",
-        "masked-us",
-        "jobs"
-    )?;
-    let mut tot = [0u64; 10];
-    for c in &s.per_cpu {
-        let row = [
-            c.calls_handled,
-            c.calls_sent,
-            c.doorbells,
-            c.deferred,
-            c.polled,
-            c.idle_wakes,
-            c.nmis,
-            c.masked_us,
-            c.jobs,
-        ];
-        for (t, v) in tot.iter_mut().zip(row) {
-            *t += v;
-        }
-        writeln!(
-            out,
-            "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
-            c.cpu,
-            format!("{:?}", c.state).to_lowercase(),
-            c.core.map_or("-".to_string(), |k| k.to_string()),
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            row[6],
-            row[7],
-            row[8]
-        )?;
-    }
-    writeln!(
-        out,
-        "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
-        "all", "", "", tot[0], tot[1], tot[2], tot[3], tot[4], tot[5], tot[6], tot[7], tot[8]
-    )?;
-    writeln!(
-        out,
-        "ipis: {} sent, {} handled, {} cancelled, {} lost; calls: {} completed, {} failed; \
-         doorbell signals: {}; csd timeouts: {}",
-        s.ipis_sent,
-        s.ipis_handled,
-        s.ipis_cancelled,
-        s.lost_calls,
-        s.calls_completed,
-        s.calls_failed,
-        s.doorbell_signals,
-        s.csd_timeouts
-    )?;
-    match outcome {
-        Outcome::Demo(d) => writeln!(
-            out,
-            "demo: {} call_single, {} call_single_async, {} call_many, {} CPU-to-CPU calls, \
-             {} irq-masked sections, {} jobs; {} of {} callbacks ran",
-            d.single_sync,
-            d.single_async,
-            d.many_sync,
-            d.cpu_to_cpu,
-            d.masked_sections,
-            d.jobs,
-            d.callbacks_run,
-            d.callbacks_expected
-        ),
-        Outcome::Hotplug(o) => print_onoff(out, o),
-        Outcome::Lifecycle(_) => writeln!(
-            out,
-            "(the table is generation {}, the image that crashed; the next one is in phase 'next')",
-            s.generation
-        ),
-        Outcome::Crash(c) => c.write_summary(out),
-    }
-}
-
-/// rcutorture-style onoff accounting, after the usual summary.
-fn print_onoff(out: &mut impl Write, o: &stress::OnOffReport) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "onoff: {} onlines (min/avg/max {}/{}/{} us), {} offlines (min/avg/max {}/{}/{} us)",
-        format_args!("{}/{}", o.onlines.successes, o.onlines.attempts),
-        o.onlines.min_us,
-        o.onlines.avg_us,
-        o.onlines.max_us,
-        format_args!("{}/{}", o.offlines.successes, o.offlines.attempts),
-        o.offlines.min_us,
-        o.offlines.avg_us,
-        o.offlines.max_us,
-    )?;
-    writeln!(
-        out,
-        "hotplug: {} sync + {} async calls accepted, {} refused (offline), {} callbacks ran; \
-         {} CPU(s) brought back at the end{}",
-        o.calls_sync,
-        o.calls_async,
-        o.calls_offline,
-        o.callbacks_run,
-        o.brought_back,
-        o.first_failure
-            .as_ref()
-            .map_or(String::new(), |f| format!("; first failure: {f}"))
-    )
 }
 
 /// SIGQUIT: every CPU's state, idle counters and NMI-sampled instruction pointer, to stderr.

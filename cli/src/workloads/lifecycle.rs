@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::crash::{resolve_note, spin_masked, ResolvedNote, MASKED_CPU, PANIC_CPU};
-use super::{demo, DemoError, DemoReport};
+use super::demo::{demo, DemoError, DemoReport};
 use crate::stress::{hotplug_churn, HotplugChurnError, OnOffReport};
 use usmp::{
     CpuId, CpuMask, CpuRunState, Handle, IpiError, KexecError, KexecOutcome, KexecReport,
@@ -112,7 +112,7 @@ pub struct LifecycleReport {
 /// Why the lifecycle failed: the phase and what went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
-    #[error("lifecycle: needs at least 4 CPUs (CPU{PANIC_CPU} panics, CPU{MASKED_CPU} masks irqs), the runtime has {0}")]
+    #[error("lifecycle: needs at least {MIN_CPUS} CPUs (CPU{PANIC_CPU} panics, CPU{MASKED_CPU} masks irqs), the runtime has {0}")]
     TooFewCpus(usize),
     #[error("lifecycle: ipi phase: {0}")]
     Ipi(#[from] DemoError),
@@ -211,7 +211,7 @@ pub fn lifecycle(
     stop: &AtomicBool,
 ) -> Result<LifecycleReport, LifecycleError> {
     let n = h.cpus();
-    if n < 4 {
+    if n < MIN_CPUS {
         return Err(LifecycleError::TooFewCpus(n));
     }
     let mut tl = Timeline {
@@ -685,7 +685,7 @@ fn next_traffic(
 
 impl LifecycleReport {
     /// The phase-by-phase timeline the CLI prints.
-    pub fn write_timeline(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    pub fn write_timeline(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         writeln!(
             out,
             "lifecycle: {} CPUs, park policy {:?}, {} ms{}",
@@ -710,6 +710,73 @@ impl LifecycleReport {
             }
         }
         Ok(())
+    }
+}
+
+/// `--workload lifecycle`, `usmp run`'s default.
+pub struct Lifecycle;
+
+/// The fewest CPUs the lifecycle runs on: a boot CPU, CPU [`PANIC_CPU`] that panics, CPU
+/// [`MASKED_CPU`] with irqs masked, and a spare.
+pub const MIN_CPUS: usize = 4;
+
+impl super::Workload for Lifecycle {
+    fn name(&self) -> &'static str {
+        "lifecycle"
+    }
+
+    fn about(&self) -> &'static str {
+        "boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, traffic in the \
+         next generation"
+    }
+
+    fn min_cpus(&self) -> usize {
+        MIN_CPUS
+    }
+
+    /// The first wait is 100 ms, not the kernel's 1 s: the masked CPU sits out all of it on
+    /// every run. The NMI attempts' wait is a bound, not a delay: the loaded, oversubscribed
+    /// default run gets 100 ms for the masked CPU's thread to be scheduled, not the kernel's 10.
+    fn stop_waits(&self) -> super::StopWaits {
+        super::StopWaits {
+            first: Duration::from_millis(100),
+            nmi: Duration::from_millis(100),
+        }
+    }
+
+    /// `duration` is split over the traffic phases ([`LifecycleConfig::split`]).
+    fn run(
+        &self,
+        h: &Handle,
+        duration: Duration,
+        stop: &AtomicBool,
+    ) -> Result<Box<dyn super::Outcome>, super::WorkloadError> {
+        Ok(Box::new(lifecycle(
+            h,
+            LifecycleConfig::split(duration),
+            stop,
+        )?))
+    }
+}
+
+impl super::Outcome for LifecycleReport {
+    fn write_json(&self, out: &mut dyn std::io::Write, json: &super::Json) -> std::io::Result<()> {
+        json.write(out, "lifecycle", self)
+    }
+
+    /// The timeline, then the table (of the image that crashed).
+    fn write_text(
+        &self,
+        out: &mut dyn std::io::Write,
+        table: &super::Table,
+    ) -> std::io::Result<()> {
+        self.write_timeline(out)?;
+        table.write(out, self.elapsed_ms, self.interrupted)?;
+        writeln!(
+            out,
+            "(the table is generation {}, the image that crashed; the next one is in phase 'next')",
+            table.stats.generation
+        )
     }
 }
 
