@@ -1,10 +1,10 @@
-//! `usmp stress` arguments, and the checks that turn them into a [`Plan`] before anything
-//! starts. Every refusal is a [`StressArgError`]: one line on stderr, exit 2.
+//! `usmp stress` arguments ([`Args`]), and the checks that turn them into a [`Plan`] before
+//! anything starts. Every refusal is one line on stderr and exit 2: clap's for a value its
+//! parser refuses (`--cpus`, `--mode`), a [`StressArgError`] for the rest.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
 use usmp::fault::Broken;
 use usmp::StopMode;
 
@@ -15,9 +15,9 @@ use super::{FaultSet, Limit, Scenario, BROKEN, SCENARIOS};
 /// Each scenario runs this long when neither `--duration` nor `--iterations` is given.
 pub const DEFAULT_PER_SCENARIO: Duration = Duration::from_secs(5);
 
-#[derive(Args, Debug)]
+#[derive(clap::Args, Debug)]
 #[command(after_help = scenario_help())]
-pub struct StressArgs {
+pub struct Args {
     /// Scenario to run, or "all" (see the list below).
     #[arg(long, value_name = "NAME|all", default_value = "all")]
     pub scenario: String,
@@ -179,7 +179,7 @@ fn clock_seed() -> u64 {
     (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
 }
 
-pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
+pub fn plan(a: Args) -> Result<Plan, StressArgError> {
     let host_cores = host_cores();
     let cpus = a.cpus.unwrap_or((2 * host_cores).max(4));
     let broken = match &a.broken {

@@ -57,6 +57,7 @@ mod reboot_cpu;
 mod stop_during_bringup;
 mod stop_machine;
 
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,11 +65,12 @@ use std::time::{Duration, Instant};
 use usmp::fault::Broken;
 use usmp::{Builder, Handle, Runtime, StopMode};
 
-pub use args::StressArgs;
+pub use args::Args;
 pub use faults::FaultSet;
 pub use onoff::{hotplug_churn, HotplugChurnError, OnOffReport};
 
 use crate::rng::Rng;
+use crate::signals::Signals;
 use check::Tally;
 use watchdog::Monitor;
 
@@ -360,14 +362,24 @@ const ABANDON_AFTER: Duration = Duration::from_secs(3);
 /// The runner's tick: watchdog, trace drain, progress.
 const TICK: Duration = Duration::from_millis(50);
 
-/// Runs `usmp stress`; returns whether any invariant was violated (exit 1). Bad input and
-/// harness failures are errors (exit 2).
-/// `quit_target` is what SIGQUIT dumps: kept pointing at the running scenario's runtime.
-pub fn stress(
-    a: StressArgs,
+/// Runs `usmp stress`: takes SIGINT (the run winds down and reports) and SIGQUIT (a dump of
+/// the running scenario's runtime), then the scenarios. Its exit code is 0, or
+/// [`EXIT_VIOLATION`], [`EXIT_STARVED`] or [`EXIT_NOT_CAUGHT`]; bad input and harness failures
+/// are errors (exit 2).
+pub fn run(a: Args, signals: Signals) -> anyhow::Result<ExitCode> {
+    let sig = signals
+        .take()
+        .map_err(|e| anyhow::anyhow!("cannot start the signal thread: {e}"))?;
+    stress(a, sig.stop, sig.quit_target)
+}
+
+/// The run itself. `quit_target` is what SIGQUIT dumps: kept pointing at the running
+/// scenario's runtime.
+fn stress(
+    a: Args,
     interrupt: Arc<AtomicBool>,
     quit_target: Arc<Mutex<Option<Handle>>>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<ExitCode> {
     let plan = args::plan(a)?;
     let flags = Arc::new(Flags {
         interrupt,
@@ -417,30 +429,31 @@ pub fn stress(
         // A scenario thread is stuck inside the runtime: do not wait for it on the way out.
         exit_now(EXIT_VIOLATION);
     }
-    if !violated {
-        if results.iter().any(|r| r.starved) {
-            exit_now(EXIT_STARVED);
-        }
-        if results.iter().any(|r| r.not_caught(plan.broken.is_some())) {
-            exit_now(EXIT_NOT_CAUGHT);
-        }
-    }
-    Ok(violated)
+    let code = if violated {
+        EXIT_VIOLATION
+    } else if results.iter().any(|r| r.starved) {
+        EXIT_STARVED
+    } else if results.iter().any(|r| r.not_caught(plan.broken.is_some())) {
+        EXIT_NOT_CAUGHT
+    } else {
+        0
+    };
+    Ok(ExitCode::from(code))
 }
 
 /// Exit codes of `usmp stress` besides 0 (every invariant held) and 2 (bad input, a harness
 /// failure: `main.rs`). Listed in `--help` and the README.
-pub const EXIT_VIOLATION: i32 = 1;
+pub const EXIT_VIOLATION: u8 = 1;
 /// A scenario ran fewer than its minimum iterations: the host was too busy, nothing was judged.
-pub const EXIT_STARVED: i32 = 3;
+pub const EXIT_STARVED: u8 = 3;
 /// A `--broken` run ended without catching its variant.
-pub const EXIT_NOT_CAUGHT: i32 = 4;
+pub const EXIT_NOT_CAUGHT: u8 = 4;
 
 /// Flushes stdout and exits with `code` (a stuck scenario thread is not waited for).
-fn exit_now(code: i32) -> ! {
+fn exit_now(code: u8) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    std::process::exit(code);
+    std::process::exit(code.into());
 }
 
 fn run_one(

@@ -7,7 +7,7 @@ use std::io::Write;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use usmp::RuntimeStats;
 
-use crate::kexec_cmd::write_json;
+use crate::output::write_json;
 
 /// The `--json` object: `workload`, `duration_ms`, the workload's report under its key, then
 /// the runtime's statistics, in that order.
