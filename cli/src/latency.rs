@@ -23,19 +23,22 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use clap::{Args, ValueEnum};
+use clap::ValueEnum;
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use usmp::{CpuMask, IdlePolicy};
 
+use crate::signals::Signals;
+
 /// `usmp latency`'s arguments.
-#[derive(Args, Debug)]
+#[derive(clap::Args, Debug)]
 #[command(after_help = "\
 Cost: pairs x kinds measurements, pairs = n x (n - 1) for n cores. Each takes about \
 samples x its round trip plus a few milliseconds to build its runtime: on 2 cores the \
@@ -44,7 +47,7 @@ about a minute; narrow it with --cores or --kinds.
 
 Exit: 0 done, 2 bad input (a core outside the affinity mask, fewer than two cores) or a \
 failed measurement.")]
-pub struct LatencyArgs {
+pub struct Args {
     /// Round trips measured per pair and kind, after a warm-up of a tenth as many.
     #[arg(long, value_name = "N", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
@@ -122,8 +125,9 @@ struct Report<'a> {
     results: &'a [Cell],
 }
 
-/// Runs `usmp latency`.
-pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
+/// Runs `usmp latency`. SIGINT and SIGQUIT keep their default actions.
+pub fn run(args: Args, signals: Signals) -> anyhow::Result<ExitCode> {
+    signals.restore_default();
     let allowed: Vec<usize> = core_affinity::get_core_ids()
         .ok_or_else(|| anyhow!("latency: cannot read this process's CPU affinity"))?
         .into_iter()
@@ -216,7 +220,7 @@ pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
         std::fs::write(path, svg(&cores, &kinds, &cells))
             .with_context(|| format!("latency: writing {}", path.display()))?;
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn progress(total: u64, quiet: bool) -> ProgressBar {

@@ -1,5 +1,18 @@
-//! `usmp` — run a workload on a user-space SMP runtime and print what every logical CPU did, or
-//! torture it (`usmp stress`, in `torture/`).
+//! `usmp`: a user-space SMP runtime on the command line. Each command is a module with its
+//! `Args` and a `run(args, signals) -> Result<ExitCode>`; this file parses the command line,
+//! sets up logging and dispatches, and turns an error into one line and exit 2.
+//!
+//! | module | what |
+//! |---|---|
+//! | `run.rs` | `usmp run`: one workload on a runtime, a per-CPU summary |
+//! | `workloads/` | the workloads `usmp run --workload` runs, one file each, and their registry |
+//! | `stress/` | `usmp stress`: the torture harness, one file per scenario |
+//! | `kexec.rs` | `usmp kexec`: orderly or crash kexec, the handoff timeline, `--exec` |
+//! | `latency.rs` | `usmp latency`: the IPI latency map of the host's cores |
+//! | `args.rs` | flag values more than one command takes (`--cpus`, `--park`, `--mode`) |
+//! | `signals.rs` | SIGINT and SIGQUIT: blocked first, then taken or restored by each command |
+//! | `output.rs` | inert text and one-line JSON for stdout |
+//! | `rng.rs` | the seeded generator of the workloads and scenarios |
 //!
 //! Exit codes: 0 the run finished (also after Ctrl-C), or stdout was closed by its reader
 //! (a broken pipe ends the output, quietly); 1 `usmp stress` saw an invariant violated; 2 bad
@@ -10,30 +23,23 @@
 //!
 //! SIGQUIT (Ctrl-\) prints every CPU's state and NMI-sampled instruction pointer to stderr (in
 //! `usmp stress`, of the running scenario's runtime) and the run goes on.
-//!
-//! Signals in `usmp run`: SIGINT and SIGQUIT are blocked in the main thread before anything else
-//! starts, so every thread (each logical CPU included) inherits the block, and one thread takes
-//! them with `sigwait`. No handler for them ever runs on a CPU thread (where it could nest inside
-//! an IPI handler on the signal stack), and a Ctrl-C at any moment, even before the runtime is
-//! built, only sets the stop flag: the run always ends with its summary.
 
-use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
 
-use anyhow::{anyhow, Context};
-use clap::{Args, Parser, Subcommand};
-use nix::sys::signal::{SigSet, Signal};
+use clap::{Parser, Subcommand};
 
-mod kexec_cmd;
+mod args;
+mod kexec;
 mod latency;
+mod output;
 mod rng;
+mod run;
+mod signals;
 mod stress;
-mod torture;
-use usmp::{Handle, RuntimeStats, MAX_CPUS};
+mod workloads;
+
+use signals::Signals;
 
 #[derive(Parser)]
 #[command(
@@ -49,152 +55,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a runtime, run a workload on it, print a per-CPU summary.
-    Run(RunArgs),
+    Run(run::Args),
     /// Kexec (orderly or --crash) to the next image; print the handoff timeline.
-    Kexec(kexec_cmd::KexecArgs),
+    Kexec(kexec::Args),
     /// Torture the runtime: scenarios that race IPIs, hotplug, stop and kexec with injected
     /// faults and check every invariant as they go (exit 1 on a violation).
-    Stress(torture::StressArgs),
+    Stress(stress::Args),
     /// Map IPI latency between every pair of host cores: cache-line ping-pong (the floor) and
     /// call_single to a polling, a busy and a sleeping CPU, p50/p99 per pair.
-    Latency(latency::LatencyArgs),
+    Latency(latency::Args),
 }
 
-#[derive(Args)]
-struct RunArgs {
-    /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    cpus: Option<usize>,
-    /// Workload to run (lifecycle, demo, hotplug, crash) [default: lifecycle; demo below 4
-    /// CPUs, which the lifecycle needs].
-    #[arg(long, value_name = "NAME")]
-    workload: Option<String>,
-    /// How long the workload sends IPIs, e.g. "2s", "500ms" (lifecycle: split over its phases).
-    #[arg(
-        long,
-        value_name = "D",
-        default_value = "1s",
-        allow_hyphen_values = true
-    )]
-    duration: String,
-    /// How long a stop's first attempt (the maskable stop vector) waits before the NMI attempt
-    /// [default: 100ms for lifecycle, the kernel's 1s otherwise].
-    #[arg(long, value_name = "D", allow_hyphen_values = true)]
-    stop_wait: Option<String>,
-    /// How long a synchronous IPI waits for its callback before it fails, e.g. "300ms" [default:
-    /// the library's 5s]. Time the process spends stopped (Ctrl-Z) does not count.
-    #[arg(long, value_name = "D", allow_hyphen_values = true)]
-    call_timeout: Option<String>,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// Write a Chrome/Perfetto trace of the run to FILE (open it at ui.perfetto.dev).
-    #[arg(long, value_name = "FILE")]
-    trace: Option<PathBuf>,
-}
-
-/// The workloads `--workload` accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Workload {
-    /// Boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, and traffic in
-    /// the next generation (`stress::lifecycle`).
-    Lifecycle,
-    /// Every kind of IPI, CPU-to-CPU calls, irq-masked sections (`stress::demo`).
-    Demo,
-    /// Random CPU online/offline churn while IPIs flow: the `onoff` stress scenario with a
-    /// fixed seed (`torture::hotplug_churn`).
-    Hotplug,
-    /// CPU 1 panics and crash-stops a busy runtime; CPU 2, irqs masked, needs the NMI attempt
-    /// (`stress::crash`).
-    Crash,
-}
-
-impl Workload {
-    const ALL: &'static [Workload] = &[
-        Workload::Lifecycle,
-        Workload::Demo,
-        Workload::Hotplug,
-        Workload::Crash,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Workload::Lifecycle => "lifecycle",
-            Workload::Demo => "demo",
-            Workload::Hotplug => "hotplug",
-            Workload::Crash => "crash",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Workload> {
-        Self::ALL.iter().copied().find(|w| w.name() == s)
-    }
-}
-
-/// The fewest CPUs the lifecycle workload runs on (`stress::lifecycle`).
-const LIFECYCLE_MIN_CPUS: usize = 4;
-
-/// A validated `usmp run`.
-struct RunPlan {
-    cpus: usize,
-    host_cores: usize,
-    workload: Workload,
-    duration: Duration,
-    stop_wait: Duration,
-    call_timeout: Option<Duration>,
-    json: bool,
-    trace: Option<(PathBuf, File)>,
-}
-
-/// What a workload reported.
-enum Outcome {
-    Lifecycle(stress::LifecycleReport),
-    Demo(stress::DemoReport),
-    Hotplug(torture::OnOffReport),
-    Crash(stress::CrashReport),
-}
-
-impl Outcome {
-    fn elapsed_ms(&self) -> u64 {
-        match self {
-            Outcome::Lifecycle(l) => l.elapsed_ms,
-            Outcome::Demo(d) => d.elapsed_ms,
-            Outcome::Hotplug(o) => o.elapsed_ms,
-            Outcome::Crash(_) => 0,
-        }
-    }
-
-    fn interrupted(&self) -> bool {
-        match self {
-            Outcome::Lifecycle(l) => l.interrupted,
-            Outcome::Demo(d) => d.interrupted,
-            Outcome::Hotplug(o) => o.interrupted,
-            Outcome::Crash(_) => false,
-        }
-    }
-}
-
-/// What `--json` prints: the runtime's statistics plus what the run was.
-#[derive(serde::Serialize)]
-struct RunReport<'a> {
-    workload: &'static str,
-    duration_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lifecycle: Option<&'a stress::LifecycleReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    demo: Option<&'a stress::DemoReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    onoff: Option<&'a torture::OnOffReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    crash: Option<&'a stress::CrashReport>,
-    #[serde(flatten)]
-    stats: &'a RuntimeStats,
-}
-
-fn main() {
-    // First, so a Ctrl-C during start-up (parsing, logger set-up) waits for the signal thread
-    // instead of killing the process; only `run` takes it, `kexec` gets the default back.
-    let signals = block_run_signals();
+fn main() -> ExitCode {
+    // First, so a Ctrl-C during start-up (parsing, logger set-up) waits for the command to take
+    // or restore it instead of killing the process.
+    let signals = Signals::block();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
@@ -213,31 +88,19 @@ fn main() {
         .with_env_filter(filter)
         .init();
     let result = match cli.cmd {
-        Cmd::Run(args) => start_signal_thread(signals).and_then(|sig| run(plan(args)?, sig)),
-        Cmd::Stress(args) => start_signal_thread(signals).and_then(|sig| {
-            if torture::stress(args, sig.stop, sig.quit_target)? {
-                let _ = std::io::stdout().flush();
-                std::process::exit(1);
-            }
-            Ok(())
-        }),
-        Cmd::Kexec(args) => {
-            // Pending signals are delivered (with their default action) once unblocked.
-            let _ = signals.thread_unblock();
-            kexec_cmd::kexec(args)
-        }
-        Cmd::Latency(args) => {
-            let _ = signals.thread_unblock();
-            latency::latency(args)
-        }
+        Cmd::Run(args) => run::run(args, signals),
+        Cmd::Kexec(args) => kexec::run(args, signals),
+        Cmd::Stress(args) => stress::run(args, signals),
+        Cmd::Latency(args) => latency::run(args, signals),
     };
-    if let Err(e) = result {
-        if is_broken_pipe(&e) {
-            // The reader of stdout went away: the output ends here, as `head` expects.
-            std::process::exit(0);
+    match result {
+        Ok(code) => code,
+        // The reader of stdout went away: the output ends here, as `head` expects.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "usmp: error: {}", error_line(&e));
+            ExitCode::from(2)
         }
-        let _ = writeln!(std::io::stderr(), "usmp: error: {}", error_line(&e));
-        std::process::exit(2);
     }
 }
 
@@ -307,414 +170,6 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
-}
-
-/// `USMP_ANNOUNCE_PHASES=1` (for the Ctrl-C test): one `usmp: phase: NAME` line on stderr as the
-/// run enters each phase, so a test can send SIGINT at a known point without sleeping.
-fn announce(phase: &str) {
-    if std::env::var_os("USMP_ANNOUNCE_PHASES").is_some() {
-        let _ = writeln!(std::io::stderr(), "usmp: phase: {phase}");
-    }
-}
-
-/// What the signal thread shares with the run.
-struct SignalState {
-    /// Set by the first SIGINT.
-    stop: Arc<AtomicBool>,
-    /// The runtime SIGQUIT dumps, while there is one.
-    quit_target: Arc<Mutex<Option<Handle>>>,
-}
-
-/// Blocks SIGINT and SIGQUIT in the calling (main) thread, before any other thread exists, so
-/// every thread started later inherits the block. (Blocking a valid set cannot fail.)
-fn block_run_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGQUIT);
-    let _ = set.thread_block();
-    set
-}
-
-/// Starts the thread that takes `set` (blocked by [`block_run_signals`]) with `sigwait`. That
-/// thread lives until the process exits: it holds no resource and is never joined.
-fn start_signal_thread(set: SigSet) -> anyhow::Result<SignalState> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let quit_target: Arc<Mutex<Option<Handle>>> = Arc::new(Mutex::new(None));
-    let (s, q) = (stop.clone(), quit_target.clone());
-    std::thread::Builder::new()
-        .name("usmp-signals".into())
-        .spawn(move || loop {
-            match set.wait() {
-                Ok(Signal::SIGINT) => {
-                    if s.swap(true, Ordering::SeqCst) {
-                        std::process::exit(130);
-                    }
-                }
-                Ok(_) => {
-                    if let Some(h) = q.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                        dump_cpus(h);
-                    }
-                }
-                // sigwait fails only for an invalid set; do not spin on it.
-                Err(_) => return,
-            }
-        })
-        .context("cannot start the signal thread")?;
-    announce("signals");
-    Ok(SignalState { stop, quit_target })
-}
-
-/// Checks every argument (and opens the trace file) before anything starts.
-fn plan(a: RunArgs) -> anyhow::Result<RunPlan> {
-    let host_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpus = a.cpus.unwrap_or(host_cores.max(4));
-    if cpus == 0 || cpus > MAX_CPUS {
-        return Err(anyhow!(
-            "--cpus must be between 1 and {MAX_CPUS}, got {cpus}"
-        ));
-    }
-    let workload = match &a.workload {
-        Some(name) => Workload::parse(name).ok_or_else(|| {
-            let valid: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
-            anyhow!("unknown workload '{name}' (valid: {})", valid.join(", "))
-        })?,
-        None if cpus >= LIFECYCLE_MIN_CPUS => Workload::Lifecycle,
-        None => {
-            // The lifecycle needs a boot CPU, a CPU that panics, an irq-masked one and a
-            // spare; below that the default is the IPI phase on its own.
-            let _ = writeln!(
-                std::io::stderr(),
-                "usmp: note: the lifecycle workload needs {LIFECYCLE_MIN_CPUS} CPUs; running the demo workload on {cpus}"
-            );
-            Workload::Demo
-        }
-    };
-    let duration = positive_duration("--duration", &a.duration, "2s, 500ms, 1m")?;
-    let stop_wait = match &a.stop_wait {
-        Some(s) => positive_duration("--stop-wait", s, "100ms, 1s")?,
-        None if workload == Workload::Lifecycle => Duration::from_millis(100),
-        None => Duration::from_secs(1),
-    };
-    let call_timeout = match &a.call_timeout {
-        Some(s) => Some(positive_duration("--call-timeout", s, "300ms, 5s")?),
-        None => None,
-    };
-    let trace = match a.trace {
-        Some(p) => {
-            let f = File::create(&p)
-                .with_context(|| format!("cannot create trace file {}", p.display()))?;
-            Some((p, f))
-        }
-        None => None,
-    };
-    Ok(RunPlan {
-        cpus,
-        host_cores,
-        workload,
-        duration,
-        stop_wait,
-        call_timeout,
-        json: a.json,
-        trace,
-    })
-}
-
-/// A duration flag's value: a humantime duration above zero, with a message that says what
-/// is wrong with it (a negative or zero value included; `usmp stress` says the same).
-fn positive_duration(flag: &str, v: &str, examples: &str) -> anyhow::Result<Duration> {
-    if v.trim_start().starts_with('-') {
-        return Err(anyhow!(
-            "{flag} '{v}': must not be negative (examples: {examples})"
-        ));
-    }
-    let d = humantime::parse_duration(v)
-        .map_err(|e| anyhow!("{flag} '{v}': {e} (examples: {examples})"))?;
-    if d.is_zero() {
-        return Err(anyhow!(
-            "{flag} '{v}': must be more than 0 (examples: {examples})"
-        ));
-    }
-    Ok(d)
-}
-
-fn run(mut p: RunPlan, sig: SignalState) -> anyhow::Result<()> {
-    let stop = sig.stop;
-
-    // The NMI attempts' wait is a bound, not a delay: lifecycle gives its loaded, oversubscribed
-    // default run 100 ms for the masked CPU's thread to be scheduled; the others keep the
-    // kernel's 10 ms.
-    let nmi_wait = match p.workload {
-        Workload::Lifecycle => Duration::from_millis(100),
-        _ => Duration::from_millis(10),
-    };
-    let mut b = usmp::Builder::new()
-        .cpus(p.cpus)
-        .irq_accounting(true)
-        .collect_trace(p.trace.is_some())
-        .stop_waits(p.stop_wait, nmi_wait);
-    if let Some(d) = p.call_timeout {
-        b = b.call_timeout(d);
-    }
-    let rt = b.build().context("cannot start the runtime")?;
-    let h = rt.handle();
-    *sig.quit_target.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
-    announce("built");
-
-    announce("workload");
-    let outcome = match p.workload {
-        Workload::Lifecycle => {
-            let cfg = stress::LifecycleConfig::split(p.duration);
-            stress::lifecycle(&h, cfg, &stop)
-                .map(Outcome::Lifecycle)
-                .map_err(anyhow::Error::from)
-        }
-        Workload::Demo => stress::demo(&h, p.duration, &stop)
-            .map(Outcome::Demo)
-            .map_err(anyhow::Error::from),
-        Workload::Hotplug => torture::hotplug_churn(&h, p.duration, &stop)
-            .map(Outcome::Hotplug)
-            .map_err(anyhow::Error::from),
-        Workload::Crash => stress::crash_demo(&h, p.duration, &stop)
-            .map(Outcome::Crash)
-            .map_err(anyhow::Error::from),
-    };
-    announce("drained");
-    // The runtime is idle now (the workload drained); snapshot it, then shut it down and check
-    // that nothing was lost on the way out.
-    let mut stats = h.stats();
-    sig.quit_target
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    let fin = rt.shutdown();
-    stats.lost_calls = fin.lost_calls;
-    announce("shutdown");
-
-    let mut outcome = outcome.context("workload failed")?;
-    if let Outcome::Crash(c) = &mut outcome {
-        // Calls queued to a CPU when it stopped never run (by design): report, not an error.
-        c.stranded_calls = fin.lost_calls;
-    } else if fin.lost_calls != 0 {
-        return Err(anyhow!(
-            "{} calls were accepted but neither ran nor were cancelled",
-            fin.lost_calls
-        ));
-    }
-    if let Some((path, file)) = p.trace.take() {
-        let mut w = BufWriter::new(file);
-        usmp::trace::write_chrome_trace(&h.take_trace(), p.cpus, &mut w)
-            .and_then(|()| w.flush())
-            .with_context(|| format!("cannot write trace file {}", path.display()))?;
-    }
-
-    print_run(&p, &outcome, &stats).context("writing to stdout")
-}
-
-/// The run's report on stdout: the JSON object, or the timeline and the per-CPU table.
-fn print_run(p: &RunPlan, outcome: &Outcome, stats: &RuntimeStats) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if p.json {
-        let report = RunReport {
-            workload: p.workload.name(),
-            duration_ms: p.duration.as_millis() as u64,
-            lifecycle: match &outcome {
-                Outcome::Lifecycle(l) => Some(l),
-                _ => None,
-            },
-            demo: match &outcome {
-                Outcome::Demo(d) => Some(d),
-                _ => None,
-            },
-            onoff: match &outcome {
-                Outcome::Hotplug(o) => Some(o),
-                _ => None,
-            },
-            crash: match &outcome {
-                Outcome::Crash(c) => Some(c),
-                _ => None,
-            },
-            stats,
-        };
-        kexec_cmd::write_json(&mut out, &report)?;
-    } else {
-        match &outcome {
-            Outcome::Crash(c) => c.write_summary(&mut out)?,
-            Outcome::Lifecycle(l) => {
-                l.write_timeline(&mut out)?;
-                print_summary(&mut out, p, outcome, stats)?
-            }
-            _ => print_summary(&mut out, p, outcome, stats)?,
-        }
-    }
-    out.flush()?;
-    Ok(())
-}
-
-fn print_summary(
-    out: &mut impl Write,
-    p: &RunPlan,
-    outcome: &Outcome,
-    s: &RuntimeStats,
-) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "usmp run: workload {}, {} logical CPUs on {} host cores, {} ms{}",
-        p.workload.name(),
-        s.cpus,
-        p.host_cores,
-        outcome.elapsed_ms(),
-        if outcome.interrupted() {
-            " (interrupted)"
-        } else {
-            ""
-        }
-    )?;
-    writeln!(
-        out,
-        "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
-        "cpu",
-        "state",
-        "core",
-        "handled",
-        "sent",
-        "doorbells",
-        "deferred",
-        "polled",
-        "wakes",
-        "nmis",
-        "masked-us",
-        "jobs"
-    )?;
-    let mut tot = [0u64; 10];
-    for c in &s.per_cpu {
-        let row = [
-            c.calls_handled,
-            c.calls_sent,
-            c.doorbells,
-            c.deferred,
-            c.polled,
-            c.idle_wakes,
-            c.nmis,
-            c.masked_us,
-            c.jobs,
-        ];
-        for (t, v) in tot.iter_mut().zip(row) {
-            *t += v;
-        }
-        writeln!(
-            out,
-            "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
-            c.cpu,
-            format!("{:?}", c.state).to_lowercase(),
-            c.core.map_or("-".to_string(), |k| k.to_string()),
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            row[6],
-            row[7],
-            row[8]
-        )?;
-    }
-    writeln!(
-        out,
-        "{:>4} {:>8} {:>4} {:>9} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>10} {:>6}",
-        "all", "", "", tot[0], tot[1], tot[2], tot[3], tot[4], tot[5], tot[6], tot[7], tot[8]
-    )?;
-    writeln!(
-        out,
-        "ipis: {} sent, {} handled, {} cancelled, {} lost; calls: {} completed, {} failed; \
-         doorbell signals: {}; csd timeouts: {}",
-        s.ipis_sent,
-        s.ipis_handled,
-        s.ipis_cancelled,
-        s.lost_calls,
-        s.calls_completed,
-        s.calls_failed,
-        s.doorbell_signals,
-        s.csd_timeouts
-    )?;
-    match outcome {
-        Outcome::Demo(d) => writeln!(
-            out,
-            "demo: {} call_single, {} call_single_async, {} call_many, {} CPU-to-CPU calls, \
-             {} irq-masked sections, {} jobs; {} of {} callbacks ran",
-            d.single_sync,
-            d.single_async,
-            d.many_sync,
-            d.cpu_to_cpu,
-            d.masked_sections,
-            d.jobs,
-            d.callbacks_run,
-            d.callbacks_expected
-        ),
-        Outcome::Hotplug(o) => print_onoff(out, o),
-        Outcome::Lifecycle(_) => writeln!(
-            out,
-            "(the table is generation {}, the image that crashed; the next one is in phase 'next')",
-            s.generation
-        ),
-        Outcome::Crash(c) => c.write_summary(out),
-    }
-}
-
-/// rcutorture-style onoff accounting, after the usual summary.
-fn print_onoff(out: &mut impl Write, o: &torture::OnOffReport) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "onoff: {} onlines (min/avg/max {}/{}/{} us), {} offlines (min/avg/max {}/{}/{} us)",
-        format_args!("{}/{}", o.onlines.successes, o.onlines.attempts),
-        o.onlines.min_us,
-        o.onlines.avg_us,
-        o.onlines.max_us,
-        format_args!("{}/{}", o.offlines.successes, o.offlines.attempts),
-        o.offlines.min_us,
-        o.offlines.avg_us,
-        o.offlines.max_us,
-    )?;
-    writeln!(
-        out,
-        "hotplug: {} sync + {} async calls accepted, {} refused (offline), {} callbacks ran; \
-         {} CPU(s) brought back at the end{}",
-        o.calls_sync,
-        o.calls_async,
-        o.calls_offline,
-        o.callbacks_run,
-        o.brought_back,
-        o.first_failure
-            .as_ref()
-            .map_or(String::new(), |f| format!("; first failure: {f}"))
-    )
-}
-
-/// SIGQUIT: every CPU's state, idle counters and NMI-sampled instruction pointer, to stderr.
-fn dump_cpus(h: &Handle) {
-    let stats = h.stats();
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(
-        err,
-        "usmp: SIGQUIT: {} CPUs, online {}",
-        h.cpus(),
-        h.online_mask()
-    );
-    for c in &stats.per_cpu {
-        let ip = match h.nmi_backtrace(c.cpu, Duration::from_millis(100)) {
-            Ok(ip) => format!("{ip:#018x}"),
-            Err(e) => format!("? ({e})"),
-        };
-        let _ = writeln!(
-            err,
-            "usmp:   CPU{} {:?} online={} polled={} idle_wakes={} jobs={} ip={ip}",
-            c.cpu,
-            c.state,
-            h.is_online(c.cpu),
-            c.polled,
-            c.idle_wakes,
-            c.jobs
-        );
-    }
 }
 
 #[cfg(test)]

@@ -303,6 +303,57 @@ fn masked_job(h: &Handle, d: &Arc<Shared>, seed: u64) -> Result<Tally, DemoError
     Ok(t)
 }
 
+/// `--workload demo`.
+pub struct Demo;
+
+impl super::Workload for Demo {
+    fn name(&self) -> &'static str {
+        "demo"
+    }
+
+    fn about(&self) -> &'static str {
+        "every kind of IPI, CPU-to-CPU calls, irq-masked sections; each callback runs once"
+    }
+
+    fn run(
+        &self,
+        h: &Handle,
+        duration: Duration,
+        stop: &AtomicBool,
+    ) -> Result<Box<dyn super::Outcome>, super::WorkloadError> {
+        Ok(Box::new(demo(h, duration, stop)?))
+    }
+}
+
+impl super::Outcome for DemoReport {
+    fn write_json(&self, out: &mut dyn std::io::Write, json: &super::Json) -> std::io::Result<()> {
+        json.write(out, "demo", self)
+    }
+
+    /// The table, then what was sent and how many callbacks ran.
+    fn write_text(
+        &self,
+        out: &mut dyn std::io::Write,
+        table: &super::Table,
+    ) -> std::io::Result<()> {
+        table.write(out, self.elapsed_ms, self.interrupted)?;
+        let d = self;
+        writeln!(
+            out,
+            "demo: {} call_single, {} call_single_async, {} call_many, {} CPU-to-CPU calls, \
+             {} irq-masked sections, {} jobs; {} of {} callbacks ran",
+            d.single_sync,
+            d.single_async,
+            d.many_sync,
+            d.cpu_to_cpu,
+            d.masked_sections,
+            d.jobs,
+            d.callbacks_run,
+            d.callbacks_expected
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,18 +20,19 @@
 //!    async, `call_many`), each callback counted once, then the next image is shut down and
 //!    must have lost no call.
 //!
-//! Each phase's check failing is the workload's error. The caller's runtime is left stopped
-//! (its CPUs retired by the kexec); the caller shuts it down. Phase 4 runs no IPI traffic of
-//! its own: a CPU stopped inside a job cannot power off, so traffic jobs there would turn every
-//! CPU into a straggler and leave the next image nothing to bring back.
+//! Each phase is one method of `Run`, which records it on the timeline; [`lifecycle`] only
+//! sequences them. Each phase's check failing is the workload's error. The caller's runtime is
+//! left stopped (its CPUs retired by the kexec); the caller shuts it down. Phase 4 runs no IPI
+//! traffic of its own: a CPU stopped inside a job cannot power off, so traffic jobs there would
+//! turn every CPU into a straggler and leave the next image nothing to bring back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::crash::{resolve_note, spin_masked, ResolvedNote, MASKED_CPU, PANIC_CPU};
-use super::{demo, DemoError, DemoReport};
-use crate::torture::{hotplug_churn, HotplugChurnError, OnOffReport};
+use super::demo::{demo, DemoError, DemoReport};
+use crate::stress::{hotplug_churn, HotplugChurnError, OnOffReport};
 use usmp::{
     CpuId, CpuMask, CpuRunState, Handle, IpiError, KexecError, KexecOutcome, KexecReport,
     ParkPolicy, RuntimeError, RuntimeStats, StopError, StopOutcome,
@@ -112,7 +113,7 @@ pub struct LifecycleReport {
 /// Why the lifecycle failed: the phase and what went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
-    #[error("lifecycle: needs at least 4 CPUs (CPU{PANIC_CPU} panics, CPU{MASKED_CPU} masks irqs), the runtime has {0}")]
+    #[error("lifecycle: needs at least {MIN_CPUS} CPUs (CPU{PANIC_CPU} panics, CPU{MASKED_CPU} masks irqs), the runtime has {0}")]
     TooFewCpus(usize),
     #[error("lifecycle: ipi phase: {0}")]
     Ipi(#[from] DemoError),
@@ -156,34 +157,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Records phases against the workload's start.
-struct Timeline {
-    t0: Instant,
-    phases: Vec<Phase>,
-}
-
-impl Timeline {
-    fn push(
-        &mut self,
-        phase: &'static str,
-        start: Instant,
-        summary: String,
-        details: Vec<String>,
-        report: &impl serde::Serialize,
-    ) {
-        self.phases.push(Phase {
-            phase,
-            start_ms: ms(start - self.t0),
-            took_ms: ms(start.elapsed()),
-            summary,
-            details,
-            report: serde_json::to_value(report).unwrap_or(serde_json::Value::Null),
-        });
-    }
-}
+/// The kexec the panicking job ran right after its stop.
+type KexecResult = Result<KexecOutcome<ImageCheck>, KexecError>;
 
 /// What the panicking job hands back: the stop's outcome and the kexec's.
-type PanicResult = Result<(StopOutcome, Result<KexecOutcome<ImageCheck>, KexecError>), StopError>;
+type PanicResult = Result<(StopOutcome, KexecResult), StopError>;
 
 /// What the next image's entry saw.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -202,6 +180,14 @@ struct StopPhase<'a> {
     states: Vec<(CpuId, CpuRunState)>,
 }
 
+/// Whether the run goes on to its next phase after a traffic phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Next,
+    /// The stop flag ended the phase: the phases after it do not run.
+    Interrupted,
+}
+
 /// Runs the lifecycle on `h` (at least 4 CPUs, all online and idle, a crash not yet run).
 /// Call it from a thread outside the runtime. `stop` (Ctrl-C) ends the current traffic phase
 /// early and skips the phases after it; it never leaves a stop half done.
@@ -211,97 +197,299 @@ pub fn lifecycle(
     stop: &AtomicBool,
 ) -> Result<LifecycleReport, LifecycleError> {
     let n = h.cpus();
-    if n < 4 {
+    if n < MIN_CPUS {
         return Err(LifecycleError::TooFewCpus(n));
     }
-    let mut tl = Timeline {
-        t0: Instant::now(),
-        phases: Vec::new(),
-    };
-    let mut rep = LifecycleReport {
-        cpus: n,
-        park: h.park_policy(),
-        first_attempt_ms: None,
-        elapsed_ms: 0,
-        interrupted: false,
-        phases: Vec::new(),
-    };
-    let finish = |mut rep: LifecycleReport, tl: Timeline, interrupted: bool| {
-        rep.elapsed_ms = tl.t0.elapsed().as_millis() as u64;
-        rep.interrupted = interrupted;
-        rep.phases = tl.phases;
-        Ok(rep)
-    };
+    let mut run = Run::new(h, stop);
+    run.boot();
+    if run.ipi(cfg.ipi)? == Flow::Interrupted || run.hotplug(cfg.hotplug)? == Flow::Interrupted {
+        return Ok(run.finish(true));
+    }
+    let (out, kexec) = run.stop()?;
+    let next = run.kexec(&out, kexec)?;
+    if stop.load(Ordering::SeqCst) {
+        drop(next);
+        return Ok(run.finish(true));
+    }
+    run.next(next, cfg.next)?;
+    let interrupted = stop.load(Ordering::SeqCst);
+    Ok(run.finish(interrupted))
+}
 
-    // 1. boot.
-    let t = Instant::now();
-    let online = h.online_mask();
-    tl.push(
-        "boot",
-        t,
-        format!(
-            "generation {}: {n} CPUs, online {}",
-            h.generation(),
-            mask_str(&online)
-        ),
-        Vec::new(),
-        &serde_json::json!({ "generation": h.generation(), "online": online.to_string() }),
-    );
+/// One lifecycle in progress: the runtime it started on, the stop flag, and the report with
+/// the phases recorded so far (against the workload's start).
+struct Run<'a> {
+    h: &'a Handle,
+    stop: &'a AtomicBool,
+    t0: Instant,
+    rep: LifecycleReport,
+}
 
-    // 2. ipi.
-    let t = Instant::now();
-    let d: DemoReport = demo(h, cfg.ipi, stop)?;
-    tl.push(
-        "ipi",
-        t,
-        format!(
-            "{} call_single, {} async, {} call_many, {} CPU-to-CPU, {} irq-masked sections; \
-             {}/{} callbacks ran once",
-            d.single_sync,
-            d.single_async,
-            d.many_sync,
-            d.cpu_to_cpu,
-            d.masked_sections,
-            d.callbacks_run,
-            d.callbacks_expected
-        ),
-        Vec::new(),
-        &d,
-    );
-    if d.interrupted {
-        return finish(rep, tl, true);
+impl<'a> Run<'a> {
+    fn new(h: &'a Handle, stop: &'a AtomicBool) -> Self {
+        Run {
+            h,
+            stop,
+            t0: Instant::now(),
+            rep: LifecycleReport {
+                cpus: h.cpus(),
+                park: h.park_policy(),
+                first_attempt_ms: None,
+                elapsed_ms: 0,
+                interrupted: false,
+                phases: Vec::new(),
+            },
+        }
     }
 
-    // 3. hotplug.
-    let t = Instant::now();
-    let o: OnOffReport = hotplug_churn(h, cfg.hotplug, stop)?;
-    tl.push(
-        "hotplug",
-        t,
-        format!(
-            "{}/{} offlines, {}/{} onlines, {} CPU(s) brought back; {} calls accepted \
-             ({} refused offline), {} callbacks ran",
-            o.offlines.successes,
-            o.offlines.attempts,
-            o.onlines.successes,
-            o.onlines.attempts,
-            o.brought_back,
-            o.calls_sync + o.calls_async,
-            o.calls_offline,
-            o.callbacks_run
-        ),
-        o.first_failure
+    /// Records a phase that started at `start` and ends now.
+    fn push(
+        &mut self,
+        phase: &'static str,
+        start: Instant,
+        summary: String,
+        details: Vec<String>,
+        report: &impl serde::Serialize,
+    ) {
+        self.rep.phases.push(Phase {
+            phase,
+            start_ms: ms(start - self.t0),
+            took_ms: ms(start.elapsed()),
+            summary,
+            details,
+            report: serde_json::to_value(report).unwrap_or(serde_json::Value::Null),
+        });
+    }
+
+    fn finish(mut self, interrupted: bool) -> LifecycleReport {
+        self.rep.elapsed_ms = self.t0.elapsed().as_millis() as u64;
+        self.rep.interrupted = interrupted;
+        self.rep
+    }
+
+    /// Phase 1, boot: the online mask and generation the runtime came up with.
+    fn boot(&mut self) {
+        let (h, t) = (self.h, Instant::now());
+        let online = h.online_mask();
+        self.push(
+            "boot",
+            t,
+            format!(
+                "generation {}: {} CPUs, online {}",
+                h.generation(),
+                h.cpus(),
+                mask_str(&online)
+            ),
+            Vec::new(),
+            &serde_json::json!({ "generation": h.generation(), "online": online.to_string() }),
+        );
+    }
+
+    /// Phase 2, ipi: the demo workload for `duration`.
+    fn ipi(&mut self, duration: Duration) -> Result<Flow, LifecycleError> {
+        let t = Instant::now();
+        let d: DemoReport = demo(self.h, duration, self.stop)?;
+        self.push(
+            "ipi",
+            t,
+            format!(
+                "{} call_single, {} async, {} call_many, {} CPU-to-CPU, {} irq-masked sections; \
+                 {}/{} callbacks ran once",
+                d.single_sync,
+                d.single_async,
+                d.many_sync,
+                d.cpu_to_cpu,
+                d.masked_sections,
+                d.callbacks_run,
+                d.callbacks_expected
+            ),
+            Vec::new(),
+            &d,
+        );
+        Ok(if d.interrupted {
+            Flow::Interrupted
+        } else {
+            Flow::Next
+        })
+    }
+
+    /// Phase 3, hotplug: the churn for `duration`, every CPU back online at its end.
+    fn hotplug(&mut self, duration: Duration) -> Result<Flow, LifecycleError> {
+        let t = Instant::now();
+        let o: OnOffReport = hotplug_churn(self.h, duration, self.stop)?;
+        self.push(
+            "hotplug",
+            t,
+            format!(
+                "{}/{} offlines, {}/{} onlines, {} CPU(s) brought back; {} calls accepted \
+                 ({} refused offline), {} callbacks ran",
+                o.offlines.successes,
+                o.offlines.attempts,
+                o.onlines.successes,
+                o.onlines.attempts,
+                o.brought_back,
+                o.calls_sync + o.calls_async,
+                o.calls_offline,
+                o.callbacks_run
+            ),
+            o.first_failure
+                .iter()
+                .map(|f| format!("first failed hotplug operation (the churn went on): {f}"))
+                .collect(),
+            &o,
+        );
+        Ok(if o.interrupted || self.stop.load(Ordering::SeqCst) {
+            Flow::Interrupted
+        } else {
+            Flow::Next
+        })
+    }
+
+    /// Phase 4, stop: the masked spinner first, so it is masked before anyone stops it, then
+    /// the panic on CPU [`PANIC_CPU`]. Returns the stop's outcome, checked, and the kexec the
+    /// panicking job ran right after it (phase 5 reports it).
+    fn stop(&mut self) -> Result<(StopOutcome, KexecResult), LifecycleError> {
+        let t = Instant::now();
+        let release = start_masked_spinner(self.h)?;
+        let (out, kexec) = panic_and_kexec(self.h, &release)?;
+        self.record_stop(t, &out);
+        check_stop(&out)?;
+        Ok((out, kexec))
+    }
+
+    /// The stop phase's line, its attempts and crash notes, and the CPUs' states after it.
+    fn record_stop(&mut self, t: Instant, out: &StopOutcome) {
+        let h = self.h;
+        let notes: Vec<ResolvedNote> = out
+            .notes
             .iter()
-            .map(|f| format!("first failed hotplug operation (the churn went on): {f}"))
-            .collect(),
-        &o,
-    );
-    if o.interrupted || stop.load(Ordering::SeqCst) {
-        return finish(rep, tl, true);
+            .map(|n| resolve_note(n.cpu, n.regs.ip, n.regs.sp, n.regs.fp))
+            .collect();
+        let states: Vec<(CpuId, CpuRunState)> = (0..h.cpus())
+            .filter_map(|c| h.cpu_state(c).map(|s| (c, s)))
+            .collect();
+        self.rep.first_attempt_ms = out.attempts.first().map(|a| a.took_us as f64 / 1e3);
+        let in_state = |want: CpuRunState| -> CpuMask {
+            states
+                .iter()
+                .filter(|(_, s)| *s == want)
+                .map(|(c, _)| *c)
+                .collect()
+        };
+        let (parked, off) = (
+            in_state(CpuRunState::Parked),
+            in_state(CpuRunState::PoweredOff),
+        );
+        let summary = format!(
+            "CPU{PANIC_CPU} panics, CPU{MASKED_CPU} spins irq-masked: {} attempt(s), stopped {}, \
+             failed {}; policy {:?}: powered off {}, parked {}",
+            out.attempts.len(),
+            mask_str(&out.stopped),
+            mask_str(&out.failed),
+            h.park_policy(),
+            mask_str(&off),
+            mask_str(&parked)
+        );
+        self.push(
+            "stop",
+            t,
+            summary,
+            stop_details(out, &notes),
+            &StopPhase {
+                outcome: out,
+                notes: &notes,
+                states: states.clone(),
+            },
+        );
+        // The stop phase's own time ends where the kexec's begins; fix it from the attempts.
+        if let Some(p) = self.rep.phases.last_mut() {
+            let took: u64 = out.attempts.iter().map(|a| a.took_us).sum();
+            p.took_ms = took as f64 / 1e3;
+        }
     }
 
-    // 4. stop: the masked spinner first, so it is masked before anyone stops it.
-    let t = Instant::now();
+    /// Phase 5, kexec: ran on CPU [`PANIC_CPU`] right after the stop; reported and checked
+    /// here. Returns the next image.
+    fn kexec(
+        &mut self,
+        out: &StopOutcome,
+        kexec: KexecResult,
+    ) -> Result<usmp::Runtime, LifecycleError> {
+        let k = kexec?;
+        let kr: &KexecReport = &k.report;
+        // It started where the stop's attempts ended.
+        let kstart_ms = self
+            .rep
+            .phases
+            .last()
+            .map_or(0.0, |p| p.start_ms + p.took_ms);
+        self.rep.phases.push(Phase {
+            phase: "kexec",
+            start_ms: kstart_ms,
+            took_ms: kr.handoff_us as f64 / 1e3,
+            summary: format!(
+                "crash-kexec on CPU{} into generation {}: handed over {}, lost {} ({} us)",
+                kr.reboot_cpu,
+                kr.generation,
+                mask_str(&kr.handed_over),
+                mask_str(&kr.lost),
+                kr.handoff_us
+            ),
+            details: kexec_details(kr, &k.value),
+            report: serde_json::json!({ "report": kr, "image": &k.value }),
+        });
+        check_kexec(self.h, out, kr, &k.value)?;
+        Ok(k.next)
+    }
+
+    /// Phase 6, next: traffic in the next generation for `duration`, then its shutdown, which
+    /// must lose no call.
+    fn next(&mut self, next_rt: usmp::Runtime, duration: Duration) -> Result<(), LifecycleError> {
+        let t = Instant::now();
+        let traffic = next_traffic(&next_rt, duration, self.stop);
+        let fin: RuntimeStats = next_rt.shutdown();
+        let mut nr = traffic?;
+        nr.per_cpu = fin
+            .per_cpu
+            .iter()
+            .map(|c| (c.cpu, c.state, c.calls_handled))
+            .collect();
+        if fin.lost_calls != 0 {
+            return Err(LifecycleError::NextCheck(format!(
+                "{} calls were accepted but neither ran nor were cancelled",
+                fin.lost_calls
+            )));
+        }
+        let per_cpu: Vec<String> = nr
+            .per_cpu
+            .iter()
+            .filter(|(c, _, _)| nr.online.contains(*c))
+            .map(|(c, _, handled)| format!("CPU{c} {handled}"))
+            .collect();
+        self.push(
+            "next",
+            t,
+            format!(
+                "generation {} on CPUs {}: {} call_single, {} async, {} call_many; {}/{} \
+                 callbacks ran once; shut down with 0 calls lost",
+                nr.generation,
+                mask_str(&nr.online),
+                nr.single_sync,
+                nr.single_async,
+                nr.many_sync,
+                nr.callbacks_run,
+                nr.callbacks_expected
+            ),
+            vec![format!("calls handled: {}", per_cpu.join(", "))],
+            &nr,
+        );
+        Ok(())
+    }
+}
+
+/// Starts [`spin_masked`] on CPU [`MASKED_CPU`] and waits (bounded) until its irqs are masked.
+/// Returns the flag that ends the spin.
+fn start_masked_spinner(h: &Handle) -> Result<Arc<AtomicBool>, LifecycleError> {
     let release = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicBool::new(false));
     {
@@ -323,6 +511,16 @@ pub fn lifecycle(
         }
         std::thread::yield_now();
     }
+    Ok(release)
+}
+
+/// The panic: a job on CPU [`PANIC_CPU`] crash-stops every other CPU, saving their registers,
+/// then crash-kexecs from there into the next generation. Joined (bounded), then the spinner
+/// is released.
+fn panic_and_kexec(
+    h: &Handle,
+    release: &AtomicBool,
+) -> Result<(StopOutcome, KexecResult), LifecycleError> {
     let h1 = h.clone();
     let panic_job = h
         .run_on(PANIC_CPU, move || -> PanicResult {
@@ -348,15 +546,11 @@ pub fn lifecycle(
         phase: "stop",
         source,
     })??;
-    let notes: Vec<ResolvedNote> = out
-        .notes
-        .iter()
-        .map(|n| resolve_note(n.cpu, n.regs.ip, n.regs.sp, n.regs.fp))
-        .collect();
-    let states: Vec<(CpuId, CpuRunState)> = (0..n)
-        .filter_map(|c| h.cpu_state(c).map(|s| (c, s)))
-        .collect();
-    rep.first_attempt_ms = out.attempts.first().map(|a| a.took_us as f64 / 1e3);
+    Ok((out, kexec))
+}
+
+/// The stop phase's detail lines: each attempt, then each crash note.
+fn stop_details(out: &StopOutcome, notes: &[ResolvedNote]) -> Vec<String> {
     let mut details = Vec::new();
     for a in &out.attempts {
         details.push(format!(
@@ -368,7 +562,7 @@ pub fn lifecycle(
             a.took_us as f64 / 1e3
         ));
     }
-    for nt in &notes {
+    for nt in notes {
         // The innermost frame can be an inlined helper (an atomic load): name the function it
         // was inlined into as well.
         let outer = nt
@@ -382,49 +576,12 @@ pub fn lifecycle(
             nt.symbol.as_deref().unwrap_or("??")
         ));
     }
-    let parked: CpuMask = states
-        .iter()
-        .filter(|(_, s)| *s == CpuRunState::Parked)
-        .map(|(c, _)| *c)
-        .collect();
-    let off: CpuMask = states
-        .iter()
-        .filter(|(_, s)| *s == CpuRunState::PoweredOff)
-        .map(|(c, _)| *c)
-        .collect();
-    let summary = format!(
-        "CPU{PANIC_CPU} panics, CPU{MASKED_CPU} spins irq-masked: {} attempt(s), stopped {}, \
-         failed {}; policy {:?}: powered off {}, parked {}",
-        out.attempts.len(),
-        mask_str(&out.stopped),
-        mask_str(&out.failed),
-        h.park_policy(),
-        mask_str(&off),
-        mask_str(&parked)
-    );
-    tl.push(
-        "stop",
-        t,
-        summary,
-        details,
-        &StopPhase {
-            outcome: &out,
-            notes: &notes,
-            states: states.clone(),
-        },
-    );
-    // The stop phase's own time ends where the kexec's begins; fix it from the attempts.
-    if let Some(p) = tl.phases.last_mut() {
-        let took: u64 = out.attempts.iter().map(|a| a.took_us).sum();
-        p.took_ms = took as f64 / 1e3;
-    }
-    check_stop(&out)?;
+    details
+}
 
-    // 5. kexec (ran on CPU 1 right after the stop; reported here).
-    let k = kexec?;
-    let kr: &KexecReport = &k.report;
-    // It started where the stop's attempts ended.
-    let kstart_ms = tl.phases.last().map_or(0.0, |p| p.start_ms + p.took_ms);
+/// The kexec phase's detail lines: the kexec's own timeline, then what the next image's entry
+/// saw.
+fn kexec_details(kr: &KexecReport, img: &ImageCheck) -> Vec<String> {
     let mut kd: Vec<String> = kr
         .timeline
         .iter()
@@ -441,76 +598,12 @@ pub fn lifecycle(
         "next image's entry on CPU{}: generation {}, online {}, crash record from generation \
          {} with {} notes",
         kr.reboot_cpu,
-        k.value.generation,
-        mask_str(&k.value.online),
-        k.value
-            .record_from
-            .map_or("(none)".into(), |g| g.to_string()),
-        k.value.record_notes
+        img.generation,
+        mask_str(&img.online),
+        img.record_from.map_or("(none)".into(), |g| g.to_string()),
+        img.record_notes
     ));
-    tl.phases.push(Phase {
-        phase: "kexec",
-        start_ms: kstart_ms,
-        took_ms: kr.handoff_us as f64 / 1e3,
-        summary: format!(
-            "crash-kexec on CPU{} into generation {}: handed over {}, lost {} ({} us)",
-            kr.reboot_cpu,
-            kr.generation,
-            mask_str(&kr.handed_over),
-            mask_str(&kr.lost),
-            kr.handoff_us
-        ),
-        details: kd,
-        report: serde_json::json!({ "report": kr, "image": &k.value }),
-    });
-    check_kexec(h, &out, kr, &k.value)?;
-    if stop.load(Ordering::SeqCst) {
-        drop(k.next);
-        return finish(rep, tl, true);
-    }
-
-    // 6. next.
-    let t = Instant::now();
-    let next_rt = k.next;
-    let traffic = next_traffic(&next_rt, cfg.next, stop);
-    let fin: RuntimeStats = next_rt.shutdown();
-    let mut nr = traffic?;
-    nr.per_cpu = fin
-        .per_cpu
-        .iter()
-        .map(|c| (c.cpu, c.state, c.calls_handled))
-        .collect();
-    if fin.lost_calls != 0 {
-        return Err(LifecycleError::NextCheck(format!(
-            "{} calls were accepted but neither ran nor were cancelled",
-            fin.lost_calls
-        )));
-    }
-    let per_cpu: Vec<String> = nr
-        .per_cpu
-        .iter()
-        .filter(|(c, _, _)| nr.online.contains(*c))
-        .map(|(c, _, handled)| format!("CPU{c} {handled}"))
-        .collect();
-    tl.push(
-        "next",
-        t,
-        format!(
-            "generation {} on CPUs {}: {} call_single, {} async, {} call_many; {}/{} callbacks \
-             ran once; shut down with 0 calls lost",
-            nr.generation,
-            mask_str(&nr.online),
-            nr.single_sync,
-            nr.single_async,
-            nr.many_sync,
-            nr.callbacks_run,
-            nr.callbacks_expected
-        ),
-        vec![format!("calls handled: {}", per_cpu.join(", "))],
-        &nr,
-    );
-    let interrupted = stop.load(Ordering::SeqCst);
-    finish(rep, tl, interrupted)
+    kd
 }
 
 /// The stop's promise: attempt 1 missed the masked CPU, a later (NMI) attempt stopped it, and
@@ -685,7 +778,7 @@ fn next_traffic(
 
 impl LifecycleReport {
     /// The phase-by-phase timeline the CLI prints.
-    pub fn write_timeline(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    pub fn write_timeline(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         writeln!(
             out,
             "lifecycle: {} CPUs, park policy {:?}, {} ms{}",
@@ -710,6 +803,73 @@ impl LifecycleReport {
             }
         }
         Ok(())
+    }
+}
+
+/// `--workload lifecycle`, `usmp run`'s default.
+pub struct Lifecycle;
+
+/// The fewest CPUs the lifecycle runs on: a boot CPU, CPU [`PANIC_CPU`] that panics, CPU
+/// [`MASKED_CPU`] with irqs masked, and a spare.
+pub const MIN_CPUS: usize = 4;
+
+impl super::Workload for Lifecycle {
+    fn name(&self) -> &'static str {
+        "lifecycle"
+    }
+
+    fn about(&self) -> &'static str {
+        "boot, IPIs, hotplug churn, a crash-stop that needs the NMI, crash-kexec, traffic in the \
+         next generation"
+    }
+
+    fn min_cpus(&self) -> usize {
+        MIN_CPUS
+    }
+
+    /// The first wait is 100 ms, not the kernel's 1 s: the masked CPU sits out all of it on
+    /// every run. The NMI attempts' wait is a bound, not a delay: the loaded, oversubscribed
+    /// default run gets 100 ms for the masked CPU's thread to be scheduled, not the kernel's 10.
+    fn stop_waits(&self) -> super::StopWaits {
+        super::StopWaits {
+            first: Duration::from_millis(100),
+            nmi: Duration::from_millis(100),
+        }
+    }
+
+    /// `duration` is split over the traffic phases ([`LifecycleConfig::split`]).
+    fn run(
+        &self,
+        h: &Handle,
+        duration: Duration,
+        stop: &AtomicBool,
+    ) -> Result<Box<dyn super::Outcome>, super::WorkloadError> {
+        Ok(Box::new(lifecycle(
+            h,
+            LifecycleConfig::split(duration),
+            stop,
+        )?))
+    }
+}
+
+impl super::Outcome for LifecycleReport {
+    fn write_json(&self, out: &mut dyn std::io::Write, json: &super::Json) -> std::io::Result<()> {
+        json.write(out, "lifecycle", self)
+    }
+
+    /// The timeline, then the table (of the image that crashed).
+    fn write_text(
+        &self,
+        out: &mut dyn std::io::Write,
+        table: &super::Table,
+    ) -> std::io::Result<()> {
+        self.write_timeline(out)?;
+        table.write(out, self.elapsed_ms, self.interrupted)?;
+        writeln!(
+            out,
+            "(the table is generation {}, the image that crashed; the next one is in phase 'next')",
+            table.stats.generation
+        )
     }
 }
 

@@ -4,27 +4,33 @@
 //! Output goes through one locked stdout with `?`, so a closed pipe ends the command with an
 //! `io::ErrorKind::BrokenPipe` error that `main` treats as the end of output. Every string that
 //! came from a crash record is printed through [`printable`] (or [`write_json`]), so a record
-//! cannot forge lines or send escape sequences to the terminal.
+//! cannot forge lines or send escape sequences to the terminal. SIGINT and SIGQUIT keep their
+//! default actions.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
-use clap::Args;
-use usmp::{Builder, KexecReport, ParkPolicy, MAX_CPUS};
+use usmp::{Builder, KexecReport};
 
-#[derive(Args)]
-pub struct KexecArgs {
+use crate::args::{cpus, host_cores, Park};
+use crate::output::{printable, write_json};
+use crate::signals::Signals;
+
+/// `usmp kexec`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
     /// Crash-kexec (crash-stop with retries and the NMI fallback) instead of an orderly kexec.
     #[arg(long)]
     crash: bool,
     /// Logical CPUs, 1 to 1024 [default: max(host cores, 4)].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = cpus::<1>)]
     cpus: Option<usize>,
     /// What stopped CPUs do: power-off (the next image can use them) or spin (lost).
-    #[arg(long, value_name = "POLICY", default_value = "power-off")]
-    park: String,
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = Park::PowerOff)]
+    park: Park,
     /// Hand over to a real new process (execve of this binary) with the crash record.
     #[arg(long)]
     exec: bool,
@@ -37,23 +43,19 @@ pub struct KexecArgs {
     resume_fd: Option<i32>,
 }
 
-pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
-    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpus = a.cpus.unwrap_or(host.max(4));
-    if cpus == 0 || cpus > MAX_CPUS {
-        return Err(anyhow!(
-            "--cpus must be between 1 and {MAX_CPUS}, got {cpus}"
-        ));
-    }
-    let park = match a.park.as_str() {
-        "power-off" => ParkPolicy::PowerOff,
-        "spin" => ParkPolicy::Spin,
-        p => return Err(anyhow!("--park must be power-off or spin, got '{p}'")),
-    };
+/// Runs `usmp kexec`. With `--exec` this process becomes the next image (execve) instead of
+/// returning.
+pub fn run(a: Args, signals: Signals) -> anyhow::Result<ExitCode> {
+    // Pending signals are delivered (with their default action) once unblocked.
+    signals.restore_default();
+    let cpus = a.cpus.unwrap_or(host_cores().max(4));
     if let Some(fd) = a.resume_fd {
-        return resume(fd, a.json);
+        return resume(fd, a.json).map(|()| ExitCode::SUCCESS);
     }
-    let rt = Builder::new().cpus(cpus).park_policy(park).build()?;
+    let rt = Builder::new()
+        .cpus(cpus)
+        .park_policy(a.park.into())
+        .build()?;
     let image = |h: &usmp::Handle, _: &usmp::Handoff| h.generation();
     let (report, next) = if a.crash {
         // The panic happens on a CPU (CPU 1 when there is one), which then reboots.
@@ -98,7 +100,7 @@ pub fn kexec(a: KexecArgs) -> anyhow::Result<()> {
     }
     print_report(&mut std::io::stdout().lock(), &report, next.cpus(), a.json)
         .context("writing to stdout")?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Takes ownership of the `--resume-fd` argument: 3 or above, and open.
@@ -184,61 +186,6 @@ fn count_and_list(m: &usmp::CpuMask) -> String {
         or_none(m)
     } else {
         format!("{} ({m})", m.weight())
-    }
-}
-
-/// `s` with every control character (C0, DEL, C1), every bidirectional-override character and
-/// the backslash escaped, so text from a record prints as one inert line.
-pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c == '\\' {
-            out.push_str("\\\\");
-        } else if needs_escape(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Characters a terminal may act on or reorder text by.
-fn needs_escape(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            // Bidi marks, embeddings, overrides and isolates (U+061C is the Arabic letter mark).
-            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-            // Line and paragraph separators (a new line to some terminals and viewers), the
-            // zero-width space and the BOM / zero-width no-break space (invisible text).
-            | '\u{2028}' | '\u{2029}' | '\u{200b}' | '\u{feff}'
-        )
-}
-
-/// Writes `v` as one line of JSON in which the characters [`printable`] escapes are `\uXXXX`
-/// escapes too (serde_json leaves DEL, C1 and bidi characters raw): still the same JSON value.
-pub fn write_json(out: &mut impl Write, v: &impl serde::Serialize) -> std::io::Result<()> {
-    let mut ser = serde_json::Serializer::with_formatter(&mut *out, InertJson);
-    v.serialize(&mut ser).map_err(std::io::Error::from)?;
-    writeln!(out)
-}
-
-struct InertJson;
-
-impl serde_json::ser::Formatter for InertJson {
-    fn write_string_fragment<W: ?Sized + Write>(
-        &mut self,
-        w: &mut W,
-        fragment: &str,
-    ) -> std::io::Result<()> {
-        let mut rest = fragment;
-        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| needs_escape(c)) {
-            w.write_all(&rest.as_bytes()[..i])?;
-            write!(w, "\\u{:04x}", c as u32)?;
-            rest = &rest[i + c.len_utf8()..];
-        }
-        w.write_all(rest.as_bytes())
     }
 }
 

@@ -357,3 +357,50 @@ impl CrashReport {
         )
     }
 }
+
+/// `--workload crash`.
+pub struct Crash;
+
+impl super::Workload for Crash {
+    fn name(&self) -> &'static str {
+        "crash"
+    }
+
+    fn about(&self) -> &'static str {
+        "CPU 1 panics and crash-stops a busy runtime; CPU 2, irqs masked, needs the NMI attempt"
+    }
+
+    fn min_cpus(&self) -> usize {
+        4
+    }
+
+    fn run(
+        &self,
+        h: &Handle,
+        duration: Duration,
+        stop: &AtomicBool,
+    ) -> Result<Box<dyn super::Outcome>, super::WorkloadError> {
+        Ok(Box::new(crash_demo(h, duration, stop)?))
+    }
+}
+
+impl super::Outcome for CrashReport {
+    fn write_json(&self, out: &mut dyn std::io::Write, json: &super::Json) -> std::io::Result<()> {
+        json.write(out, "crash", self)
+    }
+
+    /// Calls queued to a CPU when it stopped never run (by design): counted, not an error.
+    fn lost_calls(&mut self, n: u64) -> Result<(), super::WorkloadError> {
+        self.stranded_calls = n;
+        Ok(())
+    }
+
+    /// The stop's own summary (timeline, notes, states) in place of the per-CPU table.
+    fn write_text(
+        &self,
+        mut out: &mut dyn std::io::Write,
+        _table: &super::Table,
+    ) -> std::io::Result<()> {
+        self.write_summary(&mut out)
+    }
+}

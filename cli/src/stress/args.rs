@@ -1,27 +1,29 @@
-//! `usmp stress` arguments, and the checks that turn them into a [`Plan`] before anything
-//! starts. Every refusal is a [`StressArgError`]: one line on stderr, exit 2.
+//! `usmp stress` arguments ([`Args`]), and the checks that turn them into a [`Plan`] before
+//! anything starts. Every refusal is one line on stderr and exit 2: clap's for a value its
+//! parser refuses (`--cpus`, `--mode`), a [`StressArgError`] for the rest.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
 use usmp::fault::Broken;
-use usmp::{StopMode, MAX_CPUS};
+use usmp::StopMode;
+
+use crate::args::{cpus, host_cores, Mode};
 
 use super::{FaultSet, Limit, Scenario, BROKEN, SCENARIOS};
 
 /// Each scenario runs this long when neither `--duration` nor `--iterations` is given.
 pub const DEFAULT_PER_SCENARIO: Duration = Duration::from_secs(5);
 
-#[derive(Args, Debug)]
+#[derive(clap::Args, Debug)]
 #[command(after_help = scenario_help())]
-pub struct StressArgs {
+pub struct Args {
     /// Scenario to run, or "all" (see the list below).
     #[arg(long, value_name = "NAME|all", default_value = "all")]
     pub scenario: String,
     /// Logical CPUs, 2 to 1024 [default: twice the host cores, at least 4].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    pub cpus: Option<i64>,
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = cpus::<2>)]
+    pub cpus: Option<usize>,
     /// Total run time, split evenly over the scenarios, e.g. "60s", "10m"
     /// [default: 5s per scenario].
     #[arg(
@@ -38,8 +40,8 @@ pub struct StressArgs {
     #[arg(long, value_name = "S")]
     pub seed: Option<String>,
     /// Stop mode for the scenarios that stop CPUs: best-effort, deterministic or both.
-    #[arg(long, value_name = "MODE", default_value = "both")]
-    pub mode: String,
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = Mode::Both)]
+    pub mode: Mode,
     /// Faults to inject, comma-separated, or "none" [default: each scenario's own set, below].
     /// doorbell-delay[=MAX], doorbell-drop[=N], preempt[=N], stop-call-delay[=D], slow-boot[=D],
     /// irq-spin[=D], nmi-block.
@@ -103,8 +105,6 @@ fn scenario_help() -> String {
 /// Why `usmp stress` refused its arguments.
 #[derive(Debug, thiserror::Error)]
 pub enum StressArgError {
-    #[error("--cpus must be between 2 and {MAX_CPUS}, got {0}")]
-    Cpus(i64),
     #[error("unknown scenario '{name}' (valid: all, {valid})")]
     Scenario { name: String, valid: String },
     #[error("--duration '{value}': {why} (examples: 60s, 10m, 500ms)")]
@@ -117,8 +117,6 @@ pub enum StressArgError {
     HangTimeout { value: String, why: String },
     #[error("--seed '{0}': expected a number, decimal or 0x-hex")]
     Seed(String),
-    #[error("--mode '{0}': expected best-effort, deterministic or both")]
-    Mode(String),
     #[error(transparent)]
     Faults(#[from] super::faults::FaultListError),
     #[error("--broken '{name}': unknown variant (valid: {valid})")]
@@ -153,7 +151,7 @@ pub struct Plan {
     /// Per scenario.
     pub limit: Limit,
     pub modes: Vec<StopMode>,
-    pub mode_arg: String,
+    pub mode_arg: Mode,
     /// `None`: each scenario's own.
     pub faults: Option<FaultSet>,
     pub broken: Option<(&'static str, Broken, &'static str)>,
@@ -181,13 +179,9 @@ fn clock_seed() -> u64 {
     (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
 }
 
-pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
-    let host_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpus = match a.cpus {
-        None => (2 * host_cores).max(4),
-        Some(n) if (2..=MAX_CPUS as i64).contains(&n) => n as usize,
-        Some(n) => return Err(StressArgError::Cpus(n)),
-    };
+pub fn plan(a: Args) -> Result<Plan, StressArgError> {
+    let host_cores = host_cores();
+    let cpus = a.cpus.unwrap_or((2 * host_cores).max(4));
     let broken = match &a.broken {
         None => None,
         Some(name) => Some(
@@ -279,12 +273,7 @@ pub fn plan(a: StressArgs) -> Result<Plan, StressArgError> {
         Some(s) => parse_seed(s).ok_or_else(|| StressArgError::Seed(s.clone()))?,
         None => clock_seed(),
     };
-    let modes = match a.mode.as_str() {
-        "best-effort" => vec![StopMode::BestEffort],
-        "deterministic" => vec![StopMode::Deterministic],
-        "both" => vec![StopMode::BestEffort, StopMode::Deterministic],
-        _ => return Err(StressArgError::Mode(a.mode.clone())),
-    };
+    let modes = a.mode.modes();
     let faults = a.faults.as_deref().map(FaultSet::parse).transpose()?;
     if a.host_load > HOST_LOAD_MAX {
         return Err(StressArgError::HostLoad(a.host_load));
@@ -342,7 +331,7 @@ impl Plan {
             sc.name(),
             self.seed,
             self.cpus,
-            self.mode_arg,
+            self.mode_arg.name(),
             faults,
             self.hang_timeout.as_millis()
         );
