@@ -225,15 +225,36 @@ mod tests {
         fn count(&self, counter: &str, n: u64) {
             self.0.lock().unwrap().push(format!("count {counter} {n}"));
         }
+        fn note(&self, counter: &str, message: String) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("note {counter}: {message}"));
+        }
     }
 
     /// A bring-up that times out (a boot delay injected past the timeout, unknown to the
     /// judge) is a `hotplug_timeouts` violation; told why, it is excused; a limbo is a refusal.
+    /// A round the host starved (some thread of the runtime runnable but off a core for half
+    /// the timeout: then the judge rightly says `host_starved`) is run again, at most 3 times.
     #[test]
     fn an_injected_boot_timeout_is_a_violation_unless_excused() {
+        let mut starved = Vec::new();
+        for _ in 0..3 {
+            match injected_boot_timeout_round() {
+                Ok(()) => return,
+                Err(note) => starved.push(note),
+            }
+        }
+        panic!("the host starved every round: {starved:?}");
+    }
+
+    /// One round of the test above; `Err`: the judge found the host starved the round.
+    fn injected_boot_timeout_round() -> Result<(), String> {
         // A 200 ms timeout: host starvation is judged against half of it, and beside
         // `stress-ng --cpu 4` some thread of the runtime waited the 10 ms that half of a 20 ms
-        // timeout is, so the injected timeout read `host_starved` (6 of 6 runs).
+        // timeout is, so the injected timeout read `host_starved` (6 of 6 runs). At load 16
+        // (three engineers' builds) even 100 ms was seen once: hence the rounds.
         let rt = usmp::Builder::new()
             .cpus(2)
             .boot_timeout(std::time::Duration::from_millis(200))
@@ -260,6 +281,9 @@ mod tests {
         let limbo_class = hotplug_failed(&sink, wait, "cpu_up", 1, &limbo, None);
         assert!(rt.wait_limbo_clear(std::time::Duration::from_secs(10)));
         let got = sink.0.lock().unwrap().clone();
+        if got[0].contains("host_starved") {
+            return Err(got[0].clone());
+        }
         assert!(
             got[0].starts_with(
                 "violation hotplug_timeouts: cpu_up(1) timed out with every CPU healthy: "
@@ -271,5 +295,6 @@ mod tests {
             assert_eq!(limbo_class, Failure::Refused);
             assert_eq!(got[2], "count hotplug_refusals 1");
         }
+        Ok(())
     }
 }
