@@ -57,6 +57,8 @@ pub(crate) struct Deadline {
     /// The last look at the clock (pause-skipping deadlines only).
     last: u64,
     skip_pauses: bool,
+    /// Not started: `at` holds the timeout, counted from the first look.
+    unstarted: bool,
 }
 
 impl Deadline {
@@ -67,6 +69,7 @@ impl Deadline {
             at: u64::MAX,
             last: 0,
             skip_pauses: false,
+            unstarted: false,
         }
     }
 
@@ -76,6 +79,7 @@ impl Deadline {
             at,
             last: 0,
             skip_pauses: false,
+            unstarted: false,
         }
     }
 
@@ -90,6 +94,19 @@ impl Deadline {
             at: now.saturating_add(nanos(timeout)),
             last: now,
             skip_pauses: true,
+            unstarted: false,
+        }
+    }
+
+    /// [`Deadline::after_running`], counted from the first look at the clock rather than
+    /// from now: for a hot path that spins before it looks (a clock read is a noticeable part
+    /// of a polling target's round trip).
+    pub(crate) const fn running_from_first_look(timeout: Duration) -> Self {
+        Deadline {
+            at: timeout.as_nanos() as u64,
+            last: 0,
+            skip_pauses: true,
+            unstarted: true,
         }
     }
 
@@ -103,6 +120,9 @@ impl Deadline {
     /// moves it by the gap first.
     #[inline]
     pub(crate) fn passed_at(&mut self, now: u64) -> bool {
+        if self.unstarted {
+            *self = Self::running_from(now, ns(self.at));
+        }
         if self.skip_pauses {
             let gap = now.saturating_sub(self.last);
             if gap > PAUSE_GAP_NS {
@@ -120,9 +140,10 @@ impl Deadline {
     }
 
     /// The deadline in [`now_ns`] nanoseconds (moved by any pause seen so far); `u64::MAX`
-    /// for [`Deadline::forever`].
+    /// for [`Deadline::forever`]. Past the first look for [`Deadline::running_from_first_look`].
     #[inline]
     pub(crate) fn at(&self) -> u64 {
+        debug_assert!(!self.unstarted, "a deadline read before its first look");
         self.at
     }
 
@@ -396,6 +417,14 @@ mod tests {
         }
         assert_eq!(d.at(), 8_000_000_000);
         assert!(d.passed_at(8_000_000_001));
+    }
+
+    #[test]
+    fn a_lazy_deadline_starts_at_its_first_look() {
+        let mut d = Deadline::running_from_first_look(Duration::from_millis(50));
+        assert!(!d.passed_at(5_000_000_000));
+        assert_eq!(d.at(), 5_050_000_000);
+        assert!(d.passed_at(5_050_000_000));
     }
 
     #[test]
