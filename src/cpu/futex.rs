@@ -22,24 +22,18 @@ pub(crate) enum FutexWait {
     Interrupted,
 }
 
-/// A futex word: the real one (`AtomicU32`) or, in a loom model, one that models the kernel.
+/// A word a [`Waiter`](super::wait::Waiter) can sleep on: the real one (`AtomicU32`) or, in a
+/// loom model, one that models the kernel. (Wakers call [`wake`] directly.)
 pub(crate) trait Futex {
     /// Sleeps while the word holds `expected`, for at most `timeout` (`None`: until woken;
     /// callers that pass `None` document why the wait is unbounded). Async-signal-safe.
     fn futex_wait(&self, expected: u32, timeout: Option<Duration>) -> FutexWait;
-    /// Wakes up to `n` sleepers; returns how many it woke. Async-signal-safe.
-    fn futex_wake(&self, n: i32) -> usize;
 }
 
 impl Futex for AtomicU32 {
     #[inline]
     fn futex_wait(&self, expected: u32, timeout: Option<Duration>) -> FutexWait {
         wait(self, expected, timeout)
-    }
-
-    #[inline]
-    fn futex_wake(&self, n: i32) -> usize {
-        wake(self, n)
     }
 }
 

@@ -31,7 +31,7 @@ use super::futex::{Futex, FutexWait};
 
 /// A gap longer than this between two looks at the clock by one waiter means the waiter was
 /// not running meanwhile ([`Deadline::after_running`]).
-pub(crate) const PAUSE_GAP_NS: u64 = 100_000_000;
+const PAUSE_GAP_NS: u64 = 100_000_000;
 
 /// The longest single sleep under a deadline that skips pauses: a waiter must look at the
 /// clock well inside [`PAUSE_GAP_NS`], or its own sleep would read as a pause.
@@ -500,7 +500,7 @@ mod tests {
             std::thread::yield_now();
         }
         word.store(1, Ordering::Release);
-        word.futex_wake(1);
+        crate::cpu::futex::wake(&word, 1);
         let (slept, took) = waiter.join().unwrap();
         assert!(slept >= 1);
         assert!(took < 10_000_000_000, "woken only after {took} ns");
@@ -515,7 +515,7 @@ mod tests {
             word.futex_wait(1, Some(Duration::from_micros(100))),
             FutexWait::TimedOut
         );
-        assert_eq!(word.futex_wake(1), 0);
+        assert_eq!(crate::cpu::futex::wake(&word, 1), 0);
     }
 }
 
@@ -545,10 +545,12 @@ mod loom_wait {
             FutexWait::Woken
         }
 
-        fn futex_wake(&self, _n: i32) -> usize {
+    }
+
+    impl ModelFutex {
+        fn futex_wake(&self) {
             let _g = self.bucket.lock().unwrap();
             self.queue.notify_all();
-            0
         }
     }
 
@@ -566,9 +568,9 @@ mod loom_wait {
             let waker = loom::thread::spawn(move || {
                 if store_first {
                     f2.word.store(1, Ordering::Release);
-                    f2.futex_wake(1);
+                    f2.futex_wake();
                 } else {
-                    f2.futex_wake(1);
+                    f2.futex_wake();
                     f2.word.store(1, Ordering::Release);
                 }
             });
