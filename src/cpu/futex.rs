@@ -105,35 +105,3 @@ pub(crate) fn wake_addr(word: *const u32, n: i32) -> usize {
     });
     r.max(0) as usize
 }
-
-/// How long a hotplug handshake wait spins before it sleeps. On a VM, waking a thread whose
-/// vCPU went idle costs tens of microseconds, and one bring-up has three such hand-offs
-/// (ALIVE, commit, ONLINE); the other side usually answers within a few microseconds, so a
-/// short spin saves the sleep and the wake-up. (The kernel's `cpuhp_wait_for_sync_state`
-/// spins likewise before it sleeps.)
-pub(crate) const HANDSHAKE_SPIN: Duration = Duration::from_micros(50);
-
-/// [`wait`], after spinning for up to `spin` while `*word == expected`. Returns at once if
-/// the word changed during the spin; callers re-check their condition either way. Not for
-/// signal handlers (it reads the clock through the vDSO).
-pub(crate) fn spin_then_wait(
-    word: &AtomicU32,
-    expected: u32,
-    spin: Duration,
-    timeout: Option<Duration>,
-) {
-    let start = std::time::Instant::now();
-    while start.elapsed() < spin {
-        for _ in 0..32 {
-            if word.load(std::sync::atomic::Ordering::Acquire) != expected {
-                return;
-            }
-            std::hint::spin_loop();
-        }
-    }
-    let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
-    if left == Some(Duration::ZERO) {
-        return;
-    }
-    wait(word, expected, left);
-}
