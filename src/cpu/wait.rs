@@ -139,6 +139,17 @@ impl Deadline {
         !self.is_forever() && self.passed_at(now_ns())
     }
 
+    /// The time left (zero once passed), after a look at the clock; `None` for
+    /// [`Deadline::forever`]. For a wait whose sleep is not a futex (a channel's receive).
+    pub(crate) fn remaining(&mut self) -> Option<Duration> {
+        if self.is_forever() {
+            return None;
+        }
+        let now = now_ns();
+        let _ = self.passed_at(now);
+        Some(ns(self.at.saturating_sub(now)))
+    }
+
     /// The deadline in [`now_ns`] nanoseconds (moved by any pause seen so far); `u64::MAX`
     /// for [`Deadline::forever`]. Past the first look for [`Deadline::running_from_first_look`].
     #[inline]
