@@ -468,7 +468,10 @@ mod tests {
                 policy.nap(Duration::from_micros(300)),
             );
             while !w.snooze().timed_out() {}
-            assert!(now_ns() - start >= 5_000_000, "{policy:?} snooze gave up early");
+            assert!(
+                now_ns() - start >= 5_000_000,
+                "{policy:?} snooze gave up early"
+            );
         }
     }
 
@@ -476,7 +479,11 @@ mod tests {
     fn asleep(tid: i32) -> bool {
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
         // The state follows the parenthesised command name, which may hold spaces.
-        stat.rsplit(')').next().unwrap().trim_start().starts_with('S')
+        stat.rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('S')
     }
 
     /// A waiter asleep on the futex (seen in `/proc`, not assumed after a sleep) is ended by
@@ -555,7 +562,6 @@ mod loom_wait {
             drop(self.queue.wait(g).unwrap());
             FutexWait::Woken
         }
-
     }
 
     impl ModelFutex {

@@ -11,10 +11,10 @@ use super::layer::HotplugLayer;
 use super::states::{StepId, Table};
 use super::HotplugError;
 use crate::cpu::clock::now_ns;
-use crate::cpu::wait::{Deadline, Policy, Wait, Waiter};
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::CpuRunState;
+use crate::cpu::wait::{Deadline, Policy, Wait, Waiter};
 use crate::inject::Broken;
 
 impl HotplugLayer {

@@ -47,7 +47,6 @@ impl HotplugLayer {
     /// logical CPU can have a host core, none when they share cores (then a spinning AP or
     /// controller holds the core that the thread it waits for needs: with 8 CPUs on 2 cores a
     /// crash_kexec's parallel boot went from 1.4-1.8x to 2.6-2.9x its floor with the spin).
-
     pub(crate) fn handshake_spin(&self) -> Duration {
         if self.machine().cpus().len() <= self.machine().cores().len().max(1) {
             HANDSHAKE_SPIN

@@ -25,12 +25,12 @@ use super::csd::{GiveUp, DONE};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
 use crate::cpu::clock::now_ns;
-use crate::cpu::wait::{Deadline, Policy, Wait, Waiter};
 use crate::cpu::context::{irq_restore, irq_save, irqs_disabled};
 use crate::cpu::events::{EventKind, NO_CPU};
 use crate::cpu::idle::Kick;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::cpu::state::CpuState;
+use crate::cpu::wait::{Deadline, Policy, Wait, Waiter};
 
 use super::layer::IpiLayer;
 
@@ -480,7 +480,10 @@ fn wait_done(
         None => None,
     };
     let mut w = Waiter::new(
-        shared.as_deref().copied().unwrap_or(Deadline::running_from_first_look(s.call_timeout)),
+        shared
+            .as_deref()
+            .copied()
+            .unwrap_or(Deadline::running_from_first_look(s.call_timeout)),
         policy,
     );
     let mut announced = false;

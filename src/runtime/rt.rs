@@ -625,7 +625,6 @@ mod boot_all_tests {
     use std::time::Duration;
 
     use crate::cpu::mask::CpuMask;
-    use crate::cpu::wait::{Deadline, Policy, Waiter};
     use crate::hotplug::HotplugError;
     use crate::Builder;
 
@@ -721,6 +720,7 @@ mod boot_all_tests {
         assert_eq!(rt.online_mask(), "0-1,3-4".parse::<CpuMask>().unwrap());
         // CPU2 is in limbo until its thread wakes and leaves; then it can come up.
         // Nothing to wake on: the Waiter backs off, then naps, for at most 10 s.
+        use crate::cpu::wait::{Deadline, Policy, Waiter};
         let mut w = Waiter::new(
             Deadline::after(Duration::from_secs(10)),
             Policy::BACKOFF.nap(Duration::from_millis(1)),

@@ -47,10 +47,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cpu::clock::now_ns;
-use crate::cpu::wait::{Deadline, Policy, Waiter};
 use crate::cpu::context::{irq_restore, irq_save};
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{CpuId, CpuMask};
+use crate::cpu::wait::{Deadline, Policy, Waiter};
 
 use super::layer::StopLayer;
 
@@ -405,10 +405,7 @@ impl StopLayer {
             }
         };
         let caller = Caller {
-            deadline: std::cell::Cell::new(Deadline::running_from(
-                start,
-                s.ipi().call_timeout(),
-            )),
+            deadline: std::cell::Cell::new(Deadline::running_from(start, s.ipi().call_timeout())),
             next_ring: std::cell::Cell::new(start + RERING.as_nanos() as u64),
             rering: &rering,
         };
