@@ -190,7 +190,7 @@ impl StateWord {
 /// What only the caller does while the state is PREPARE (steps 3 and 4).
 struct Caller<'a> {
     /// The PREPARE bound; it does not count time the caller was not running (a process
-    /// stopped by Ctrl-Z stopped every participant too: `cpu/clock.rs` `Deadline`). The
+    /// stopped by Ctrl-Z stopped every participant too: `cpu/wait.rs` `Deadline`). The
     /// caller looks at least once per `RERING`, well inside the pause threshold.
     deadline: std::cell::Cell<Deadline>,
     next_ring: std::cell::Cell<u64>,
