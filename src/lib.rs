@@ -150,7 +150,10 @@ mod ipi {
 #[cfg(loom)]
 mod cpu {
     pub(crate) mod call_queue;
+    pub(crate) mod clock;
+    pub(crate) mod futex;
     pub(crate) mod idle;
+    pub(crate) mod wait;
     /// The CPU id type, as in `mask.rs` (the rest of that file is not a protocol).
     pub(crate) mod mask {
         pub type CpuId = usize;

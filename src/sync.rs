@@ -2,8 +2,9 @@
 //! `RUSTFLAGS="--cfg loom" cargo test --lib loom_` can model-check the protocols with the same code.
 //!
 //! Only the protocol files (`cpu/call_queue.rs`, `ipi/csd.rs`, `cpu/idle.rs` doorbell decisions,
-//! `hotplug/handshake.rs`, `hotplug/parking.rs`, `stop/coord.rs`, `stop/cpus_lock.rs`) go through here; plumbing that loom cannot model (signals,
-//! threads pinned to cores) uses `std` directly.
+//! `cpu/wait.rs`'s futex model, `hotplug/handshake.rs`, `hotplug/parking.rs`, `stop/coord.rs`,
+//! `stop/cpus_lock.rs`) go through here; plumbing that loom cannot model (signals, threads pinned
+//! to cores) uses `std` directly.
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};

@@ -24,6 +24,8 @@
 
 use std::time::Duration;
 
+#[cfg(not(loom))]
+use super::wait::{Deadline, Policy, Waiter};
 use crate::sync::{AtomicBool, AtomicU32, Ordering};
 
 /// The CPU is running (a job, a callback, or its loop): it needs a signal to notice an IPI.
@@ -191,35 +193,31 @@ pub(crate) fn wait_for_work(
     on_poll_hit: impl Fn(),
     on_sleep: impl Fn(),
 ) {
-    if let IdlePolicy::PollThenSleep(window) = policy {
-        if !window.is_zero() {
-            // Back from a poll hit the word is still POLLING (only this CPU moves it away from
-            // POLLING): re-announcing it would pull the line that every sender RMW-reads.
-            if idle.load(Ordering::Relaxed) != POLLING {
-                idle.swap(POLLING, Ordering::AcqRel);
+    let window = match policy {
+        IdlePolicy::PollThenSleep(window) => window,
+        IdlePolicy::SleepOnly => Duration::ZERO,
+    };
+    // Yielding every 64 hints gives the core to another runnable thread, if any: with more
+    // threads than cores a poller would otherwise hold a core that its sender or a hotplug
+    // controller needs (this halves cpu_down with polling idle CPUs). With no other runnable
+    // thread the yield returns at once and polling goes on. Deadline: forever (see above).
+    let mut w = Waiter::new(Deadline::forever(), Policy::spin(window).yielding());
+    if !window.is_zero() {
+        // Back from a poll hit the word is still POLLING (only this CPU moves it away from
+        // POLLING): re-announcing it would pull the line that every sender RMW-reads.
+        if idle.load(Ordering::Relaxed) != POLLING {
+            idle.swap(POLLING, Ordering::AcqRel);
+        }
+        loop {
+            if peek() {
+                // Stay POLLING: the loop serves the queue and comes back here, so a sender
+                // that pushes meanwhile needs no signal. Running a job switches to RUNNING
+                // first (see `thread.rs`).
+                on_poll_hit();
+                return;
             }
-            let deadline = super::clock::now_ns() + window.as_nanos() as u64;
-            let mut i = 0u32;
-            loop {
-                if peek() {
-                    // Stay POLLING: the loop serves the queue and comes back here, so a sender
-                    // that pushes meanwhile needs no signal. Running a job switches to RUNNING
-                    // first (see `thread.rs`).
-                    on_poll_hit();
-                    return;
-                }
-                std::hint::spin_loop();
-                i = i.wrapping_add(1);
-                if i % 64 == 0 {
-                    if super::clock::now_ns() >= deadline {
-                        break;
-                    }
-                    // Give the core to another runnable thread, if any: with more threads than
-                    // cores a poller would otherwise hold a core that its sender or a hotplug
-                    // controller needs (this halves cpu_down with polling idle CPUs). With no
-                    // other runnable thread it returns at once and polling goes on.
-                    std::thread::yield_now();
-                }
+            if !w.spin() {
+                break;
             }
         }
     }
@@ -229,7 +227,8 @@ pub(crate) fn wait_for_work(
         if idle.load(Ordering::Acquire) != SLEEPING {
             break; // a sender moved us to WAKING
         }
-        super::futex::wait(idle, SLEEPING, None);
+        // The deadline is forever: the step never times out.
+        let _ = w.sleep_on(idle, SLEEPING);
     }
     idle.swap(RUNNING, Ordering::AcqRel);
 }

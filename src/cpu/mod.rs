@@ -11,7 +11,8 @@
 //! | `mask.rs` | `CpuMask`, `AtomicCpuMask` and the kernel's list format |
 //! | `idle.rs` | poll-then-sleep and the doorbell decision (a loom-checked protocol) |
 //! | `events.rs` | the NMI-safe per-CPU event rings |
-//! | `futex.rs`, `clock.rs` | async-signal-safe sleep/wake and time |
+//! | `wait.rs` | the one wait primitive: `Deadline` on one clock, `Waiter` spin -> yield -> futex sleep |
+//! | `futex.rs`, `clock.rs` | async-signal-safe sleep/wake (typed results) and time |
 //! | `affinity.rs` | the only user of the affinity API |
 //! | `lock.rs` | `lock_unpoisoned()`: the mutex lock that survives a panicking holder |
 
@@ -28,3 +29,4 @@ pub(crate) mod lock;
 pub(crate) mod machine;
 pub mod mask;
 pub(crate) mod state;
+pub(crate) mod wait;

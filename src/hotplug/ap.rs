@@ -9,6 +9,7 @@ use super::states::{Kind, Step, StepId};
 use crate::cpu::events::EventKind;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::state::{CpuRunState, CpuState};
+use crate::cpu::wait::{Deadline, Policy, Waiter};
 use crate::inject::Broken;
 use crate::ipi::irq::{irq_restore, irq_save};
 use crate::ipi::layer::current;
@@ -109,9 +110,9 @@ pub(crate) fn ap_boot(shared: &HotplugLayer, st: &CpuState) -> bool {
         // Step 5: wait for the controller's commit. Unbounded by design: a controller that
         // sees ALIVE commits (handshake.rs step 3; in a parallel boot once it has kicked every
         // CPU, `hotplug::boot_all`), and it cannot give up on an ALIVE AP.
+        let mut w = Waiter::new(Deadline::forever(), Policy::spin(shared.handshake_spin()));
         while !hc.handshake.ap_committed() {
-            hc.handshake
-                .wait_while(HsState::Alive, shared.handshake_spin(), None);
+            let _ = hc.handshake.wait_while(HsState::Alive, &mut w);
         }
     }
     // Committed: only now does the AP touch shared state (seed 003's mm_count).

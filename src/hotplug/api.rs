@@ -9,10 +9,10 @@ use std::time::Duration;
 use super::layer::HotplugLayer;
 use super::states::{Section, StateId, StepFn, Table};
 use super::HotplugError;
-use crate::cpu::clock::now_ns;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::CpuRunState;
+use crate::cpu::wait::{Deadline, Policy, Waiter};
 
 /// Brings every present CPU that is not online up when an image starts, `first` first, the way the kernel's
 /// parallel bring-up does (`cpuhp_bringup_cpus_parallel`):
@@ -273,7 +273,11 @@ impl HotplugLayer {
 
     /// Implements [`Handle::wait_limbo_clear`](crate::Handle::wait_limbo_clear).
     pub(crate) fn wait_limbo_clear(&self, timeout: Duration) -> bool {
-        let deadline = now_ns() + timeout.as_nanos() as u64;
+        // A thread leaving limbo wakes nobody: back off, then nap.
+        let mut w = Waiter::new(
+            Deadline::after(timeout),
+            Policy::BACKOFF.nap(Duration::from_millis(1)),
+        );
         loop {
             let busy = self.machine().cpus().iter().any(|c| {
                 c.run_state() == CpuRunState::Limbo
@@ -282,10 +286,9 @@ impl HotplugLayer {
             if !busy {
                 return true;
             }
-            if now_ns() >= deadline {
+            if w.snooze().timed_out() {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

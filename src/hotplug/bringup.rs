@@ -14,6 +14,7 @@ use crate::cpu::clock::now_ns;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::CpuId;
 use crate::cpu::state::CpuRunState;
+use crate::cpu::wait::{Deadline, Policy, Wait, Waiter};
 use crate::inject::Broken;
 
 impl HotplugLayer {
@@ -76,13 +77,15 @@ impl HotplugLayer {
         let hc = &s.hotplug.cpus[cpu];
         // Wait for ALIVE, bounded by the boot timeout.
         let timeout = s.boot_timeout;
-        let deadline = kicked_at + timeout.as_nanos() as u64;
+        let mut w = Waiter::new(
+            Deadline::at_ns(kicked_at.saturating_add(timeout.as_nanos() as u64)),
+            Policy::spin(s.handshake_spin()),
+        );
         loop {
             if hc.handshake.state() != HsState::Kicked {
                 break;
             }
-            let now = now_ns();
-            if now >= deadline {
+            if hc.handshake.wait_while(HsState::Kicked, &mut w).timed_out() {
                 let verdict = if s.machine().faults().is_broken(Broken::BringupWithoutCas) {
                     hc.handshake.broken_give_up(); // blind: seed 003's bug
                     GiveUp::WillDie
@@ -103,11 +106,6 @@ impl HotplugLayer {
                     GiveUp::Alive => break,
                 }
             }
-            hc.handshake.wait_while(
-                HsState::Kicked,
-                s.handshake_spin(),
-                Some(Duration::from_nanos(deadline - now)),
-            );
         }
         // ALIVE: commit at once (the AP cannot go on without it, and we cannot give up now).
         let committed = hc.handshake.commit();
@@ -126,7 +124,12 @@ impl HotplugLayer {
         let hc = &s.hotplug.cpus[cpu];
         let timeout = s.boot_timeout;
         // After the commit the AP runs only STARTING steps, which must not block; this wait is
-        // therefore unbounded by design, with a warning each boot timeout.
+        // therefore unbounded by design (forever), with a warning after each nap that ends
+        // with the state unchanged.
+        let mut w = Waiter::new(
+            Deadline::forever(),
+            Policy::spin(s.handshake_spin()).nap(Duration::from_millis(10).min(timeout)),
+        );
         loop {
             match hc.handshake.state() {
                 HsState::Online => {
@@ -155,12 +158,9 @@ impl HotplugLayer {
                     return Err(HotplugError::Parked { cpu });
                 }
                 v => {
-                    hc.handshake.wait_while(
-                        v,
-                        s.handshake_spin(),
-                        Some(Duration::from_millis(10).min(timeout)),
-                    );
-                    if hc.handshake.state() == v {
+                    if hc.handshake.wait_while(v, &mut w) == Wait::Slept
+                        && hc.handshake.state() == v
+                    {
                         tracing::warn!("smpboot: CPU{cpu} still running its STARTING steps");
                     }
                 }
@@ -172,24 +172,22 @@ impl HotplugLayer {
     pub(super) fn wait_dead(&self, cpu: CpuId, timeout: Option<Duration>) -> bool {
         let s = self;
         let hc = &s.hotplug.cpus[cpu];
-        let deadline = timeout.map(|d| now_ns() + d.as_nanos() as u64);
+        // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
+        // Every move to DEAD wakes a waiter (`Handshake::ap_exit`), but only one
+        // (`futex::wake(.., 1)`): the 10 ms nap, kept from before, bounds what a second waiter
+        // on the same word would otherwise owe to the first.
+        let mut w = Waiter::new(
+            timeout.map_or(Deadline::forever(), Deadline::after),
+            Policy::SLEEP.nap(Duration::from_millis(10)),
+        );
         loop {
             let v = hc.handshake.state();
             if v == HsState::Dead {
                 break;
             }
-            let nap = match deadline {
-                Some(d) => {
-                    let now = now_ns();
-                    if now >= d {
-                        return false;
-                    }
-                    Duration::from_nanos(d - now).min(Duration::from_millis(10))
-                }
-                None => Duration::from_millis(10),
-            };
-            // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
-            hc.handshake.wait_while(v, Duration::ZERO, Some(nap));
+            if hc.handshake.wait_while(v, &mut w).timed_out() {
+                return false;
+            }
         }
         // A parked thread stays for the next cpu_up; any other is leaving: reap it.
         if !self.thread_parked(cpu) {

@@ -33,6 +33,8 @@
 //! Every transition is a method of [`Handshake`], and each one that the other side waits for
 //! wakes it (futex): no caller touches the word.
 
+#[cfg(not(loom))]
+use crate::cpu::wait::{Wait, Waiter};
 use crate::sync::{AtomicU32, Ordering};
 
 /// A handshake state. `#[repr(u32)]`: the word is a futex.
@@ -176,16 +178,11 @@ impl Handshake {
         self.announce(HsState::Dead);
     }
 
-    /// Sleeps while the state is `seen`, spinning for `spin` first, for at most `timeout`.
-    /// Returns on a change, a wake-up, a signal or the timeout; callers re-check.
+    /// One step of `w` while the state is `seen` (spin, or sleep until a transition's wake,
+    /// the nap's end or the deadline). Callers re-check the state after every step.
     #[cfg(not(loom))]
-    pub(crate) fn wait_while(
-        &self,
-        seen: HsState,
-        spin: std::time::Duration,
-        timeout: Option<std::time::Duration>,
-    ) {
-        crate::cpu::futex::spin_then_wait(&self.0, seen as u32, spin, timeout);
+    pub(crate) fn wait_while(&self, seen: HsState, w: &mut Waiter) -> Wait {
+        w.wait_on(&self.0, seen as u32)
     }
 
     /// Seed 003 before its fix, for `Broken::BringupWithoutCas`: the AP announces itself with

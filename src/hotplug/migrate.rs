@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::cpu::clock::now_ns;
 use crate::cpu::mask::CpuId;
+use crate::cpu::wait::{Deadline, Policy, Waiter};
 
 use super::layer::HotplugLayer;
 
@@ -50,7 +50,11 @@ impl HotplugLayer {
         if moved > 0 {
             tracing::debug!("cpuhp: CPU{cpu}: moved {moved} queued job(s)");
         }
-        let deadline = now_ns() + s.boot_timeout.as_nanos() as u64;
+        // A job's end wakes nobody: back off, then nap.
+        let mut w = Waiter::new(
+            Deadline::after(s.boot_timeout),
+            Policy::BACKOFF.nap(Duration::from_micros(100)),
+        );
         while st.jobs().holds_job() {
             if s.stop().cpus_lock.cpu_waits(cpu) {
                 // It waits for the hotplug lock this operation holds: it cannot finish first.
@@ -60,13 +64,12 @@ impl HotplugLayer {
                         .into(),
                 ));
             }
-            if now_ns() >= deadline {
+            if w.snooze().timed_out() {
                 return Err(reopen(format!(
                     "a job is still running after {:?}",
                     s.boot_timeout
                 )));
             }
-            std::thread::sleep(Duration::from_micros(100));
         }
         Ok(())
     }

@@ -113,8 +113,13 @@ impl Parking {
     }
 
     fn sleep(&self, seen: u32) {
+        // Forever: a parked thread waits for `unpark` or `end`, and both wake it.
         #[cfg(not(loom))]
-        crate::cpu::futex::wait(&self.0, seen, None);
+        let _ = crate::cpu::wait::Waiter::new(
+            crate::cpu::wait::Deadline::forever(),
+            crate::cpu::wait::Policy::SLEEP,
+        )
+        .sleep_on(&self.0, seen);
         #[cfg(loom)]
         {
             let _ = seen;

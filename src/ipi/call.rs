@@ -25,11 +25,12 @@ use super::csd::{GiveUp, DONE};
 use super::irq::{irq_restore, irq_save, irqs_disabled};
 use super::nmi::{self, NmiReason};
 use super::IpiError;
-use crate::cpu::clock::{now_ns, Deadline};
+use crate::cpu::clock::now_ns;
 use crate::cpu::events::{EventKind, NO_CPU};
 use crate::cpu::idle::Kick;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::cpu::state::CpuState;
+use crate::cpu::wait::{Deadline, Policy, Wait, Waiter};
 
 use super::layer::IpiLayer;
 
@@ -46,7 +47,12 @@ pub(crate) fn send_vector(s: &IpiLayer, cpu: CpuId, v: u64) {
 }
 
 /// How long a synchronous sender spins before sleeping (about two signal round trips).
-const SPIN_NS: u64 = 20_000;
+const SPIN: Duration = Duration::from_micros(20);
+/// A sleeping synchronous sender wakes this often to ring again (step 5).
+const RERING: Duration = Duration::from_millis(1);
+/// Waits for what nobody futex-wakes (a free csd, an NMI sample): crossbeam's backoff, then
+/// naps short enough for an NMI round trip.
+const NO_WAKE_POLICY: Policy = Policy::BACKOFF.nap(Duration::from_micros(20));
 /// Targets handled per batch by `call_many` (a stack array of 8-byte entries, 2 KiB, so the
 /// path does not allocate; the smallest signal stack is 16 KiB). Each batch is rung, then
 /// waited for: with 64 a call to 256 busy CPUs on 2 cores waited for four rounds of the
@@ -112,8 +118,9 @@ impl IpiLayer {
         if !nmi::send(s, st, NmiReason::Backtrace) {
             return Err(IpiError::Offline { cpu });
         }
-        // A process stopped and continued meanwhile does not time out (`Deadline`).
-        let mut deadline = Deadline::after_ns(timeout.as_nanos() as u64);
+        // A process stopped and continued meanwhile does not time out (`Deadline`). The NMI
+        // handler wakes nobody: back off, then nap.
+        let mut w = Waiter::new(Deadline::after_running(timeout), NO_WAKE_POLICY);
         // Check before the deadline test: a caller descheduled past the deadline must still
         // see a sample that arrived meanwhile.
         loop {
@@ -123,10 +130,9 @@ impl IpiLayer {
                     return Ok(ip);
                 }
             }
-            if deadline.passed() {
+            if w.snooze().timed_out() {
                 break;
             }
-            std::thread::yield_now();
         }
         if !super::handler::nmi_handler_installed(&s.signals) {
             // As for the IPI signal (`csd_timeout`): name the cause, not a bare timeout.
@@ -219,7 +225,7 @@ impl IpiLayer {
                 cpu: me.unwrap_or(0),
             });
         }
-        let mut deadline = Deadline::after_ns(s.call_timeout.as_nanos() as u64);
+        let mut deadline = Deadline::after_running(s.call_timeout);
         // In IPI context an error must not allocate (a mask and a box would): the other targets
         // still get the call, and the error is the first failing CPU's own, not `Partial`.
         let atomic = irqs_disabled();
@@ -370,9 +376,9 @@ fn alloc_slot(s: &IpiLayer, cpu: CpuId, wait: bool) -> Result<u32, IpiError> {
     if !wait || irqs_disabled() {
         return Err(IpiError::NoCsd { cpu });
     }
-    let mut deadline = Deadline::after_ns(s.call_timeout.as_nanos() as u64);
-    while !deadline.passed() {
-        std::thread::yield_now();
+    // Freeing a slot wakes nobody: back off, then nap.
+    let mut w = Waiter::new(Deadline::after_running(s.call_timeout), NO_WAKE_POLICY);
+    while !w.snooze().timed_out() {
         if let Some(i) = s.pool.alloc() {
             return Ok(i);
         }
@@ -453,74 +459,70 @@ fn wait_done(
 ) -> Result<(), IpiError> {
     let slot = s.pool.slot(idx);
     let timeout_ns = s.call_timeout.as_nanos() as u64;
-    let own_deadline = deadline.is_none();
-    let mut own = Deadline::from(0, 0);
-    let deadline = match deadline {
-        Some(d) => d,
-        None => &mut own,
+    // Look at the state after every spin hint (`Waiter::spin`): a PAUSE costs ~140 cycles on
+    // recent x86, so batching hints (this once did 32 per check) adds a microsecond of
+    // latency. The clock is first read after 64 hints: a polling target answers before that,
+    // and two clock reads were a tenth of its round trip. So the spin phase and the timeout
+    // start a few microseconds late, which nothing depends on.
+    let mut policy = Policy::spin(SPIN).nap(RERING);
+    let shared = match deadline {
+        Some(d) => {
+            // A `call_many`: its other targets may need this core (more CPUs than host cores,
+            // or busy ones that must be scheduled to take their doorbell). Spinning on held
+            // it from them: 4 busy CPUs on 2 cores answered in 100 us p50 against 21 us for a
+            // tgkill broadcast whose sender yields. With nothing else runnable the yield
+            // returns at once. Its deadline is shared by all targets: a stop since its last
+            // look (while the caller published and rang, or waited for an earlier target)
+            // counts as one.
+            policy = policy.yielding();
+            Some(d)
+        }
+        None => None,
     };
-    // Look at the state after every spin hint: a PAUSE costs ~140 cycles on recent x86, so
-    // batching hints (this once did 32 per check) adds a microsecond of latency. The clock is
-    // first read after 64 hints: a polling target answers before that, and two clock reads
-    // were a tenth of its round trip. So the spin phase and the timeout start a few
-    // microseconds late, which nothing depends on.
-    let mut start = 0u64;
-    let mut spin_until = 0u64;
-    let mut i = 0u32;
-    loop {
+    let mut w = Waiter::new(
+        shared
+            .as_deref()
+            .copied()
+            .unwrap_or(Deadline::running_from_first_look(s.call_timeout)),
+        policy,
+    );
+    let mut announced = false;
+    let done = loop {
         if slot.state.load(Ordering::Acquire) == DONE {
-            s.pool.complete(idx);
-            return Ok(());
+            break true;
         }
-        std::hint::spin_loop();
-        i = i.wrapping_add(1);
-        if i % 64 == 0 {
-            if !own_deadline {
-                // A `call_many`: its other targets may need this core (more CPUs than host
-                // cores, or busy ones that must be scheduled to take their doorbell). Spinning
-                // on held it from them: 4 busy CPUs on 2 cores answered in 100 us p50 against
-                // 21 us for a tgkill broadcast whose sender yields. With nothing else runnable
-                // the yield returns at once.
-                std::thread::yield_now();
-            }
-            let now = now_ns();
-            if start == 0 {
-                start = now;
-                spin_until = now + SPIN_NS;
-                if own_deadline {
-                    *deadline = Deadline::from(start, timeout_ns);
-                } else {
-                    // A `call_many`'s deadline: a stop since its last look (while the caller
-                    // published and rang, or waited for an earlier target) counts as one.
-                    deadline.passed_at(start);
-                }
-            } else {
-                // A stop in the spin phase also ends it (its end has passed).
-                deadline.passed_at(now);
-                if now >= spin_until {
-                    break;
-                }
-            }
+        if w.spin() {
+            continue;
         }
-    }
-    slot.waiter.store(1, Ordering::SeqCst);
-    loop {
+        if !announced {
+            // Past the spin: ask the target for a futex wake, then look once more.
+            slot.waiter.store(1, Ordering::SeqCst);
+            announced = true;
+            continue;
+        }
         let v = slot.state.load(Ordering::SeqCst);
         if v == DONE {
-            s.pool.complete(idx);
-            return Ok(());
+            break true;
         }
-        let now = now_ns();
-        if deadline.passed_at(now) {
-            break;
+        match w.sleep_on(&slot.state, v) {
+            Wait::TimedOut => break false,
+            _ => {
+                if slot.state.load(Ordering::Acquire) != DONE {
+                    // A merged or lost doorbell costs a millisecond, never the call: ring
+                    // again even if a doorbell is marked in flight (a lost signal would leave
+                    // it marked forever).
+                    ring_again(s, st);
+                }
+            }
         }
-        let nap = (deadline.at() - now).min(1_000_000);
-        crate::cpu::futex::wait(&slot.state, v, Some(Duration::from_nanos(nap)));
-        if slot.state.load(Ordering::Acquire) != DONE {
-            // A merged or lost doorbell costs a millisecond, never the call: ring again even
-            // if a doorbell is marked in flight (a lost signal would leave it marked forever).
-            ring_again(s, st);
-        }
+    };
+    let deadline = *w.deadline();
+    if let Some(d) = shared {
+        *d = deadline;
+    }
+    if done {
+        s.pool.complete(idx);
+        return Ok(());
     }
     // Timed out: "csd: Detected non-responsive CSD lock". When the call began, pauses not
     // counted: a `call_many`'s later targets share the first one's deadline, so their own spin

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::builder::Config;
 use super::error::RuntimeError;
@@ -14,6 +14,7 @@ use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::machine::Machine;
 use crate::cpu::mask::{CpuId, CpuMask};
 use crate::cpu::state::CpuRunState;
+use crate::cpu::wait::{Deadline, Policy, Waiter};
 use crate::hotplug::layer::HotplugLayer;
 use crate::hotplug::HotplugError;
 use crate::ipi::layer::IpiLayer;
@@ -129,7 +130,7 @@ impl Shared {
             // or IPI context cannot, and is left behind below.
             self.stop().stop_cpu(st.id()).release();
         }
-        let deadline = Instant::now() + self.cfg.shutdown_timeout;
+        let deadline = Deadline::after(self.cfg.shutdown_timeout);
         for st in self.machine().cpus().iter() {
             let handle = st.identity().take_thread();
             let Some(h) = handle else { continue };
@@ -138,13 +139,18 @@ impl Shared {
                 st.run_state() == crate::cpu::state::CpuRunState::Parked
                     && !self.stop().stop_cpu(st.id()).is_powered_off()
             };
-            let park_deadline = Instant::now() + Duration::from_millis(50);
-            while !h.is_finished() && Instant::now() < deadline {
-                if lost() && Instant::now() >= park_deadline {
+            let mut park_deadline = Deadline::after(Duration::from_millis(50));
+            // A thread's exit wakes nobody: nap. Each nap ends with a fresh wake, for a CPU
+            // that went to sleep after the one `request_exit` sent.
+            let mut w = Waiter::new(deadline, Policy::SLEEP.nap(Duration::from_micros(200)));
+            while !h.is_finished() {
+                if lost() && park_deadline.passed() {
                     break;
                 }
                 st.idle().wake_for_job();
-                std::thread::sleep(Duration::from_micros(200));
+                if w.snooze().timed_out() {
+                    break;
+                }
             }
             if h.is_finished() {
                 let _ = h.join();
@@ -562,13 +568,13 @@ impl<R> JobHandle<R> {
     /// still queued on its own CPU gets `JoinOnOwnCpu` at once (the joined job could only
     /// start after the caller returned).
     pub fn join(self) -> Result<R, RuntimeError> {
-        self.wait(None)
+        self.wait(Deadline::forever())
     }
 
     /// Waits at most `d`. Like [`JobHandle::join`], refuses at once with `JoinOnOwnCpu` a
     /// wait that could never end: a job joining a job still queued on its own CPU.
     pub fn join_timeout(self, d: Duration) -> Result<R, RuntimeError> {
-        self.wait(Some(Instant::now() + d)).map_err(|e| match e {
+        self.wait(Deadline::after(d)).map_err(|e| match e {
             RuntimeError::JobTimeout { cpu, .. } => RuntimeError::JobTimeout {
                 cpu,
                 timeout_ms: d.as_millis() as u64,
@@ -583,7 +589,9 @@ impl<R> JobHandle<R> {
             .is_some_and(|(_, st)| std::ptr::eq(st, &*self.shared.machine().cpus()[cpu]))
     }
 
-    fn wait(self, deadline: Option<Instant>) -> Result<R, RuntimeError> {
+    /// The receive is the sleep (the job's end sends); the `JOIN_POLL` naps are for a stop,
+    /// which sends nothing.
+    fn wait(self, mut deadline: Deadline) -> Result<R, RuntimeError> {
         loop {
             let cpu = self.at.load(Ordering::SeqCst);
             if self.rx.is_empty() && self.is_own_cpu(cpu) {
@@ -591,10 +599,7 @@ impl<R> JobHandle<R> {
                 // caller returns (jobs are not preemptible), nor move while the caller runs.
                 return Err(RuntimeError::JoinOnOwnCpu { cpu });
             }
-            let nap = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()).min(JOIN_POLL),
-                None => JOIN_POLL,
-            };
+            let nap = deadline.remaining().map_or(JOIN_POLL, |r| r.min(JOIN_POLL));
             match self.rx.recv_timeout(nap) {
                 Ok(r) => {
                     return r.map_err(|message| RuntimeError::JobPanicked { cpu, message });
@@ -607,7 +612,7 @@ impl<R> JobHandle<R> {
                     if self.shared.machine().cpus()[cpu].is_stopped() && self.rx.is_empty() {
                         return Err(RuntimeError::JobStopped { cpu });
                     }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if deadline.passed() {
                         return Err(RuntimeError::JobTimeout { cpu, timeout_ms: 0 });
                     }
                 }
@@ -719,12 +724,17 @@ mod boot_all_tests {
         }
         assert_eq!(rt.online_mask(), "0-1,3-4".parse::<CpuMask>().unwrap());
         // CPU2 is in limbo until its thread wakes and leaves; then it can come up.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Nothing to wake on: the Waiter backs off, then naps, for at most 10 s.
+        use crate::cpu::wait::{Deadline, Policy, Waiter};
+        let mut w = Waiter::new(
+            Deadline::after(Duration::from_secs(10)),
+            Policy::BACKOFF.nap(Duration::from_millis(1)),
+        );
         loop {
             match rt.cpu_up(2) {
                 Ok(()) => break,
-                Err(HotplugError::Limbo { cpu: 2 }) if std::time::Instant::now() < deadline => {
-                    std::thread::yield_now()
+                Err(HotplugError::Limbo { cpu: 2 }) => {
+                    assert!(!w.snooze().timed_out(), "CPU2 still in limbo after 10 s");
                 }
                 other => panic!("cpu_up(2) after its timeout: {other:?}"),
             }

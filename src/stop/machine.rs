@@ -46,9 +46,10 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cpu::clock::{now_ns, Deadline};
+use crate::cpu::clock::now_ns;
 use crate::cpu::lock::LockUnpoisoned;
 use crate::cpu::mask::{CpuId, CpuMask};
+use crate::cpu::wait::{Deadline, Policy, Waiter};
 use crate::ipi::irq::{irq_restore, irq_save};
 
 use super::layer::StopLayer;
@@ -145,6 +146,9 @@ const RERING: Duration = Duration::from_millis(1);
 const CALLER_NAP: Duration = Duration::from_millis(10);
 /// How long a caller spins on `left` before it sleeps, when every CPU has a core of its own.
 const CALLER_SPIN: Duration = Duration::from_micros(20);
+/// How long a participant spins on the state word before it sleeps, when every CPU has a
+/// core of its own (a futex wake-up costs about that).
+const PARTICIPANT_SPIN: Duration = Duration::from_micros(20);
 
 /// The state word: every transition is one of these methods, and each wakes the sleepers.
 struct StateWord(AtomicU32);
@@ -181,17 +185,12 @@ impl StateWord {
     fn force_abort(&self) {
         self.set(MsState::Abort);
     }
-
-    /// Sleeps while the state is `seen`. Async-signal-safe.
-    fn wait(&self, seen: MsState, timeout: Option<Duration>) {
-        crate::cpu::futex::wait(&self.0, seen as u32, timeout);
-    }
 }
 
 /// What only the caller does while the state is PREPARE (steps 3 and 4).
 struct Caller<'a> {
     /// The PREPARE bound; it does not count time the caller was not running (a process
-    /// stopped by Ctrl-Z stopped every participant too: `cpu/clock.rs` `Deadline`). The
+    /// stopped by Ctrl-Z stopped every participant too: `cpu/wait.rs` `Deadline`). The
     /// caller looks at least once per `RERING`, well inside the pause threshold.
     deadline: std::cell::Cell<Deadline>,
     next_ring: std::cell::Cell<u64>,
@@ -235,8 +234,8 @@ struct MultiStop {
     arrived: Box<[AtomicU32]>,
     failed_cpu: AtomicUsize,
     failed_code: AtomicI32,
-    /// Spin iterations before a participant sleeps (see `run`).
-    spin_limit: u32,
+    /// How a participant waits for the next state (see `run`).
+    policy: Policy,
 }
 
 impl MultiStop {
@@ -262,7 +261,9 @@ impl MultiStop {
     fn run(&self, cpu: CpuId, caller: Option<&Caller<'_>>) {
         self.arrived[cpu].store(1, Ordering::SeqCst);
         let mut cur = MsState::None;
-        let mut spins = 0u32;
+        // Forever: every move of the state wakes the sleepers, so a participant needs no
+        // bound of its own (step 2); the caller wakes up for its own duties (`set_nap`).
+        let mut w = Waiter::new(Deadline::forever(), self.policy);
         loop {
             let new = self.state.load();
             if new == MsState::Abort {
@@ -282,21 +283,16 @@ impl MultiStop {
                 if cur == MsState::Exit {
                     break;
                 }
-                spins = 0;
+                // A new state to wait out: spin afresh.
+                w = Waiter::new(Deadline::forever(), self.policy);
                 continue;
             }
-            // Spin, then sleep on the state word (futex is async-signal-safe). With no more
-            // participants than cores, spin ~20 µs (a futex wake-up costs about that); with
-            // more, spinners would hold the cores the laggards need, so sleep almost at once.
-            // Every move of the state wakes the sleepers, so a participant sleeps unbounded
-            // (step 2); the caller wakes up for its own duties.
-            spins += 1;
-            if spins < self.spin_limit {
-                std::hint::spin_loop();
-            } else {
-                let timeout = caller.filter(|_| cur == MsState::Prepare).map(Caller::nap);
-                self.state.wait(cur, timeout);
+            // Spin, then sleep on the state word (the Waiter is async-signal-safe).
+            if w.spin() {
+                continue;
             }
+            w.set_nap(caller.filter(|_| cur == MsState::Prepare).map(Caller::nap));
+            let _ = w.sleep_on(&self.state.0, cur as u32);
         }
         self.leave();
     }
@@ -355,10 +351,13 @@ impl StopLayer {
         }
         let online = s.machine().online().load();
         let me = s.machine().this_cpu_here().filter(|&c| online.contains(c));
-        let spin_limit = if online.weight() <= s.machine().cores().len().max(1) {
-            4096
+        // With no more participants than cores, spin before sleeping; with more, spinners
+        // would hold the cores the laggards need, so sleep at once.
+        let own_cores = online.weight() <= s.machine().cores().len().max(1);
+        let (policy, caller_policy) = if own_cores {
+            (Policy::spin(PARTICIPANT_SPIN), Policy::spin(CALLER_SPIN))
         } else {
-            64
+            (Policy::SLEEP, Policy::SLEEP)
         };
         let ms = Arc::new(MultiStop {
             state: StateWord(AtomicU32::new(MsState::None as u32)),
@@ -373,7 +372,7 @@ impl StopLayer {
                 .collect(),
             failed_cpu: AtomicUsize::new(usize::MAX),
             failed_code: AtomicI32::new(0),
-            spin_limit,
+            policy,
         });
         ms.set_state(MsState::Prepare);
         let start = now_ns();
@@ -406,10 +405,7 @@ impl StopLayer {
             }
         };
         let caller = Caller {
-            deadline: std::cell::Cell::new(Deadline::from(
-                start,
-                s.ipi().call_timeout().as_nanos() as u64,
-            )),
+            deadline: std::cell::Cell::new(Deadline::running_from(start, s.ipi().call_timeout())),
             next_ring: std::cell::Cell::new(start + RERING.as_nanos() as u64),
             rering: &rering,
         };
@@ -418,7 +414,9 @@ impl StopLayer {
             ms.run(me, Some(&caller));
             irq_restore(fl);
         }
-        let spin_until = now_ns() + CALLER_SPIN.as_nanos() as u64;
+        // Forever here: PREPARE is bounded by the caller's own deadline (`prepare_tick`), and
+        // after it every CPU is present, so the rest takes as long as `f` (module comment).
+        let mut w = Waiter::new(Deadline::forever(), caller_policy);
         loop {
             let left = ms.left.load(Ordering::Acquire);
             if left == ms.num {
@@ -447,18 +445,17 @@ impl StopLayer {
                 }
                 continue;
             }
-            if spin_limit > 64 && now_ns() < spin_until {
-                std::hint::spin_loop();
+            if w.spin() {
                 continue;
             }
             // Step 5: the last participant to leave wakes us; in PREPARE we also wake for
             // steps 3 and 4, afterwards now and then to look for a system stop.
-            let nap = if st == MsState::Prepare {
+            w.set_nap(Some(if st == MsState::Prepare {
                 caller.nap()
             } else {
                 CALLER_NAP
-            };
-            crate::cpu::futex::wait(&ms.left, left, Some(nap));
+            }));
+            let _ = w.sleep_on(&ms.left, left);
         }
         // Aborted: report who never arrived, and leave the block to the late arrivals.
         let missing: CpuMask = online

@@ -24,12 +24,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::backend::{StopBackend, StopSender};
 use super::coord::{Coord, Entered};
 use super::receive::{self, ParkPolicy};
+use crate::cpu::clock::now_ns;
 use crate::cpu::mask::{CpuId, CpuMask};
+use crate::cpu::wait::{Deadline, Policy, Waiter};
 use crate::ipi::signal::SavedRegs;
 
 use super::layer::StopLayer;
@@ -125,23 +127,19 @@ impl StopState {
     /// it for its first-attempt wait). While a crash kexec holds the teardown the bound is
     /// `HELD_TEARDOWN_WAIT` instead (a safety net: the kexec path releases it in every case).
     pub(crate) fn wait_for_stop_done(&self) {
-        let start = crate::cpu::clock::now_ns();
+        let start = now_ns();
+        let mut w = Waiter::new(Deadline::forever(), Policy::SLEEP);
         while self.done_word.load(Ordering::Acquire) == 0 {
+            // The bound follows a hold taken or released meanwhile, counted from the start.
             let bound = if self.teardown_held.load(Ordering::SeqCst) {
                 HELD_TEARDOWN_WAIT
             } else {
                 STOP_DONE_WAIT
             };
-            let deadline = start + bound.as_nanos() as u64;
-            let now = crate::cpu::clock::now_ns();
-            if now >= deadline {
+            *w.deadline() = Deadline::at_ns(start.saturating_add(bound.as_nanos() as u64));
+            if w.sleep_on(&self.done_word, 0).timed_out() {
                 return;
             }
-            crate::cpu::futex::wait(
-                &self.done_word,
-                0,
-                Some(Duration::from_nanos(deadline - now)),
-            );
         }
         // Pass the wake-up on (see `finish`).
         crate::cpu::futex::wake(&self.done_word, 1);
@@ -193,6 +191,10 @@ const HELD_TEARDOWN_WAIT: Duration = Duration::from_secs(5);
 /// The winner's longest nap between two looks at the online mask (step 3): a bound in case an
 /// acknowledgement's wake-up was spent on a spurious one.
 const ACK_NAP: Duration = Duration::from_millis(1);
+
+/// How often the stopper polls the online mask while `pending` cannot tell it (step 3 of
+/// `smp_stop_call`).
+const ACK_POLL: Duration = Duration::from_micros(20);
 
 /// One attempt of the retry loop.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -402,7 +404,7 @@ impl StopLayer {
             if attempt > 1 {
                 tracing::warn!("SMP: retry stop with NMI for CPUs {mask}");
             }
-            let t0 = Instant::now();
+            let t0 = now_ns();
             // Before the first stop is sent: each acknowledgement counts down from here.
             s.stop.pending.store(mask.weight() as u32, Ordering::SeqCst);
             if crash_now {
@@ -417,13 +419,21 @@ impl StopLayer {
             };
             // Sleep until the last acknowledgement wakes us (`StopState::ack`), re-checking
             // the mask at least every `ACK_NAP`. Reading `pending` before the mask: an ack
-            // after that read changes the futex word, so the wait returns at once.
+            // after that read changes the futex word, so the wait returns at once. Forever
+            // only when the configuration asks for it (`wait_forever`).
+            let mut w = Waiter::new(
+                if cfg.wait_forever {
+                    Deadline::forever()
+                } else {
+                    Deadline::at_ns(t0.saturating_add(wait.as_nanos() as u64))
+                },
+                Policy::SLEEP,
+            );
             let mut deferred = 0u32;
             let remaining = loop {
                 let p = s.stop.pending.load(Ordering::SeqCst);
                 let left = mask.and(&s.machine().online().load());
-                let elapsed = t0.elapsed();
-                if left.is_empty() || (!cfg.wait_forever && elapsed >= wait) {
+                if left.is_empty() {
                     break left;
                 }
                 // CPUs that declined because they were inside the C library (parkable.rs
@@ -440,21 +450,21 @@ impl StopLayer {
                         cfg.backend.stop_call(&send, &again, attempt);
                     }
                 }
-                if p as i32 > 0 {
-                    let nap_max = if deferred > 0 {
+                let step = if p as i32 > 0 {
+                    w.set_nap(Some(if deferred > 0 {
                         super::parkable::DEFER_POLL
                     } else {
                         ACK_NAP
-                    };
-                    let nap = if cfg.wait_forever {
-                        nap_max
-                    } else {
-                        (wait - elapsed).min(nap_max)
-                    };
-                    crate::cpu::futex::wait(&s.stop.pending, p, Some(nap));
+                    }));
+                    w.sleep_on(&s.stop.pending, p)
                 } else {
-                    // Counted down by CPUs that were not targeted: poll.
-                    std::thread::sleep(Duration::from_micros(20));
+                    // Counted down by CPUs that were not targeted: the word no longer tells
+                    // when the mask empties, so poll it.
+                    w.set_nap(Some(ACK_POLL));
+                    w.snooze()
+                };
+                if step.timed_out() {
+                    break left;
                 }
             };
             stopped = stopped.or(&mask.and_not(&remaining));
@@ -464,7 +474,7 @@ impl StopLayer {
                 targeted: mask,
                 remaining,
                 deferred,
-                took_us: t0.elapsed().as_micros() as u64,
+                took_us: now_ns().saturating_sub(t0) / 1_000,
             });
         }
         // Step 4.
