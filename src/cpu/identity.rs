@@ -14,7 +14,8 @@ use super::mask::CpuId;
 
 /// One logical CPU's number and the OS thread that currently runs it.
 pub(crate) struct CpuIdentity {
-    id: CpuId,
+    /// Read as a field by `CpuState::id` (the hottest accessor: no call for it).
+    pub(super) id: CpuId,
     /// Kernel tid of the CPU's current thread, 0 when it has none. SeqCst: a signal sender
     /// reads it to address the thread, and must not see a tid older than the thread's start.
     tid: AtomicI32,
@@ -31,12 +32,6 @@ impl CpuIdentity {
             core: AtomicI32::new(-1),
             thread: Mutex::new(None),
         }
-    }
-
-    /// This CPU's number.
-    #[inline]
-    pub(crate) fn id(&self) -> CpuId {
-        self.id
     }
 
     /// Kernel tid of the CPU's current thread, 0 when it has none. Async-signal-safe.

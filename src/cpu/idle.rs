@@ -50,72 +50,69 @@ pub(crate) enum Kick {
     Coalesced,
 }
 
-/// Step 2 for a call queued on the CPU. Async-signal-safe.
-#[inline]
-pub(crate) fn kick_for_call(idle: &AtomicU32, kick_pending: &AtomicBool) -> Kick {
-    match idle.fetch_or(0, Ordering::AcqRel) {
-        POLLING | WAKING => Kick::None,
-        SLEEPING => wake_decision(idle),
-        _ => {
-            if kick_pending.swap(true, Ordering::AcqRel) {
-                Kick::Coalesced
-            } else {
-                Kick::Signal
-            }
-        }
-    }
-}
-
-/// Step 2 for a job or an exit request: a running CPU checks its job queue between jobs, so
-/// only a sleeper needs waking.
-#[inline]
-pub(crate) fn kick_for_job(idle: &AtomicU32) -> Kick {
-    match idle.fetch_or(0, Ordering::AcqRel) {
-        SLEEPING => wake_decision(idle),
-        _ => Kick::None,
-    }
-}
-
-/// Step 4: the CPU is about to run something (a job, its loop). Returns whether it left an idle
-/// state, in which case the caller must re-check the call queue (RMW) before anything long.
-#[inline]
-pub(crate) fn enter_running(idle: &AtomicU32) -> bool {
-    idle.swap(RUNNING, Ordering::AcqRel) != RUNNING
-}
-
-fn wake_decision(idle: &AtomicU32) -> Kick {
-    if idle
-        .compare_exchange(SLEEPING, WAKING, Ordering::AcqRel, Ordering::Relaxed)
-        .is_ok()
-    {
-        Kick::Wake
-    } else {
-        Kick::None
-    }
-}
-
 /// One CPU's idle word, also its idle futex word. The protocol above is its only interface:
 /// every access is one of these read-modify-writes, so no other file can store into it.
-#[cfg(not(loom))]
-pub(crate) struct IdleWord(std::sync::atomic::AtomicU32);
+pub(crate) struct IdleWord(AtomicU32);
 
-#[cfg(not(loom))]
 impl IdleWord {
     pub(crate) fn new() -> Self {
-        IdleWord(std::sync::atomic::AtomicU32::new(RUNNING))
+        IdleWord(AtomicU32::new(RUNNING))
     }
 
     /// Step 2 for a call queued on the CPU. Async-signal-safe.
     #[inline]
     pub(crate) fn kick_for_call(&self, kick_pending: &AtomicBool) -> Kick {
-        kick_for_call(&self.0, kick_pending)
+        match self.0.fetch_or(0, Ordering::AcqRel) {
+            POLLING | WAKING => Kick::None,
+            SLEEPING => self.wake_decision(),
+            _ => {
+                if kick_pending.swap(true, Ordering::AcqRel) {
+                    Kick::Coalesced
+                } else {
+                    Kick::Signal
+                }
+            }
+        }
     }
 
+    /// Step 2 for a job or an exit request: a running CPU checks its job queue between jobs,
+    /// so only a sleeper needs waking.
+    #[inline]
+    fn kick_for_job(&self) -> Kick {
+        match self.0.fetch_or(0, Ordering::AcqRel) {
+            SLEEPING => self.wake_decision(),
+            _ => Kick::None,
+        }
+    }
+
+    fn wake_decision(&self) -> Kick {
+        if self
+            .0
+            .compare_exchange(SLEEPING, WAKING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            Kick::Wake
+        } else {
+            Kick::None
+        }
+    }
+
+    /// Step 4: the CPU is about to run something (a job, its loop). Returns whether it left an
+    /// idle state, in which case the caller must re-check the call queue (RMW) before anything
+    /// long.
+    #[inline]
+    pub(crate) fn enter_running(&self) -> bool {
+        self.0.swap(RUNNING, Ordering::AcqRel) != RUNNING
+    }
+}
+
+#[cfg(not(loom))]
+impl IdleWord {
     /// Step 2 for a job or an exit request, and the futex wake it may call for.
     /// Async-signal-safe.
     #[inline]
     pub(crate) fn wake_for_job(&self) {
-        if kick_for_job(&self.0) == Kick::Wake {
+        if self.kick_for_job() == Kick::Wake {
             self.wake();
         }
     }
@@ -124,12 +121,6 @@ impl IdleWord {
     #[inline]
     pub(crate) fn wake(&self) {
         super::futex::wake(&self.0, 1);
-    }
-
-    /// Step 4. See [`enter_running`].
-    #[inline]
-    pub(crate) fn enter_running(&self) -> bool {
-        enter_running(&self.0)
     }
 
     /// The state's name, for a diagnostic (an RMW read, like every access to the word).
@@ -149,7 +140,13 @@ impl IdleWord {
         self.0.swap(RUNNING, Ordering::AcqRel);
     }
 
-    /// Step 3. See [`wait_for_work`].
+    /// Step 3, on the idle CPU: waits until `has_work` may be true. `peek` is a cheap unordered
+    /// check for the poll phase; `has_work` must use RMW reads. The final sleep is unbounded by
+    /// design: it ends only when a sender wakes the CPU (step 2) or a signal arrives, which is what
+    /// "idle" means; the loom model `loom_no_lost_wakeup` shows a sender always wakes it.
+    ///
+    /// Returns with the CPU still POLLING (a poll hit) or RUNNING (after a sleep); either way the
+    /// caller owes step 4 before it runs a job.
     pub(crate) fn wait_for_work(
         &self,
         policy: IdlePolicy,
@@ -158,7 +155,45 @@ impl IdleWord {
         on_poll_hit: impl Fn(),
         on_sleep: impl Fn(),
     ) {
-        wait_for_work(&self.0, policy, peek, has_work, on_poll_hit, on_sleep)
+        let idle = &self.0;
+        let window = match policy {
+            IdlePolicy::PollThenSleep(window) => window,
+            IdlePolicy::SleepOnly => Duration::ZERO,
+        };
+        // Yielding every 64 hints gives the core to another runnable thread, if any: with more
+        // threads than cores a poller would otherwise hold a core that its sender or a hotplug
+        // controller needs (this halves cpu_down with polling idle CPUs). With no other runnable
+        // thread the yield returns at once and polling goes on. Deadline: forever (see above).
+        let mut w = Waiter::new(Deadline::forever(), Policy::spin(window).yielding());
+        if !window.is_zero() {
+            // Back from a poll hit the word is still POLLING (only this CPU moves it away from
+            // POLLING): re-announcing it would pull the line that every sender RMW-reads.
+            if idle.load(Ordering::Relaxed) != POLLING {
+                idle.swap(POLLING, Ordering::AcqRel);
+            }
+            loop {
+                if peek() {
+                    // Stay POLLING: the loop serves the queue and comes back here, so a sender
+                    // that pushes meanwhile needs no signal. Running a job switches to RUNNING
+                    // first (see `thread.rs`).
+                    on_poll_hit();
+                    return;
+                }
+                if !w.spin() {
+                    break;
+                }
+            }
+        }
+        idle.swap(SLEEPING, Ordering::AcqRel);
+        on_sleep();
+        while !has_work() {
+            if idle.load(Ordering::Acquire) != SLEEPING {
+                break; // a sender moved us to WAKING
+            }
+            // The deadline is forever: the step never times out.
+            let _ = w.sleep_on(idle, SLEEPING);
+        }
+        idle.swap(RUNNING, Ordering::AcqRel);
     }
 }
 
@@ -175,62 +210,6 @@ impl Default for IdlePolicy {
     fn default() -> Self {
         IdlePolicy::PollThenSleep(Duration::from_micros(50))
     }
-}
-
-/// Step 3, on the idle CPU: waits until `has_work` may be true. `peek` is a cheap unordered
-/// check for the poll phase; `has_work` must use RMW reads. The final sleep is unbounded by
-/// design: it ends only when a sender wakes the CPU (step 2) or a signal arrives, which is what
-/// "idle" means; the loom model `loom_no_lost_wakeup` shows a sender always wakes it.
-///
-/// Returns with the CPU still POLLING (a poll hit) or RUNNING (after a sleep); either way the
-/// caller owes step 4 before it runs a job.
-#[cfg(not(loom))]
-pub(crate) fn wait_for_work(
-    idle: &std::sync::atomic::AtomicU32,
-    policy: IdlePolicy,
-    peek: impl Fn() -> bool,
-    has_work: impl Fn() -> bool,
-    on_poll_hit: impl Fn(),
-    on_sleep: impl Fn(),
-) {
-    let window = match policy {
-        IdlePolicy::PollThenSleep(window) => window,
-        IdlePolicy::SleepOnly => Duration::ZERO,
-    };
-    // Yielding every 64 hints gives the core to another runnable thread, if any: with more
-    // threads than cores a poller would otherwise hold a core that its sender or a hotplug
-    // controller needs (this halves cpu_down with polling idle CPUs). With no other runnable
-    // thread the yield returns at once and polling goes on. Deadline: forever (see above).
-    let mut w = Waiter::new(Deadline::forever(), Policy::spin(window).yielding());
-    if !window.is_zero() {
-        // Back from a poll hit the word is still POLLING (only this CPU moves it away from
-        // POLLING): re-announcing it would pull the line that every sender RMW-reads.
-        if idle.load(Ordering::Relaxed) != POLLING {
-            idle.swap(POLLING, Ordering::AcqRel);
-        }
-        loop {
-            if peek() {
-                // Stay POLLING: the loop serves the queue and comes back here, so a sender
-                // that pushes meanwhile needs no signal. Running a job switches to RUNNING
-                // first (see `thread.rs`).
-                on_poll_hit();
-                return;
-            }
-            if !w.spin() {
-                break;
-            }
-        }
-    }
-    idle.swap(SLEEPING, Ordering::AcqRel);
-    on_sleep();
-    while !has_work() {
-        if idle.load(Ordering::Acquire) != SLEEPING {
-            break; // a sender moved us to WAKING
-        }
-        // The deadline is forever: the step never times out.
-        let _ = w.sleep_on(idle, SLEEPING);
-    }
-    idle.swap(RUNNING, Ordering::AcqRel);
 }
 
 #[cfg(all(test, loom))]
@@ -253,20 +232,20 @@ mod loom_idle {
     fn loom_no_lost_wakeup() {
         loom::model(|| {
             let q = Arc::new(CallQueue::new_open());
-            let idle = Arc::new(AtomicU32::new(RUNNING));
+            let idle = Arc::new(IdleWord(AtomicU32::new(RUNNING)));
             let kick = Arc::new(AtomicBool::new(false));
             let l = Arc::new(One(AtomicU32::new(EMPTY)));
             let (q2, i2, k2, l2) = (q.clone(), idle.clone(), kick.clone(), l.clone());
             let sender = loom::thread::spawn(move || {
                 q2.push(0, &*l2).unwrap();
-                kick_for_call(&i2, &k2)
+                i2.kick_for_call(&k2)
             });
             // The CPU: poll briefly, then announce sleep and re-check.
-            idle.swap(POLLING, Ordering::AcqRel);
+            idle.0.swap(POLLING, Ordering::AcqRel);
             let saw_in_poll = q.has_work();
             let mut slept = false;
             if !saw_in_poll {
-                idle.swap(SLEEPING, Ordering::AcqRel);
+                idle.0.swap(SLEEPING, Ordering::AcqRel);
                 slept = !q.has_work();
             }
             let k = sender.join().unwrap();
@@ -288,35 +267,35 @@ mod loom_idle {
     fn loom_call_not_stuck_behind_woken_job() {
         loom::model(|| {
             let q = Arc::new(CallQueue::new_open());
-            let idle = Arc::new(AtomicU32::new(RUNNING));
+            let idle = Arc::new(IdleWord(AtomicU32::new(RUNNING)));
             let kick = Arc::new(AtomicBool::new(false));
             let jobs = Arc::new(AtomicUsize::new(0));
             let l = Arc::new(One(AtomicU32::new(EMPTY)));
             let (i1, j1) = (idle.clone(), jobs.clone());
             let mut job_sender = Some(loom::thread::spawn(move || {
                 j1.fetch_add(1, Ordering::AcqRel);
-                kick_for_job(&i1)
+                i1.kick_for_job()
             }));
             let (q2, i2, k2, l2) = (q.clone(), idle.clone(), kick.clone(), l.clone());
             let mut call_sender = Some(loom::thread::spawn(move || {
                 q2.push(0, &*l2).unwrap();
-                kick_for_call(&i2, &k2)
+                i2.kick_for_call(&k2)
             }));
             // The CPU: announce SLEEPING and re-check (step 3).
-            idle.swap(SLEEPING, Ordering::AcqRel);
+            idle.0.swap(SLEEPING, Ordering::AcqRel);
             let has_work = jobs.fetch_add(0, Ordering::AcqRel) > 0 || q.has_work();
             let mut call_kick = None;
             if !has_work {
                 // It sleeps until a sender moves the word; the job's sender always runs (it is
                 // the one whose wake the bug was about), the call's only if still needed.
                 job_sender.take().unwrap().join().unwrap();
-                if idle.load(Ordering::Acquire) == SLEEPING {
+                if idle.0.load(Ordering::Acquire) == SLEEPING {
                     call_kick = Some(call_sender.take().unwrap().join().unwrap());
-                    assert_ne!(idle.load(Ordering::Acquire), SLEEPING, "lost wake-up");
+                    assert_ne!(idle.0.load(Ordering::Acquire), SLEEPING, "lost wake-up");
                 }
             }
             // Step 4, then the job would start.
-            let served = enter_running(&idle) && q.has_work();
+            let served = idle.enter_running() && q.has_work();
             // A call that is queued now and was not served must get a doorbell.
             let pending = q.has_work() && !served;
             if let Some(j) = job_sender {

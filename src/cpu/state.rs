@@ -177,7 +177,7 @@ impl CpuState {
     /// This CPU's number.
     #[inline]
     pub(crate) fn id(&self) -> CpuId {
-        self.identity.id()
+        self.identity.id
     }
 
     /// Which OS thread runs this CPU: its tid, host core and join handle (`identity.rs`).

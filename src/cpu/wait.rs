@@ -121,7 +121,7 @@ impl Deadline {
     #[inline]
     pub(crate) fn passed_at(&mut self, now: u64) -> bool {
         if self.unstarted {
-            *self = Self::running_from(now, ns(self.at));
+            *self = Self::running_from(now, Duration::from_nanos(self.at));
         }
         if self.skip_pauses {
             let gap = now.saturating_sub(self.last);
@@ -147,7 +147,7 @@ impl Deadline {
         }
         let now = now_ns();
         let _ = self.passed_at(now);
-        Some(ns(self.at.saturating_sub(now)))
+        Some(Duration::from_nanos(self.at.saturating_sub(now)))
     }
 
     /// The deadline in [`now_ns`] nanoseconds (moved by any pause seen so far); `u64::MAX`
@@ -343,7 +343,9 @@ impl Waiter {
     /// How long the next sleep may last, or `None` if the deadline has passed.
     fn sleep_for(&mut self) -> Option<Option<Duration>> {
         if self.deadline.is_forever() {
-            return Some((self.policy.nap_ns != u64::MAX).then(|| ns(self.policy.nap_ns)));
+            return Some(
+                (self.policy.nap_ns != u64::MAX).then(|| Duration::from_nanos(self.policy.nap_ns)),
+            );
         }
         let now = now_ns();
         if self.deadline.passed_at(now) {
@@ -353,7 +355,7 @@ impl Waiter {
         if self.deadline.skip_pauses {
             t = t.min(PAUSE_LOOK_NS);
         }
-        Some(Some(ns(t)))
+        Some(Some(Duration::from_nanos(t)))
     }
 
     /// Step 2 of the protocol: spin while the policy spins, then sleep on `word` while it
@@ -399,10 +401,6 @@ impl Waiter {
             }
         }
     }
-}
-
-fn ns(n: u64) -> Duration {
-    Duration::from_nanos(n)
 }
 
 #[cfg(all(test, not(loom)))]

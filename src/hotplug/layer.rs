@@ -19,7 +19,8 @@ pub(crate) const HANDSHAKE_SPIN: Duration = Duration::from_micros(50);
 
 /// The hotplug layer's state of one runtime, over its stop layer.
 pub(crate) struct HotplugLayer {
-    stop_layer: StopLayer,
+    /// Read by the runtime's accessors as a field, so no call passes through this layer.
+    pub(crate) stop_layer: StopLayer,
     /// Hotplug's table, lock and per-CPU handshake state.
     pub(super) hotplug: HotplugState,
     /// How long bring-up waits for a CPU (and teardown for its thread).
@@ -75,13 +76,13 @@ impl HotplugLayer {
     /// The `ipi` layer, through the stop layer.
     #[inline]
     pub(crate) fn ipi(&self) -> &IpiLayer {
-        self.stop_layer.ipi()
+        &self.stop_layer.ipi_layer
     }
 
     /// The `cpu` layer, through the stop layer.
     #[inline]
     pub(crate) fn machine(&self) -> &Machine {
-        self.stop_layer.machine()
+        &self.stop_layer.ipi_layer.machine
     }
 }
 

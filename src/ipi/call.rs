@@ -412,7 +412,7 @@ pub(crate) fn ring_again(s: &IpiLayer, st: &CpuState) {
 }
 
 fn ring_masked(s: &IpiLayer, st: &CpuState) {
-    match s.ipi_cpu(st.id()).kick(st.idle()) {
+    match st.idle().kick_for_call(&s.ipi_cpu(st.id()).kick_pending) {
         Kick::Signal => {
             // Injected delay while the sender holds the token (`kick_pending`): the window in
             // which an interrupted sender once stalled every other sender's doorbell.

@@ -363,7 +363,8 @@ impl CsdPool {
 
     /// Step 3, by the synchronous sender that saw DONE: it owns both references now.
     pub(crate) fn complete(&self, idx: u32) {
-        self.free(idx);
+        self.free.in_use.fetch_sub(1, Ordering::Relaxed);
+        self.splice(idx, idx);
     }
 
     /// Step 4 in full, by a synchronous sender that timed out: cancel the call if it has not
@@ -460,21 +461,21 @@ impl FreedBatch<'_> {
         }
     }
 
-    /// Returns the held slots to the free stack.
+    /// Returns the held slots (at least one) to the free stack.
     fn splice(&mut self) {
-        if self.n != 0 {
-            self.pool.free.in_use.fetch_sub(self.n, Ordering::Relaxed);
-            self.pool.splice(self.first, self.last);
-            self.first = EMPTY;
-            self.last = EMPTY;
-            self.n = 0;
-        }
+        self.pool.free.in_use.fetch_sub(self.n, Ordering::Relaxed);
+        self.pool.splice(self.first, self.last);
+        self.first = EMPTY;
+        self.last = EMPTY;
+        self.n = 0;
     }
 }
 
 impl Drop for FreedBatch<'_> {
     fn drop(&mut self) {
-        self.splice();
+        if self.n != 0 {
+            self.splice();
+        }
     }
 }
 

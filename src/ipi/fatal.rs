@@ -63,16 +63,40 @@ impl Drop for Guard {
 /// as `f` is (two thread-local stores).
 #[inline]
 pub(crate) fn run<R>(cpu: usize, what: &'static str, name: &str, f: impl FnOnce() -> R) -> R {
+    let g = enter(cpu, what, name);
+    let r = f();
+    g.returned();
+    r
+}
+
+/// [`run`] without a closure, for a caller whose user code is one call: marks the thread as
+/// in IPI code until [`Entered::returned`]; dropped without it (an unwind), it aborts as `run`
+/// does. Async-signal-safe (two thread-local stores).
+#[inline]
+pub(crate) fn enter<'a>(cpu: usize, what: &'static str, name: &'a str) -> Entered<'a> {
     let name: *const str = name;
     let prev = IN_IRQ_CODE.with(|m| m.replace(Some(IrqCode { cpu, what, name })));
-    let mut g = Guard {
-        prev,
-        returned: false,
-    };
-    let r = f();
-    g.returned = true;
-    drop(g);
-    r
+    Entered {
+        guard: Guard {
+            prev,
+            returned: false,
+        },
+        _name: std::marker::PhantomData,
+    }
+}
+
+/// The mark [`enter`] set, borrowing the name it points at for as long.
+pub(crate) struct Entered<'a> {
+    guard: Guard,
+    _name: std::marker::PhantomData<&'a str>,
+}
+
+impl Entered<'_> {
+    /// The user code returned: clear the mark.
+    #[inline]
+    pub(crate) fn returned(mut self) {
+        self.guard.returned = true;
+    }
 }
 
 /// Chains the fatal hook in front of the current panic hook, once per process. Called at

@@ -53,7 +53,8 @@ pub(crate) fn replaced_signals(shared: &IpiLayer) -> Vec<i32> {
 
 /// The doorbell's handler. Async-signal-safe.
 extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-    let saved = signal::errno();
+    // A handler leaves errno as it found it: the interrupted code may be about to read it.
+    let saved = nix::errno::Errno::last_raw();
     if let Some((shared, cpu)) = current() {
         let me = shared.ipi_cpu(cpu.id());
         me.enter_handler();
@@ -76,7 +77,7 @@ extern "C" fn ipi_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *m
         }
         me.leave_handler();
     }
-    signal::set_errno(saved);
+    nix::errno::Errno::set_raw(saved);
 }
 
 /// Takes the dedicated vectors (the stop vector) before the call queue. Returns true if the
@@ -153,9 +154,9 @@ fn run_list(shared: &IpiLayer, cpu: &CpuState, mut h: u32, warn_offline: bool) -
             cpu.ring().record(EventKind::OfflineIpi, id, 0);
         }
         shared.machine().faults().preempt_point();
-        let ran = super::fatal::run(cpu.id(), "IPI callback", shared.pool.name(h), || {
-            shared.pool.run(h, &mut freed)
-        });
+        let g = super::fatal::enter(cpu.id(), "IPI callback", shared.pool.name(h));
+        let ran = shared.pool.run(h, &mut freed);
+        g.returned();
         if ran {
             n += 1;
             cpu.stats().calls_handled.fetch_add(1, Ordering::Relaxed);

@@ -42,7 +42,8 @@ pub(crate) struct Totals {
 
 /// The IPI layer's state of one runtime, over its machine.
 pub(crate) struct IpiLayer {
-    machine: Machine,
+    /// Read by the layers above as a field, so no call passes through this layer.
+    pub(crate) machine: Machine,
     pub(super) pool: CsdPool,
     pub(super) totals: Totals,
     pub(super) next_call_id: AtomicU64,

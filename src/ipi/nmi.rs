@@ -80,7 +80,7 @@ pub(crate) extern "C" fn nmi_handler(
     _info: *mut libc::siginfo_t,
     uc: *mut libc::c_void,
 ) {
-    let saved = signal::errno();
+    let saved = nix::errno::Errno::last_raw();
     if let Some((shared, cpu)) = current() {
         let me = shared.ipi_cpu(cpu.id());
         me.enter_handler();
@@ -98,5 +98,5 @@ pub(crate) extern "C" fn nmi_handler(
         }
         me.leave_handler();
     }
-    signal::set_errno(saved);
+    nix::errno::Errno::set_raw(saved);
 }

@@ -21,12 +21,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 
 use super::irq::SoftIrqMask;
-use crate::cpu::idle::{IdleWord, Kick};
 
 /// The IPI layer's state of one CPU.
 pub(crate) struct IpiCpu {
     /// A doorbell is in flight, do not ring again (Go's `signalPending`).
-    kick_pending: crate::sync::AtomicBool,
+    /// A doorbell is in flight (`cpu/idle.rs` step 2): the sender hands it to the idle word's
+    /// decision, which sets it when it rings.
+    pub(super) kick_pending: crate::sync::AtomicBool,
     /// The soft irq mask (`irq.rs`). On its own cache line: only this CPU writes it, on every
     /// `irq_save`, and senders write the words beside it (doorbell flag, vectors, NMI reasons).
     irq: CachePadded<SoftIrqMask>,
@@ -56,13 +57,6 @@ impl IpiCpu {
     #[inline]
     pub(crate) fn irq(&self) -> &SoftIrqMask {
         &self.irq
-    }
-
-    /// Doorbell sender: `idle`'s decision for an IPI (`cpu/idle.rs` step 2), marking a
-    /// doorbell in flight if it rings.
-    #[inline]
-    pub(super) fn kick(&self, idle: &IdleWord) -> Kick {
-        idle.kick_for_call(&self.kick_pending)
     }
 
     /// The doorbell was not sent after all (or the CPU is being prepared): none in flight.

@@ -153,7 +153,7 @@ pub(crate) fn install(
     if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } != 0 {
         return Err(IpiError::Sys {
             op: "sigaction(install)",
-            errno: errno(),
+            errno: Errno::last_raw(),
         });
     }
     Ok(Installed::New(old))
@@ -189,7 +189,7 @@ pub(crate) fn tgkill(tid: i32, sig: i32) -> Result<(), i32> {
     if r == 0 {
         Ok(())
     } else {
-        Err(errno())
+        Err(Errno::last_raw())
     }
 }
 
@@ -225,18 +225,6 @@ fn set_blocked(sigs: &[i32], block: bool) {
     } else {
         set.thread_unblock()
     };
-}
-
-/// The calling thread's errno. Async-signal-safe.
-#[inline]
-pub(crate) fn errno() -> i32 {
-    Errno::last_raw()
-}
-
-/// Restores errno (a handler must leave it as it found it). Async-signal-safe.
-#[inline]
-pub(crate) fn set_errno(v: i32) {
-    Errno::set_raw(v)
 }
 
 /// Registers of the interrupted thread, read from the signal's `ucontext` (the user-space

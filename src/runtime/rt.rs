@@ -84,22 +84,23 @@ impl Shared {
         &self.hotplug_layer
     }
 
-    /// The `stop` layer, through the hotplug layer.
+    /// The `stop` layer, through the hotplug layer (a field projection, not a call chain:
+    /// every use names its layer, and no hop passes through the layers in between).
     #[inline]
     pub(crate) fn stop(&self) -> &StopLayer {
-        self.hotplug_layer.stop()
+        &self.hotplug_layer.stop_layer
     }
 
-    /// The `ipi` layer, through the hotplug layer.
+    /// The `ipi` layer, through the hotplug and stop layers' fields.
     #[inline]
     pub(crate) fn ipi(&self) -> &IpiLayer {
-        self.hotplug_layer.ipi()
+        &self.hotplug_layer.stop_layer.ipi_layer
     }
 
     /// The `cpu` layer, through the hotplug layer.
     #[inline]
     pub(crate) fn machine(&self) -> &Machine {
-        self.hotplug_layer.machine()
+        &self.hotplug_layer.stop_layer.ipi_layer.machine
     }
 }
 

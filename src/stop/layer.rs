@@ -15,7 +15,8 @@ use crate::ipi::layer::IpiLayer;
 
 /// The stop layer's state of one runtime, over its IPI layer.
 pub(crate) struct StopLayer {
-    ipi_layer: IpiLayer,
+    /// Read by the layers above as a field, so no call passes through this layer.
+    pub(crate) ipi_layer: IpiLayer,
     /// The stop routine's coordination word and acknowledgement count (`routine.rs`).
     pub(super) stop: StopState,
     /// The deterministic-stop "stopping" flag (seed 000): set by a stop before it reads the
@@ -41,7 +42,7 @@ impl StopLayer {
     /// The `cpu` layer, through the IPI layer.
     #[inline]
     pub(crate) fn machine(&self) -> &Machine {
-        self.ipi_layer.machine()
+        &self.ipi_layer.machine
     }
 }
 
