@@ -16,7 +16,10 @@
 //!    job's futex wake was in flight would wait for the whole job (issue 8: a 300 ms job delayed
 //!    an async call and a stop_machine by 300 ms).
 //!
-//! All accesses are RMWs, so either S's step-2 read comes after C's SLEEPING swap (S wakes C) or
+//! Every access the argument needs is an RMW. C also reads its own word with two plain loads
+//! that only save work (the poll loop skips re-announcing POLLING when it already is; the sleep
+//! loop leaves early when a sender has moved it to WAKING); each is followed by an RMW before C
+//! decides anything. So either S's step-2 read comes after C's SLEEPING swap (S wakes C) or
 //! C's step-3 re-check comes after S's publication (C does not sleep): no lost wake-up. And
 //! either S's step-2 read comes after C's RUNNING swap (S rings the doorbell) or it comes before,
 //! and then C's step-4 re-check sees S's publication: no call waits behind a job. RMWs are used
@@ -51,7 +54,7 @@ pub(crate) enum Kick {
 }
 
 /// One CPU's idle word, also its idle futex word. The protocol above is its only interface:
-/// every access is one of these read-modify-writes, so no other file can store into it.
+/// the word is private to this file, so no other file can store into it.
 pub(crate) struct IdleWord(AtomicU32);
 
 impl IdleWord {

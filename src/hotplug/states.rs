@@ -5,13 +5,16 @@
 //!  #  step               section    runs on                 up / down
 //!  0  smpcfd:prepare     PREPARE    controller              reset the CPU's IPI state
 //!     <user PREPARE>     PREPARE    controller              (teardown = the kernel's DEAD)
-//!     bringup:cpu        BRINGUP    controller + AP         spawn + handshake / stop_machine + wait DEAD
+//!     bringup:cpu        (none)     controller + AP         start or unpark the thread + handshake /
+//!                                                           stop_machine + wait DEAD
 //!     <user STARTING>    STARTING   AP, irqs masked         (teardown = DYING, in stop_machine)
 //!     ap:online          STARTING   AP, irqs masked         set online (one step) / offline + flush queue
 //!     <user ONLINE>      ONLINE     AP, as a job            may sleep, may fail
 //!  n  sched:active       ONLINE     controller              active mask + job gate / drain and migrate jobs
 //! ```
 //!
+//! `bringup:cpu` and `ap:online` are built-in steps with no `Section` of their own: user steps
+//! go before `bringup:cpu` (PREPARE), between the two (STARTING) or after `ap:online` (ONLINE).
 //! STARTING and DYING callbacks run in IPI context (signal-handler rules), as the kernel's run
 //! with interrupts disabled.
 

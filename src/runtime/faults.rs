@@ -1,5 +1,5 @@
 //! `usmp::fault::Faults`: the public switches of the fault injector (feature
-//! `fault-injection`). The state and the hooks the protocols read are in `src/fault.rs`.
+//! `fault-injection`). The state and the hooks the protocols read are in `src/inject.rs`.
 
 use std::time::Duration;
 
