@@ -191,8 +191,38 @@ impl Drop for Watchdog {
     }
 }
 
+/// How long the report of a hang may take before the process is ended by `SIGALRM`.
+const REPORT_BOUND_S: u32 = 10;
+
+/// The hang's first line, written with one `write(2)` from a stack buffer before anything
+/// that allocates or locks: a hang can be a lock held for good (session 6's was a CPU parked
+/// inside `malloc`), and then the report below never finishes. The alarm ends the process
+/// if it does not, so the run reports the hang and ends either way.
+fn announce_hang(stalled: Duration) {
+    let mut buf = [0u8; 256];
+    let n = hang_line(stalled, &mut buf);
+    // SAFETY: write(2) of `n` initialized bytes of a stack buffer; alarm(2) only arms a timer.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), n);
+        libc::alarm(REPORT_BOUND_S);
+    }
+}
+
+/// Formats the line into `buf` without allocating; returns its length (cut at the buffer's).
+fn hang_line(stalled: Duration, buf: &mut [u8]) -> usize {
+    use std::io::Write as _;
+    let mut c = std::io::Cursor::new(buf);
+    let _ = writeln!(
+        c,
+        "usmp stress: watchdog: no progress for {:.1}s; reporting (if the report cannot finish within {REPORT_BOUND_S} s, e.g. a lock held for good, SIGALRM ends the process)",
+        stalled.as_secs_f64()
+    );
+    c.position() as usize
+}
+
 /// A `hangs` violation with the dump of every CPU.
 fn report_hang(monitor: &Monitor, tally: &Tally, stalled: Duration) {
+    announce_hang(stalled);
     let dump = monitor.dump_target().map_or_else(
         || "no runtime was ever watched".to_string(),
         |h| dump_cpus(&h),
@@ -210,6 +240,8 @@ fn report_hang(monitor: &Monitor, tally: &Tally, stalled: Duration) {
         ),
         began,
     );
+    // SAFETY: alarm(0) cancels the timer `announce_hang` armed: the report is complete.
+    unsafe { libc::alarm(0) };
 }
 
 fn drain(g: &mut Inner) {
@@ -278,4 +310,26 @@ fn host_view(h: &Handle, cpu: usize) -> String {
     let syscall = std::fs::read_to_string(format!("{dir}/syscall")).unwrap_or_default();
     let syscall = syscall.split_whitespace().next().unwrap_or("?");
     format!(" tid={tid} host={state}@core{core} syscall={syscall}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The line fits its stack buffer whole and is not the violation's own line.
+    #[test]
+    fn the_hang_line_is_formatted_without_allocating_and_fits() {
+        let mut buf = [0u8; 256];
+        let n = hang_line(Duration::from_millis(10_250), &mut buf);
+        let line = std::str::from_utf8(&buf[..n]).unwrap();
+        assert!(
+            line.starts_with("usmp stress: watchdog: no progress for 10.2s; "),
+            "{line}"
+        );
+        assert!(line.ends_with('\n'), "cut short: {line}");
+        assert!(
+            !line.contains("hangs at "),
+            "would be taken for the violation line"
+        );
+    }
 }
