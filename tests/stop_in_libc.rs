@@ -152,20 +152,24 @@ fn the_check_is_what_prevents_the_hang() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > PATIENCE * 6 {
-            child.kill().unwrap();
+    // The child's exit, from a thread that blocks on it: no polling.
+    let pid = child.id();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(PATIENCE * 6) {
+        Ok(s) => s.unwrap(),
+        Err(_) => {
+            // SAFETY: kill(2) of our own child, which has not been reaped (its waiter is still
+            // blocked in wait), so the pid cannot have been reused.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             panic!("the broken variant neither hung into its watchdog nor ended");
         }
-        // Polling a child's exit: std has no wait with a timeout.
-        std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    std::io::Read::read_to_string(&mut { stderr }, &mut err).unwrap();
     assert_eq!(
         status.code(),
         Some(1),
