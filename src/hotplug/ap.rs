@@ -197,9 +197,9 @@ pub(crate) fn ap_exit(shared: &HotplugLayer, st: &CpuState) {
 }
 
 /// `take_cpu_down`: runs on the dying CPU inside stop_machine (IPI context). DYING steps in
-/// reverse, then offline and the queue flush (seed 002). On a failed DYING step the steps
-/// already torn down are started again, the CPU stays online, and the error code is the index
-/// of the failed step in `plan.steps`.
+/// reverse, then offline and the queue flush (seed 002), then the thread is asked to leave its
+/// idle loop. On a failed DYING step the steps already torn down are started again, the CPU
+/// stays online, and the error code is the index of the failed step in `plan.steps`.
 pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
     let Some((shared, st)) = current() else {
         return Err(NOT_A_CPU);
@@ -234,5 +234,10 @@ pub(crate) fn take_cpu_down(plan: &ApPlan, cpu: usize) -> Result<(), i32> {
     if !shared.machine().faults().is_broken(Broken::SkipDyingFlush) {
         crate::ipi::handler::close_and_flush(shared, st);
     }
+    // Offline: leave the idle loop as soon as the stop ends, as the kernel's dying CPU goes
+    // from its stopper to the idle loop and reports itself dead (`cpuhp_report_idle_dead`).
+    // Asking here, not from the controller after the stop, saves the thread a sleep and a
+    // second wake-up between the stop and its DEAD report.
+    st.mark_exit();
     Ok(())
 }

@@ -172,13 +172,15 @@ impl HotplugLayer {
     pub(super) fn wait_dead(&self, cpu: CpuId, timeout: Option<Duration>) -> bool {
         let s = self;
         let hc = &s.hotplug.cpus[cpu];
-        // No spin: the exiting thread still unmaps its stacks, longer than a spin lasts.
-        // Every move to DEAD wakes a waiter (`Handshake::ap_exit`), but only one
-        // (`futex::wake(.., 1)`): the 10 ms nap, kept from before, bounds what a second waiter
-        // on the same word would otherwise owe to the first.
+        // A spin first, as for the other handshake waits: the thread is already on its way
+        // (take_cpu_down asked it to leave as the stop ended) and reports DEAD before it parks
+        // or unmaps anything, a few microseconds of work. Every move to DEAD wakes a waiter
+        // (`Handshake::ap_exit`), but only one (`futex::wake(.., 1)`): the 10 ms nap, kept
+        // from before, bounds what a second waiter on the same word would otherwise owe to
+        // the first.
         let mut w = Waiter::new(
             timeout.map_or(Deadline::forever(), Deadline::after),
-            Policy::SLEEP.nap(Duration::from_millis(10)),
+            Policy::spin(s.handshake_spin()).nap(Duration::from_millis(10)),
         );
         loop {
             let v = hc.handshake.state();
@@ -217,6 +219,9 @@ impl HotplugLayer {
             fail,
         });
         let p2 = plan.clone();
+        // The thread parks when it leaves, for the next cpu_up (`thread.rs`). Asked before the
+        // stop, because a successful take_cpu_down sends the thread on its way out at once.
+        self.keep_thread(cpu);
         let r = self.stop().stop_machine(
             move |c| ap::take_cpu_down(&p2, c),
             &crate::cpu::mask::CpuMask::single(cpu),
@@ -224,6 +229,7 @@ impl HotplugLayer {
         match r {
             Ok(()) => {}
             Err(e) => {
+                self.unkeep_thread(cpu);
                 // A step of take_cpu_down failed (and was undone): name it.
                 if let crate::stop::machine::StopMachineError::Failed { code, .. } = &e {
                     if let Some(step) = ApFail::from_code(*code).and_then(|f| f.step(&plan)) {
@@ -239,8 +245,8 @@ impl HotplugLayer {
             }
         }
         let st = &s.machine().cpus()[cpu];
-        // The thread parks when it leaves, for the next cpu_up (`thread.rs`).
-        self.keep_thread(cpu);
+        // take_cpu_down has asked the thread to leave; this wakes it only if it went to sleep
+        // (it cannot have, with its exit asked; kept as the documented way to ask).
         s.machine().request_exit(cpu);
         let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {

@@ -12,8 +12,9 @@
 //!    waiting for any (`boot_all` in `api.rs`).
 //! 3. Down: run teardowns from the top. `sched:active` closes the job gate, moves queued jobs to
 //!    another online CPU and waits for the running one; ONLINE teardowns run on the CPU;
-//!    `ap:online` runs `take_cpu_down` under stop_machine (DYING steps, offline, queue flush),
-//!    then the thread exits and reports DEAD; PREPARE teardowns run here.
+//!    `ap:online` runs `take_cpu_down` under stop_machine (DYING steps, offline, queue flush,
+//!    and the thread asked to leave), then the thread reports DEAD and parks (`parking.rs`),
+//!    or ends; PREPARE teardowns run here.
 //! 4. On failure at step k, undo steps in the other direction back to where the operation
 //!    started, and return `StepFailed` naming k.
 

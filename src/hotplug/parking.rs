@@ -9,8 +9,10 @@
 //!
 //! ```text
 //!   controller                            CPU thread
-//!   1. cpu_down, after take_cpu_down:
-//!      RUN -> KEEP, then ask it to leave
+//!   1. cpu_down, before take_cpu_down:
+//!      CAS RUN -> KEEP (KEEP -> RUN again
+//!      if take_cpu_down fails); the dying
+//!      step asks the thread to leave
 //!                                         2. leaving its idle loop: CAS KEEP -> PARKED, then
 //!                                            DEAD in the handshake, then sleep while PARKED
 //!   3. cpu_up: DEAD -> KICKED in the
@@ -47,9 +49,20 @@ impl Parking {
         Parking(AtomicU32::new(RUN))
     }
 
-    /// Step 1 (controller, under the hotplug lock, the CPU running).
+    /// Step 1 (controller, under the hotplug lock, the CPU running). A CAS, not a store: an
+    /// `end` that came first (shutdown closed the threads) stands, and the thread ends.
     pub(crate) fn request_keep(&self) {
-        self.0.store(KEEP, Ordering::SeqCst);
+        let _ = self
+            .0
+            .compare_exchange(RUN, KEEP, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Step 1 undone (controller): `take_cpu_down` failed and the CPU stays online, so a later
+    /// exit (shutdown) ends its thread. An `end` that came meanwhile stands.
+    pub(crate) fn cancel_keep(&self) {
+        let _ = self
+            .0
+            .compare_exchange(KEEP, RUN, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Step 2 (thread): true if it must park.
@@ -90,9 +103,18 @@ impl Parking {
         }
     }
 
-    /// Step 4/6 (thread, parked): sleeps until unparked (true) or ended (false). Unbounded by
-    /// design: an offline CPU waits for `cpu_up`, a shutdown or a kexec, as long as that takes.
-    pub(crate) fn wait(&self) -> bool {
+    /// Step 4/6 (thread, parked): polls for `poll` (yielding its core to any other runnable
+    /// thread), then sleeps until unparked (true) or ended (false). Unbounded by design: an
+    /// offline CPU waits for `cpu_up`, a shutdown or a kexec, as long as that takes.
+    pub(crate) fn wait(&self, poll: std::time::Duration) -> bool {
+        #[cfg(not(loom))]
+        let mut w = crate::cpu::wait::Waiter::new(
+            // Forever: a parked thread waits for `unpark` or `end`, and both wake it.
+            crate::cpu::wait::Deadline::forever(),
+            crate::cpu::wait::Policy::spin(poll).yielding(),
+        );
+        #[cfg(loom)]
+        let _ = poll;
         loop {
             match self.0.load(Ordering::Acquire) {
                 UNPARK => {
@@ -100,7 +122,12 @@ impl Parking {
                     return true;
                 }
                 END => return false,
-                v => self.sleep(v),
+                #[cfg(not(loom))]
+                v => {
+                    let _ = w.wait_on(&self.0, v);
+                }
+                #[cfg(loom)]
+                _ => loom::thread::yield_now(),
             }
         }
     }
@@ -110,21 +137,6 @@ impl Parking {
     fn wake(&self) {
         #[cfg(not(loom))]
         crate::cpu::futex::wake(&self.0, 1);
-    }
-
-    fn sleep(&self, seen: u32) {
-        // Forever: a parked thread waits for `unpark` or `end`, and both wake it.
-        #[cfg(not(loom))]
-        let _ = crate::cpu::wait::Waiter::new(
-            crate::cpu::wait::Deadline::forever(),
-            crate::cpu::wait::Policy::SLEEP,
-        )
-        .sleep_on(&self.0, seen);
-        #[cfg(loom)]
-        {
-            let _ = seen;
-            loom::thread::yield_now();
-        }
     }
 }
 
@@ -145,7 +157,7 @@ mod loom_parking {
             let p2 = p.clone();
             let thread = loom::thread::spawn(move || {
                 // An end that came first (KEEP -> END) means: do not park, end.
-                p2.begin_park() && p2.wait()
+                p2.begin_park() && p2.wait(std::time::Duration::ZERO)
             });
             let p3 = p.clone();
             let ender = loom::thread::spawn(move || p3.end());
@@ -163,6 +175,26 @@ mod loom_parking {
             ender.join().unwrap();
             let booted = thread.join().unwrap();
             assert_eq!(booted, unparked, "the thread and the controller disagree");
+        });
+    }
+
+    /// cpu_down's keep and its undo (a failed take_cpu_down: the CPU stays online) race
+    /// shutdown's `end`: whichever wins, the thread, which stays online, must end when a later
+    /// exit makes it leave, never park where no cpu_up will wake it.
+    #[test]
+    fn loom_keep_and_its_undo_race_end() {
+        loom::model(|| {
+            let p = Arc::new(Parking::new());
+            let p2 = p.clone();
+            let ender = loom::thread::spawn(move || p2.end());
+            p.request_keep();
+            p.cancel_keep();
+            ender.join().unwrap();
+            assert!(
+                !p.begin_park(),
+                "a thread parked after shutdown or an undone keep"
+            );
+            assert!(!p.unpark());
         });
     }
 

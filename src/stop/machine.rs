@@ -144,7 +144,8 @@ pub type StopFn = dyn Fn(CpuId) -> Result<(), i32> + Send + Sync;
 const RERING: Duration = Duration::from_millis(1);
 /// How long a caller sleeps on `left` after PREPARE before it looks for a system stop again.
 const CALLER_NAP: Duration = Duration::from_millis(10);
-/// How long a caller spins on `left` before it sleeps, when it and every CPU have a core each.
+/// How long a caller spins on `left` before it sleeps (yielding its core every 64 hints when it
+/// has no core of its own).
 const CALLER_SPIN: Duration = Duration::from_micros(20);
 /// How long a participant spins on the state word before it sleeps, when every CPU has a
 /// core of its own (a futex wake-up costs about that).
@@ -353,9 +354,11 @@ impl StopLayer {
         let me = s.machine().this_cpu_here().filter(|&c| online.contains(c));
         // With no more participants than cores, spin before sleeping; with more, spinners
         // would hold the cores the laggards need, so sleep at once. A caller that is not a CPU
-        // is one thread more: it spins only if a core is left over for it, or its spin holds
-        // the core a participant is pinned to (`cpu_down` + `cpu_up` of a 2-CPU runtime on 2
-        // cores from the main thread: 89-102 us p50 with the spin, 75 us without).
+        // is one thread more: with no core left over for it, a plain spin held the core a
+        // participant is pinned to (`cpu_down` + `cpu_up` of a 2-CPU runtime on 2 cores from
+        // the main thread: 89-102 us p50 with it, 75 us sleeping), and sleeping cost a
+        // wake-up after the last participant left (32 us of a 47 us `cpu_down`), so it spins
+        // yielding its core every 64 hints to whoever is runnable (8-10 us).
         let cores = s.machine().cores().len().max(1);
         let own_cores = online.weight() <= cores;
         let caller_own_core = online.weight() + usize::from(me.is_none()) <= cores;
@@ -367,7 +370,7 @@ impl StopLayer {
         let caller_policy = if caller_own_core {
             Policy::spin(CALLER_SPIN)
         } else {
-            Policy::SLEEP
+            Policy::spin(CALLER_SPIN).yielding()
         };
         let ms = Arc::new(MultiStop {
             state: StateWord(AtomicU32::new(MsState::None as u32)),
