@@ -385,7 +385,7 @@ pub const TARGETS: &[Target] = &[
         "stop_machine",
         "usmp/1024",
         "tgkill_broadcast/1024",
-        "",
+        "`tgkill` broadcast to 1024 threads in `pause()` + acks (for scale)",
         Absolute,
         Some(100_000_000.0),
         "< 100 ms",
