@@ -403,7 +403,7 @@ pub const GUARD_OVERRIDES: &[(&str, f64)] = &[
     // Recorded 0.46x-0.50x in full runs and 0.52x-1.38x in guard rounds after the batched csd
     // return (issue 13); it was bimodal at 1.5x-7.3x before, which 3x still catches.
     ("async_vs_crossbeam", 3.0),
-    // The floor (spawn + join) is bimodal on this VM: 11-15 us a round, or 40-80 us, by round
+    // The floor (spawn + join) is bimodal on this VM: 11-15 us a round, or 37-80 us, by round
     // (which one is the host's doing, not the code's). The cycle (9-10 us p50
     // since it stopped waking threads, issue 22) measured 0.14x, 0.26x and 0.79x in guard
     // rounds on a quiet host, 0.79x against the fast floor. 4x catches the old cycle against

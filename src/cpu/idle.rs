@@ -159,10 +159,7 @@ impl IdleWord {
         on_sleep: impl Fn(),
     ) {
         let idle = &self.0;
-        let window = match policy {
-            IdlePolicy::PollThenSleep(window) => window,
-            IdlePolicy::SleepOnly => Duration::ZERO,
-        };
+        let window = policy.poll_window();
         // Yielding every 64 hints gives the core to another runnable thread, if any: with more
         // threads than cores a poller would otherwise hold a core that its sender or a hotplug
         // controller needs (this halves cpu_down with polling idle CPUs). With no other runnable
@@ -207,6 +204,17 @@ pub enum IdlePolicy {
     PollThenSleep(Duration),
     /// Sleep at once; every IPI to an idle CPU costs a wake-up.
     SleepOnly,
+}
+
+impl IdlePolicy {
+    /// How long an idle CPU polls before it sleeps (zero for `SleepOnly`); a parked CPU thread
+    /// polls as long (`hotplug/parking.rs`).
+    pub(crate) fn poll_window(self) -> Duration {
+        match self {
+            IdlePolicy::PollThenSleep(window) => window,
+            IdlePolicy::SleepOnly => Duration::ZERO,
+        }
+    }
 }
 
 impl Default for IdlePolicy {

@@ -245,9 +245,8 @@ impl HotplugLayer {
             }
         }
         let st = &s.machine().cpus()[cpu];
-        // take_cpu_down has asked the thread to leave; this wakes it only if it went to sleep
-        // (it cannot have, with its exit asked; kept as the documented way to ask).
-        s.machine().request_exit(cpu);
+        // No request_exit: take_cpu_down asked the thread to leave, and an idle loop re-checks
+        // its exit before it sleeps, so there is nobody to wake.
         let timeout = s.boot_timeout;
         if !self.wait_dead(cpu, Some(timeout)) {
             st.set_run_state(CpuRunState::Limbo);

@@ -70,9 +70,7 @@ impl HotplugLayer {
             out.push((cpu, Err(e)));
             false
         });
-        for &cpu in &going {
-            s.machine().request_exit(cpu);
-        }
+        // Each going CPU's take_cpu_down asked its thread to leave (no request_exit needed).
         let timeout = s.boot_timeout;
         for &cpu in &going {
             let st = &s.machine().cpus()[cpu];

@@ -185,11 +185,7 @@ fn cpu_main(hp: Arc<HotplugLayer>, cpu: CpuId) {
         // Polls first for as long as the idle loop would (a `cpu_up` soon after the
         // `cpu_down`, as in rcutorture's onoff, then finds it running: a wake-up of a thread
         // whose vCPU went idle took 14-15 us of a 17 us `cpu_up` here), then sleeps.
-        let poll = match cfg.idle {
-            IdlePolicy::PollThenSleep(window) => window,
-            IdlePolicy::SleepOnly => std::time::Duration::ZERO,
-        };
-        if !parking.wait(poll) {
+        if !parking.wait(cfg.idle.poll_window()) {
             break true;
         }
         // Unparked after the kick: signals may come once the controller commits, after ALIVE.
